@@ -1,0 +1,53 @@
+"""Errors that carry the file and line they are about, and the record of one skipped bad row."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+class SpeechxferError(Exception):
+    """Base of every error the CLI reports as one line (exit code 2) instead of a traceback."""
+
+
+class InputError(SpeechxferError):
+    """Bad input: names the file (and line) it came from."""
+
+    def __init__(self, message: str, *, path: str | os.PathLike | None = None, line: int | None = None):
+        self.message = message
+        self.path = None if path is None else os.fspath(path)
+        self.line = line
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        if self.path is None:
+            return self.message
+        where = self.path if self.line is None else f"{self.path}:{self.line}"
+        return f"{where}: {self.message}"
+
+
+class AudioError(InputError):
+    """Audio that cannot be read, is empty, or holds non-finite samples."""
+
+
+class ManifestError(InputError):
+    """A malformed manifest file or row."""
+
+
+class RecipeError(InputError):
+    """A recipe with an unknown key, a wrong type, or a missing required field."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One bad row that was skipped, with where it came from."""
+
+    path: str
+    line: int | None
+    kind: str  # missing_file, unreadable_audio, zero_length, empty_text, duplicate_id, malformed_row, ...
+    message: str
+    utterance_id: str | None = None
+
+    def __str__(self) -> str:
+        where = self.path if self.line is None else f"{self.path}:{self.line}"
+        return f"{where}: [{self.kind}] {self.message}"

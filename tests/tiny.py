@@ -1,0 +1,85 @@
+"""Shared helpers for tests: tiny generated audio and tiny random wav2vec2 checkpoints (not a test module)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+
+def write_tone(path, *, duration_s: float = 1.0, sample_rate_hz: int = 16000, frequency_hz: float = 440.0,
+               channels: int = 1, seed: int = 0, subtype: str | None = None) -> Path:
+    """Write a sine tone with a little noise; (samples, channels) for channels > 1."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(round(duration_s * sample_rate_hz))) / sample_rate_hz
+    mono = 0.3 * np.sin(2 * np.pi * frequency_hz * t) + 0.01 * rng.standard_normal(t.shape)
+    data = mono if channels == 1 else np.stack([mono * (1 + 0.1 * c) for c in range(channels)], axis=1)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, data.astype(np.float32), sample_rate_hz, subtype=subtype)
+    return path
+
+
+def tiny_config(*, arch: str = "stable", vocab_size: int = 32, pad_token_id: int = 0):
+    """A random wav2vec2 config of ~0.1 M parameters.
+
+    arch "stable": XLS-R-like (layer-norm feature extractor, stable layer norm, takes an attention mask);
+    arch "base": wav2vec2-base-like (group-norm feature extractor, no attention mask).
+    """
+    from transformers import Wav2Vec2Config
+
+    stable = arch == "stable"
+    return Wav2Vec2Config(
+        vocab_size=vocab_size,
+        pad_token_id=pad_token_id,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        conv_dim=(16, 16, 16),
+        conv_stride=(5, 4, 4),
+        conv_kernel=(10, 4, 4),
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2,
+        feat_extract_norm="layer" if stable else "group",
+        do_stable_layer_norm=stable,
+        feat_extract_activation="gelu",
+        mask_time_prob=0.0,
+        layerdrop=0.0,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        feat_proj_dropout=0.0,
+        final_dropout=0.0,
+    )
+
+
+def make_tiny_checkpoint(directory, *, arch: str = "stable", ctc_vocab: list[str] | None = None, seed: int = 0) -> Path:
+    """Save a tiny random checkpoint as a Hugging Face folder (safetensors).
+
+    ctc_vocab None: self-supervised only (Wav2Vec2Model, like XLS-R).
+    ctc_vocab given: Wav2Vec2ForCTC with that vocabulary (token id = index; index 0 is the blank "[PAD]"),
+    plus vocab.json / tokenizer files, like an MMS or speechxfer model.
+    """
+    import torch
+    from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC, Wav2Vec2Model
+
+    torch.manual_seed(seed)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    stable = arch == "stable"
+    if ctc_vocab is None:
+        model = Wav2Vec2Model(tiny_config(arch=arch))
+    else:
+        model = Wav2Vec2ForCTC(tiny_config(arch=arch, vocab_size=len(ctc_vocab), pad_token_id=0))
+        (directory / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(ctc_vocab)}, ensure_ascii=False))
+        from transformers import Wav2Vec2CTCTokenizer
+
+        Wav2Vec2CTCTokenizer(str(directory / "vocab.json"), unk_token="[UNK]", pad_token="[PAD]",
+                             word_delimiter_token="|").save_pretrained(directory)
+    model.save_pretrained(directory, safe_serialization=True)
+    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
+                             return_attention_mask=stable).save_pretrained(directory)
+    return directory
