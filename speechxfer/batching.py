@@ -1,0 +1,221 @@
+"""From utterances to padded training batches: filtering, the dataset, collation, and duration-bucketed batch
+sampling that shards identically across processes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import Wav2Vec2Config
+
+from speechxfer.audio import SAMPLE_RATE_HZ, load_audio
+from speechxfer.manifest import Utterance
+from speechxfer.text import TextNormalizer, TextRejected
+from speechxfer.vocabulary import Vocabulary
+
+LABEL_PAD = -100  # label id the CTC loss ignores (transformers' convention)
+_MAX_EXAMPLES = 10  # dropped utterance ids kept in a DropReport
+
+
+def output_frames(config: Wav2Vec2Config, num_samples: int) -> int:
+    """Frames of the CTC output (logits) for an input of `num_samples` samples: the conv feature encoder's
+    kernels and strides (and the optional adapter's), without padding. 0 when the input is too short."""
+    frames = num_samples
+    layers = list(zip(config.conv_kernel, config.conv_stride))
+    if config.add_adapter:
+        layers += [(1, config.adapter_stride)] * config.num_adapter_layers
+    for kernel, stride in layers:
+        frames = max(0, (frames - kernel) // stride + 1)
+    return frames
+
+
+@dataclass(frozen=True)
+class DropReport:
+    """Utterances left out of training, by reason."""
+
+    too_short: int  # duration below min_duration_s
+    too_long: int  # duration above max_duration_s
+    label_too_long: int  # more labels (plus blanks between repeats) than the model has output frames
+    rejected_text: int  # the normalizer rejected the text, or nothing was left of it
+    examples: list[str]  # ids of the first dropped utterances
+
+    @property
+    def total(self) -> int:
+        return self.too_short + self.too_long + self.label_too_long + self.rejected_text
+
+    def __str__(self) -> str:
+        if self.total == 0:
+            return "dropped no utterances"
+        return (f"dropped {self.total} utterances: {self.too_short} too short, {self.too_long} too long, "
+                f"{self.label_too_long} with a label longer than the output frames, "
+                f"{self.rejected_text} with rejected text; e.g. {', '.join(self.examples)}")
+
+
+def filter_utterances(utterances: Sequence[Utterance], *, normalizer: TextNormalizer, vocab: Vocabulary,
+                      config: Wav2Vec2Config, min_duration_s: float,
+                      max_duration_s: float) -> tuple[list[tuple[Utterance, list[int]]], DropReport]:
+    """Normalize and encode each transcript, keeping (utterance, label ids) for those the model can learn from.
+
+    Drops, with counts: durations outside [min_duration_s, max_duration_s]; texts the normalizer rejects or empties;
+    labels that cannot align with CTC, i.e. longer than the output frames once a blank separates each repeat.
+    """
+    kept: list[tuple[Utterance, list[int]]] = []
+    counts = {"too_short": 0, "too_long": 0, "label_too_long": 0, "rejected_text": 0}
+    examples: list[str] = []
+    for utt in utterances:
+        reason = None
+        labels: list[int] = []
+        if utt.duration_s < min_duration_s:
+            reason = "too_short"
+        elif utt.duration_s > max_duration_s:
+            reason = "too_long"
+        else:
+            try:
+                text = normalizer(utt.text)
+            except TextRejected:
+                text = ""
+            labels = vocab.encode(text) if text.strip() else []
+            repeats = sum(a == b for a, b in zip(labels, labels[1:]))
+            if not labels:
+                reason = "rejected_text"
+            elif len(labels) + repeats > output_frames(config, round(utt.duration_s * SAMPLE_RATE_HZ)):
+                reason = "label_too_long"
+        if reason is None:
+            kept.append((utt, labels))
+            continue
+        counts[reason] += 1
+        if len(examples) < _MAX_EXAMPLES:
+            examples.append(utt.id)
+    return kept, DropReport(**counts, examples=examples)
+
+
+class SpeechDataset(torch.utils.data.Dataset):
+    """Audio and labels of filtered utterances. Item i: {"id": str, "input_values": float32 tensor (samples,)
+    normalized to zero mean and unit variance (as Wav2Vec2FeatureExtractor does), "labels": list[int]}."""
+
+    def __init__(self, examples: list[tuple[Utterance, list[int]]], *, sample_rate_hz: int = SAMPLE_RATE_HZ):
+        self.examples = examples
+        self.sample_rate_hz = sample_rate_hz
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    @property
+    def durations_s(self) -> list[float]:
+        """Duration of each item in seconds, for DurationBatchSampler."""
+        return [utt.duration_s for utt, _ in self.examples]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        utt, labels = self.examples[index]
+        audio = load_audio(utt.audio_path, sample_rate_hz=self.sample_rate_hz, offset_s=utt.offset_s,
+                           duration_s=utt.duration_s)
+        # Same formula and epsilon as transformers' Wav2Vec2FeatureExtractor.zero_mean_unit_var_norm.
+        normalized = (audio - audio.mean()) / np.sqrt(audio.var() + 1e-7)
+        return {"id": utt.id, "input_values": torch.from_numpy(normalized.astype(np.float32)), "labels": labels}
+
+
+def collate(items: list[dict[str, Any]], *, attention_mask: bool) -> dict[str, Any]:
+    """Pad a list of SpeechDataset items into a batch.
+
+    Returns input_values (batch, samples) float32 zero-padded; attention_mask (batch, samples) int64, 1 on real
+    samples, only when `attention_mask` (see surgery.needs_attention_mask); labels (batch, max_labels) int64 padded
+    with -100; ids, a list of str.
+    """
+    max_samples = max(len(item["input_values"]) for item in items)
+    max_labels = max(len(item["labels"]) for item in items)
+    input_values = torch.zeros(len(items), max_samples, dtype=torch.float32)
+    mask = torch.zeros(len(items), max_samples, dtype=torch.long)
+    labels = torch.full((len(items), max_labels), LABEL_PAD, dtype=torch.long)
+    for row, item in enumerate(items):
+        samples = len(item["input_values"])
+        input_values[row, :samples] = item["input_values"]
+        mask[row, :samples] = 1
+        labels[row, :len(item["labels"])] = torch.tensor(item["labels"], dtype=torch.long)
+    batch: dict[str, Any] = {"input_values": input_values, "labels": labels, "ids": [item["id"] for item in items]}
+    if attention_mask:
+        batch["attention_mask"] = mask
+    return batch
+
+
+class DurationBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Batches of dataset indices whose padded audio (batch size x longest duration) fits `max_batch_s` seconds.
+
+    Indices are sorted by duration and cut greedily into global batches (length buckets), so padding stays small;
+    the batch order is shuffled per epoch from `seed + epoch`. The global batches and their order do not depend on
+    `num_replicas`: process `rank` gets `batch[rank::num_replicas]` of each, and global batches with fewer items
+    than processes are skipped by all, so every process takes the same number of steps. An utterance longer than
+    `max_batch_s` forms a batch of its own.
+
+    Iterating to the end moves to the next epoch; set_epoch() jumps to one. state_dict() records the epoch and how
+    many global batches have been handed out, so a resumed run yields exactly the remaining ones. It counts what the
+    DataLoader fetched: with num_workers > 0 that includes prefetched batches.
+    """
+
+    def __init__(self, durations_s: Sequence[float], *, max_batch_s: float, shuffle: bool = True, seed: int = 0,
+                 num_replicas: int = 1, rank: int = 0):
+        super().__init__()
+        if max_batch_s <= 0:
+            raise ValueError(f"max_batch_s must be positive, got {max_batch_s}")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
+        self.max_batch_s = max_batch_s
+        self.shuffle = shuffle
+        self.seed = seed
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.epoch = 0
+        self._position = 0  # global batches of this epoch already handed out (or skipped)
+        self._batches: list[list[int]] = []
+        batch: list[int] = []
+        for index in sorted(range(len(durations_s)), key=lambda i: (durations_s[i], i)):
+            # Ascending order: the newcomer is the longest, so it sets the padded length.
+            if batch and (len(batch) + 1) * durations_s[index] > max_batch_s:
+                self._batches.append(batch)
+                batch = []
+            batch.append(index)
+        if batch:
+            self._batches.append(batch)
+
+    @property
+    def num_dropped(self) -> int:
+        """Utterances never served because their global batch has fewer items than processes."""
+        return sum(len(b) for b in self._batches if len(b) < self.num_replicas)
+
+    def __len__(self) -> int:
+        return sum(len(b) >= self.num_replicas for b in self._batches)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start `epoch` from its beginning; no-op when already in it (so a resumed run keeps its place)."""
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self._position = 0
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self._position >= len(self._batches):
+            self.set_epoch(self.epoch + 1)
+        order = self._order()
+        while self._position < len(order):
+            batch = self._batches[order[self._position]]
+            self._position += 1
+            if len(batch) >= self.num_replicas:
+                yield batch[self.rank::self.num_replicas]
+        self.set_epoch(self.epoch + 1)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self._position, "num_batches": len(self._batches)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["num_batches"] != len(self._batches):
+            raise ValueError(f"sampler state is for {state['num_batches']} batches, this sampler has "
+                             f"{len(self._batches)}: the data or max_batch_s changed")
+        self.epoch = state["epoch"]
+        self._position = state["position"]
+
+    def _order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(len(self._batches)))
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return torch.randperm(len(self._batches), generator=generator).tolist()

@@ -1,0 +1,245 @@
+"""The `speechxfer` command: parses arguments and calls library functions, nothing more.
+
+Each subcommand has an `_add_<name>(subparsers)` that declares its arguments and a `_cmd_<name>(args) -> int`
+that calls the library. Errors derived from SpeechxferError become one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from speechxfer.errors import SpeechxferError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="speechxfer",
+        description="Cross-lingual speech recognition adaptation for wav2vec2 checkpoints.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in _SUBCOMMANDS:
+        add(subparsers)
+    return parser
+
+
+# --- subcommands (each helper block: _add_X declares arguments, _cmd_X calls the library) -------------------
+
+
+def _add_synth(subparsers) -> None:
+    p = subparsers.add_parser("synth", help="speak sentences with espeak-ng into a 16 kHz FLAC corpus (GPL-3 extra)",
+                              description="Speak each sentence with a random espeak-ng voice variant, speed and pitch; "
+                                          "write OUTDIR/audio/*.flac and OUTDIR/{train,dev,test}.jsonl.")
+    p.add_argument("language", metavar="LANG", help="espeak-ng voice, usually an ISO 639-1 code (de, fr, pt)")
+    p.add_argument("sentences", metavar="SENTENCES_FILE", help="UTF-8 text, one sentence per line")
+    p.add_argument("out_dir", metavar="OUTDIR")
+    p.add_argument("--count", type=int, default=None, help="speak only the first N distinct sentences")
+    p.add_argument("--seed", type=int, default=0, help="voices, noise and split (default 0)")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)")
+    p.add_argument("--noise-snr-db", type=float, default=None, help="add white noise at this SNR (default none)")
+    p.add_argument("--dev-fraction", type=float, default=0.05)
+    p.add_argument("--test-fraction", type=float, default=0.05)
+    p.set_defaults(func=_cmd_synth)
+
+
+def _cmd_synth(args) -> int:
+    from speechxfer.synth import build_corpus, read_sentences
+
+    corpus = build_corpus(args.language, read_sentences(args.sentences), args.out_dir, count=args.count,
+                          seed=args.seed, jobs=args.jobs, noise_snr_db=args.noise_snr_db,
+                          dev_fraction=args.dev_fraction, test_fraction=args.test_fraction)
+    for problem in corpus.problems:
+        print(problem, file=sys.stderr)
+    for name, utterances in corpus.splits.items():
+        hours = sum(u.duration_s for u in utterances) / 3600
+        print(f"{name}: {len(utterances)} utterances, {hours:.2f} h -> {os.path.join(args.out_dir, name + '.jsonl')}")
+    return 0
+
+
+def _add_prepare(subparsers) -> None:
+    from dataclasses import fields
+
+    from speechxfer.prepare import FORMATS, Columns
+
+    p = subparsers.add_parser("prepare", help="convert a corpus into JSONL manifests, one per split",
+                              description="Read a corpus, check every row (audio file, header, transcript, id) and "
+                                          "write OUTDIR/<split>.jsonl, OUTDIR/summary.json and OUTDIR/problems.txt. "
+                                          "Bad rows are reported and skipped.")
+    p.add_argument("format", metavar="FORMAT", choices=FORMATS,
+                   help="source layout: " + ", ".join(FORMATS))
+    p.add_argument("source", metavar="SOURCE",
+                   help="corpus folder or file (asterisk: a sounds folder or a language code such as es)")
+    p.add_argument("out_dir", metavar="OUTDIR")
+    p.add_argument("--strict", action="store_true", help="exit non-zero if any row had a problem")
+    p.add_argument("--split", default=None, help="split name when SOURCE holds a single one")
+    p.add_argument("--splits", default=None, type=lambda v: [s for s in v.split(",") if s],
+                   help="comma-separated splits to import (commonvoice default: train,dev,test)")
+    p.add_argument("--language", default=None, help="language code for rows whose source gives none")
+    for field in fields(Columns):
+        p.add_argument(f"--{field.name}-column", default=None, metavar="NAME",
+                       help=f"{field.name} column (csv, tsv, audiofolder)")
+    p.add_argument("--show-problems", type=int, default=20, metavar="N", help="print the first N problems (default 20)")
+    p.set_defaults(func=_cmd_prepare)
+
+
+def _cmd_prepare(args) -> int:
+    from dataclasses import fields
+
+    from speechxfer.errors import InputError
+    from speechxfer.prepare import Columns, prepare
+
+    named = {field.name: getattr(args, f"{field.name}_column") for field in fields(Columns)}
+    columns = Columns(**named) if any(named.values()) else None
+    result = prepare(args.format, args.source, args.out_dir, columns=columns, split=args.split, splits=args.splits,
+                     language=args.language)
+    for problem in result.problems[: args.show_problems]:
+        print(problem, file=sys.stderr)
+    hidden = len(result.problems) - args.show_problems
+    if hidden > 0 and args.show_problems > 0:
+        print(f"... and {hidden} more problems", file=sys.stderr)
+    if result.problems:
+        print(f"{len(result.problems)} problems; all listed in {os.path.join(args.out_dir, 'problems.txt')}",
+              file=sys.stderr)
+    for name, summary in result.summaries.items():
+        print(f"{name}: {summary} -> {result.manifests[name]}")
+    if result.utterances == 0:
+        raise InputError(f"no usable utterances ({len(result.problems)} problems)", path=args.source)
+    if args.strict and result.problems:
+        raise InputError(f"{len(result.problems)} rows had problems and --strict is set", path=args.source)
+    return 0
+
+
+def _add_train(subparsers) -> None:
+    p = subparsers.add_parser("train", help="fine-tune a wav2vec2 checkpoint with a new CTC head from a recipe",
+                              description="Train as RECIPE (YAML) says and write a Hugging Face model folder, with "
+                                          "metrics, curves and the test report, to its output_dir.")
+    p.add_argument("recipe", metavar="RECIPE", help="recipe file, e.g. recipes/common_voice/tr.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key (value read as YAML), e.g. --set train.lr=1e-4; repeatable")
+    p.add_argument("--resume", action="store_true", help="continue the run in output_dir/last/")
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args) -> int:
+    from speechxfer.recipe import load_recipe
+    from speechxfer.training import train
+
+    result = train(load_recipe(args.recipe, overrides=args.overrides), resume=args.resume)
+    if result.best_dev_wer is not None:
+        print(f"best dev WER {result.best_dev_wer:.2%} at update {result.best_update} of {result.updates}"
+              + (" (stopped early)" if result.stopped_early else ""))
+    if result.test_wer is not None:
+        print(f"test WER {result.test_wer:.2%}, CER {result.test_cer:.2%}")
+    print(f"model: {result.output_dir}")
+    return 0
+
+
+def _add_wer(subparsers) -> None:
+    from speechxfer.scoring import FORMATS
+    from speechxfer.text import PRESETS
+
+    p = subparsers.add_parser("wer", help="word and character error rates of hypotheses, as NIST sclite counts them",
+                              description="Score HYP against REF: WER, CER, substitutions/deletions/insertions/hits, "
+                                          "sentence error rate and a bootstrap 95%% confidence interval. Files with "
+                                          "ids (Kaldi `id text`, TSV with id and text columns, JSONL) pair by id; "
+                                          "two plain files pair by line.")
+    p.add_argument("ref", metavar="REF", help="reference transcripts")
+    p.add_argument("hyp", metavar="HYP", help="hypothesis transcripts")
+    p.add_argument("--format", choices=FORMATS, default="auto",
+                   help="how to read both files (default auto: jsonl, tsv with a header, kaldi ids, else lines)")
+    p.add_argument("--normalize", metavar="PRESET_OR_YAML", default=None,
+                   help=f"normalize both sides: a preset ({', '.join(PRESETS)}) or a YAML file with a `text:` "
+                        "section (default: compare as written, split on whitespace)")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="score the ids both sides have, as sclite does, instead of stopping at missing ids")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--per-utterance", metavar="FILE.tsv", default=None, help="write one row per utterance")
+    p.add_argument("--worst", type=int, default=0, metavar="N", help="show the N worst utterances with alignments")
+    p.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                   help="resamples for the confidence interval (default 1000; 0 skips it)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
+    p.set_defaults(func=_cmd_wer)
+
+
+def _cmd_wer(args) -> int:
+    import json
+
+    from speechxfer.scoring import (format_report, read_pair, render_alignment, score, worst_utterances,
+                                    write_per_utterance_tsv)
+    from speechxfer.text import TextNormalizer, load_text_options
+
+    normalizer = None if args.normalize is None else TextNormalizer(load_text_options(args.normalize))
+    refs, hyps, ref_format, hyp_format = read_pair(args.ref, args.hyp, ref_format=args.format,
+                                                   hyp_format=args.format)
+    report = score(refs, hyps, normalizer=normalizer, allow_missing=args.allow_missing,
+                   bootstrap=args.bootstrap, seed=args.seed)
+    if args.per_utterance:
+        write_per_utterance_tsv(report, args.per_utterance)
+    worst = worst_utterances(report, args.worst)
+    if args.json:
+        summary = report.to_dict() | {"ref_format": ref_format, "hyp_format": hyp_format}
+        if worst:
+            summary["worst"] = [{"id": u.id, "wer": u.wer, "errors": u.words.errors,
+                                 "alignment": render_alignment(u.words, u.reference, u.hypothesis).splitlines()}
+                                for u in worst]
+        print(json.dumps(summary, ensure_ascii=False, indent=1))
+        return 0
+    print(f"{len(refs)} references ({ref_format}), {len(hyps)} hypotheses ({hyp_format})")
+    print(format_report(report))
+    for u in worst:
+        print(f"\n{u.id}: WER {u.wer:.2%} ({u.words.errors} errors / {u.ref_words} words)")
+        print(render_alignment(u.words, u.reference, u.hypothesis))
+    return 0
+
+
+def _add_vocab(subparsers) -> None:
+    from speechxfer.text import PRESETS
+
+    p = subparsers.add_parser("vocab", help="build the CTC vocabulary from a training manifest and audit dev/test",
+                              description="Normalize the training texts, write OUTDIR/vocab.json and the tokenizer "
+                                          "files (loadable by Wav2Vec2CTCTokenizer), and OUTDIR/charset_audit.json "
+                                          "listing characters of dev/test that train never shows.")
+    p.add_argument("train", metavar="TRAIN_MANIFEST", help="JSONL manifest of the training split")
+    p.add_argument("out_dir", metavar="OUTDIR")
+    p.add_argument("--dev", metavar="MANIFEST", default=None, help="dev manifest to audit")
+    p.add_argument("--test", metavar="MANIFEST", default=None, help="test manifest to audit")
+    p.add_argument("--normalize", metavar="PRESET_OR_YAML", default="basic",
+                   help=f"a preset ({', '.join(PRESETS)}) or a YAML file with a `text:` section (default basic)")
+    p.set_defaults(func=_cmd_vocab)
+
+
+def _cmd_vocab(args) -> int:
+    from speechxfer.text import TextNormalizer, load_text_options
+    from speechxfer.vocabulary import vocabulary_from_manifests
+
+    others = {name: path for name, path in (("dev", args.dev), ("test", args.test)) if path is not None}
+    vocabulary, audit, problems = vocabulary_from_manifests(
+        args.train, normalizer=TextNormalizer(load_text_options(args.normalize)), others=others)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    vocabulary.save(args.out_dir)
+    audit.save(os.path.join(args.out_dir, "charset_audit.json"))
+    print(f"{len(vocabulary)} tokens -> {os.path.join(args.out_dir, 'vocab.json')}")
+    print(audit.format_table())
+    return 0
+
+
+_SUBCOMMANDS: list = [_add_synth, _add_prepare, _add_train, _add_wer, _add_vocab]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except SpeechxferError as err:
+        print(f"speechxfer {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"speechxfer {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,306 @@
+"""CTC decoding of a model's log posteriors into text with word timestamps: greedy, or beam search with an
+n-gram language model (torchaudio's flashlight decoder).
+
+Both decoders take audio in pieces (`stream()`: `step` each window's frames in order, then `finish`), so a file of
+any length is decoded while keeping only 8 bytes per frame, never the full (frames, vocab) posteriors.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from speechxfer.errors import InputError, SpeechxferError
+from speechxfer.vocabulary import Vocabulary
+
+# Words of an ARPA file that are markers, not words to spell.
+_ARPA_MARKERS = frozenset({"<s>", "</s>", "<unk>"})
+
+
+@dataclass(frozen=True)
+class WordTiming:
+    """One decoded word and where the model emitted it."""
+
+    word: str
+    start_s: float  # start of the word's first emitted frame
+    end_s: float  # end of its last emitted frame
+    confidence: float  # mean top posterior over the frames that emitted the word's letters, in (0, 1]
+
+
+@dataclass(frozen=True)
+class Transcript:
+    """The decoded text of one utterance or file, and its words with times."""
+
+    text: str  # words joined by single spaces
+    words: tuple[WordTiming, ...]
+
+
+class DecoderStream(Protocol):
+    def step(self, log_probs: torch.Tensor) -> None: ...
+
+    def finish(self) -> Transcript: ...
+
+
+class Decoder(Protocol):
+    def stream(self) -> DecoderStream: ...
+
+
+def decode_batch(decoder: Decoder, log_probs: torch.Tensor, lengths: torch.Tensor) -> list[Transcript]:
+    """Decode a padded batch. log_probs: (batch, frames, vocab) log posteriors on the CPU; lengths: (batch,) frames."""
+    transcripts = []
+    for item, length in zip(log_probs, lengths.tolist()):
+        stream = decoder.stream()
+        stream.step(item[:length])
+        transcripts.append(stream.finish())
+    return transcripts
+
+
+class _FramePath:
+    """Per-frame argmax token and its posterior, gathered window by window (8 bytes a frame)."""
+
+    def __init__(self) -> None:
+        self._ids: list[np.ndarray] = []
+        self._probs: list[np.ndarray] = []
+
+    def add(self, log_probs: torch.Tensor) -> None:
+        best, ids = log_probs.max(dim=-1)
+        self._ids.append(ids.to(torch.int32).numpy())
+        self._probs.append(best.exp().numpy())
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        ids = np.concatenate(self._ids) if self._ids else np.zeros(0, np.int32)
+        probs = np.concatenate(self._probs) if self._probs else np.zeros(0, np.float32)
+        return ids, probs
+
+
+class GreedyDecoder:
+    """Best path decoding: argmax per frame; words and their times come from the frames of that path."""
+
+    def __init__(self, vocabulary: Vocabulary, *, frame_s: float):
+        self.vocabulary = vocabulary
+        self.frame_s = frame_s  # seconds between output frames (the feature encoder's total stride)
+
+    def stream(self) -> GreedyStream:
+        return GreedyStream(self)
+
+
+class GreedyStream:
+    """One greedy decoding in progress; `step` with consecutive frames (frames, vocab), then `finish`."""
+
+    def __init__(self, decoder: GreedyDecoder):
+        self._decoder = decoder
+        self._path = _FramePath()
+
+    def step(self, log_probs: torch.Tensor) -> None:
+        self._path.add(log_probs)
+
+    def finish(self) -> Transcript:
+        ids, probs = self._path.arrays()
+        vocabulary, frame_s = self._decoder.vocabulary, self._decoder.frame_s
+        words = []
+        for start, end in _word_spans(ids, blank_id=vocabulary.blank_id, delimiter_id=vocabulary.delimiter_id):
+            span = ids[start:end]
+            text = vocabulary.decode_ctc(span)
+            if text:
+                emitted = span != vocabulary.blank_id
+                words.append(WordTiming(text, start * frame_s, end * frame_s, float(probs[start:end][emitted].mean())))
+        return Transcript(" ".join(w.word for w in words), tuple(words))
+
+
+def _word_spans(ids: np.ndarray, *, blank_id: int, delimiter_id: int) -> list[tuple[int, int]]:
+    """[start, end) frames of each word of a frame path: from its first to its last letter frame."""
+    spans = []
+    start = end = None
+    for frame in np.flatnonzero(ids != blank_id).tolist():
+        if ids[frame] == delimiter_id:
+            if start is not None:
+                spans.append((start, end))
+            start = None
+        else:
+            if start is None:
+                start = frame
+            end = frame + 1
+    if start is not None:
+        spans.append((start, end))
+    return spans
+
+
+@dataclass(frozen=True)
+class BeamSearchOptions:
+    """Lexicon beam search with an n-gram LM (flashlight's decoder, through torchaudio)."""
+
+    lm_path: str  # ARPA file or KenLM binary
+    lexicon_path: str | None = None  # lines `word<TAB>letters separated by spaces`; None: the ARPA's unigrams
+    beam_size: int = 50  # hypotheses kept after each frame
+    lm_weight: float = 2.0  # weight of the LM log probability against the acoustic score
+    word_score: float = 0.0  # added per word: positive favours more, shorter words
+
+
+class BeamSearchDecoder:
+    """Beam search over the lexicon's words, scored by the acoustic model plus the weighted n-gram LM.
+
+    The flashlight decoder keeps one search state, so streams of one decoder must not interleave: finish one
+    before starting the next.
+    """
+
+    def __init__(self, vocabulary: Vocabulary, options: BeamSearchOptions, *, frame_s: float):
+        ctc_decoder = _import_ctc_decoder()
+        self.vocabulary = vocabulary
+        self.options = options
+        self.frame_s = frame_s
+        if not os.path.isfile(options.lm_path):
+            raise InputError("no such language model file", path=options.lm_path)
+        if options.lexicon_path is not None:
+            entries = read_lexicon(options.lexicon_path, vocabulary)
+            self.skipped_words = 0
+        else:
+            if not is_arpa(options.lm_path):
+                raise InputError("a KenLM binary holds no readable word list: give --lexicon", path=options.lm_path)
+            entries, self.skipped_words = lexicon_from_arpa(options.lm_path, vocabulary)
+        if not entries:
+            raise InputError("no word of the lexicon can be spelled with the model's vocabulary",
+                             path=options.lexicon_path or options.lm_path)
+        self.lexicon_size = len(entries)
+        with tempfile.TemporaryDirectory() as tmp:
+            lexicon_file = Path(tmp, "lexicon.txt")
+            lexicon_file.write_text("".join(f"{word}\t{' '.join(letters)} {vocabulary.delimiter}\n"
+                                            for word, letters in entries.items()), encoding="utf-8")
+            try:
+                self._decoder = ctc_decoder(
+                    lexicon=str(lexicon_file), tokens=list(vocabulary.tokens), lm=options.lm_path,
+                    beam_size=options.beam_size, lm_weight=options.lm_weight, word_score=options.word_score,
+                    blank_token=vocabulary.blank, sil_token=vocabulary.delimiter, unk_word="<unk>")
+            except RuntimeError as err:  # KenLM's load errors (bad ARPA, wrong binary) arrive as RuntimeError
+                raise InputError(f"cannot load the language model: {str(err).splitlines()[-1]}",
+                                 path=options.lm_path) from None
+
+    def stream(self) -> BeamSearchStream:
+        return BeamSearchStream(self)
+
+
+class BeamSearchStream:
+    """One beam search in progress; `step` with consecutive frames (frames, vocab), then `finish`."""
+
+    def __init__(self, decoder: BeamSearchDecoder):
+        self._owner = decoder
+        self._path = _FramePath()
+        decoder._decoder.decode_begin()
+
+    def step(self, log_probs: torch.Tensor) -> None:
+        self._path.add(log_probs)
+        self._owner._decoder.decode_step(log_probs.float().contiguous())
+
+    def finish(self) -> Transcript:
+        flashlight = self._owner._decoder
+        flashlight.decode_end()
+        hypotheses = flashlight.get_final_hypothesis()
+        if not hypotheses:
+            return Transcript("", ())
+        best = hypotheses[0]
+        _, probs = self._path.arrays()
+        # flashlight pads its path with one frame at the start: timestep t is frame t - 1
+        frames = best.timesteps.numpy() - 1
+        delimiter = self._owner.vocabulary.delimiter_id
+        groups: list[list[int]] = [[]]
+        for token, frame in zip(best.tokens.tolist(), frames.tolist()):
+            if token == delimiter:
+                if groups[-1]:
+                    groups.append([])
+            elif 0 <= frame < len(probs):
+                groups[-1].append(frame)
+        groups = [g for g in groups if g]
+        frame_s = self._owner.frame_s
+        words = tuple(WordTiming(word, g[0] * frame_s, (g[-1] + 1) * frame_s, float(probs[g].mean()))
+                      for word, g in zip(best.words, groups))
+        return Transcript(" ".join(best.words), words)
+
+
+def make_decoder(vocabulary: Vocabulary, *, frame_s: float, beam: BeamSearchOptions | None = None) -> Decoder:
+    """The greedy decoder, or beam search with an LM when `beam` is given."""
+    if beam is None:
+        return GreedyDecoder(vocabulary, frame_s=frame_s)
+    return BeamSearchDecoder(vocabulary, beam, frame_s=frame_s)
+
+
+def _import_ctc_decoder():
+    try:
+        import flashlight.lib.text.decoder  # noqa: F401  (torchaudio's ctc_decoder binds to it lazily)
+        from torchaudio.models.decoder import ctc_decoder
+    except ImportError:
+        raise SpeechxferError("beam search with an n-gram LM needs flashlight-text: pip install 'speechxfer[lm]'") \
+            from None
+    return ctc_decoder
+
+
+def is_arpa(path: str | os.PathLike) -> bool:
+    """Whether the file is an ARPA text LM (first non-blank line `\\data\\`), as opposed to a KenLM binary."""
+    with open(path, "rb") as f:
+        for line in f:
+            if line.strip():
+                return line.strip() == b"\\data\\"
+    return False
+
+
+def lexicon_from_arpa(path: str | os.PathLike, vocabulary: Vocabulary) -> tuple[dict[str, list[str]], int]:
+    """Spell each unigram of an ARPA file with the vocabulary's characters: ({word: letters}, words skipped
+    because a character is not in the vocabulary)."""
+    letters = set(vocabulary.tokens) - {vocabulary.blank, vocabulary.unk, vocabulary.delimiter}
+    entries: dict[str, list[str]] = {}
+    skipped = 0
+    in_unigrams = False
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            line = line.strip()
+            if line == "\\1-grams:":
+                in_unigrams = True
+                continue
+            if not in_unigrams or not line:
+                continue
+            if line.startswith("\\"):
+                break
+            fields = line.split()
+            if len(fields) < 2:
+                raise InputError(f"malformed unigram line {line!r}", path=path, line=number)
+            word = fields[1]
+            if word in _ARPA_MARKERS:
+                continue
+            if set(word) <= letters:
+                entries[word] = list(word)
+            else:
+                skipped += 1
+    if not in_unigrams:
+        raise InputError("no \\1-grams: section", path=path)
+    return entries, skipped
+
+
+def read_lexicon(path: str | os.PathLike, vocabulary: Vocabulary) -> dict[str, list[str]]:
+    """Read `word<TAB or space>letter letter ...` lines (a trailing word delimiter is optional); every letter
+    must be a token of the vocabulary."""
+    tokens = set(vocabulary.tokens)
+    entries: dict[str, list[str]] = {}
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(f"cannot read lexicon: {err}", path=path) from None
+    for number, line in enumerate(lines, start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        word, spelling = fields[0], fields[1:]
+        if spelling and spelling[-1] == vocabulary.delimiter:
+            spelling = spelling[:-1]
+        if not spelling:
+            raise InputError(f"word {word!r} has no spelling", path=path, line=number)
+        unknown = [t for t in spelling if t not in tokens]
+        if unknown:
+            raise InputError(f"spelling of {word!r} uses tokens outside the model's vocabulary: {unknown}",
+                             path=path, line=number)
+        entries[word] = spelling
+    return entries
+

@@ -1,0 +1,269 @@
+"""Model surgery: load a multilingual wav2vec2 checkpoint, give it a CTC head sized from the target vocabulary
+(rows transferred from the source head where the source has one), and save the result as a plain Hugging Face
+model folder."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import unicodedata
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from anyascii import anyascii
+from transformers import AutoConfig, Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
+from transformers.utils import cached_file
+
+from speechxfer.audio import SAMPLE_RATE_HZ
+from speechxfer.errors import InputError
+from speechxfer.vocabulary import Vocabulary
+
+# Source tokens that play the blank / unknown / word-delimiter role in the conventions of HF, fairseq and MMS
+# vocabularies; the blank is taken from the source config's pad_token_id first.
+_SOURCE_BLANKS = ("[PAD]", "<pad>")
+_SOURCE_UNKS = ("[UNK]", "<unk>")
+_SOURCE_DELIMITERS = ("|", " ")
+
+# Weights a checkpoint may lack without being broken: the CTC head (SSL-only sources, replaced anyway) and the
+# learned SpecAugment mask vector (created only when masking is switched on, e.g. by config_overrides).
+_MAY_BE_MISSING = ("lm_head.", "wav2vec2.masked_spec_embed")
+
+# Files of a Hugging Face model folder: save_model_folder replaces them all (a stale added_tokens.json or weight shard
+# would corrupt the new model); anything else already in the destination folder is carried over.
+_HF_FOLDER_FILES = frozenset({"config.json", "generation_config.json", "preprocessor_config.json", "vocab.json",
+                              "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.json"})
+_HF_WEIGHT_PREFIXES = ("model.safetensors", "model-", "pytorch_model")
+
+
+@dataclass(frozen=True)
+class TransferReport:
+    """How each row of the new CTC head was initialised."""
+
+    shared: int  # rows copied from the same token in the source head (blank, "|", shared characters)
+    base_letter: int  # from the same letter in another case, or its base letter after NFD decomposition (é→e)
+    transliterated: int  # mean of the rows of the anyascii transliteration (ж→zh, ł→l)
+    random: int  # Hugging Face's default initialisation (normal, std = initializer_range; zero bias)
+    sources: dict[str, str] = field(default_factory=dict)  # target token -> source token(s) used, "z+h" for several
+    source_vocab_size: int = 0  # rows of the source head with a known token; 0 when the source had none
+
+    def __str__(self) -> str:
+        total = self.shared + self.base_letter + self.transliterated + self.random
+        if self.source_vocab_size == 0:
+            return f"new CTC head of {total} rows, randomly initialised (the source has no CTC head with a vocabulary)"
+        return (f"new CTC head of {total} rows from a source head of {self.source_vocab_size}: {self.shared} shared, "
+                f"{self.base_letter} from base letters, {self.transliterated} transliterated, {self.random} random")
+
+
+def needs_attention_mask(config: Wav2Vec2Config) -> bool:
+    """Whether batches for this model carry an attention mask.
+
+    Layer-norm feature extractors (XLS-R, large-lv60) take one; group-norm ones (wav2vec2-base) must get zero padding
+    and no mask, as the transformers documentation says, because they were pre-trained without one.
+    """
+    return config.feat_extract_norm == "layer"
+
+
+def build_ctc_model(source: str | os.PathLike, vocab: Vocabulary, *,
+                    config_overrides: Mapping[str, Any] | None = None,
+                    seed: int = 0) -> tuple[Wav2Vec2ForCTC, TransferReport]:
+    """Load a wav2vec2 checkpoint (hub id or local folder) and give it a CTC head for `vocab`.
+
+    The source may be self-supervised only (Wav2Vec2Model / Wav2Vec2ForPreTraining) or CTC-fine-tuned with a
+    vocab.json; in the latter case the new head's rows are transferred from the old one (see TransferReport).
+    Only safetensors weights are read and no remote code runs. `config_overrides` sets config fields such as
+    mask_time_prob, layerdrop or dropouts. Rows initialised at random depend only on `seed`.
+    Returns the float32 model in train mode and the transfer report. Raises InputError for a missing folder, a
+    non-wav2vec2 checkpoint, missing safetensors weights, or an unknown override.
+    """
+    name = os.fspath(source)
+    config = _load_config(name)
+    overrides = dict(config_overrides or {})
+    for key in ("vocab_size", "pad_token_id"):
+        if key in overrides:
+            raise InputError(f"config override {key!r} is not allowed: it is computed from the vocabulary")
+    for key, value in overrides.items():
+        if not hasattr(config, key):
+            raise InputError(f"unknown wav2vec2 config option {key!r} in config overrides")
+        setattr(config, key, value)
+    config.ctc_zero_infinity = True  # one impossible alignment (label longer than frames) must not poison a batch
+    config.ctc_loss_reduction = "mean"
+
+    # fork_rng keeps the caller's RNG untouched while every random initialisation below follows `seed`.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = _load_weights(name, config)
+        source_vocab = _source_vocabulary(name, config) if "Wav2Vec2ForCTC" in (config.architectures or []) else None
+        report = replace_ctc_head(model, vocab, source_vocab=source_vocab)
+    model.train()
+    return model, report
+
+
+def replace_ctc_head(model: Wav2Vec2ForCTC, vocab: Vocabulary, *,
+                     source_vocab: Mapping[str, int] | None = None) -> TransferReport:
+    """Replace `model.lm_head` with a (len(vocab), hidden) linear layer and point the config at `vocab`.
+
+    With `source_vocab` (token -> row of the current head), rows are copied from the same token, its base letter
+    or its transliteration; other rows get Hugging Face's default init from the global RNG.
+    """
+    old = model.lm_head
+    new = torch.nn.Linear(old.in_features, len(vocab), dtype=old.weight.dtype, device=old.weight.device)
+    torch.nn.init.normal_(new.weight, mean=0.0, std=model.config.initializer_range)
+    torch.nn.init.zeros_(new.bias)
+
+    counts = {"shared": 0, "base_letter": 0, "transliterated": 0}
+    sources: dict[str, str] = {}
+    if source_vocab:
+        special = _special_tokens(source_vocab, model.config.pad_token_id)
+        target_special = {vocab.blank_id: special["blank"], vocab.unk_id: special["unk"],
+                          vocab.delimiter_id: special["delimiter"]}
+        with torch.no_grad():
+            for row, token in enumerate(vocab.tokens):
+                if row in target_special:
+                    found = None if target_special[row] is None else ("shared", [target_special[row]])
+                else:
+                    found = _find_source_rows(token, source_vocab)
+                if found is None:
+                    continue
+                how, source_tokens = found
+                ids = [source_vocab[t] for t in source_tokens]
+                new.weight[row] = old.weight[ids].mean(dim=0)
+                new.bias[row] = old.bias[ids].mean()
+                counts[how] += 1
+                sources[token] = "+".join(source_tokens)
+
+    model.lm_head = new
+    model.config.vocab_size = len(vocab)
+    model.config.pad_token_id = vocab.blank_id
+    return TransferReport(**counts, random=len(vocab) - sum(counts.values()), sources=sources,
+                          source_vocab_size=len(source_vocab or {}))
+
+
+def save_model_folder(directory: str | os.PathLike, model: Wav2Vec2ForCTC, vocab: Vocabulary) -> None:
+    """Write a plain Hugging Face model folder that `transformers.pipeline("automatic-speech-recognition")` loads:
+    config.json, model.safetensors, the vocabulary/tokenizer files and preprocessor_config.json.
+
+    The folder is assembled under a temporary name beside `directory` and renamed into place, so a crash leaves the
+    previous version intact. Other files and folders already in `directory` (recipe, metrics, `last/`, ...) are
+    carried over into the new one; stale weights are not.
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        model.save_pretrained(staging)
+        vocab.save(staging)
+        Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SAMPLE_RATE_HZ, padding_value=0.0, do_normalize=True,
+                                 return_attention_mask=needs_attention_mask(model.config)).save_pretrained(staging)
+        if directory.exists():
+            for entry in directory.iterdir():
+                if entry.name not in _HF_FOLDER_FILES and not entry.name.startswith(_HF_WEIGHT_PREFIXES):
+                    os.replace(entry, staging / entry.name)
+            retired = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+            os.replace(directory, retired)
+            os.replace(staging, directory)
+            shutil.rmtree(retired)
+        else:
+            os.replace(staging, directory)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+
+
+def _load_config(name: str) -> Wav2Vec2Config:
+    """The source's config; InputError unless it names a wav2vec2 checkpoint we can reach."""
+    path = Path(name).expanduser()
+    if path.exists() and not path.is_dir():
+        raise InputError("a checkpoint must be a model folder or a hub id, not a file", path=name)
+    if not path.exists() and (path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1):
+        raise InputError("no such checkpoint folder", path=name)
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=False)
+    except (OSError, ValueError) as err:
+        where = "folder" if path.is_dir() else "hub id (offline, misspelt, or gated?)"
+        raise InputError(f"cannot read the checkpoint's config.json from this {where}: {err}", path=name) from err
+    if not isinstance(config, Wav2Vec2Config):
+        raise InputError(f"a {config.model_type!r} checkpoint, not wav2vec2", path=name)
+    return config
+
+
+def _load_weights(name: str, config: Wav2Vec2Config) -> Wav2Vec2ForCTC:
+    """Wav2Vec2ForCTC with the source's weights in float32 (its own head, if any, still in place)."""
+    # The load report lists the head as missing for SSL-only sources, which is expected; real gaps are checked below.
+    report_logger = logging.getLogger("transformers.modeling_utils")
+    report_logger.addFilter(_drop_load_report)
+    try:
+        model, info = Wav2Vec2ForCTC.from_pretrained(name, config=config, use_safetensors=True,
+                                                     dtype=torch.float32, output_loading_info=True)
+    except (OSError, RuntimeError) as err:
+        raise InputError(f"cannot load safetensors weights (pickled .bin files are never read): {err}",
+                         path=name) from err
+    finally:
+        report_logger.removeFilter(_drop_load_report)
+    missing = sorted(k for k in info["missing_keys"] if not k.startswith(_MAY_BE_MISSING))
+    if missing:
+        listed = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise InputError(f"the checkpoint lacks {len(missing)} weights of a wav2vec2 model: {listed}", path=name)
+    return model
+
+
+def _drop_load_report(record: logging.LogRecord) -> bool:
+    return "LOAD REPORT" not in record.getMessage()
+
+
+def _source_vocabulary(name: str, config: Wav2Vec2Config) -> dict[str, int] | None:
+    """token -> row of the source head, from its vocab.json; None when there is none.
+
+    MMS keeps one vocabulary per language in vocab.json; the head stored in model.safetensors is the English
+    adapter's ("eng"), else the one whose size matches.
+    """
+    try:
+        path = cached_file(name, "vocab.json", _raise_exceptions_for_missing_entries=False)
+    except OSError:
+        return None
+    if path is None:
+        return None
+    try:
+        table = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise InputError(f"unreadable vocab.json: {err}", path=path) from err
+    if table and all(isinstance(v, dict) for v in table.values()):
+        fitting = [lang for lang, t in table.items() if len(t) == config.vocab_size]
+        table = table["eng"] if "eng" in fitting else (table[fitting[0]] if fitting else {})
+    return {t: i for t, i in table.items() if isinstance(i, int) and 0 <= i < config.vocab_size} or None
+
+
+def _special_tokens(source_vocab: Mapping[str, int], pad_token_id: int | None) -> dict[str, str | None]:
+    """The source tokens that act as blank, unknown and word delimiter, whatever their spelling."""
+    by_id = {i: t for t, i in source_vocab.items()}
+    blank = by_id.get(pad_token_id) if pad_token_id is not None else None
+    return {
+        "blank": blank or next((t for t in _SOURCE_BLANKS if t in source_vocab), None),
+        "unk": next((t for t in _SOURCE_UNKS if t in source_vocab), None),
+        "delimiter": next((t for t in _SOURCE_DELIMITERS if t in source_vocab), None),
+    }
+
+
+def _find_source_rows(token: str, source_vocab: Mapping[str, int]) -> tuple[str, list[str]] | None:
+    """How a target token maps onto source tokens: ("shared" | "base_letter" | "transliterated", tokens) or None."""
+    if token in source_vocab:
+        return "shared", [token]
+    base = "".join(c for c in unicodedata.normalize("NFD", token) if not unicodedata.combining(c))
+    for candidate in dict.fromkeys((base, token.lower(), token.upper(), base.lower(), base.upper())):
+        if candidate and candidate != token and candidate in source_vocab:
+            return "base_letter", [candidate]
+    letters = [_in_either_case(c, source_vocab) for c in anyascii(token) if not c.isspace()]
+    found = [c for c in letters if c is not None]
+    return ("transliterated", found) if found else None
+
+
+def _in_either_case(char: str, source_vocab: Mapping[str, int]) -> str | None:
+    for candidate in (char, char.lower(), char.upper()):
+        if candidate in source_vocab:
+            return candidate
+    return None

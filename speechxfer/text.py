@@ -1,0 +1,178 @@
+"""Text normalization for training targets and scoring alike, driven by options rather than by language.
+
+The steps, in order: Unicode normalization form; locale-aware lowercasing (a casing table keyed by locale, then
+``str.lower``); the replacement table; the digits policy; removal of punctuation and symbols (Unicode categories
+P* and S*), where characters in ``keep`` survive only between two word characters; the alphabet check;
+whitespace collapse.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import unicodedata
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from speechxfer.errors import InputError
+
+# Lowercasing exceptions that str.lower() gets wrong for a locale, keyed by language subtag. Multi-character
+# keys come first at use time, so a decomposed "I" + COMBINING DOT ABOVE (NFD of "İ") lowers to "i", not "ı̇".
+CASING_TABLES: dict[str, dict[str, str]] = {
+    "tr": {"I\u0307": "i", "İ": "i", "I": "ı"},
+    "az": {"I\u0307": "i", "İ": "i", "I": "ı"},
+}
+
+UNICODE_FORMS = ("NFC", "NFKC", "NFD", "NFKD")
+DIGIT_POLICIES = ("keep", "drop", "reject")
+
+
+@dataclass(frozen=True)
+class TextOptions:
+    """How to normalize text: the `text:` section of a recipe."""
+
+    unicode_form: Literal["NFC", "NFKC", "NFD", "NFKD"] = "NFC"  # applied first, and again after casing
+    lowercase: bool = True
+    locale: str | None = None  # casing locale such as "tr" or "az-Latn" (I→ı, İ→i); None: Unicode default casing
+    keep: str = "'-"  # punctuation kept when it stands between two word characters (l'home, well-known)
+    replacements: dict[str, str] = field(default_factory=dict)  # after form and casing, before punctuation removal
+    digits: Literal["keep", "drop", "reject"] = "keep"  # numbers (Unicode N*): keep, delete, or reject the text
+    alphabet: str | None = None  # when set, characters outside it, `keep` and the space make the text rejected
+    remove_punctuation: bool = True  # False keeps P* and S* characters as they are (the "none" preset)
+
+    def __post_init__(self) -> None:
+        if self.unicode_form not in UNICODE_FORMS:
+            raise ValueError(f"unicode_form must be one of {', '.join(UNICODE_FORMS)}, got {self.unicode_form!r}")
+        if self.digits not in DIGIT_POLICIES:
+            raise ValueError(f"digits must be one of {', '.join(DIGIT_POLICIES)}, got {self.digits!r}")
+        if any(not key for key in self.replacements):
+            raise ValueError("replacements: an empty string cannot be replaced")
+
+
+class TextRejected(ValueError):
+    """A text the options refuse: digits under `digits: reject`, or characters outside the alphabet."""
+
+
+class TextNormalizer:
+    """Callable that normalizes one text according to TextOptions."""
+
+    def __init__(self, options: TextOptions = TextOptions()):
+        self.options = options
+        form = options.unicode_form
+        language = (options.locale or "").replace("_", "-").split("-")[0].lower()
+        casing = CASING_TABLES.get(language, {}) if options.lowercase else {}
+        self._casing = _multi_replacer(casing)
+        self._replace = _multi_replacer({unicodedata.normalize(form, k): unicodedata.normalize(form, v)
+                                         for k, v in options.replacements.items()})
+        self._keep = frozenset(unicodedata.normalize(form, options.keep))
+        self._alphabet = (None if options.alphabet is None
+                          else frozenset(unicodedata.normalize(form, options.alphabet)) | self._keep | {" "})
+
+    def __call__(self, text: str) -> str:
+        """Return the normalized text (single spaces, no leading or trailing space); raises TextRejected."""
+        options = self.options
+        text = unicodedata.normalize(options.unicode_form, text)
+        if options.lowercase:
+            text = unicodedata.normalize(options.unicode_form, self._casing(text).lower())
+        text = self._replace(text)
+        if options.digits != "keep":
+            numbers = [c for c in text if unicodedata.category(c)[0] == "N"]
+            if numbers and options.digits == "reject":
+                raise TextRejected(f"text holds digits {''.join(dict.fromkeys(numbers))!r}: {text!r}")
+            text = "".join(c for c in text if unicodedata.category(c)[0] != "N")
+        if options.remove_punctuation:
+            text = self._strip_punctuation(text)
+        text = " ".join(text.split())
+        if self._alphabet is not None:
+            outside = [c for c in text if c not in self._alphabet]
+            if outside:
+                raise TextRejected(f"characters outside the alphabet {''.join(dict.fromkeys(outside))!r}: {text!r}")
+        return text
+
+    def _strip_punctuation(self, text: str) -> str:
+        # Removed characters become spaces, so "one,two" stays two words; a kept character survives only with
+        # word characters on both sides, so "l'home" keeps its apostrophe and "'quoted'" loses both.
+        out = []
+        for i, c in enumerate(text):
+            if unicodedata.category(c)[0] not in "PS":
+                out.append(c)
+            elif (c in self._keep and 0 < i < len(text) - 1
+                  and _is_word_char(text[i - 1]) and _is_word_char(text[i + 1])):
+                out.append(c)
+            else:
+                out.append(" ")
+        return "".join(out)
+
+
+def _is_word_char(c: str) -> bool:
+    return unicodedata.category(c)[0] in "LMN"
+
+
+def _multi_replacer(table: dict[str, str]):
+    """A function replacing every key of `table` in one left-to-right pass, longest key first."""
+    if not table:
+        return lambda text: text
+    pattern = re.compile("|".join(re.escape(k) for k in sorted(table, key=len, reverse=True)))
+    return lambda text: pattern.sub(lambda m: table[m.group()], text)
+
+
+PRESETS: dict[str, TextOptions] = {
+    # Only Unicode NFC and whitespace collapse: score exactly what was written.
+    "none": TextOptions(lowercase=False, remove_punctuation=False),
+    # NFC, lowercase, punctuation and symbols removed except apostrophes and hyphens inside words.
+    "basic": TextOptions(),
+    # Like Whisper's BasicTextNormalizer: NFKC, lowercase, every punctuation mark and symbol removed
+    # (Whisper also drops text in brackets and combining marks; this does not).
+    "whisper-basic": TextOptions(unicode_form="NFKC", keep=""),
+}
+
+
+def text_options_from_dict(d: dict[str, Any], *, source: str) -> TextOptions:
+    """Build TextOptions from a mapping (e.g. a YAML `text:` section); InputError names the bad key and `source`."""
+    if not isinstance(d, dict):
+        raise InputError(f"text options must be a mapping of keys, got {type(d).__name__}", path=source)
+    known = {f.name for f in fields(TextOptions)}
+    for key, value in d.items():
+        if key not in known:
+            raise InputError(f"unknown text option {key!r} (known: {', '.join(sorted(known))})", path=source)
+        if not _has_type(key, value):
+            raise InputError(f"text option {key!r}: wrong type {type(value).__name__} ({value!r})", path=source)
+    try:
+        return TextOptions(**d)
+    except ValueError as err:
+        raise InputError(f"text options: {err}", path=source) from None
+
+
+def _has_type(key: str, value: Any) -> bool:
+    if key == "lowercase" or key == "remove_punctuation":
+        return isinstance(value, bool)
+    if key in ("locale", "alphabet"):
+        return value is None or isinstance(value, str)
+    if key == "replacements":
+        return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+    return isinstance(value, str)
+
+
+def load_text_options(spec: str | os.PathLike) -> TextOptions:
+    """A preset name, or a YAML file whose `text:` section (or, without one, whole content) holds TextOptions."""
+    if isinstance(spec, str) and spec in PRESETS:
+        return PRESETS[spec]
+    path = Path(spec)
+    if not path.is_file():
+        raise InputError(f"{os.fspath(spec)!r} is neither a normalization preset ({', '.join(PRESETS)}) "
+                         "nor a YAML file")
+    try:
+        content = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(f"cannot read text options: {err}", path=path) from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        raise InputError(f"not valid YAML: {getattr(err, 'problem', err)}", path=path,
+                         line=None if mark is None else mark.line + 1) from None
+    content = {} if content is None else content
+    if isinstance(content, dict) and "text" in content:
+        content = content["text"]
+    return text_options_from_dict({} if content is None else content, source=os.fspath(path))

@@ -1,0 +1,539 @@
+"""The training loop: fine-tune a wav2vec2 checkpoint with a new CTC head for one language, on Accelerate.
+
+`train` reads top to bottom: data → vocabulary → model → batches → optimizer → loop → outputs, with `get_lr`
+and `evaluate` beside it. The same code runs on CPU, one GPU and several processes (`torchrun`, `accelerate
+launch`): every process builds the same global batches from the same seed and takes its own share of each, so
+a run's updates do not depend on how many processes share the work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import Wav2Vec2ForCTC
+
+from speechxfer.batching import DurationBatchSampler, SpeechDataset, collate, filter_utterances, output_frames
+from speechxfer.errors import InputError, Problem
+from speechxfer.freezing import apply_freezing, parameter_groups, parameter_table
+from speechxfer.manifest import Utterance, read_manifest
+from speechxfer.recipe import Recipe, TrainOptions, resolved_yaml
+from speechxfer.scoring import ScoreReport, score
+from speechxfer.surgery import build_ctc_model, needs_attention_mask, save_model_folder
+from speechxfer.text import TextNormalizer, TextRejected
+from speechxfer.vocabulary import Vocabulary, charset_audit
+
+# Tri-stage schedule of fairseq (lr_scheduler/tri_stage_lr_scheduler.py, as in config/finetuning/base_10h.yaml):
+# the warm-up starts at 1% of the peak and the exponential decay ends at 5% of it.
+INIT_LR_SCALE = 0.01
+FINAL_LR_SCALE = 0.05
+# AdamW betas and eps of fairseq's wav2vec 2.0 fine-tuning configs.
+ADAM_BETAS = (0.9, 0.98)
+ADAM_EPS = 1e-8
+# Share of empty dev hypotheses, after the warm-up, taken as CTC blank collapse.
+BLANK_COLLAPSE_SHARE = 0.9
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """How a run ended; the model itself is in output_dir."""
+
+    output_dir: str
+    updates: int  # optimizer updates done, over all runs of a resumed training
+    best_update: int | None  # the update whose model output_dir holds; None without a dev set
+    best_dev_wer: float | None
+    test_wer: float | None  # of the best model; None without a test set
+    test_cer: float | None
+    stopped_early: bool  # eval.patience evaluations passed without a better dev WER
+
+
+def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
+    """Fine-tune recipe.base on recipe.data and write the best model (by dev WER) to recipe.output_dir.
+
+    With resume=True, continue from output_dir/last/ (model, optimizer, sampler position, RNG states, best so
+    far) and reach the same state as a run that was never interrupted. Raises InputError for unusable data.
+    """
+    opts = recipe.train
+    out = Path(recipe.output_dir)
+    last = out / "last"
+    if resume and not (last / "training_state.pt").is_file():
+        raise InputError("nothing to resume: no last/ checkpoint in the output folder", path=out)
+    if not resume and last.exists():
+        raise InputError("the output folder already holds a run (last/): pass --resume to continue it, or choose "
+                         "another output_dir", path=out)
+
+    # A model that is not distributed-data-parallel ignores the DDP settings; with DDP, layerdrop and frozen layers
+    # leave parameters without gradients in some updates, which DDP must be told to expect.
+    accelerator = Accelerator(mixed_precision=_mixed_precision(opts.mixed_precision),
+                              gradient_accumulation_steps=opts.grad_accum_steps,
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    say = partial(_say, accelerator)
+    set_seed(opts.seed, device_specific=True)  # every process draws its own SpecAugment masks and dropout
+    if accelerator.mixed_precision != opts.mixed_precision:
+        say(f"mixed precision {opts.mixed_precision} is not supported on {accelerator.device}; training in float32")
+
+    # --- data: manifests, normalized targets, vocabulary ------------------------------------------------------
+    if recipe.data.prepare is not None and not Path(recipe.data.train).exists():
+        if accelerator.is_main_process:
+            _prepare_manifests(recipe, say)
+        accelerator.wait_for_everyone()
+    splits = _read_splits(recipe, say)
+    normalizer = TextNormalizer(recipe.text)
+    if recipe.vocabulary.path is not None:
+        vocab = Vocabulary.load(recipe.vocabulary.path)
+    else:
+        vocab = Vocabulary.from_texts(_normalized(splits["train"], normalizer).values())
+    say(f"vocabulary: {len(vocab)} tokens: {' '.join(vocab.tokens)}")
+
+    # --- model: the source checkpoint with a new CTC head, SpecAugment and dropouts from the recipe -----------
+    model, transfer = build_ctc_model(recipe.base, vocab, config_overrides=dataclasses.asdict(recipe.model),
+                                      seed=opts.seed)
+    say(f"{recipe.base}: {transfer}")
+
+    # --- batches: drop what cannot train, then buckets of at most max_batch_s seconds ---------------------------
+    examples, dropped = filter_utterances(splits["train"], normalizer=normalizer, vocab=vocab, config=model.config,
+                                          min_duration_s=opts.min_duration_s, max_duration_s=opts.max_duration_s)
+    say(f"train: {len(examples)} utterances kept; {dropped}")
+    dev_refs = _normalized(splits["dev"], normalizer)
+    test_refs = _normalized(splits["test"], normalizer)
+    sampler = DurationBatchSampler([u.duration_s for u, _ in examples], max_batch_s=opts.max_batch_s,
+                                   shuffle=True, seed=opts.seed, num_replicas=accelerator.num_processes,
+                                   rank=accelerator.process_index)
+    if len(sampler) == 0:
+        raise InputError(f"too little training data: {len(examples)} utterances after filtering, not one batch for "
+                         f"each of {accelerator.num_processes} processes", path=recipe.data.train)
+    duration_s = {u.id: u.duration_s for u, _ in examples}
+    attention_mask = needs_attention_mask(model.config)
+    # Batches are moved to the device by hand and never passed to accelerator.prepare: the sampler already gives
+    # each process its share, and accelerate would shard them a second time.
+    make_loader = partial(_loader, attention_mask=attention_mask, num_workers=opts.num_workers)
+
+    # --- optimizer: AdamW over every parameter (frozen ones get no gradient, so no update and no decay) --------
+    freezing = recipe.freezing
+    # DDP registers only parameters that require a gradient when it wraps the model: wrap it in the state after
+    # the head-only warm-up, so that parameters thawed later are synchronised too.
+    apply_freezing(model, freezing, update=freezing.head_only_updates)
+    groups = parameter_groups(model, lr=opts.lr, weight_decay=opts.weight_decay,
+                              layer_lr_decay=freezing.layer_lr_decay)
+    for group in groups:
+        group["lr_factor"] = group["lr"] / opts.lr  # layer-wise decay; the schedule scales every group alike
+    optimizer = torch.optim.AdamW(groups, lr=opts.lr, betas=ADAM_BETAS, eps=ADAM_EPS)
+
+    state = {"update": 0, "epoch": 0, "position": 0, "best_wer": None, "best_update": None, "evals_without_gain": 0,
+             "blank_collapse_warned": False}
+    saved = _load_last(last, model, optimizer, sampler) if resume else None
+    if saved is not None:
+        state = saved["state"]
+        say(f"resuming from {last} at update {state['update']}")
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if saved is not None and saved["scaler"] is not None and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(saved["scaler"])
+    raw_model = accelerator.unwrap_model(model)
+    apply_freezing(raw_model, freezing, update=state["update"])
+    say(parameter_table(raw_model))
+
+    # --- outputs that describe the run, written before the first update ---------------------------------------
+    log = _MetricsLog(out, accelerator, resume_update=state["update"] if resume else None)
+    if accelerator.is_main_process:
+        (out / "recipe.yaml").write_text(resolved_yaml(recipe), encoding="utf-8")
+        audit = charset_audit(_normalized(splits["train"], normalizer).values(),
+                              {name: sorted(refs.items()) for name, refs in (("dev", dev_refs), ("test", test_refs))})
+        audit.save(out / "charset_audit.json")
+    if resume:
+        _restore_rng(last, accelerator.process_index)  # last of all, so nothing above draws from the restored RNG
+
+    # --- the loop -------------------------------------------------------------------------------------------
+    warmup_updates = max(round(opts.warmup_ratio * opts.max_updates), freezing.head_only_updates)
+    batches = _batch_stream(sampler, make_loader, examples, epoch=state["epoch"], position=state["position"])
+    progress = tqdm(total=opts.max_updates, initial=state["update"], disable=not accelerator.is_main_process,
+                    dynamic_ncols=True, desc="train")
+    stopped_early = False
+    window = {"loss_sum": 0.0, "utterances": 0, "audio_s": 0.0, "start": time.perf_counter()}
+    while state["update"] < opts.max_updates:
+        update = state["update"]
+        if apply_freezing(raw_model, freezing, update=update):
+            say(f"update {update}: freezing changed\n{parameter_table(raw_model)}")
+        lr = get_lr(update, opts)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group["lr_factor"]
+
+        model.train()
+        grad_norm = None
+        for _ in range(opts.grad_accum_steps):
+            state["epoch"], state["position"], batch = next(batches)
+            batch_ids = batch.pop("ids")
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                # DDP averages gradients over processes; weighing each by its share of the global batch makes the
+                # update the same as one process's even when the shares differ by an utterance.
+                local = torch.tensor(float(len(batch_ids)), device=accelerator.device)
+                share = local * accelerator.num_processes / accelerator.reduce(local.clone(), reduction="sum")
+                accelerator.backward(loss * share)
+                if accelerator.sync_gradients and opts.clip_norm is not None:
+                    grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), opts.clip_norm))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            window["loss_sum"] += float(loss.detach()) * len(batch_ids)
+            window["utterances"] += len(batch_ids)
+            window["audio_s"] += sum(duration_s[i] for i in batch_ids)
+        state["update"] = update = update + 1
+        progress.update(1)
+
+        if update == 1 or update % opts.log_every == 0 or update == opts.max_updates:
+            totals = accelerator.reduce(torch.tensor([window["loss_sum"], window["utterances"], window["audio_s"]],
+                                                     dtype=torch.float64, device=accelerator.device), reduction="sum")
+            loss_sum, utterances, audio_s = totals.tolist()
+            elapsed_s = time.perf_counter() - window["start"]
+            record = {"update": update, "epoch": state["epoch"], "loss": loss_sum / utterances, "lr": lr,
+                      "audio_s_per_s": audio_s / elapsed_s, "grad_norm": grad_norm}
+            log.write(record)
+            progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", audio_s_per_s=f"{audio_s / elapsed_s:.0f}",
+                                 wer=log.last_wer, refresh=False)
+            window = {"loss_sum": 0.0, "utterances": 0, "audio_s": 0.0, "start": time.perf_counter()}
+
+        if update % recipe.eval.every_updates == 0 or update == opts.max_updates:
+            if dev_refs:
+                dev_loader = make_loader(*_eval_batches(splits["dev"], dev_refs, vocab, opts, accelerator))
+                report, hyps = evaluate(raw_model, dev_loader, vocab, dev_refs, accelerator=accelerator)
+                empty_share = sum(not h for h in hyps.values()) / len(hyps)
+                log.write({"update": update, "dev_wer": report.wer, "dev_cer": report.cer,
+                           "dev_empty_share": empty_share})
+                say(f"update {update}: dev WER {report.wer:.2%}, CER {report.cer:.2%}")
+                if update >= warmup_updates and not state["blank_collapse_warned"]:
+                    warning = blank_collapse_warning(empty_share, update=update)
+                    if warning:
+                        say(warning)
+                        state["blank_collapse_warned"] = True
+                if state["best_wer"] is None or report.wer < state["best_wer"]:
+                    state.update(best_wer=report.wer, best_update=update, evals_without_gain=0)
+                    if accelerator.is_main_process:
+                        save_model_folder(out, raw_model, vocab)
+                else:
+                    state["evals_without_gain"] += 1
+            _save_last(last, raw_model, optimizer, sampler, vocab, state, accelerator)
+            patience = recipe.eval.patience
+            if patience is not None and state["evals_without_gain"] >= patience:
+                say(f"update {update}: no better dev WER in {patience} evaluations; stopping early")
+                stopped_early = True
+                break
+    progress.close()
+
+    # --- outputs: the best model (or the last one without a dev set), its test score, the curves --------------
+    if accelerator.is_main_process and not dev_refs:
+        save_model_folder(out, raw_model, vocab)
+    accelerator.wait_for_everyone()
+    test_report = None
+    if test_refs:
+        best = Wav2Vec2ForCTC.from_pretrained(out, use_safetensors=True).to(accelerator.device)
+        test_loader = make_loader(*_eval_batches(splits["test"], test_refs, vocab, opts, accelerator))
+        test_report, _ = evaluate(best, test_loader, vocab, test_refs, accelerator=accelerator, bootstrap=1000)
+        if accelerator.is_main_process:
+            _write_json(out / "test_report.json", {"model_update": state["best_update"], **test_report.to_dict()})
+        say(f"test: WER {test_report.wer:.2%}, CER {test_report.cer:.2%} ({test_report.sentences} utterances)")
+    if accelerator.is_main_process:
+        log.close()
+        plot_curves(out / "metrics.jsonl", out / "curves.png")
+    accelerator.wait_for_everyone()
+    return TrainResult(output_dir=str(out), updates=state["update"], best_update=state["best_update"],
+                       best_dev_wer=state["best_wer"], test_wer=None if test_report is None else test_report.wer,
+                       test_cer=None if test_report is None else test_report.cer, stopped_early=stopped_early)
+
+
+def get_lr(update: int, options: TrainOptions) -> float:
+    """Learning rate of update `update` (0-based) for the top layer: warm-up, then tri-stage or linear decay."""
+    warmup = round(options.warmup_ratio * options.max_updates)
+    if update < warmup:
+        start = options.lr * INIT_LR_SCALE if options.schedule == "tri_stage" else 0.0
+        return start + (options.lr - start) * update / warmup
+    if options.schedule == "linear":
+        return options.lr * max(0.0, (options.max_updates - update) / max(1, options.max_updates - warmup))
+    hold = round(options.hold_ratio * options.max_updates)
+    if update < warmup + hold:
+        return options.lr
+    decay = max(1, options.max_updates - warmup - hold)
+    return options.lr * FINAL_LR_SCALE ** (min(update - warmup - hold, decay) / decay)
+
+
+@torch.no_grad()
+def evaluate(model: Wav2Vec2ForCTC, loader: Iterable[dict], vocab: Vocabulary, refs: dict[str, str], *,
+             accelerator: Accelerator, bootstrap: int = 0) -> tuple[ScoreReport, dict[str, str]]:
+    """Greedy CTC decoding of this process's batches, gathered from every process and scored against `refs`
+    ({utterance id: normalized text}). Returns the score and {utterance id: hypothesis}."""
+    was_training = model.training
+    model.eval()
+    hyps: dict[str, str] = {}
+    for batch in loader:
+        ids = batch.pop("ids")
+        num_samples = batch.pop("num_samples")
+        batch = {k: v.to(accelerator.device) for k, v in batch.items() if k != "labels"}
+        with accelerator.autocast():
+            logits = model(**batch).logits  # (batch, frames, vocab)
+        best_paths = logits.argmax(dim=-1).cpu()
+        for utterance_id, path, samples in zip(ids, best_paths, num_samples):
+            # Frames past the end of a padded utterance are not part of it.
+            hyps[utterance_id] = vocab.decode_ctc(path[:output_frames(model.config, samples)].tolist())
+    model.train(was_training)
+    hyps = {k: v for part in gather_object([hyps]) for k, v in part.items()}
+    return score(refs, hyps, bootstrap=bootstrap), hyps
+
+
+def blank_collapse_warning(empty_share: float, *, update: int) -> str | None:
+    """A plain warning when nearly all dev hypotheses are empty after the warm-up, else None."""
+    if empty_share < BLANK_COLLAPSE_SHARE:
+        return None
+    return (f"warning: {empty_share:.0%} of the dev hypotheses are empty after {update} updates: the model predicts "
+            "only the CTC blank (blank collapse). Likely causes: a learning rate too high (the model fell back to "
+            "blanks) or too low (it has not left the blank plateau yet) - try another train.lr or a longer "
+            "train.warmup_ratio; too few updates for this data (raise train.max_updates); or a vocabulary that does "
+            "not match the transcripts (see charset_audit.json and the recipe's text section).")
+
+
+def plot_curves(metrics_path: str | os.PathLike, png_path: str | os.PathLike) -> None:
+    """Draw training loss and dev WER against updates from a metrics.jsonl into a PNG."""
+    from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
+
+    records = [json.loads(line) for line in Path(metrics_path).read_text(encoding="utf-8").splitlines() if line]
+    losses = [(r["update"], r["loss"]) for r in records if "loss" in r]
+    wers = [(r["update"], 100 * r["dev_wer"]) for r in records if "dev_wer" in r]
+    figure = Figure(figsize=(10, 4), layout="constrained")
+    loss_axes, wer_axes = figure.subplots(1, 2)
+    for axes, points, label in ((loss_axes, losses, "training loss (CTC)"), (wer_axes, wers, "dev WER (%)")):
+        if points:
+            axes.plot(*zip(*points), marker="." if len(points) < 50 else None)
+        axes.set_xlabel("update")
+        axes.set_title(label)
+        axes.grid(alpha=0.3)
+    figure.savefig(png_path, dpi=100)
+
+
+# --- helpers of train(), in the order it uses them ------------------------------------------------------------
+
+
+def _say(accelerator: Accelerator, message: object) -> None:
+    if accelerator.is_main_process:
+        tqdm.write(str(message))
+
+
+def _mixed_precision(requested: str) -> str:
+    """The requested precision where the device has it; float32 ("no") on CPU and on GPUs without bf16."""
+    if requested == "no" or not torch.cuda.is_available():
+        return "no"
+    if requested == "bf16" and not torch.cuda.is_bf16_supported():
+        return "no"
+    return requested
+
+
+def _prepare_manifests(recipe: Recipe, say) -> None:
+    from speechxfer.prepare import prepare
+
+    spec = recipe.data.prepare
+    folder = Path(recipe.data.train).parent
+    say(f"preparing {spec.format} corpus {spec.source} into {folder}")
+    result = prepare(spec.format, spec.source, folder)
+    for name, summary in result.summaries.items():
+        say(f"  {name}: {summary}")
+    if result.problems:
+        say(f"  {len(result.problems)} rows skipped (listed in {folder / 'problems.txt'})")
+
+
+def _read_splits(recipe: Recipe, say) -> dict[str, list[Utterance]]:
+    """The utterances of train, dev (the first eval.max_dev_utterances) and test; bad rows skipped and counted."""
+    splits: dict[str, list[Utterance]] = {}
+    for name in ("train", "dev", "test"):
+        path = getattr(recipe.data, name)
+        if path is None or (name != "train" and recipe.data.prepare is not None and not Path(path).exists()):
+            splits[name] = []  # a prepared corpus without this split
+            continue
+        utterances, problems = read_manifest(path)
+        _report_problems(name, problems, say)
+        splits[name] = utterances
+    if recipe.eval.max_dev_utterances is not None:
+        splits["dev"] = splits["dev"][:recipe.eval.max_dev_utterances]
+    return splits
+
+
+def _report_problems(split: str, problems: Sequence[Problem], say) -> None:
+    if not problems:
+        return
+    kinds = Counter(p.kind for p in problems)
+    say(f"{split}: {len(problems)} bad rows skipped ({', '.join(f'{n} {k}' for k, n in kinds.most_common())}), "
+        "e.g.:\n" + "\n".join(f"  {p}" for p in problems[:5]))
+
+
+def _normalized(utterances: Iterable[Utterance], normalizer: TextNormalizer) -> dict[str, str]:
+    """{utterance id: normalized text}, leaving out texts the normalizer rejects or empties (filter_utterances
+    counts those of the train split)."""
+    texts = {}
+    for u in utterances:
+        try:
+            text = normalizer(u.text)
+        except TextRejected:
+            continue
+        if text.strip():
+            texts[u.id] = text
+    return texts
+
+
+def _loader(examples: list, batches: list[list[int]], *, attention_mask: bool, num_workers: int) -> DataLoader:
+    # Our own generator, so that creating the iterator does not draw from the global RNG: a resumed run must see
+    # the same random numbers as an uninterrupted one.
+    return DataLoader(SpeechDataset(examples), batch_sampler=batches, num_workers=num_workers,
+                      collate_fn=partial(_collate_with_lengths, attention_mask=attention_mask),
+                      generator=torch.Generator())
+
+
+def _collate_with_lengths(items: list[dict], *, attention_mask: bool) -> dict:
+    """batching.collate, plus each utterance's length in samples (to trim padded frames when decoding)."""
+    batch = collate(items, attention_mask=attention_mask)
+    batch["num_samples"] = [len(item["input_values"]) for item in items]
+    return batch
+
+
+def _batch_stream(sampler: DurationBatchSampler, make_loader, examples: list, *, epoch: int,
+                  position: int) -> Iterator[tuple[int, int, dict]]:
+    """This process's training batches, epoch after epoch, starting after `position` batches of `epoch`.
+
+    Yields (epoch, batches of the epoch consumed so far, batch) so a checkpoint can resume at the next batch
+    without loading the audio of the batches before it. The loop keeps this position itself because the
+    sampler's own runs ahead of training when data-loader workers prefetch.
+    """
+    while True:
+        sampler.set_epoch(epoch)
+        for position, batch in enumerate(make_loader(examples, list(sampler)[position:]), start=position + 1):
+            batch.pop("num_samples")
+            yield epoch, position, batch
+        epoch, position = epoch + 1, 0
+
+
+def _eval_batches(utterances: list[Utterance], refs: dict[str, str], vocab: Vocabulary, options: TrainOptions,
+                  accelerator: Accelerator) -> tuple[list, list[list[int]]]:
+    """(examples, this process's batches) for decoding the utterances that have a reference, in length order."""
+    kept = [u for u in utterances if u.id in refs]
+    # Whole batches round-robin, not the training sampler's sharding: that skips batches smaller than the number
+    # of processes, and decoding needs no lockstep between processes.
+    batches = list(DurationBatchSampler([u.duration_s for u in kept], max_batch_s=options.max_batch_s, shuffle=False))
+    return ([(u, vocab.encode(refs[u.id])) for u in kept],
+            batches[accelerator.process_index::accelerator.num_processes])
+
+
+class _MetricsLog:
+    """metrics.jsonl and TensorBoard scalars, written by the main process; remembers the last dev WER."""
+
+    def __init__(self, out: Path, accelerator: Accelerator, *, resume_update: int | None):
+        self.active = accelerator.is_main_process
+        self.last_wer: str | None = None
+        if not self.active:
+            return
+        from torch.utils.tensorboard import SummaryWriter  # imported late: TensorBoard takes a while to load
+
+        out.mkdir(parents=True, exist_ok=True)
+        self.path = out / "metrics.jsonl"
+        kept = []
+        if resume_update is not None and self.path.exists():
+            # Records after the checkpoint come from updates the interrupted run lost; the resumed run redoes them.
+            records = [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line]
+            kept = [r for r in records if r["update"] <= resume_update]
+            wers = [r["dev_wer"] for r in kept if "dev_wer" in r]
+            self.last_wer = f"{wers[-1]:.1%}" if wers else None
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=resume_update)
+
+    def write(self, record: dict) -> None:
+        if "dev_wer" in record:
+            self.last_wer = f"{record['dev_wer']:.1%}"
+        if not self.active:
+            return
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        for key, value in record.items():
+            if key != "update" and value is not None:
+                self.writer.add_scalar(key, value, record["update"])
+
+    def close(self) -> None:
+        if self.active:
+            self.writer.close()
+
+
+def _save_last(last: Path, model: Wav2Vec2ForCTC, optimizer, sampler: DurationBatchSampler, vocab: Vocabulary,
+               state: dict, accelerator: Accelerator) -> None:
+    """Write last/ (model folder, optimizer, sampler, loop state, each process's RNG states) under a temporary
+    name and rename it into place, so that a crash at any moment leaves a complete last/ behind."""
+    staging = last.with_name(".last.staging")
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    torch.save(_rng_state(), staging / f"rng_state_{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_model_folder(staging, model, vocab)  # keeps the RNG files already there
+        scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+        torch.save({"state": state, "optimizer": optimizer.state_dict(), "sampler": sampler.state_dict(),
+                    "scaler": scaler}, staging / "training_state.pt")
+        retired = last.with_name(".last.retired")
+        if last.exists():
+            os.replace(last, retired)
+        os.replace(staging, last)
+        shutil.rmtree(retired, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _load_last(last: Path, model: Wav2Vec2ForCTC, optimizer, sampler: DurationBatchSampler) -> dict:
+    """Load last/ into the (not yet prepared) model, optimizer and sampler; returns the saved training state."""
+    # weights_only: the file holds tensors and plain containers only (see _rng_state), nothing to unpickle.
+    saved = torch.load(last / "training_state.pt", map_location="cpu", weights_only=True)
+    try:
+        model.load_state_dict(Wav2Vec2ForCTC.from_pretrained(last, use_safetensors=True).state_dict())
+        optimizer.load_state_dict(saved["optimizer"])
+    except (RuntimeError, ValueError) as err:
+        raise InputError(f"last/ does not fit this recipe's model and vocabulary: {err}", path=last) from None
+    try:
+        sampler.load_state_dict(saved["sampler"])  # checks that the batches are the same as before
+    except ValueError as err:
+        raise InputError(f"cannot resume: {err}", path=last) from None
+    return saved
+
+
+def _rng_state() -> dict:
+    """Python, NumPy and torch RNG states as tensors and plain containers (loadable with weights_only=True)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    return {"python": [version, torch.tensor(internal, dtype=torch.int64), gauss],
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _restore_rng(last: Path, process_index: int) -> None:
+    path = last / f"rng_state_{process_index}.pt"
+    if not path.is_file():  # resumed with more processes than before: the new ones keep their seeded state
+        return
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    version, internal, gauss = saved["python"]
+    random.setstate((version, tuple(internal.tolist()), gauss))
+    kind, keys, position, has_gauss, cached = saved["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(saved["torch"])
+    if saved["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["cuda"])
+
+
+def _write_json(path: Path, value: object) -> None:
+    path.write_text(json.dumps(value, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")

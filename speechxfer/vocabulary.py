@@ -1,0 +1,242 @@
+"""The CTC character vocabulary, stored as a Hugging Face Wav2Vec2CTCTokenizer, and the charset audit.
+
+Token ids are list positions: 0 is the CTC blank ("[PAD]", which transformers also uses as pad token), then
+"[UNK]", then the word delimiter "|", then the characters of the normalized training texts in code-point order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import unicodedata
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from speechxfer.errors import InputError, Problem
+from speechxfer.manifest import read_manifest
+from speechxfer.text import TextNormalizer, TextRejected
+
+BLANK = "[PAD]"
+UNK = "[UNK]"
+WORD_DELIMITER = "|"
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """Characters and special tokens of a CTC head; the index of a token is its id."""
+
+    tokens: tuple[str, ...]
+    blank: str = BLANK  # CTC blank, also the tokenizer's pad token
+    unk: str = UNK
+    delimiter: str = WORD_DELIMITER  # stands for the space between words
+
+    def __post_init__(self) -> None:
+        duplicates = [t for t, n in Counter(self.tokens).items() if n > 1]
+        if duplicates:
+            raise ValueError(f"vocabulary tokens repeat: {duplicates}")
+        for name in ("blank", "unk", "delimiter"):
+            if getattr(self, name) not in self.tokens:
+                raise ValueError(f"vocabulary lacks its {name} token {getattr(self, name)!r}")
+
+    @property
+    def blank_id(self) -> int:
+        return self.tokens.index(self.blank)
+
+    @property
+    def unk_id(self) -> int:
+        return self.tokens.index(self.unk)
+
+    @property
+    def delimiter_id(self) -> int:
+        return self.tokens.index(self.delimiter)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @classmethod
+    def from_texts(cls, texts: Iterable[str]) -> Vocabulary:
+        """Build from normalized texts: blank, unk, delimiter, then every non-space character, sorted."""
+        chars: set[str] = set()
+        for text in texts:
+            chars.update(text)
+        chars.discard(" ")
+        if WORD_DELIMITER in chars:
+            raise ValueError(f"the texts hold the word delimiter {WORD_DELIMITER!r}; normalize it away first")
+        return cls((BLANK, UNK, WORD_DELIMITER, *sorted(chars)))
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of a normalized text, one per character: " " becomes the delimiter, unknown characters unk."""
+        ids = self._ids
+        unk = self.unk_id
+        return [ids[self.delimiter] if c == " " else ids.get(c, unk) for c in text]
+
+    def decode_ctc(self, ids: Sequence[int]) -> str:
+        """Text of a frame-level CTC path (frames,): collapse repeats, drop blanks, the delimiter becomes a space."""
+        pieces = []
+        previous = None
+        for i in ids:
+            i = int(i)
+            if not 0 <= i < len(self.tokens):
+                raise ValueError(f"token id {i} outside the vocabulary of {len(self.tokens)}")
+            if i != previous and i != self.blank_id:
+                pieces.append(" " if i == self.delimiter_id else self.tokens[i])
+            previous = i
+        return " ".join("".join(pieces).split())
+
+    @property
+    def _ids(self) -> dict[str, int]:
+        return {t: i for i, t in enumerate(self.tokens)}
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write vocab.json, tokenizer_config.json and special_tokens_map.json, as Wav2Vec2CTCTokenizer reads them."""
+        from transformers import Wav2Vec2CTCTokenizer
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        vocab_file = directory / "vocab.json"
+        vocab_file.write_text(json.dumps(self._ids, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        # No bos/eos: they would become extra ids beyond the CTC head; no lowercasing: text.py already did it.
+        tokenizer = Wav2Vec2CTCTokenizer(str(vocab_file), unk_token=self.unk, pad_token=self.blank,
+                                         word_delimiter_token=self.delimiter, bos_token=None, eos_token=None,
+                                         do_lower_case=False)
+        tokenizer.save_pretrained(directory)
+        # transformers 5 no longer writes this file; older releases (and other tools) look for it.
+        special = {"pad_token": self.blank, "unk_token": self.unk}
+        (directory / "special_tokens_map.json").write_text(json.dumps(special, ensure_ascii=False, indent=1) + "\n",
+                                                           encoding="utf-8")
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, *, target_lang: str | None = None) -> Vocabulary:
+        """Read vocab.json (ours or any Hugging Face CTC model folder's), with the special tokens its config names.
+
+        target_lang picks one language of a multi-language vocab.json (as MMS checkpoints ship).
+        """
+        directory = Path(directory)
+        vocab_file = directory / "vocab.json"
+        vocab = _read_json(vocab_file)
+        if vocab and all(isinstance(v, dict) for v in vocab.values()):
+            if target_lang not in vocab:
+                raise InputError(f"vocab.json holds one vocabulary per language; choose target_lang from "
+                                 f"{', '.join(sorted(vocab))}", path=vocab_file)
+            vocab = vocab[target_lang]
+        if not vocab or not all(isinstance(k, str) and isinstance(v, int) for k, v in vocab.items()):
+            raise InputError("expected a mapping of token to integer id", path=vocab_file)
+        if sorted(vocab.values()) != list(range(len(vocab))):
+            raise InputError(f"token ids must be 0..{len(vocab) - 1} without gaps", path=vocab_file)
+        config = {}
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):
+            if (directory / name).is_file():
+                config |= {k: v for k, v in _read_json(directory / name).items() if isinstance(v, str)}
+        tokens = tuple(sorted(vocab, key=vocab.__getitem__))
+        try:
+            return cls(tokens, blank=config.get("pad_token", BLANK), unk=config.get("unk_token", UNK),
+                       delimiter=config.get("word_delimiter_token", WORD_DELIMITER))
+        except ValueError as err:
+            raise InputError(str(err), path=vocab_file) from None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise InputError(f"cannot read: {err.strerror}", path=path) from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"not valid JSON: {err}", path=path, line=getattr(err, "lineno", None)) from None
+    if not isinstance(value, dict):
+        raise InputError(f"expected a JSON object, got {type(value).__name__}", path=path)
+    return value
+
+
+@dataclass(frozen=True)
+class UnseenCharacter:
+    """A character of a dev or test split that the training split never shows."""
+
+    split: str
+    char: str
+    name: str  # Unicode character name, or U+XXXX when it has none
+    count: int  # occurrences in that split
+    utterances: int  # utterances of that split holding it
+    example_ids: tuple[str, ...]  # up to five of them
+
+
+@dataclass(frozen=True)
+class CharsetAudit:
+    """What the vocabulary built from train will not be able to write in the other splits."""
+
+    train_chars: dict[str, int]  # character -> count in the normalized training texts (spaces excluded)
+    unseen: list[UnseenCharacter]  # by split, then most frequent first
+    coverage: dict[str, float] = field(default_factory=dict)  # split -> share of its characters seen in train
+
+    def to_dict(self) -> dict:
+        return {"train_chars": self.train_chars, "coverage": self.coverage,
+                "unseen": [vars(u) | {"example_ids": list(u.example_ids)} for u in self.unseen]}
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+
+    def format_table(self) -> str:
+        """A plain-text table of unseen characters, one row each, with the splits' coverage."""
+        lines = [f"{len(self.train_chars)} characters in train"]
+        lines += [f"{split}: {share:.2%} of characters seen in train" for split, share in self.coverage.items()]
+        if not self.unseen:
+            lines.append("every dev/test character appears in train")
+            return "\n".join(lines)
+        lines.append(f"{'split':<6} {'char':<5} {'name':<40} {'count':>6} {'utts':>5}  examples")
+        for u in self.unseen:
+            lines.append(f"{u.split:<6} {u.char!r:<5} {u.name[:40]:<40} {u.count:>6} {u.utterances:>5}  "
+                         f"{', '.join(u.example_ids)}")
+        return "\n".join(lines)
+
+
+def charset_audit(train_texts: Iterable[str], others: Mapping[str, Sequence[tuple[str, str]]]) -> CharsetAudit:
+    """Compare characters of other splits (split -> [(utterance id, normalized text)]) with the training texts."""
+    train = Counter(c for text in train_texts for c in text if c != " ")
+    unseen: list[UnseenCharacter] = []
+    coverage: dict[str, float] = {}
+    for split, items in others.items():
+        counts: Counter[str] = Counter()
+        ids: dict[str, list[str]] = {}
+        total = 0
+        for utterance_id, text in items:
+            chars = [c for c in text if c != " "]
+            total += len(chars)
+            missing = [c for c in chars if c not in train]
+            counts.update(missing)
+            for c in dict.fromkeys(missing):
+                ids.setdefault(c, []).append(utterance_id)
+        coverage[split] = 1.0 - sum(counts.values()) / total if total else 1.0
+        unseen += [UnseenCharacter(split, c, unicodedata.name(c, f"U+{ord(c):04X}"), n, len(ids[c]),
+                                   tuple(ids[c][:5]))
+                   for c, n in sorted(counts.items(), key=lambda item: (-item[1], item[0]))]
+    return CharsetAudit(dict(sorted(train.items())), unseen, coverage)
+
+
+def vocabulary_from_manifests(train: str | os.PathLike, *, normalizer: TextNormalizer,
+                              others: Mapping[str, str | os.PathLike] = {},
+                              ) -> tuple[Vocabulary, CharsetAudit, list[Problem]]:
+    """Vocabulary of the normalized train manifest, and the audit of other splits (split -> manifest path).
+
+    Bad manifest rows and texts the normalizer rejects are skipped and returned as Problems.
+    """
+    problems: list[Problem] = []
+    normalized: dict[str, list[tuple[str, str]]] = {}
+    for split, path in {"train": train, **others}.items():
+        utterances, bad = read_manifest(path)
+        problems += bad
+        items = []
+        for u in utterances:
+            try:
+                items.append((u.id, normalizer(u.text)))
+            except TextRejected as err:
+                problems.append(Problem(os.fspath(path), None, "rejected_text", str(err), u.id))
+        normalized[split] = items
+    train_texts = [text for _, text in normalized.pop("train")]
+    if not any(train_texts):
+        raise InputError("no usable training text after normalization", path=train)
+    try:
+        vocabulary = Vocabulary.from_texts(train_texts)
+    except ValueError as err:
+        raise InputError(str(err), path=train) from None
+    return vocabulary, charset_audit(train_texts, normalized), problems

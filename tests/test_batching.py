@@ -1,0 +1,190 @@
+"""Filtering, dataset, collation and the duration-bucketed batch sampler."""
+
+from __future__ import annotations
+
+import random
+from functools import partial
+
+import pytest
+import torch
+from transformers import Wav2Vec2Model
+
+from speechxfer.batching import (DurationBatchSampler, SpeechDataset, collate, filter_utterances,
+                                 output_frames)
+from speechxfer.manifest import Utterance
+from speechxfer.surgery import build_ctc_model, needs_attention_mask
+from speechxfer.text import TextNormalizer, TextOptions
+from speechxfer.vocabulary import Vocabulary
+from tiny import make_tiny_checkpoint, tiny_config, write_tone
+
+VOCAB = Vocabulary.from_texts(["ab cd"])
+
+
+@pytest.mark.parametrize("arch", ["stable", "base"])
+def test_output_frames_equals_the_models_output_length(arch):
+    config = tiny_config(arch=arch)
+    model = Wav2Vec2Model(config).eval()
+    for samples in (400, 401, 1599, 1600, 16000, 23457):
+        with torch.no_grad():
+            frames = model(torch.randn(1, samples)).last_hidden_state.shape[1]
+        assert output_frames(config, samples) == frames
+    assert output_frames(config, 5) == 0
+
+
+def utterance(uid: str, text: str, duration_s: float, path: str = "/nowhere.wav", offset_s: float = 0.0):
+    return Utterance(id=uid, audio_path=path, text=text, duration_s=duration_s, offset_s=offset_s)
+
+
+def test_filter_utterances_drops_each_kind_with_counts():
+    config = tiny_config()
+    frames = output_frames(config, 1600)  # 0.1 s
+    assert frames == 19
+    normalizer = TextNormalizer(TextOptions(digits="reject"))
+    utterances = [
+        utterance("ok", "Ab, CD!", 1.0),
+        utterance("short", "ab", 0.05),
+        utterance("long", "ab", 30.0),
+        utterance("digits", "ab 12", 1.0),
+        utterance("empty", "?!", 1.0),
+        utterance("fits", "ab" * 9 + "a", 0.1),  # 19 labels in 19 frames
+        utterance("too-many", "ab" * 10, 0.1),  # 20 labels
+        utterance("repeats-fit", "a" * 10, 0.1),  # 10 labels + 9 blanks between repeats = 19
+        utterance("repeats-too-many", "a" * 11, 0.1),  # 11 + 10 = 21
+    ]
+    kept, report = filter_utterances(utterances, normalizer=normalizer, vocab=VOCAB, config=config,
+                                     min_duration_s=0.08, max_duration_s=20.0)
+    assert [u.id for u, _ in kept] == ["ok", "fits", "repeats-fit"]
+    assert kept[0][1] == VOCAB.encode("ab cd")
+    assert (report.too_short, report.too_long, report.rejected_text, report.label_too_long) == (1, 1, 2, 2)
+    assert report.total == 6
+    assert report.examples == ["short", "long", "digits", "empty", "too-many", "repeats-too-many"]
+    assert "dropped 6 utterances" in str(report)
+
+
+@pytest.fixture
+def audio_examples(tmp_path):
+    one = write_tone(tmp_path / "one.wav", duration_s=0.5, seed=1)
+    two = write_tone(tmp_path / "two.flac", duration_s=0.8, sample_rate_hz=22050, seed=2)
+    long = write_tone(tmp_path / "long.wav", duration_s=3.0, seed=3)
+    return [(utterance("one", "ab", 0.5, str(one)), VOCAB.encode("ab")),
+            (utterance("two", "cd ab", 0.8, str(two)), VOCAB.encode("cd ab")),
+            (utterance("seg", "d", 0.25, str(long), offset_s=1.0), VOCAB.encode("d"))]
+
+
+def test_dataset_items_are_normalized_audio_with_labels(audio_examples):
+    dataset = SpeechDataset(audio_examples)
+    assert len(dataset) == 3 and dataset.durations_s == [0.5, 0.8, 0.25]
+    for index, expected_samples in enumerate((8000, 12800, 4000)):
+        item = dataset[index]
+        assert item["id"] == audio_examples[index][0].id
+        assert item["labels"] == audio_examples[index][1]
+        values = item["input_values"]
+        assert values.dtype == torch.float32 and values.shape == (expected_samples,)
+        assert abs(float(values.mean())) < 1e-4 and abs(float(values.std()) - 1) < 1e-3
+
+
+@pytest.mark.parametrize("with_mask", [True, False])
+def test_collate_pads_audio_with_zeros_and_labels_with_minus_100(audio_examples, with_mask):
+    dataset = SpeechDataset(audio_examples)
+    items = [dataset[i] for i in range(3)]
+    batch = collate(items, attention_mask=with_mask)
+    assert batch["ids"] == ["one", "two", "seg"]
+    assert batch["input_values"].shape == (3, 12800)
+    assert torch.equal(batch["input_values"][0, :8000], items[0]["input_values"])
+    assert not batch["input_values"][0, 8000:].any() and not batch["input_values"][2, 4000:].any()
+    assert batch["labels"].tolist() == [items[0]["labels"] + [-100] * 3, items[1]["labels"],
+                                        items[2]["labels"] + [-100] * 4]
+    if with_mask:
+        assert batch["attention_mask"].sum(1).tolist() == [8000, 12800, 4000]
+        assert batch["attention_mask"].dtype == torch.long
+    else:
+        assert "attention_mask" not in batch
+
+
+@pytest.mark.parametrize("arch", ["stable", "base"])
+def test_batches_train_through_a_dataloader(tmp_path, audio_examples, arch):
+    model, _ = build_ctc_model(make_tiny_checkpoint(tmp_path / arch, arch=arch), VOCAB)
+    dataset = SpeechDataset(audio_examples)
+    sampler = DurationBatchSampler(dataset.durations_s, max_batch_s=2.0)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=partial(
+        collate, attention_mask=needs_attention_mask(model.config)))
+    seen = []
+    for batch in loader:
+        seen += batch.pop("ids")
+        loss = model(**batch).loss
+        assert torch.isfinite(loss)
+    assert sorted(seen) == ["one", "seg", "two"]
+
+
+def random_durations(n: int = 200, seed: int = 0) -> list[float]:
+    rng = random.Random(seed)
+    return [round(rng.uniform(0.5, 8.0), 2) for _ in range(n)]
+
+
+def test_sampler_covers_every_index_once_within_budget():
+    durations = random_durations()
+    sampler = DurationBatchSampler(durations, max_batch_s=20.0, seed=3)
+    batches = list(sampler)
+    assert len(batches) == len(sampler)
+    assert sorted(i for b in batches for i in b) == list(range(len(durations)))
+    for batch in batches:
+        assert len(batch) * max(durations[i] for i in batch) <= 20.0
+    # Length buckets: a batch holds neighbours in duration order, so padding stays small.
+    assert sum(max(durations[i] for i in b) * len(b) for b in batches) < 1.25 * sum(durations)
+
+
+def test_sampler_is_deterministic_per_seed_and_epoch():
+    durations = random_durations()
+    epoch0 = list(DurationBatchSampler(durations, max_batch_s=20.0, seed=3))
+    assert list(DurationBatchSampler(durations, max_batch_s=20.0, seed=3)) == epoch0
+    assert list(DurationBatchSampler(durations, max_batch_s=20.0, seed=4)) != epoch0
+    sampler = DurationBatchSampler(durations, max_batch_s=20.0, seed=3)
+    sampler.set_epoch(1)
+    epoch1 = list(sampler)
+    assert epoch1 != epoch0 and sorted(epoch1) == sorted(epoch0)  # same buckets, new order
+    # Running through an epoch moves on to the next one by itself.
+    sampler = DurationBatchSampler(durations, max_batch_s=20.0, seed=3)
+    assert (list(sampler), list(sampler), sampler.epoch) == (epoch0, epoch1, 2)
+    unshuffled = list(DurationBatchSampler(durations, max_batch_s=20.0, shuffle=False))
+    assert [max(durations[i] for i in b) for b in unshuffled] == sorted(max(durations[i] for i in b)
+                                                                     for b in unshuffled)
+
+
+@pytest.mark.parametrize("replicas", [2, 3])
+def test_rank_shards_make_up_the_single_process_batches(replicas):
+    durations = random_durations() + [19.0]  # a batch of one: too small to share, skipped by every rank
+    single = list(DurationBatchSampler(durations, max_batch_s=20.0, seed=5))
+    shards = [DurationBatchSampler(durations, max_batch_s=20.0, seed=5, num_replicas=replicas, rank=r)
+              for r in range(replicas)]
+    per_rank = [list(s) for s in shards]
+    assert len({len(batches) for batches in per_rank}) == 1 and len(per_rank[0]) == len(shards[0])
+    shared = [b for b in single if len(b) >= replicas]
+    assert len(shared) < len(single) and shards[0].num_dropped == len(durations) - sum(map(len, shared))
+    for global_batch, parts in zip(shared, zip(*per_rank), strict=True):
+        assert sorted(i for part in parts for i in part) == sorted(global_batch)
+        assert all(parts)
+
+
+def test_sampler_resumes_mid_epoch():
+    durations = random_durations()
+    uninterrupted = DurationBatchSampler(durations, max_batch_s=20.0, seed=7)
+    uninterrupted.set_epoch(2)
+    expected = list(uninterrupted) + list(uninterrupted)
+    first = DurationBatchSampler(durations, max_batch_s=20.0, seed=7)
+    first.set_epoch(2)
+    iterator = iter(first)
+    head = [next(iterator) for _ in range(5)]
+    state = first.state_dict()
+    resumed = DurationBatchSampler(durations, max_batch_s=20.0, seed=7)
+    resumed.load_state_dict(state)
+    resumed.set_epoch(2)  # a training loop calls this again after resuming: it must keep the position
+    assert head + list(resumed) + list(resumed) == expected
+    with pytest.raises(ValueError, match="the data or max_batch_s changed"):
+        DurationBatchSampler(durations[:50], max_batch_s=20.0).load_state_dict(state)
+
+
+def test_an_utterance_over_the_budget_gets_a_batch_of_its_own():
+    batches = list(DurationBatchSampler([1.0, 30.0, 2.0], max_batch_s=10.0, shuffle=False))
+    assert batches == [[0, 2], [1]]
+    with pytest.raises(ValueError):
+        DurationBatchSampler([1.0], max_batch_s=10.0, num_replicas=2, rank=2)

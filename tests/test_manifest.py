@@ -1,0 +1,114 @@
+import json
+import os
+
+import pytest
+from tiny import write_tone
+
+from speechxfer.errors import ManifestError
+from speechxfer.manifest import Utterance, load_manifest, read_manifest, summarize, write_manifest
+
+
+def test_round_trip_stores_paths_relative_to_the_manifest_when_under_it(tmp_path):
+    inside = write_tone(tmp_path / "corpus" / "audio" / "a.wav")
+    outside = write_tone(tmp_path / "elsewhere" / "b.wav")
+    utterances = [
+        Utterance("a", str(inside), "hello wörld", 1.0, speaker="s1", language="de"),
+        Utterance("b", str(outside), "çà et là", 0.25, offset_s=0.5),
+    ]
+    manifest = tmp_path / "corpus" / "train.jsonl"
+    write_manifest(manifest, utterances)
+    rows = [json.loads(line) for line in manifest.read_text(encoding="utf-8").splitlines()]
+    assert rows[0]["audio_path"] == "audio/a.wav"
+    assert rows[1]["audio_path"] == str(outside)
+    assert "offset_s" not in rows[0] and rows[1]["offset_s"] == 0.5
+    assert "wörld" in manifest.read_text(encoding="utf-8")  # UTF-8, not \u escapes
+    assert load_manifest(manifest) == utterances
+    assert sorted(os.listdir(manifest.parent)) == ["audio", "train.jsonl"]  # no temporary file left
+
+
+def test_relative_paths_resolve_against_the_manifest_folder_not_the_cwd(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    manifest = tmp_path / "data" / "dev.jsonl"
+    manifest.write_text(
+        json.dumps({"id": "x", "audio_path": "clips/x.wav", "text": "t", "duration_s": 1}) + "\n"
+        + json.dumps({"id": "y", "audio_path": "../other/y.flac", "text": "t", "duration_s": 2.5}) + "\n",
+        encoding="utf-8")
+    monkeypatch.chdir(tmp_path.parent)
+    x, y = load_manifest(manifest)
+    assert x.audio_path == str(tmp_path / "data" / "clips" / "x.wav")
+    assert y.audio_path == str(tmp_path / "other" / "y.flac")
+    assert (x.speaker, x.language, x.offset_s, y.duration_s) == (None, None, 0.0, 2.5)
+
+
+def test_every_bad_row_is_reported_with_its_line_and_skipped(tmp_path):
+    write_tone(tmp_path / "ok.wav", duration_s=0.1)
+    (tmp_path / "zero.wav").write_bytes(b"")
+    good = {"id": "ok", "audio_path": "ok.wav", "text": "fine", "duration_s": 0.1}
+    lines = [
+        json.dumps(good),                                                  # 1
+        "{not json",                                                       # 2
+        json.dumps({**good, "id": "m"} | {"text": None}),                  # 3 wrong type
+        json.dumps({k: v for k, v in good.items() if k != "duration_s"}),  # 4 missing field
+        json.dumps({**good, "id": "u", "durations": 1}),                   # 5 unknown field
+        "",                                                                # 6 blank: ignored
+        json.dumps(good),                                                  # 7 duplicate
+        json.dumps({**good, "id": "e", "text": "  "}),                     # 8
+        json.dumps({**good, "id": "z", "duration_s": 0}),                  # 9
+        json.dumps({**good, "id": "f", "audio_path": "gone.wav"}),         # 10
+        json.dumps({**good, "id": "g", "audio_path": "zero.wav"}),         # 11
+        json.dumps(["a", "list"]),                                         # 12
+        json.dumps({**good, "id": "b", "duration_s": True}),               # 13
+        json.dumps({**good, "id": "ok2"}),                                 # 14
+    ]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    utterances, problems = read_manifest(manifest, check_audio=True)
+    assert [u.id for u in utterances] == ["ok", "ok2"]
+    assert [(p.line, p.kind) for p in problems] == [
+        (2, "malformed_row"), (3, "malformed_row"), (4, "malformed_row"), (5, "malformed_row"),
+        (7, "duplicate_id"), (8, "empty_text"), (9, "zero_length"), (10, "missing_file"),
+        (11, "unreadable_audio"), (12, "malformed_row"), (13, "malformed_row")]
+    assert all(p.path == str(manifest) for p in problems)
+    assert str(problems[3]) == f"{manifest}:5: [malformed_row] unknown field(s) durations; known: " \
+                               "id, audio_path, text, duration_s, speaker, language, offset_s"
+    # without check_audio the files are not looked at
+    assert [u.id for u in read_manifest(manifest)[0]] == ["ok", "f", "g", "ok2"]
+
+
+def test_load_manifest_stops_at_the_first_bad_row(tmp_path):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"id": "a", "audio_path": "a.wav", "text": "x", "duration_s": 1}) + "\n"
+                        + json.dumps({"id": "b", "audio_path": "b.wav", "text": "", "duration_s": 1}) + "\n"
+                        + "[]\n", encoding="utf-8")
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(manifest)
+    assert str(caught.value) == f"{manifest}:2: [empty_text] b: empty transcript (and 1 more bad rows)"
+    with pytest.raises(ManifestError, match="cannot read manifest"):
+        load_manifest(tmp_path / "missing.jsonl")
+
+
+def test_write_is_atomic(tmp_path):
+    manifest = tmp_path / "m.jsonl"
+    write_manifest(manifest, [Utterance("a", str(tmp_path / "a.wav"), "x", 1.0)])
+    before = manifest.read_text(encoding="utf-8")
+
+    def failing():
+        yield Utterance("b", str(tmp_path / "b.wav"), "y", 1.0)
+        raise RuntimeError("disk on fire")
+
+    with pytest.raises(RuntimeError):
+        write_manifest(manifest, failing())
+    assert manifest.read_text(encoding="utf-8") == before
+    assert os.listdir(tmp_path) == ["m.jsonl"]
+
+
+def test_summarize_counts_hours_speakers_and_characters():
+    summary = summarize([Utterance("a", "/a.wav", "ab c", 1800.0, speaker="s1"),
+                         Utterance("b", "/b.wav", "ça\tb", 900.0, speaker="s2"),
+                         Utterance("c", "/c.wav", "a", 900.0, speaker="s1"),
+                         Utterance("d", "/d.wav", "z", 0.5)])
+    assert summary.utterances == 4
+    assert summary.hours == pytest.approx(1.0 + 0.5 / 3600)
+    assert summary.speakers == 2
+    assert summary.characters == "abczç"
+    assert str(summary) == "1.00 h, 4 utterances, 2 speakers, 5 characters: abczç"

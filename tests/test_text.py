@@ -1,0 +1,106 @@
+import unicodedata
+
+import pytest
+
+from speechxfer.errors import InputError
+from speechxfer.text import (PRESETS, TextNormalizer, TextOptions, TextRejected, load_text_options,
+                             text_options_from_dict)
+
+
+def test_turkish_casing_uses_the_locale_table():
+    turkish = TextNormalizer(TextOptions(locale="tr"))
+    assert turkish("İSTANBUL'DA IĞDIR") == "istanbul'da ığdır"
+    assert turkish("Işık İçin") == "ışık için"
+    # Azeri shares the dotted/dotless I rule; a region subtag does not hide it.
+    assert TextNormalizer(TextOptions(locale="az-Latn"))("İKİ QIZ") == "iki qız"
+    # Without the locale, Unicode's default casing: I -> i, İ -> i + COMBINING DOT ABOVE.
+    assert TextNormalizer()("IĞDIR") == "iğdir"
+    assert TextNormalizer()("İ") == "i\u0307"
+
+
+def test_turkish_casing_holds_in_decomposed_form():
+    nfd = TextNormalizer(TextOptions(locale="tr", unicode_form="NFD"))
+    out = nfd("İSTANBUL IĞDIR")
+    assert out == unicodedata.normalize("NFD", "istanbul ığdır")
+    assert "\u0307" not in out
+
+
+def test_unicode_form_is_applied():
+    decomposed = "c\u030cesky\u0301"  # č and ý written as base letter + combining mark
+    assert TextNormalizer(TextOptions(lowercase=False))(decomposed) == "český"
+    assert TextNormalizer(TextOptions(unicode_form="NFKC"))("ﬁle ²") == "file 2"
+    assert TextNormalizer(TextOptions(unicode_form="NFC"))("ﬁle") == "ﬁle"
+
+
+def test_punctuation_kept_only_inside_words():
+    n = TextNormalizer()
+    assert n("L'home, ben-vingut!") == "l'home ben-vingut"
+    assert n("'quoted' - text -dash- end.") == "quoted text dash end"
+    assert n("one,two;three") == "one two three"
+    assert n("well--known") == "well known"
+    assert n("100% $5 a+b") == "100 5 a b"  # symbols (S*) go too
+    # With nothing to keep, the apostrophe inside a word becomes a word break.
+    assert TextNormalizer(TextOptions(keep=""))("l'home") == "l home"
+
+
+def test_replacements_happen_before_punctuation_removal_in_one_pass():
+    n = TextNormalizer(TextOptions(replacements={"’": "'", "&": " and ", "ß": "ss", "ss": "X"}))
+    # "’" becomes a kept apostrophe; "ß" -> "ss" is not replaced again by the "ss" rule.
+    assert n("L’home & Straße") == "l'home and strasse"
+    # Keys are matched after lowercasing.
+    assert TextNormalizer(TextOptions(replacements={"a": "b"}))("AAA") == "bbb"
+
+
+def test_digit_policies():
+    text = "Mám 2 kočky a ½ psa"
+    assert TextNormalizer()(text) == "mám 2 kočky a ½ psa"
+    assert TextNormalizer(TextOptions(digits="drop"))(text) == "mám kočky a psa"
+    with pytest.raises(TextRejected, match="2"):
+        TextNormalizer(TextOptions(digits="reject"))(text)
+    assert TextNormalizer(TextOptions(digits="reject"))("bez čísel") == "bez čísel"
+
+
+def test_alphabet_rejects_foreign_characters():
+    n = TextNormalizer(TextOptions(alphabet="abcdefghijklmnopqrstuvwxyzçğıöşü"))
+    assert n("Çok güzel, l'amour-fou") == "çok güzel l'amour-fou"  # keep characters are allowed
+    with pytest.raises(TextRejected, match="ж"):
+        n("güzel жена")
+
+
+def test_whitespace_collapses():
+    assert TextNormalizer(PRESETS["none"])("  Hello,\t World!\u00a0 ") == "Hello, World!"
+
+
+def test_presets():
+    assert PRESETS["basic"] == TextOptions()
+    assert TextNormalizer(PRESETS["whisper-basic"])("Don't STOP-now") == "don t stop now"
+
+
+def test_options_from_dict_is_strict():
+    options = text_options_from_dict({"locale": "tr", "digits": "drop", "replacements": {"&": "ve"}},
+                                     source="r.yaml")
+    assert options == TextOptions(locale="tr", digits="drop", replacements={"&": "ve"})
+    with pytest.raises(InputError, match=r"r\.yaml: unknown text option 'lower'"):
+        text_options_from_dict({"lower": True}, source="r.yaml")
+    with pytest.raises(InputError, match="'lowercase': wrong type str"):
+        text_options_from_dict({"lowercase": "yes"}, source="r.yaml")
+    with pytest.raises(InputError, match="digits must be one of"):
+        text_options_from_dict({"digits": "spell"}, source="r.yaml")
+    with pytest.raises(InputError, match="unicode_form"):
+        text_options_from_dict({"unicode_form": "NFX"}, source="r.yaml")
+
+
+def test_load_text_options_from_preset_or_yaml(tmp_path):
+    assert load_text_options("basic") == PRESETS["basic"]
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("base: x\ntext:\n  locale: tr\n  keep: \"'\"\n", encoding="utf-8")
+    assert load_text_options(recipe) == TextOptions(locale="tr", keep="'")
+    section = tmp_path / "text.yaml"
+    section.write_text("digits: reject\n", encoding="utf-8")
+    assert load_text_options(section).digits == "reject"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("text:\n  digits: [\n", encoding="utf-8")
+    with pytest.raises(InputError, match="bad.yaml"):
+        load_text_options(bad)
+    with pytest.raises(InputError, match="neither a normalization preset"):
+        load_text_options("no-such-preset")
