@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
             optimizer.step()
             state["update"] += 1
             state["audio_s"] += float(num_samples.sum()) / SAMPLE_RATE_HZ
-            loss_value = float(loss)
+            loss_value = loss.item()
             log.write(json.dumps({"update": state["update"], "loss": round(loss_value, 4), "lr": lr,
                                   "grad_norm": round(float(grad_norm), 3), "stage": stage,
                                   "minutes": round((time.monotonic() - run_start) / 60, 3)}) + "\n")

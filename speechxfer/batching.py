@@ -3,7 +3,7 @@ sampling that shards identically across processes."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,7 +54,7 @@ class DropReport:
                 f"{self.rejected_text} with rejected text; e.g. {', '.join(self.examples)}")
 
 
-def filter_utterances(utterances: Sequence[Utterance], *, normalizer: TextNormalizer, vocab: Vocabulary,
+def filter_utterances(utterances: Iterable[Utterance], *, normalizer: TextNormalizer, vocab: Vocabulary,
                       config: Wav2Vec2Config, min_duration_s: float,
                       max_duration_s: float) -> tuple[list[tuple[Utterance, list[int]]], DropReport]:
     """Normalize and encode each transcript, keeping (utterance, label ids) for those the model can learn from.
@@ -77,7 +77,7 @@ def filter_utterances(utterances: Sequence[Utterance], *, normalizer: TextNormal
                 text = normalizer(utt.text)
             except TextRejected:
                 text = ""
-            labels = vocab.encode(text) if text.strip() else []
+            labels = vocab.encode(text)
             repeats = sum(a == b for a, b in zip(labels, labels[1:]))
             if not labels:
                 reason = "rejected_text"

@@ -225,7 +225,230 @@ def _cmd_vocab(args) -> int:
     return 0
 
 
-_SUBCOMMANDS: list = [_add_synth, _add_prepare, _add_train, _add_wer, _add_vocab]
+def _add_model_arguments(p) -> None:
+    """How transcribe, evaluate and lm tune run the model."""
+    from speechxfer.transcribe import TranscribeOptions
+
+    defaults = TranscribeOptions()
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps, or auto (default: the best available)")
+    p.add_argument("--max-batch-s", type=float, default=defaults.max_batch_s, metavar="S",
+                   help=f"padded seconds of audio per forward pass (default {defaults.max_batch_s:g})")
+    p.add_argument("--chunk-s", type=float, default=defaults.chunk_s, metavar="S",
+                   help=f"audio longer than this is read in windows of this length (default {defaults.chunk_s:g})")
+    p.add_argument("--stride-s", type=float, default=defaults.stride_s, metavar="S",
+                   help=f"context on each side of a window, dropped after the model (default {defaults.stride_s:g})")
+
+
+def _add_beam_arguments(p, *, tuning: bool = False) -> None:
+    """Beam search with an n-gram LM; without --lm decoding is greedy (transcribe, evaluate)."""
+    from speechxfer.decoding import BeamSearchOptions
+
+    p.add_argument("--lm", metavar="FILE", required=tuning, default=None,
+                   help="n-gram LM (ARPA, or KenLM binary with --lexicon) for beam search" +
+                        ("" if tuning else "; default: greedy decoding"))
+    p.add_argument("--lexicon", metavar="FILE", default=None,
+                   help="lines `word<TAB>l e t t e r s`; default: the words of the ARPA file's unigrams")
+    p.add_argument("--beam-size", type=int, default=BeamSearchOptions.beam_size, metavar="N",
+                   help=f"hypotheses kept per frame (default {BeamSearchOptions.beam_size})")
+    if not tuning:
+        p.add_argument("--lm-weight", type=float, default=BeamSearchOptions.lm_weight,
+                       help=f"weight of the LM score (default {BeamSearchOptions.lm_weight:g}; `lm tune` finds one)")
+        p.add_argument("--word-score", type=float, default=BeamSearchOptions.word_score,
+                       help=f"score added per word (default {BeamSearchOptions.word_score:g})")
+
+
+def _load_recognizer(args):
+    from transformers.utils import logging as transformers_logging
+
+    from speechxfer.transcribe import Recognizer
+
+    transformers_logging.disable_progress_bar()  # keep stderr for our own progress and problems
+    return Recognizer(args.model, device=args.device)
+
+
+def _transcribe_options(args):
+    from speechxfer.transcribe import TranscribeOptions
+
+    return TranscribeOptions(max_batch_s=args.max_batch_s, chunk_s=args.chunk_s, stride_s=args.stride_s)
+
+
+def _decoder(args, recognizer):
+    from speechxfer.decoding import BeamSearchOptions, make_decoder
+
+    beam = None
+    if args.lm is not None:
+        beam = BeamSearchOptions(args.lm, args.lexicon, args.beam_size, args.lm_weight, args.word_score)
+    decoder = make_decoder(recognizer.vocabulary, frame_s=recognizer.frame_s, beam=beam)
+    if getattr(decoder, "skipped_words", 0):
+        print(f"lexicon: {decoder.lexicon_size} words; {decoder.skipped_words} LM words skipped (characters "
+              "outside the model's vocabulary)", file=sys.stderr)
+    return decoder
+
+
+def _add_transcribe(subparsers) -> None:
+    from speechxfer.transcribe import OUTPUT_FORMATS
+
+    p = subparsers.add_parser("transcribe", help="transcribe audio files, folders or globs with a CTC model",
+                              description="Transcribe audio (any format and rate; long files in overlapping windows) "
+                                          "with a Wav2Vec2ForCTC model folder or hub id. Prints `path<TAB>text` as "
+                                          "each file finishes; with --output-dir also writes one file per format.")
+    p.add_argument("model", metavar="MODEL", help="model folder or hub id")
+    p.add_argument("paths", metavar="PATH", nargs="+", help="audio files, folders or glob patterns")
+    p.add_argument("--recursive", action="store_true", help="search folders (and ** globs) recursively")
+    p.add_argument("--output-dir", metavar="DIR", default=None,
+                   help="write NAME.txt/.json/.srt/.vtt per file and transcripts.tsv for the run")
+    p.add_argument("--format", default=",".join(OUTPUT_FORMATS), metavar="LIST",
+                   help=f"comma-separated output formats for --output-dir (default {','.join(OUTPUT_FORMATS)})")
+    _add_model_arguments(p)
+    _add_beam_arguments(p)
+    p.set_defaults(func=_cmd_transcribe)
+
+
+def _cmd_transcribe(args) -> int:
+    from speechxfer.errors import InputError, Problem
+    from speechxfer.transcribe import OutputWriter, find_audio, transcribe
+
+    writer = None
+    if args.output_dir is not None:
+        writer = OutputWriter(args.output_dir, [f.strip() for f in args.format.split(",") if f.strip()])
+    segments, problems = find_audio(args.paths, recursive=args.recursive)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if not segments:
+        raise InputError("no audio to transcribe")
+    recognizer = _load_recognizer(args)
+    decoder = _decoder(args, recognizer)
+    done = 0
+    try:
+        for result in transcribe(recognizer, segments, decoder=decoder, options=_transcribe_options(args),
+                                 progress=sys.stderr.isatty()):
+            if isinstance(result, Problem):
+                print(result, file=sys.stderr)
+                continue
+            print(f"{result.segment.id}\t{result.transcript.text}", flush=True)
+            if writer is not None:
+                writer.write(result)
+            done += 1
+    finally:
+        if writer is not None:
+            writer.close(segments)
+    print(f"transcribed {done} of {len(segments) + len(problems)} inputs", file=sys.stderr)
+    return 0 if done else 1
+
+
+def _add_evaluate(subparsers) -> None:
+    from speechxfer.text import PRESETS
+
+    p = subparsers.add_parser("evaluate", help="transcribe a manifest and report WER/CER",
+                              description="Transcribe every utterance of a JSONL manifest, write hypotheses.jsonl "
+                                          "(which `speechxfer wer MANIFEST` scores to the same numbers), score.json, "
+                                          "per_utterance.tsv and report.md.")
+    p.add_argument("model", metavar="MODEL", help="model folder or hub id")
+    p.add_argument("manifest", metavar="MANIFEST", help="JSONL manifest with reference texts")
+    p.add_argument("--output-dir", metavar="DIR", default="evaluation", help="where to write (default ./evaluation)")
+    p.add_argument("--normalize", metavar="PRESET_OR_YAML", default=None,
+                   help=f"normalize references and hypotheses: a preset ({', '.join(PRESETS)}) or a YAML file with a "
+                        "`text:` section (default: the model folder's recipe.yaml when it has one, else none)")
+    _add_model_arguments(p)
+    _add_beam_arguments(p)
+    p.set_defaults(func=_cmd_evaluate)
+
+
+def _cmd_evaluate(args) -> int:
+    from speechxfer.evaluate import evaluate, model_normalization
+    from speechxfer.scoring import format_report
+    from speechxfer.text import TextNormalizer, load_text_options
+
+    recognizer = _load_recognizer(args)
+    spec = args.normalize if args.normalize is not None else model_normalization(recognizer.directory)
+    normalizer = None if spec is None else TextNormalizer(load_text_options(spec))
+    result = evaluate(recognizer, args.manifest, output_dir=args.output_dir, decoder=_decoder(args, recognizer),
+                      normalizer=normalizer, options=_transcribe_options(args), progress=sys.stderr.isatty())
+    for problem in result.problems:
+        print(problem, file=sys.stderr)
+    print(f"normalization: {spec or 'none'}")
+    print(format_report(result.report))
+    for ref, hyp, count in result.substitutions[:5]:
+        print(f"  {count:>4}  {ref} -> {hyp}")
+    print(f"hypotheses: {result.hypotheses_path}; report: {result.output_dir / 'report.md'}")
+    return 0
+
+
+def _add_lm(subparsers) -> None:
+    from speechxfer.lm import DEFAULT_LM_WEIGHTS, DEFAULT_WORD_SCORES
+    from speechxfer.text import PRESETS
+
+    p = subparsers.add_parser("lm", help="n-gram language models for beam search: build one, tune its weights",
+                              description="Build an ARPA n-gram model with KenLM's lmplz, or grid-search the LM weight "
+                                          "and word score of beam search on a dev manifest.")
+    actions = p.add_subparsers(dest="lm_action", metavar="ACTION", required=True)
+    b = actions.add_parser("build", help="normalize a text file and build an ARPA model with lmplz")
+    b.add_argument("text", metavar="TEXT", help="UTF-8 text, one sentence per line")
+    b.add_argument("out", metavar="OUT", help="ARPA file to write")
+    b.add_argument("--order", type=int, default=3, help="n-gram order (default 3)")
+    b.add_argument("--normalize", metavar="PRESET_OR_YAML", default="basic",
+                   help=f"a preset ({', '.join(PRESETS)}) or a YAML file with a `text:` section, the model's "
+                        "recipe.yaml for instance (default basic)")
+    b.set_defaults(func=_cmd_lm_build)
+    t = actions.add_parser("tune", help="grid-search LM weight and word score on a dev manifest")
+    t.add_argument("model", metavar="MODEL", help="model folder or hub id")
+    t.add_argument("manifest", metavar="DEV_MANIFEST", help="JSONL manifest of the dev split")
+    _add_beam_arguments(t, tuning=True)
+    t.add_argument("--lm-weights", default=",".join(map(str, DEFAULT_LM_WEIGHTS)), metavar="LIST",
+                   help="comma-separated LM weights to try")
+    t.add_argument("--word-scores", default=",".join(map(str, DEFAULT_WORD_SCORES)), metavar="LIST",
+                   help="comma-separated word scores to try")
+    t.add_argument("--normalize", metavar="PRESET_OR_YAML", default=None,
+                   help="normalize both sides before scoring (default: the model folder's recipe.yaml when it has "
+                        "one, else none)")
+    _add_model_arguments(t)
+    t.set_defaults(func=_cmd_lm_tune)
+
+
+def _cmd_lm_build(args) -> int:
+    from speechxfer.lm import build_lm
+    from speechxfer.text import TextNormalizer, load_text_options
+
+    built = build_lm(args.text, args.out, order=args.order,
+                     normalizer=TextNormalizer(load_text_options(args.normalize)))
+    for problem in built.skipped:
+        print(problem, file=sys.stderr)
+    print(f"{built.order}-gram ARPA model from {built.lines} lines, {built.words} words -> {built.path}")
+    return 0
+
+
+def _cmd_lm_tune(args) -> int:
+    from speechxfer.errors import InputError
+    from speechxfer.evaluate import model_normalization
+    from speechxfer.lm import tune_lm
+    from speechxfer.text import TextNormalizer, load_text_options
+
+    def floats(text: str, option: str) -> list[float]:
+        try:
+            return [float(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise InputError(f"{option} takes comma-separated numbers, got {text!r}") from None
+
+    recognizer = _load_recognizer(args)
+    spec = args.normalize if args.normalize is not None else model_normalization(recognizer.directory)
+    result = tune_lm(recognizer, args.manifest, lm_path=args.lm, lexicon_path=args.lexicon,
+                     lm_weights=floats(args.lm_weights, "--lm-weights"),
+                     word_scores=floats(args.word_scores, "--word-scores"), beam_size=args.beam_size,
+                     normalizer=None if spec is None else TextNormalizer(load_text_options(spec)),
+                     options=_transcribe_options(args), progress=sys.stderr.isatty())
+    for problem in result.problems:
+        print(problem, file=sys.stderr)
+    print(f"{result.utterances} utterances, normalization: {spec or 'none'}")
+    print("lm_weight\tword_score\tWER")
+    for lm_weight, word_score, wer in result.grid:
+        print(f"{lm_weight:g}\t{word_score:g}\t{wer:.2%}")
+    print(f"best: --lm-weight {result.lm_weight:g} --word-score {result.word_score:g} (WER {result.wer:.2%}; "
+          f"greedy {result.greedy_wer:.2%})")
+    return 0
+
+
+_SUBCOMMANDS: list = [_add_synth, _add_prepare, _add_train, _add_wer, _add_vocab, _add_transcribe, _add_evaluate,
+                      _add_lm]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -62,11 +62,13 @@ def apply_freezing(model: Wav2Vec2ForCTC, options: FreezeOptions, *, update: int
             if param.requires_grad == frozen:
                 param.requires_grad = not frozen
                 changed = True
+    # freeze_feature_encoder() also clears the conv stack's _requires_grad flag (which makes its input require a
+    # gradient under gradient checkpointing); transformers has no unfreeze, so thawing sets the flag back by hand.
     encoder = model.wav2vec2.feature_extractor
-    if not encoder.conv_layers[0].conv.weight.requires_grad:
-        model.freeze_feature_encoder()  # also tells the conv stack not to build graphs for its input
+    if any(p.requires_grad for p in encoder.parameters()):
+        encoder._requires_grad = True
     else:
-        encoder._requires_grad = True  # the flag freeze_feature_encoder() clears; transformers has no public unfreeze
+        model.freeze_feature_encoder()
     return changed
 
 
@@ -86,7 +88,8 @@ def parameter_groups(model: Wav2Vec2ForCTC, *, lr: float, weight_decay: float,
             decays = param.ndim >= 2 and not name.endswith(("original0", "weight_g"))
             key = (part.depth, decays)
             if key not in groups:
-                where = "below layers" if part.depth < 0 else "top" if part.depth == num_layers else f"layer {part.depth}"
+                where = ("below layers" if part.depth < 0 else "top" if part.depth == num_layers
+                         else f"layer {part.depth}")
                 groups[key] = {"name": where if decays else f"{where} (no decay)", "params": [],
                                "lr": lr * layer_lr_decay ** (num_layers - part.depth),
                                "weight_decay": weight_decay if decays else 0.0}

@@ -153,7 +153,9 @@ def score(refs: Mapping[str, str], hyps: Mapping[str, str], *, normalizer: Calla
     hyp_texts = [_normalized(hyps[i], normalizer, i, "hypothesis") for i in ids]
     ref_words = [t.split() for t in ref_texts]
     hyp_words = [t.split() for t in hyp_texts]
-    per_utterance = [UtteranceScore(i, " ".join(r), " ".join(h), align(r, h), align(list("".join(r)), list("".join(h))))
+    # Characters are those of the words: like `sclite -c`, the spaces between words are not scored.
+    per_utterance = [UtteranceScore(i, " ".join(r), " ".join(h), align(r, h), align(list("".join(r)),
+                                                                                list("".join(h))))
                      for i, r, h in zip(ids, ref_words, hyp_words)]
 
     total_words = sum(u.ref_words for u in per_utterance)
@@ -166,7 +168,7 @@ def score(refs: Mapping[str, str], hyps: Mapping[str, str], *, normalizer: Calla
     rng = np.random.default_rng(seed)
     return ScoreReport(
         wer=int(word_errors.sum()) / total_words,
-        cer=_rate(int(char_errors.sum()), total_chars),
+        cer=int(char_errors.sum()) / total_chars,  # a reference word has at least one character
         substitutions=sum(u.words.substitutions for u in per_utterance),
         deletions=sum(u.words.deletions for u in per_utterance),
         insertions=sum(u.words.insertions for u in per_utterance),
@@ -184,7 +186,7 @@ def score(refs: Mapping[str, str], hyps: Mapping[str, str], *, normalizer: Calla
         char_hits=sum(u.chars.hits for u in per_utterance),
         sentence_errors=sentence_errors,
         cer_ci95=bootstrap_ci95(char_errors, np.array([u.ref_chars for u in per_utterance]),
-                                resamples=bootstrap, rng=rng) if total_chars else None,
+                                resamples=bootstrap, rng=rng),
         missing_hypotheses=missing,
         extra_hypotheses=extra,
         bootstrap=bootstrap,
@@ -213,6 +215,8 @@ def align(reference: list[str], hypothesis: list[str]) -> Alignment:
     either gap, then the deletion when it is strictly better than the insertion, else the insertion.
     Each row is computed at once: a chain of insertions along a row is a running minimum.
     """
+    if reference == hypothesis:  # the all-correct path costs 0, so sclite takes it too; common, and cheap
+        return Alignment(len(reference), 0, 0, 0, "C" * len(reference))
     ids: dict[str, int] = {}
     ref = np.array([ids.setdefault(t, len(ids)) for t in reference], dtype=np.int64)
     hyp = np.array([ids.setdefault(t, len(ids)) for t in hypothesis], dtype=np.int64)
@@ -228,15 +232,16 @@ def align(reference: list[str], hypothesis: list[str]) -> Alignment:
 
     ops = []
     a, b = n, m
+    table, ref_ids, hyp_ids = cost.tolist(), ref.tolist(), hyp.tolist()  # Python scalars index faster
     while a > 0 or b > 0:
         if a == 0:
             op = "I"
         elif b == 0:
             op = "D"
         else:
-            same = ref[a - 1] == hyp[b - 1]
-            diagonal = cost[a - 1, b - 1] + (0 if same else _SUBSTITUTION)
-            deletion, insertion = cost[a - 1, b] + _GAP, cost[a, b - 1] + _GAP
+            same = ref_ids[a - 1] == hyp_ids[b - 1]
+            diagonal = table[a - 1][b - 1] + (0 if same else _SUBSTITUTION)
+            deletion, insertion = table[a - 1][b] + _GAP, table[a][b - 1] + _GAP
             if diagonal <= deletion and diagonal <= insertion:
                 op = "C" if same else "S"
             else:

@@ -37,7 +37,8 @@ _MAY_BE_MISSING = ("lm_head.", "wav2vec2.masked_spec_embed")
 # Files of a Hugging Face model folder: save_model_folder replaces them all (a stale added_tokens.json or weight shard
 # would corrupt the new model); anything else already in the destination folder is carried over.
 _HF_FOLDER_FILES = frozenset({"config.json", "generation_config.json", "preprocessor_config.json", "vocab.json",
-                              "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.json"})
+                              "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                              "tokenizer.json"})
 _HF_WEIGHT_PREFIXES = ("model.safetensors", "model-", "pytorch_model")
 
 
@@ -81,7 +82,7 @@ def build_ctc_model(source: str | os.PathLike, vocab: Vocabulary, *,
     Returns the float32 model in train mode and the transfer report. Raises InputError for a missing folder, a
     non-wav2vec2 checkpoint, missing safetensors weights, or an unknown override.
     """
-    name = os.fspath(source)
+    name = os.path.expanduser(os.fspath(source))
     config = _load_config(name)
     overrides = dict(config_overrides or {})
     for key in ("vocab_size", "pad_token_id"):
@@ -148,39 +149,40 @@ def save_model_folder(directory: str | os.PathLike, model: Wav2Vec2ForCTC, vocab
     """Write a plain Hugging Face model folder that `transformers.pipeline("automatic-speech-recognition")` loads:
     config.json, model.safetensors, the vocabulary/tokenizer files and preprocessor_config.json.
 
-    The folder is assembled under a temporary name beside `directory` and renamed into place, so a crash leaves the
-    previous version intact. Other files and folders already in `directory` (recipe, metrics, `last/`, ...) are
-    carried over into the new one; stale weights are not.
+    The folder is written under a temporary name beside `directory` and renamed into place, so a crash while writing
+    leaves the previous version untouched. Other files and folders already in `directory` (recipe, metrics, `last/`,
+    ...) are carried over into the new one; the previous weights, config and tokenizer files are not.
     """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.new-", dir=directory.parent))
     try:
         model.save_pretrained(staging)
         vocab.save(staging)
         Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SAMPLE_RATE_HZ, padding_value=0.0, do_normalize=True,
                                  return_attention_mask=needs_attention_mask(model.config)).save_pretrained(staging)
-        if directory.exists():
-            for entry in directory.iterdir():
-                if entry.name not in _HF_FOLDER_FILES and not entry.name.startswith(_HF_WEIGHT_PREFIXES):
-                    os.replace(entry, staging / entry.name)
-            retired = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-            os.replace(directory, retired)
-            os.replace(staging, directory)
-            shutil.rmtree(retired)
-        else:
-            os.replace(staging, directory)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    # From here on nothing is deleted before the new folder is in place, so a failure loses no file.
+    if directory.exists():
+        retired = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
+        os.replace(directory, retired)
+        for entry in retired.iterdir():
+            if entry.name not in _HF_FOLDER_FILES and not entry.name.startswith(_HF_WEIGHT_PREFIXES):
+                os.replace(entry, staging / entry.name)
+        os.replace(staging, directory)
+        shutil.rmtree(retired)
+    else:
+        os.replace(staging, directory)
 
 
 def _load_config(name: str) -> Wav2Vec2Config:
     """The source's config; InputError unless it names a wav2vec2 checkpoint we can reach."""
-    path = Path(name).expanduser()
+    path = Path(name)
     if path.exists() and not path.is_dir():
         raise InputError("a checkpoint must be a model folder or a hub id, not a file", path=name)
-    if not path.exists() and (path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1):
+    if not path.exists() and (path.is_absolute() or name.startswith(".") or name.count("/") > 1):
         raise InputError("no such checkpoint folder", path=name)
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=False)
@@ -201,7 +203,8 @@ def _load_weights(name: str, config: Wav2Vec2Config) -> Wav2Vec2ForCTC:
         model, info = Wav2Vec2ForCTC.from_pretrained(name, config=config, use_safetensors=True,
                                                      dtype=torch.float32, output_loading_info=True)
     except (OSError, RuntimeError) as err:
-        raise InputError(f"cannot load safetensors weights (pickled .bin files are never read): {err}",
+        raise InputError(f"cannot load safetensors weights: {err} (pickled pytorch_model.bin files are never read: "
+                         "convert one you trust to model.safetensors in a local folder and use that folder)",
                          path=name) from err
     finally:
         report_logger.removeFilter(_drop_load_report)

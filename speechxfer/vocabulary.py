@@ -12,6 +12,7 @@ import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from speechxfer.errors import InputError, Problem
@@ -85,7 +86,7 @@ class Vocabulary:
             previous = i
         return " ".join("".join(pieces).split())
 
-    @property
+    @cached_property
     def _ids(self) -> dict[str, int]:
         return {t: i for i, t in enumerate(self.tokens)}
 
@@ -214,7 +215,7 @@ def charset_audit(train_texts: Iterable[str], others: Mapping[str, Sequence[tupl
 
 
 def vocabulary_from_manifests(train: str | os.PathLike, *, normalizer: TextNormalizer,
-                              others: Mapping[str, str | os.PathLike] = {},
+                              others: Mapping[str, str | os.PathLike] | None = None,
                               ) -> tuple[Vocabulary, CharsetAudit, list[Problem]]:
     """Vocabulary of the normalized train manifest, and the audit of other splits (split -> manifest path).
 
@@ -222,7 +223,7 @@ def vocabulary_from_manifests(train: str | os.PathLike, *, normalizer: TextNorma
     """
     problems: list[Problem] = []
     normalized: dict[str, list[tuple[str, str]]] = {}
-    for split, path in {"train": train, **others}.items():
+    for split, path in {"train": train, **(others or {})}.items():
         utterances, bad = read_manifest(path)
         problems += bad
         items = []

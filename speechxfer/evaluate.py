@@ -1,0 +1,122 @@
+"""Transcribe a manifest and score it: hypotheses that `speechxfer wer` reads, WER/CER with confidence intervals,
+per-utterance rows, the most frequent substitutions and a short report.md."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from speechxfer.decoding import BeamSearchDecoder, Decoder
+from speechxfer.errors import InputError, Problem
+from speechxfer.manifest import read_manifest
+from speechxfer.scoring import (ScoreReport, format_report, render_alignment, score, worst_utterances,
+                                write_per_utterance_tsv)
+from speechxfer.transcribe import AudioSegment, Recognizer, TranscribeOptions, Transcription, transcribe
+
+HYPOTHESES_NAME = "hypotheses.jsonl"
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What `evaluate` scored and where it wrote it."""
+
+    report: ScoreReport
+    hypotheses_path: Path  # JSONL of {"id", "text"}: `speechxfer wer MANIFEST hypotheses.jsonl` gives `report`
+    output_dir: Path
+    substitutions: list[tuple[str, str, int]]  # (reference word, hypothesis word, count), most frequent first
+    problems: list[Problem]  # manifest rows skipped, and utterances whose audio failed (scored as empty)
+
+
+def evaluate(recognizer: Recognizer, manifest_path: str | os.PathLike, *, output_dir: str | os.PathLike,
+             decoder: Decoder, normalizer: Callable[[str], str] | None = None,
+             options: TranscribeOptions = TranscribeOptions(), bootstrap: int = 1000, seed: int = 0,
+             progress: bool = False) -> Evaluation:
+    """Transcribe every usable utterance of the manifest and score it against the manifest's texts.
+
+    Writes under output_dir: hypotheses.jsonl (as each batch finishes), score.json, per_utterance.tsv and
+    report.md. An utterance whose audio cannot be read gets an empty hypothesis and is listed as a problem.
+    """
+    utterances, problems = read_manifest(manifest_path)
+    if not utterances:
+        raise InputError("no usable utterance in the manifest", path=manifest_path)
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    segments = [AudioSegment(u.id, u.audio_path, u.duration_s, u.offset_s, name=u.id) for u in utterances]
+    hypotheses: dict[str, str] = {}
+    hypotheses_path = output / HYPOTHESES_NAME
+    with open(hypotheses_path, "w", encoding="utf-8") as f:
+        for result in transcribe(recognizer, segments, decoder=decoder, options=options, progress=progress):
+            if isinstance(result, Transcription):
+                utterance_id, text = result.segment.id, result.transcript.text
+            else:
+                problems.append(result)
+                utterance_id, text = result.utterance_id, ""
+            hypotheses[utterance_id] = text
+            f.write(json.dumps({"id": utterance_id, "text": text}, ensure_ascii=False) + "\n")
+            f.flush()
+    references = {u.id: u.text for u in utterances}
+    report = score(references, hypotheses, normalizer=normalizer, bootstrap=bootstrap, seed=seed)
+    substitutions = frequent_substitutions(report)
+    (output / "score.json").write_text(json.dumps(report.to_dict(), ensure_ascii=False, indent=1) + "\n",
+                                       encoding="utf-8")
+    write_per_utterance_tsv(report, output / "per_utterance.tsv")
+    evaluation = Evaluation(report, hypotheses_path, output, substitutions, problems)
+    (output / "report.md").write_text(
+        format_markdown(evaluation, model=recognizer.directory, manifest=os.fspath(manifest_path),
+                        decoder=describe_decoder(decoder)), encoding="utf-8")
+    return evaluation
+
+
+def model_normalization(model_dir: str | os.PathLike) -> str | None:
+    """The model folder's recipe.yaml (whose `text:` section normalized its training targets), if it has one."""
+    recipe = Path(model_dir, "recipe.yaml")
+    return os.fspath(recipe) if recipe.is_file() else None
+
+
+def frequent_substitutions(report: ScoreReport, n: int = 20) -> list[tuple[str, str, int]]:
+    """The n most frequent (reference word, hypothesis word) substitutions of the word alignments."""
+    counts: Counter[tuple[str, str]] = Counter()
+    for u in report.per_utterance:
+        ref, hyp = u.reference.split(), u.hypothesis.split()
+        i = j = 0
+        for op in u.words.ops:
+            if op == "S":
+                counts[ref[i], hyp[j]] += 1
+            i += op in "CSD"
+            j += op in "CSI"
+    return [(r, h, c) for (r, h), c in sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:n]]
+
+
+def describe_decoder(decoder: Decoder) -> str:
+    if isinstance(decoder, BeamSearchDecoder):
+        o = decoder.options
+        return (f"beam search (LM {o.lm_path}, beam {o.beam_size}, LM weight {o.lm_weight:g}, "
+                f"word score {o.word_score:g}, {decoder.lexicon_size} lexicon words)")
+    return "greedy"
+
+
+def format_markdown(evaluation: Evaluation, *, model: str, manifest: str, decoder: str, worst: int = 5) -> str:
+    """report.md: settings, the score summary, frequent substitutions, the worst utterances, the problems."""
+    report = evaluation.report
+    lines = [f"# Evaluation of `{model}`", "", f"- manifest: `{manifest}`", f"- decoder: {decoder}",
+             f"- scored: {report.sentences} utterances, {report.ref_words} reference words",
+             f"- hypotheses: `{evaluation.hypotheses_path.name}` (`speechxfer wer` on the manifest and this file, "
+             "with the same --normalize, gives these numbers)", "",
+             "```", format_report(report), "```", ""]
+    if evaluation.substitutions:
+        lines += ["## Most frequent substitutions", "", "| reference | hypothesis | count |", "|---|---|---:|"]
+        lines += [f"| {r} | {h} | {c} |" for r, h, c in evaluation.substitutions]
+        lines.append("")
+    bad = [u for u in worst_utterances(report, worst) if u.words.errors]
+    if bad:
+        lines += ["## Worst utterances", ""]
+        for u in bad:
+            lines += [f"`{u.id}`: WER {u.wer:.2%} ({u.words.errors} errors / {u.ref_words} words)", "", "```",
+                      render_alignment(u.words, u.reference, u.hypothesis), "```", ""]
+    if evaluation.problems:
+        lines += ["## Problems", ""] + [f"- {p}" for p in evaluation.problems] + [""]
+    return "\n".join(lines)

@@ -1,0 +1,489 @@
+"""Speech to text with a CTC model folder: files, folders and manifest utterances, of any length.
+
+Short audio is batched by length up to a budget of padded seconds. Audio longer than `chunk_s` is read in
+windows of `chunk_s` with `stride_s` of context on each side; after the forward pass each window keeps the frames
+of its centre and drops those of the context (as the transformers pipeline's chunk_length_s/stride_length_s do),
+so the stitched frames are the ones a single pass would give wherever the model's receptive field fits in the
+context, and memory stays that of one batch of windows however long the file is.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from speechxfer.audio import audio_duration_s, load_audio
+from speechxfer.decoding import Decoder, Transcript, WordTiming
+from speechxfer.errors import AudioError, InputError, Problem
+from speechxfer.vocabulary import Vocabulary
+
+# Files a folder is searched for; files named one by one may have any suffix the audio layer reads.
+AUDIO_SUFFIXES = frozenset({".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac", ".wma", ".aif", ".aiff",
+                            ".au", ".sph", ".webm", ".mp4"})
+OUTPUT_FORMATS = ("txt", "json", "srt", "vtt", "tsv")
+TSV_NAME = "transcripts.tsv"
+# Subtitle cues: at most this many characters or seconds, so a cue fits on two short lines.
+_MAX_CUE_CHARS = 42
+_MAX_CUE_S = 7.0
+# Added to the variance before the square root, as transformers' Wav2Vec2FeatureExtractor does.
+_NORM_EPSILON = 1e-7
+
+
+@dataclass(frozen=True)
+class AudioSegment:
+    """Audio to transcribe: a whole file or a span of one."""
+
+    id: str  # the file's path as found, or the manifest's utterance id
+    path: str
+    duration_s: float
+    offset_s: float = 0.0  # start inside the file
+    name: str = ""  # output file name without suffix, relative to the output folder
+
+
+@dataclass(frozen=True)
+class TranscribeOptions:
+    """How audio is cut into forward passes."""
+
+    max_batch_s: float = 100.0  # padded seconds of audio per forward pass (batch size x longest item)
+    chunk_s: float = 30.0  # audio longer than this is read in windows of this length
+    stride_s: float = 5.0  # context read on each side of a window, dropped after the forward pass
+
+
+@dataclass(frozen=True)
+class Transcription:
+    segment: AudioSegment
+    transcript: Transcript
+
+
+class Recognizer:
+    """A Wav2Vec2ForCTC model folder (or hub id) loaded for inference, with its vocabulary and input settings."""
+
+    def __init__(self, model: str | os.PathLike, *, device: str = "auto"):
+        from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
+
+        directory = _model_directory(model)
+        self.directory = directory
+        self.device = torch.device(_pick_device(device))
+        try:
+            self.model = Wav2Vec2ForCTC.from_pretrained(directory, use_safetensors=True, dtype=torch.float32)
+            extractor = Wav2Vec2FeatureExtractor.from_pretrained(directory)
+        except (OSError, ValueError) as err:
+            raise InputError(f"cannot load a Wav2Vec2ForCTC model with safetensors weights: {err}",
+                             path=directory) from None
+        self.model.eval().to(self.device)
+        self.vocabulary = Vocabulary.load(directory)
+        if len(self.vocabulary) != self.model.config.vocab_size:
+            raise InputError(f"vocab.json has {len(self.vocabulary)} tokens but the CTC head has "
+                             f"{self.model.config.vocab_size} outputs", path=Path(directory, "vocab.json"))
+        self.sample_rate_hz: int = extractor.sampling_rate
+        self.normalize: bool = extractor.do_normalize  # zero mean, unit variance per utterance
+        # Group-norm (wav2vec2-base-like) models were trained on zero padding without a mask.
+        self.use_attention_mask: bool = extractor.return_attention_mask
+        self.samples_per_frame: int = math.prod(self.model.config.conv_stride)
+        self.frame_s: float = self.samples_per_frame / self.sample_rate_hz
+
+    @torch.inference_mode()
+    def log_probs(self, waveforms: Sequence[np.ndarray], *,
+                  stats: Sequence[tuple[float, float]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log posteriors of a batch of (samples,) float32 waveforms at `sample_rate_hz`.
+
+        stats: (mean, std) to normalize each waveform with, when the feature extractor normalizes; None: each
+        waveform's own. Returns (batch, frames, vocab) float32 on the CPU and (batch,) valid frames per item.
+        """
+        lengths = torch.tensor([len(w) for w in waveforms])
+        batch = torch.zeros(len(waveforms), int(lengths.max()))
+        for i, wave in enumerate(waveforms):
+            x = torch.from_numpy(wave)
+            if self.normalize:
+                mean, std = stats[i] if stats is not None else _Moments.of(wave).mean_std()
+                x = (x - mean) / std
+            batch[i, : len(wave)] = x
+        mask = None
+        if self.use_attention_mask:
+            mask = (torch.arange(batch.shape[1])[None, :] < lengths[:, None]).long().to(self.device)
+        logits = self.model(batch.to(self.device), attention_mask=mask).logits
+        frames = self.model._get_feat_extract_output_lengths(lengths)
+        return logits.float().log_softmax(dim=-1).cpu(), frames.cpu()
+
+
+class _Moments:
+    """Running mean and variance of samples, in float64 so that windows add up to the whole file's."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.total = 0.0
+        self.squares = 0.0
+
+    @classmethod
+    def of(cls, samples: np.ndarray) -> _Moments:
+        moments = cls()
+        moments.add(samples)
+        return moments
+
+    def add(self, samples: np.ndarray) -> None:
+        x = samples.astype(np.float64)
+        self.count += x.size
+        self.total += float(x.sum())
+        self.squares += float(np.dot(x, x))
+
+    def mean_std(self) -> tuple[float, float]:
+        mean = self.total / self.count
+        return mean, math.sqrt(max(self.squares / self.count - mean * mean, 0.0) + _NORM_EPSILON)
+
+
+def _model_directory(model: str | os.PathLike) -> str:
+    """A local folder as it is; anything else is a hub id, resolved through the local hub cache or a download."""
+    if os.path.isdir(model):
+        return os.fspath(model)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(os.fspath(model), allow_patterns=["*.json", "*.safetensors", "*.txt"])
+    except Exception as err:  # hub errors come in many types (offline, not found, gated, bad id)
+        raise InputError(f"not a model folder, and not a hub model that can be fetched: {err}",
+                         path=model) from None
+
+
+def _pick_device(device: str) -> str:
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+# --- finding audio ----------------------------------------------------------------------------------------
+
+
+def find_audio(paths: Iterable[str], *, recursive: bool = False) -> tuple[list[AudioSegment], list[Problem]]:
+    """Files, folders (their audio files; with `recursive`, also in subfolders) and glob patterns, in order,
+    each file once, with its duration from the header. Missing and unreadable files become Problems."""
+    found: list[tuple[str, str]] = []  # (path, output name)
+    problems: list[Problem] = []
+    for pattern in paths:
+        if os.path.isdir(pattern):
+            files = Path(pattern).rglob("*") if recursive else Path(pattern).iterdir()
+            audio = sorted(f for f in files if f.is_file() and f.suffix.lower() in AUDIO_SUFFIXES)
+            if not audio:
+                problems.append(Problem(pattern, None, "missing_file", "no audio files in this folder"))
+            found += [(os.fspath(f), f.relative_to(pattern).with_suffix("").as_posix()) for f in audio]
+        elif os.path.exists(pattern):
+            found.append((pattern, Path(pattern).stem))
+        elif glob.has_magic(pattern):
+            matches = sorted(glob.glob(pattern, recursive=recursive))
+            if not matches:
+                problems.append(Problem(pattern, None, "missing_file", "no file matches this pattern"))
+            found += [(m, Path(m).stem) for m in matches if os.path.isfile(m)]
+        else:
+            problems.append(Problem(pattern, None, "missing_file", "no such file or folder"))
+    segments = []
+    seen: set[str] = set()
+    for path, name in found:
+        if os.path.abspath(path) in seen:
+            continue
+        seen.add(os.path.abspath(path))
+        try:
+            duration_s = audio_duration_s(path)
+        except AudioError as err:
+            problems.append(Problem(path, None, "unreadable_audio", err.message))
+            continue
+        if duration_s <= 0:
+            problems.append(Problem(path, None, "zero_length", "the file holds no audio samples"))
+            continue
+        segments.append(AudioSegment(path, path, duration_s, name=name))
+    return _unique_names(segments), problems
+
+
+def _unique_names(segments: list[AudioSegment]) -> list[AudioSegment]:
+    """Keep the suffix in names that would collide (a.wav, a.mp3), then number what still collides."""
+    counts: dict[str, int] = {}
+    for s in segments:
+        counts[s.name] = counts.get(s.name, 0) + 1
+    named = [s if counts[s.name] == 1 else _renamed(s, s.name + Path(s.path).suffix) for s in segments]
+    taken: set[str] = set()
+    result = []
+    for s in named:
+        name, n = s.name, 1
+        while name in taken:
+            n += 1
+            name = f"{s.name}-{n}"
+        taken.add(name)
+        result.append(s if name == s.name else _renamed(s, name))
+    return result
+
+
+def _renamed(segment: AudioSegment, name: str) -> AudioSegment:
+    return AudioSegment(segment.id, segment.path, segment.duration_s, segment.offset_s, name)
+
+
+# --- running the model ------------------------------------------------------------------------------------
+
+
+def transcribe(recognizer: Recognizer, segments: Sequence[AudioSegment], *, decoder: Decoder,
+               options: TranscribeOptions = TranscribeOptions(), progress: bool = False,
+               ) -> Iterator[Transcription | Problem]:
+    """Transcribe segments, yielding each result as soon as its batch (or its last window) is done.
+
+    Order: short segments longest first, then long ones. Audio that fails to load is yielded as a Problem and
+    the run goes on.
+    """
+    stream = None
+    for event in _pieces(recognizer, segments, options, progress):
+        if isinstance(event, Problem):
+            stream = None  # a long file failed half-way: drop what it had decoded
+            yield event
+            continue
+        segment, log_probs, last = event
+        if stream is None:
+            stream = decoder.stream()
+        stream.step(log_probs)
+        if last:
+            yield Transcription(segment, stream.finish())
+            stream = None
+
+
+def emissions(recognizer: Recognizer, segments: Sequence[AudioSegment], *,
+              options: TranscribeOptions = TranscribeOptions(), progress: bool = False,
+              ) -> Iterator[tuple[AudioSegment, torch.Tensor] | Problem]:
+    """Each segment's (frames, vocab) log posteriors, long ones stitched from their windows; for decoding the
+    same audio many times (LM tuning)."""
+    pieces: list[torch.Tensor] = []
+    for event in _pieces(recognizer, segments, options, progress):
+        if isinstance(event, Problem):
+            pieces = []
+            yield event
+            continue
+        segment, log_probs, last = event
+        pieces.append(log_probs)
+        if last:
+            yield segment, torch.cat(pieces)
+            pieces = []
+
+
+def _pieces(recognizer: Recognizer, segments: Sequence[AudioSegment], options: TranscribeOptions,
+            progress: bool) -> Iterator[tuple[AudioSegment, torch.Tensor, bool] | Problem]:
+    """(segment, (frames, vocab) log posteriors, whether it is the segment's last piece), or a Problem.
+
+    A long segment's pieces come one after another, in order, before anything else.
+    """
+    from tqdm import tqdm
+
+    short = sorted((s for s in segments if s.duration_s <= options.chunk_s), key=lambda s: -s.duration_s)
+    long = [s for s in segments if s.duration_s > options.chunk_s]
+    total_s = sum(s.duration_s for s in segments)
+    with tqdm(total=round(total_s, 1), unit="s", desc="audio", disable=not progress, leave=False) as bar, \
+            ThreadPoolExecutor(max_workers=1) as loader:
+        batches = _plan_batches(short, options.max_batch_s)
+        # Read the next batch while the model runs on this one.
+        pending = loader.submit(_load_batch, recognizer, batches[0]) if batches else None
+        for i in range(len(batches)):
+            loaded, problems = pending.result()
+            if i + 1 < len(batches):
+                pending = loader.submit(_load_batch, recognizer, batches[i + 1])
+            yield from problems
+            if loaded:
+                log_probs, frames = recognizer.log_probs([wave for _, wave in loaded])
+                for (segment, _), item, n in zip(loaded, log_probs, frames.tolist()):
+                    yield segment, item[:n], True
+            bar.update(round(sum(s.duration_s for s in batches[i]), 1))
+        for segment in long:
+            try:
+                for piece, last in _windowed(recognizer, segment, options):
+                    yield segment, piece, last
+            except AudioError as err:
+                yield Problem(segment.path, None, "unreadable_audio", err.message, segment.id)
+            bar.update(round(segment.duration_s, 1))
+
+
+def _plan_batches(segments: Sequence[AudioSegment], max_batch_s: float) -> list[list[AudioSegment]]:
+    """Consecutive groups of segments sorted longest first, each as many as fit the padded-seconds budget."""
+    batches: list[list[AudioSegment]] = []
+    for segment in segments:
+        if batches and (len(batches[-1]) + 1) * batches[-1][0].duration_s <= max_batch_s:
+            batches[-1].append(segment)
+        else:
+            batches.append([segment])
+    return batches
+
+
+def _load_batch(recognizer: Recognizer, batch: Sequence[AudioSegment],
+                ) -> tuple[list[tuple[AudioSegment, np.ndarray]], list[Problem]]:
+    loaded, problems = [], []
+    for segment in batch:
+        try:
+            wave = load_audio(segment.path, sample_rate_hz=recognizer.sample_rate_hz, offset_s=segment.offset_s,
+                              duration_s=segment.duration_s)
+        except AudioError as err:
+            problems.append(Problem(segment.path, None, "unreadable_audio", err.message, segment.id))
+            continue
+        loaded.append((segment, wave))
+    return loaded, problems
+
+
+@dataclass(frozen=True)
+class _Window:
+    wave: np.ndarray  # samples read, context included
+    keep_from: int  # first frame of the window's own part
+    keep_to: int | None  # end of it; None: to the last frame (the segment's last window)
+
+
+def _windowed(recognizer: Recognizer, segment: AudioSegment,
+              options: TranscribeOptions) -> Iterator[tuple[torch.Tensor, bool]]:
+    """The kept frames of each window of a long segment, in order, and whether it is the last."""
+    rate, per_frame = recognizer.sample_rate_hz, recognizer.samples_per_frame
+    # Window starts on frame boundaries, so that window frames line up with the frames of a single pass.
+    chunk = max(1, round(options.chunk_s * rate / per_frame)) * per_frame
+    stride = round(options.stride_s * rate / per_frame) * per_frame
+    total = round(segment.duration_s * rate)
+    # The whole segment's statistics, as a single pass would normalize with.
+    stats = _segment_moments(recognizer, segment, chunk, total).mean_std() if recognizer.normalize else None
+
+    def windows() -> Iterator[_Window]:
+        start = 0
+        while start < total:
+            read_from, read_to = max(0, start - stride), min(total, start + chunk + stride)
+            wave = _read(recognizer, segment, read_from, read_to)
+            last = read_to >= total or len(wave) < read_to - read_from
+            keep_from = (start - read_from) // per_frame
+            yield _Window(wave, keep_from, None if last else keep_from + chunk // per_frame)
+            if last:
+                return
+            start += chunk
+
+    budget = max(1, int(options.max_batch_s * rate))
+    batch: list[_Window] = []
+    for window in windows():
+        # Only windows of equal length share a pass: padding would change what a mask-less model sees.
+        if batch and (len(window.wave) != len(batch[0].wave) or (len(batch) + 1) * len(window.wave) > budget):
+            yield from _run_windows(recognizer, batch, stats, last=False)
+            batch = []
+        batch.append(window)
+    yield from _run_windows(recognizer, batch, stats, last=True)
+
+
+def _run_windows(recognizer: Recognizer, batch: list[_Window], stats: tuple[float, float] | None, *,
+                 last: bool) -> Iterator[tuple[torch.Tensor, bool]]:
+    log_probs, frames = recognizer.log_probs([w.wave for w in batch],
+                                             stats=None if stats is None else [stats] * len(batch))
+    for k, (window, item, n) in enumerate(zip(batch, log_probs, frames.tolist())):
+        keep_to = n if window.keep_to is None else min(window.keep_to, n)
+        yield item[window.keep_from: max(window.keep_from, keep_to)], last and k == len(batch) - 1
+
+
+def _segment_moments(recognizer: Recognizer, segment: AudioSegment, chunk: int, total: int) -> _Moments:
+    moments = _Moments()
+    for start in range(0, total, chunk):
+        wave = _read(recognizer, segment, start, min(total, start + chunk))
+        moments.add(wave)
+        if len(wave) < min(total, start + chunk) - start:
+            break
+    return moments
+
+
+def _read(recognizer: Recognizer, segment: AudioSegment, start: int, end: int) -> np.ndarray:
+    """Samples [start, end) of the segment at the model's rate."""
+    rate = recognizer.sample_rate_hz
+    return load_audio(segment.path, sample_rate_hz=rate, offset_s=segment.offset_s + start / rate,
+                      duration_s=(end - start) / rate)
+
+
+# --- writing results --------------------------------------------------------------------------------------
+
+
+class OutputWriter:
+    """Writes each transcription as soon as it is done: one file per format (txt, json, srt, vtt) under the
+    output folder, and a row `path<TAB>text` of the run's TSV; `close` puts the TSV rows in input order."""
+
+    def __init__(self, directory: str | os.PathLike, formats: Sequence[str]):
+        unknown = [f for f in formats if f not in OUTPUT_FORMATS]
+        if unknown:
+            raise InputError(f"unknown output format(s) {', '.join(unknown)} (choose from "
+                             f"{', '.join(OUTPUT_FORMATS)})")
+        self.directory = Path(directory)
+        self.formats = tuple(formats)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._rows: dict[str, str] = {}
+        self._tsv = open(self.directory / TSV_NAME, "w", encoding="utf-8") if "tsv" in formats else None
+
+    def write(self, transcription: Transcription) -> None:
+        segment, transcript = transcription.segment, transcription.transcript
+        texts = {
+            "txt": lambda: transcript.text + "\n",
+            "json": lambda: json.dumps(transcript_to_dict(transcription), ensure_ascii=False, indent=1) + "\n",
+            "srt": lambda: format_srt(transcript, duration_s=segment.duration_s),
+            "vtt": lambda: format_vtt(transcript, duration_s=segment.duration_s),
+        }
+        for fmt in self.formats:
+            if fmt in texts:
+                path = self.directory / f"{segment.name}.{fmt}"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(texts[fmt](), encoding="utf-8")
+        if self._tsv is not None:
+            self._rows[segment.id] = transcript.text
+            self._tsv.write(f"{segment.id}\t{transcript.text}\n")
+            self._tsv.flush()
+
+    def close(self, order: Sequence[AudioSegment] = ()) -> None:
+        """Close the TSV, rewritten with its rows in the order of `order` (rows of other ids follow)."""
+        if self._tsv is None:
+            return
+        self._tsv.close()
+        ids = [s.id for s in order if s.id in self._rows]
+        ids += [i for i in self._rows if i not in set(ids)]
+        tmp = self.directory / (TSV_NAME + ".tmp")
+        tmp.write_text("".join(f"{i}\t{self._rows[i]}\n" for i in ids), encoding="utf-8")
+        os.replace(tmp, self.directory / TSV_NAME)
+
+
+def transcript_to_dict(transcription: Transcription) -> dict:
+    """The JSON output: path, id, duration, text and words with start/end seconds and confidence."""
+    segment, transcript = transcription.segment, transcription.transcript
+    return {"id": segment.id, "path": segment.path, "offset_s": segment.offset_s, "duration_s": segment.duration_s,
+            "text": transcript.text,
+            "words": [{"word": w.word, "start_s": round(w.start_s, 3), "end_s": round(w.end_s, 3),
+                       "confidence": round(w.confidence, 4)} for w in transcript.words]}
+
+
+def subtitle_cues(words: Sequence[WordTiming], *, duration_s: float) -> list[tuple[float, float, str]]:
+    """Group words into (start_s, end_s, text) cues of at most _MAX_CUE_CHARS characters and _MAX_CUE_S seconds,
+    times clipped to the audio's duration."""
+    cues: list[list[WordTiming]] = []
+    for word in words:
+        if cues:
+            current = cues[-1]
+            chars = sum(len(w.word) + 1 for w in current) + len(word.word)
+            if chars <= _MAX_CUE_CHARS and word.end_s - current[0].start_s <= _MAX_CUE_S:
+                current.append(word)
+                continue
+        cues.append([word])
+    return [(min(c[0].start_s, duration_s), min(c[-1].end_s, duration_s), " ".join(w.word for w in c))
+            for c in cues]
+
+
+def format_srt(transcript: Transcript, *, duration_s: float) -> str:
+    """SubRip subtitles: numbered cues with HH:MM:SS,mmm times."""
+    return "".join(f"{n}\n{_timestamp(start, ',')} --> {_timestamp(end, ',')}\n{text}\n\n"
+                   for n, (start, end, text) in enumerate(subtitle_cues(transcript.words, duration_s=duration_s),
+                                                          start=1))
+
+
+def format_vtt(transcript: Transcript, *, duration_s: float) -> str:
+    """WebVTT subtitles: a header, then cues with HH:MM:SS.mmm times."""
+    return "WEBVTT\n\n" + "".join(f"{_timestamp(start, '.')} --> {_timestamp(end, '.')}\n{text}\n\n"
+                                  for start, end, text in subtitle_cues(transcript.words, duration_s=duration_s))
+
+
+def _timestamp(seconds: float, decimal_marker: str) -> str:
+    ms = int(round(seconds * 1000))
+    return f"{ms // 3_600_000:02d}:{ms // 60_000 % 60:02d}:{ms // 1000 % 60:02d}{decimal_marker}{ms % 1000:03d}"

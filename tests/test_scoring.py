@@ -1,0 +1,307 @@
+import json
+import random
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from speechxfer.cli import main
+from speechxfer.errors import InputError
+from speechxfer.scoring import align, read_pair, read_transcripts, render_alignment, score
+from speechxfer.text import TextNormalizer, TextOptions
+
+# (id, reference, hypothesis): Czech, Turkish and Russian, with substitutions, deletions, insertions,
+# an empty hypothesis, shifted words and repeated letters that make character alignments ambiguous.
+PAIRS = [
+    ("cs_01", "ahoj světe jak se máš", "ahoj svete jak máš dnes"),
+    ("cs_02", "česká republika je krásná země", "česká je země krásná země"),
+    ("cs_03", "příliš žluťoučký kůň úpěl ďábelské ódy",
+     "příliš žlutoučký kůň úpěl ďábelské ódy"),
+    ("cs_04", "dobrý den pane profesore", "dobrý den"),
+    ("cs_05", "kde je nádraží", "kde je to nádraží prosím"),
+    ("cs_06", "v praze padá sníh", ""),
+    ("cs_07", "řeka teče pod mostem", "teče řeka pod mostem a"),
+    ("cs_08", "to je ono", "to je ono"),
+    ("tr_01", "istanbul çok güzel bir şehir", "istanbul cok güzel şehir"),
+    ("tr_02", "ışık ve gölge oyunu", "isik ve gölge oyun oyunu"),
+    ("tr_03", "bugün hava çok sıcak", "bugün hava sıcak değil mi"),
+    ("tr_04", "çay içelim mi", "çay içelim mi"),
+    ("tr_05", "ağaçların altında oturduk", "ağaçlar altında oturduk biz"),
+    ("tr_06", "kedi köpek kuş", "köpek kuş balık"),
+    ("tr_07", "öğretmen öğrencilere ödev verdi", "öğretmen ödev verdi"),
+    ("ru_01", "привет как дела", "привет как дела у тебя"),
+    ("ru_02", "москва столица россии", "москва столица рассии"),
+    ("ru_03", "я люблю читать книги", "люблю читать книги вечером"),
+    ("ru_04", "съешь же ещё этих мягких французских булок",
+     "съешь ещё этих мягких французских булок да выпей чаю"),
+    ("ru_05", "доброе утро", "добрый утро"),
+    ("ru_06", "в лесу родилась ёлочка", "в лесу родилась елочка"),
+    ("ru_07", "мама мыла раму", "мама мама мыла"),
+    ("ru_08", "ааа ббб ааа", "ббб ааа ббб ааа"),
+]
+
+
+def _counts(a):
+    return a.hits, a.substitutions, a.deletions, a.insertions
+
+
+def test_alignment_prefers_hits_like_sclite():
+    # A unit-cost alignment calls this two substitutions; sclite (and we) a deletion, a hit and an insertion.
+    assert _counts(align(["a", "b"], ["b", "c"])) == (1, 0, 1, 1)
+    assert _counts(align(["a", "b", "c"], [])) == (0, 0, 3, 0)
+    assert _counts(align([], ["x"])) == (0, 0, 0, 1)
+    assert _counts(align(["x", "y"], ["x", "z"])) == (1, 1, 0, 0)
+    alignment = align("řeka teče pod mostem".split(), "teče řeka pod mostem a".split())
+    assert alignment.ops.count("C") == alignment.hits == 3
+
+
+def test_score_counts_words_characters_and_sentences():
+    refs = {"a": "Jedna dva tři", "b": "čtyři", "c": ""}
+    hyps = {"a": "jedna tři čtyři", "b": "čtyři", "c": "pět"}
+    report = score(refs, hyps, bootstrap=0)
+    # a: Jedna->jedna (S), dva deleted, tři hit, čtyři inserted; b: hit; c: empty reference, one insertion.
+    assert (report.hits, report.substitutions, report.deletions, report.insertions) == (2, 1, 1, 2)
+    assert report.ref_words == 4 and report.wer == pytest.approx(4 / 4)
+    assert report.sentences == 3 and report.sentence_errors == 2
+    # Characters of the words, spaces not scored: "Jednadvatři" vs "jednatřičtyři".
+    assert report.ref_chars == len("Jednadvatři") + len("čtyři")
+    assert report.per_utterance[1].cer == 0.0 and report.per_utterance[2].wer == float("inf")
+    assert report.wer_ci95 is None
+    lowered = score(refs, hyps, normalizer=TextNormalizer(), bootstrap=0)
+    assert lowered.substitutions == 0 and lowered.hits == 3
+
+
+def test_bootstrap_interval_contains_estimate_and_is_seeded():
+    rng = random.Random(0)
+    refs, hyps = {}, {}
+    for n in range(60):
+        words = [rng.choice("abcdefgh") for _ in range(rng.randint(3, 12))]
+        refs[f"u{n}"] = " ".join(words)
+        hyps[f"u{n}"] = " ".join(w if rng.random() > 0.2 else "x" for w in words if rng.random() > 0.05)
+    report = score(refs, hyps, bootstrap=500, seed=1)
+    low, high = report.wer_ci95
+    assert low < report.wer < high and 0 < high - low < 0.2
+    assert report.cer_ci95[0] < report.cer < report.cer_ci95[1]
+    assert score(refs, hyps, bootstrap=500, seed=1).wer_ci95 == report.wer_ci95
+    assert score(refs, hyps, bootstrap=500, seed=2).wer_ci95 != report.wer_ci95
+
+
+def test_missing_ids():
+    refs = {"a": "x y", "b": "z", "c": "w"}
+    hyps = {"a": "x", "c": "w", "d": "extra"}
+    with pytest.raises(InputError, match=r"1 reference id\(s\) without a hypothesis: b; 1 hypothesis id\(s\) "
+                                         r"without a reference: d"):
+        score(refs, hyps)
+    report = score(refs, hyps, allow_missing=True, bootstrap=0)
+    # As sclite: only ids both sides have are scored.
+    assert [u.id for u in report.per_utterance] == ["a", "c"]
+    assert (report.ref_words, report.deletions) == (3, 1)
+    assert report.missing_hypotheses == ("b",) and report.extra_hypotheses == ("d",)
+
+
+def test_render_alignment():
+    alignment = align("ahoj světe jak se máš".split(), "ahoj svete jak máš dnes".split())
+    lines = render_alignment(alignment, "ahoj světe jak se máš", "ahoj svete jak máš dnes").splitlines()
+    assert lines == ["REF:  ahoj světe jak se máš ****",
+                     "HYP:  ahoj svete jak ** máš dnes",
+                     "Eval:      S         D      I"]
+
+
+# --- equality with NIST sclite -------------------------------------------------------------------------------
+
+def _write_trn(path, texts):
+    # trn: "text (speaker_utterance)"; sclite's spu_id takes the speaker from the part before "_".
+    path.write_text("".join(f"{text} ({i})\n" for i, text in texts.items()), encoding="utf-8")
+
+
+def _sclite_sum(ref_trn, hyp_trn, *, characters=False):
+    """(sentences, reference tokens, corr, sub, del, ins, err, sentence errors) from sclite's raw summary."""
+    command = ["sctk", "sclite", "-e", "utf-8", "-s", *(["-c"] if characters else []),
+               "-r", str(ref_trn), "trn", "-h", str(hyp_trn), "trn", "-i", "spu_id", "-o", "rsum", "stdout"]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    match = re.search(r"\|\s*Sum\s*\|([\d\s]+)\|([\d\s]+)\|", out)
+    assert match, out
+    return tuple(int(v) for v in (match[1] + match[2]).split())
+
+
+def _ours(report, *, characters=False):
+    if characters:
+        counts = (report.char_hits, report.char_substitutions, report.char_deletions, report.char_insertions)
+        sentence_errors = sum(1 for u in report.per_utterance if u.chars.errors)
+        return (report.sentences, report.ref_chars, *counts, report.char_errors, sentence_errors)
+    return (report.sentences, report.ref_words, report.hits, report.substitutions, report.deletions,
+            report.insertions, report.word_errors, report.sentence_errors)
+
+
+needs_sclite = pytest.mark.skipif(shutil.which("sctk") is None, reason="NIST sclite (Debian package sctk) absent")
+
+
+@needs_sclite
+@pytest.mark.parametrize("characters", [False, True], ids=["words", "characters"])
+def test_equals_sclite_on_czech_turkish_russian(tmp_path, characters):
+    refs = {i: r for i, r, _ in PAIRS}
+    hyps = {i: h for i, _, h in PAIRS}
+    _write_trn(tmp_path / "ref.trn", refs)
+    _write_trn(tmp_path / "hyp.trn", hyps)
+    expected = _sclite_sum(tmp_path / "ref.trn", tmp_path / "hyp.trn", characters=characters)
+    report = score(refs, hyps, bootstrap=0)
+    assert _ours(report, characters=characters) == expected
+    assert report.substitutions and report.deletions and report.insertions
+    sclite_rate = expected[6] / expected[1]
+    assert (report.cer if characters else report.wer) == sclite_rate
+
+
+@needs_sclite
+def test_equals_sclite_on_random_ambiguous_pairs(tmp_path):
+    # Few distinct tokens make many equally short alignments: only sclite's weights and tie order decide.
+    rng = random.Random(7)
+    words = ["да", "нет", "şu", "bu", "že", "ať"]
+    refs = {f"r_{n:03d}": " ".join(rng.choice(words) for _ in range(rng.randint(1, 8))) for n in range(300)}
+    hyps = {i: " ".join(rng.choice(words) for _ in range(rng.randint(0, 8))) for i in refs}
+    _write_trn(tmp_path / "ref.trn", refs)
+    _write_trn(tmp_path / "hyp.trn", hyps)
+    report = score(refs, hyps, bootstrap=0)
+    for characters in (False, True):
+        assert _ours(report, characters=characters) == _sclite_sum(tmp_path / "ref.trn", tmp_path / "hyp.trn",
+                                                                   characters=characters)
+
+
+@needs_sclite
+def test_allow_missing_equals_sclite(tmp_path):
+    refs = {i: r for i, r, _ in PAIRS}
+    hyps = {i: h for i, _, h in PAIRS if i not in ("cs_02", "ru_03")}
+    _write_trn(tmp_path / "ref.trn", refs)
+    _write_trn(tmp_path / "hyp.trn", hyps)
+    report = score(refs, hyps, allow_missing=True, bootstrap=0)
+    assert _ours(report) == _sclite_sum(tmp_path / "ref.trn", tmp_path / "hyp.trn")
+    assert report.missing_hypotheses == ("cs_02", "ru_03")
+
+
+# --- reading files and the `wer` command ---------------------------------------------------------------------
+
+REFS = {"utt_1": "Dobrý den, pane!", "utt_2": "kde je nádraží", "utt_3": "to je ono"}
+HYPS = {"utt_1": "dobrý den pane", "utt_2": "kde nádraží je", "utt_3": ""}
+
+
+def _write(path, fmt, texts):
+    if fmt == "kaldi":
+        body = "".join(f"{i} {t}".rstrip() + "\n" for i, t in texts.items())
+    elif fmt == "tsv":
+        body = "path\tid\ttext\n" + "".join(f"{i}.wav\t{i}\t{t}\n" for i, t in texts.items())
+    elif fmt == "jsonl":
+        body = "".join(json.dumps({"id": i, "text": t, "audio_path": f"{i}.wav"}, ensure_ascii=False) + "\n"
+                       for i, t in texts.items())
+    else:
+        body = "".join(t + "\n" for t in texts.values())
+    path.write_text(body, encoding="utf-8")
+    return str(path)
+
+
+def _wer_json(capsys, *args):
+    assert main(["wer", *args, "--json", "--bootstrap", "0"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("fmt", ["kaldi", "tsv", "jsonl", "lines"])
+def test_wer_reads_every_format(tmp_path, capsys, fmt):
+    suffix = {"jsonl": ".jsonl", "tsv": ".tsv"}.get(fmt, ".txt")
+    ref = _write(tmp_path / f"ref{suffix}", fmt, REFS)
+    hyp = _write(tmp_path / f"hyp{suffix}", fmt, HYPS)
+    expected = score(REFS, HYPS, normalizer=TextNormalizer(), bootstrap=0).to_dict()
+    summary = _wer_json(capsys, ref, hyp, "--normalize", "basic")
+    assert (summary["ref_format"], summary["hyp_format"]) == (fmt, fmt)
+    assert {k: summary[k] for k in expected} == expected
+    # utt_2: "je" deleted before "nádraží" and inserted after it; utt_3: three deletions.
+    assert (summary["wer"], summary["deletions"], summary["insertions"]) == (5 / 9, 4, 1)
+    assert _wer_json(capsys, ref, hyp, "--normalize", "basic", "--format", fmt)["wer"] == summary["wer"]
+
+
+def test_wer_pairs_by_id_not_by_order(tmp_path, capsys):
+    ref = _write(tmp_path / "ref.txt", "kaldi", REFS)
+    hyp = _write(tmp_path / "hyp.jsonl", "jsonl", dict(reversed(list(HYPS.items()))))
+    assert _wer_json(capsys, ref, hyp)["sentences"] == 3
+    assert _wer_json(capsys, ref, hyp)["wer"] == score(REFS, HYPS, bootstrap=0).wer
+
+
+def test_wer_normalize_from_yaml_applies_to_both_sides(tmp_path, capsys):
+    ref = _write(tmp_path / "ref.txt", "kaldi", {"u_1": "IŞIK & Gölge"})
+    hyp = _write(tmp_path / "hyp.txt", "kaldi", {"u_1": "ışık ve gölge"})
+    recipe = tmp_path / "tr.yaml"
+    recipe.write_text("base: x\ntext:\n  locale: tr\n  replacements: {'&': ' ve '}\n", encoding="utf-8")
+    assert _wer_json(capsys, ref, hyp, "--normalize", str(recipe))["wer"] == 0.0
+    assert _wer_json(capsys, ref, hyp, "--normalize", "basic")["wer"] > 0
+
+
+def test_wer_outputs_per_utterance_worst_and_interval(tmp_path, capsys):
+    ref = _write(tmp_path / "ref.txt", "kaldi", REFS)
+    hyp = _write(tmp_path / "hyp.txt", "kaldi", HYPS)
+    table = tmp_path / "per_utt.tsv"
+    assert main(["wer", ref, hyp, "--normalize", "basic", "--per-utterance", str(table), "--worst", "1"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"WER 55\.56% \[5 / 9 words: 0 sub, 4 del, 1 ins, 5 hits\]\s+95% CI \[", out)
+    assert "SER 66.67% [2 / 3 sentences]" in out
+    assert "utt_3: WER 100.00%" in out and "HYP:  ** ** ***" in out
+    rows = [line.split("\t") for line in table.read_text(encoding="utf-8").splitlines()]
+    assert rows[0][:7] == ["id", "ref_words", "hits", "substitutions", "deletions", "insertions", "wer"]
+    assert rows[1] == ["utt_1", "3", "3", "0", "0", "0", "0.000000", "12", "0", "0.000000", "dobrý den pane",
+                       "dobrý den pane"]
+    assert rows[3][0] == "utt_3" and rows[3][-1] == ""
+
+
+def test_wer_missing_ids_exit_2_or_scored_with_allow_missing(tmp_path, capsys):
+    ref = _write(tmp_path / "ref.txt", "kaldi", REFS)
+    hyp = _write(tmp_path / "hyp.txt", "kaldi", {"utt_1": "dobrý den pane", "utt_9": "navíc"})
+    assert main(["wer", ref, hyp]) == 2
+    err = capsys.readouterr().err
+    assert "2 reference id(s) without a hypothesis: utt_2, utt_3" in err and "utt_9" in err
+    summary = _wer_json(capsys, ref, hyp, "--allow-missing")
+    assert summary["sentences"] == 1
+    assert summary["missing_hypotheses"] == ["utt_2", "utt_3"] and summary["extra_hypotheses"] == ["utt_9"]
+
+
+def test_kaldi_line_without_text_is_an_empty_hypothesis(tmp_path):
+    path = tmp_path / "hyp.txt"
+    path.write_text("utt_1 a b\nutt_2\n\nutt_3   \n", encoding="utf-8")
+    assert read_transcripts(path) == ({"utt_1": "a b", "utt_2": "", "utt_3": ""}, "kaldi")
+
+
+@pytest.mark.parametrize("name, body, fmt, message", [
+    ("bad.jsonl", '{"id": "a", "text": "x"}\n{"id": "b", "text": \n', "auto", r"bad\.jsonl:2: not valid JSON"),
+    ("bad.jsonl", '{"id": "a", "text": "x"}\n{"id": "b"}\n', "auto", r"bad\.jsonl:2: expected a string 'text'"),
+    ("dup.txt", "u1 a\nu2 b\nu1 c\n", "kaldi", r"dup\.txt:3: duplicate utterance id 'u1'"),
+    ("short.tsv", "id\ttext\nu1\ta\nu2\n", "auto", r"short\.tsv:3: expected 2 tab-separated columns"),
+    ("nohead.tsv", "u1\ta\n", "tsv", r"nohead\.tsv:1: the header must name 'id' and 'text'"),
+])
+def test_bad_transcript_files_name_file_and_line(tmp_path, name, body, fmt, message):
+    path = tmp_path / name
+    path.write_text(body, encoding="utf-8")
+    with pytest.raises(InputError, match=message):
+        read_transcripts(path, format=fmt)
+
+
+def test_bad_files_through_the_command(tmp_path, capsys):
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("u1 a\nu2 ž\n".encode("utf-8") + "u3 é\n".encode("latin-1"))
+    ref = _write(tmp_path / "ref.txt", "kaldi", REFS)
+    assert main(["wer", ref, str(latin1)]) == 2
+    assert re.search(r"latin1\.txt:3: not UTF-8", capsys.readouterr().err)
+    plain = _write(tmp_path / "plain.txt", "lines", {"a": "one line"})
+    assert main(["wer", ref, plain]) == 2
+    assert "other file has utterance ids" in capsys.readouterr().err
+    lines_ref = _write(tmp_path / "lines_ref.txt", "lines", REFS)
+    assert main(["wer", lines_ref, plain]) == 2
+    assert "3 lines and the hypotheses 1" in capsys.readouterr().err
+
+
+def test_read_pair_pairs_plain_files_by_line(tmp_path):
+    ref = _write(tmp_path / "ref.txt", "lines", {"a": "one two", "b": "", "c": "three"})
+    hyp = _write(tmp_path / "hyp.txt", "lines", {"a": "one", "b": "x", "c": "three"})
+    refs, hyps, ref_format, hyp_format = read_pair(ref, hyp)
+    assert (ref_format, hyp_format) == ("lines", "lines")
+    assert refs == {"1": "one two", "2": "", "3": "three"} and hyps["2"] == "x"
+
+
+def test_rejected_text_is_an_input_error():
+    with pytest.raises(InputError, match="utterance a: the normalizer rejects the hypothesis"):
+        score({"a": "one"}, {"a": "1"}, normalizer=TextNormalizer(TextOptions(digits="reject")))
