@@ -73,14 +73,23 @@ class Vocabulary:
         unk = self.unk_id
         return [ids[self.delimiter] if c == " " else ids.get(c, unk) for c in text]
 
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of label ids (not a CTC path: repeats stay); blanks (padding) are dropped, the delimiter is a space."""
+        self._check(ids)
+        return " ".join("".join(" " if i == self.delimiter_id else self.tokens[i]
+                                for i in map(int, ids) if i != self.blank_id).split())
+
+    def _check(self, ids: Sequence[int]) -> None:
+        bad = [int(i) for i in ids if not 0 <= int(i) < len(self.tokens)]
+        if bad:
+            raise ValueError(f"token id {bad[0]} outside the vocabulary of {len(self.tokens)}")
+
     def decode_ctc(self, ids: Sequence[int]) -> str:
         """Text of a frame-level CTC path (frames,): collapse repeats, drop blanks, the delimiter becomes a space."""
+        self._check(ids)
         pieces = []
         previous = None
-        for i in ids:
-            i = int(i)
-            if not 0 <= i < len(self.tokens):
-                raise ValueError(f"token id {i} outside the vocabulary of {len(self.tokens)}")
+        for i in map(int, ids):
             if i != previous and i != self.blank_id:
                 pieces.append(" " if i == self.delimiter_id else self.tokens[i])
             previous = i
