@@ -141,7 +141,7 @@ def _add_wer(subparsers) -> None:
 
     p = subparsers.add_parser("wer", help="word and character error rates of hypotheses, as NIST sclite counts them",
                               description="Score HYP against REF: WER, CER, substitutions/deletions/insertions/hits, "
-                                          "sentence error rate and a bootstrap 95%% confidence interval. Files with "
+                                          "sentence error rate and a bootstrap 95% confidence interval. Files with "
                                           "ids (Kaldi `id text`, TSV with id and text columns, JSONL) pair by id; "
                                           "two plain files pair by line.")
     p.add_argument("ref", metavar="REF", help="reference transcripts")

@@ -41,15 +41,15 @@ class Vocabulary:
             if getattr(self, name) not in self.tokens:
                 raise ValueError(f"vocabulary lacks its {name} token {getattr(self, name)!r}")
 
-    @property
+    @cached_property
     def blank_id(self) -> int:
         return self.tokens.index(self.blank)
 
-    @property
+    @cached_property
     def unk_id(self) -> int:
         return self.tokens.index(self.unk)
 
-    @property
+    @cached_property
     def delimiter_id(self) -> int:
         return self.tokens.index(self.delimiter)
 

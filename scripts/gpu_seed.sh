@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# One prepared run on a lent GPU box (one H100/H200, 16 cores, no internet, python3 with torch, transformers,
+# accelerate, numpy, pyyaml, tqdm): synthesize the source-language corpora, train the larger seed variant for a
+# fixed time, and leave the model folder, model card and metrics in $OUT. Finishes in under 9 minutes wall.
+#
+# Needs, carried from the development machine (both git-ignored):
+#   data/texts/<lang>.txt   from scripts/prepare_texts.py
+#   data/gpu_wheels/        pip download --only-binary=:all: --python-version 3.12 --implementation cp
+#                           --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64
+#                           --platform manylinux_2_28_x86_64 -d data/gpu_wheels
+#                           espeakng-loader soundfile soxr audioread anyascii cffi pycparser
+#                           (then delete the numpy and typing_extensions wheels: the box has its own)
+#
+#   bash scripts/gpu_seed.sh                      # on the GPU box, from the repository root
+#   SEED_TOY=1 OUT=/tmp/toy bash scripts/gpu_seed.sh   # the same steps at toy scale on a CPU (about 2 minutes)
+#
+# $OUT receives: model.safetensors (fp16) and seed_gpu.tar.gz (the rest of the model folder: config, vocabulary,
+# tokenizer and preprocessor files, README.md model card, training_summary.json; plus train_log.jsonl and
+# this script's log). Unpack: mkdir seed_gpu && tar -xzf seed_gpu.tar.gz -C seed_gpu && cp model.safetensors seed_gpu/
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+OUT=${OUT:?set OUT to the folder that receives the results}
+PYTHON=${PYTHON:-python3}
+LANGS="de nl sv pl cs fi tr ca"
+WORK=${WORK:-/tmp/speechxfer_gpu_seed}
+if [[ "${SEED_TOY:-0}" == 1 ]]; then
+    COUNT=24 JOBS=2 MAX_MINUTES=1 HIDDEN=64 LAYERS=2 BATCH_S=16 WORKERS=2 EVAL_EVERY=10 WALL_S=240
+else
+    # 6000 sentences a language: ~45 h of speech, synthesized in about a minute on 16 cores.
+    COUNT=6000 JOBS=16 MAX_MINUTES=6 HIDDEN=320 LAYERS=6 BATCH_S=320 WORKERS=12 EVAL_EVERY=500 WALL_S=510
+fi
+START=$(date +%s)
+mkdir -p "$OUT" "$WORK"
+LOG="$WORK/gpu_seed.log"
+: > "$LOG"
+say() { echo "[gpu_seed $(( $(date +%s) - START )) s] $*" | tee -a "$LOG"; }
+
+pack() {
+    # Runs on every exit, so a failed run still returns its logs. $OUT holds at most a few files.
+    local model="$WORK/seed_gpu"
+    [[ -f "$model/model.safetensors" ]] && cp "$model/model.safetensors" "$OUT/model.safetensors"
+    mkdir -p "$model"
+    cp "$LOG" "$model/gpu_seed.log" 2>/dev/null || true
+    cp "$WORK/run/train_log.jsonl" "$model/train_log.jsonl" 2>/dev/null || true
+    tar -czf "$OUT/seed_gpu.tar.gz" -C "$model" --exclude model.safetensors . || true
+    say "packed: $(ls "$OUT" | tr '\n' ' ')"
+}
+trap pack EXIT
+
+if [[ "${SEED_TOY:-0}" != 1 ]]; then
+    say "installing carried wheels"
+    "$PYTHON" -m pip install --quiet --no-index --find-links data/gpu_wheels \
+        espeakng-loader soundfile soxr audioread anyascii 2>&1 | tail -n 3 | tee -a "$LOG"
+    nvidia-smi -L 2>&1 | tee -a "$LOG" || true
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+say "synthesizing $COUNT sentences for each of: $LANGS"
+timeout 240 "$PYTHON" - "$WORK/data" "$COUNT" "$JOBS" $LANGS <<'EOF' 2>&1 | tee -a "$LOG"
+import sys, time
+from speechxfer.synth import build_corpus, read_sentences
+
+out, count, jobs, languages = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
+for language in languages:
+    start = time.monotonic()
+    corpus = build_corpus(language, read_sentences(f"data/texts/{language}.txt"), f"{out}/{language}",
+                          count=count, jobs=jobs, seed=0)
+    hours = sum(u.duration_s for utts in corpus.splits.values() for u in utts) / 3600
+    sizes = ", ".join(f"{name} {len(utts)}" for name, utts in corpus.splits.items())
+    print(f"{language}: {sizes} utterances, {hours:.2f} h in {time.monotonic() - start:.0f} s", flush=True)
+EOF
+
+# Whatever synthesis took, leave ~75 s of the wall budget for the test evaluation, saving and packing.
+ELAPSED=$(( $(date +%s) - START ))
+TRAIN_MINUTES=$("$PYTHON" -c "print(round(max(0.5, min($MAX_MINUTES, ($WALL_S - $ELAPSED - 75) / 60)), 2))")
+say "training for $TRAIN_MINUTES minutes"
+"$PYTHON" scripts/train_seed.py --data "$WORK/data" --out "$WORK/seed_gpu" --work-dir "$WORK/run" \
+    --max-minutes "$TRAIN_MINUTES" --hidden-size "$HIDDEN" --layers "$LAYERS" --max-batch-s "$BATCH_S" \
+    --workers "$WORKERS" --eval-every "$EVAL_EVERY" --checkpoint-every 1000000 2>&1 \
+    | grep --line-buffered -v "Writing model shards" | tee -a "$LOG"
+say "done"

@@ -1,0 +1,128 @@
+import pytest
+import torch
+
+from speechxfer.decoding import (BeamSearchDecoder, BeamSearchOptions, GreedyDecoder, decode_batch,
+                                 lexicon_from_arpa, read_lexicon)
+from speechxfer.errors import InputError
+from speechxfer.vocabulary import Vocabulary
+
+VOCAB = Vocabulary(("[PAD]", "[UNK]", "|", "a", "c", "t", "u"))
+FRAME_S = 0.02
+# Two words are spelled alike but the LM strongly prefers "cat" after <s> and over "cut".
+ARPA = """\\data\\
+ngram 1=6
+ngram 2=2
+
+\\1-grams:
+-1.0\t<s>\t-0.3
+-1.0\t</s>\t0
+-2.0\t<unk>\t0
+-0.2\tcat\t-0.3
+-3.0\tcut\t-0.3
+-1.0\tcañon\t0
+
+\\2-grams:
+-0.1\t<s> cat
+-0.5\tcat </s>
+
+\\end\\
+"""
+
+
+def path_log_probs(path: str, *, ambiguous: dict[int, tuple[str, float]] = {}) -> torch.Tensor:
+    """(frames, vocab) log posteriors that put 0.9 on the given character per frame ("_" blank, " " delimiter);
+    ambiguous frame -> (second character, its share)."""
+    names = {"_": "[PAD]", " ": "|"}
+    probs = torch.full((len(path), len(VOCAB)), 0.01)
+    for frame, char in enumerate(path):
+        probs[frame, VOCAB.tokens.index(names.get(char, char))] = 0.9
+    for frame, (char, share) in ambiguous.items():
+        probs[frame, VOCAB.tokens.index(char)] = share
+    return (probs / probs.sum(-1, keepdim=True)).log()
+
+
+def test_greedy_words_times_and_confidence():
+    log_probs = path_log_probs("__cc_a_t__ _tt_aa_ __")
+    transcript = decode_batch(GreedyDecoder(VOCAB, frame_s=FRAME_S), log_probs[None],
+                              torch.tensor([len(log_probs)]))[0]
+    assert transcript.text == "cat ta"
+    first, second = transcript.words
+    assert first.word == "cat"
+    assert (first.start_s, first.end_s) == (pytest.approx(2 * FRAME_S), pytest.approx(8 * FRAME_S))
+    assert (second.start_s, second.end_s) == (pytest.approx(12 * FRAME_S), pytest.approx(17 * FRAME_S))
+    assert first.confidence == pytest.approx(0.9 / (0.9 + 0.06), rel=1e-5)
+
+
+def test_greedy_stream_in_pieces_equals_one_pass_and_respects_lengths():
+    log_probs = path_log_probs("_c_a_tt_ _a_t_ _c_u_t_")
+    decoder = GreedyDecoder(VOCAB, frame_s=FRAME_S)
+    whole = decode_batch(decoder, log_probs[None], torch.tensor([len(log_probs)]))[0]
+    stream = decoder.stream()
+    for piece in (log_probs[:5], log_probs[5:6], log_probs[6:]):  # the word "cat" spans the cuts
+        stream.step(piece)
+    assert stream.finish() == whole
+    assert whole.text == "cat at cut"
+    padded = torch.stack([log_probs, torch.cat([path_log_probs("_a_"), log_probs[3:]])])
+    shorter = decode_batch(decoder, padded, torch.tensor([len(log_probs), 3]))
+    assert [t.text for t in shorter] == ["cat at cut", "a"]
+
+
+@pytest.fixture
+def arpa(tmp_path):
+    path = tmp_path / "lm.arpa"
+    path.write_text(ARPA, encoding="utf-8")
+    return path
+
+
+def test_lm_turns_a_near_tie_towards_the_word_it_prefers(arpa):
+    # acoustically "cut" wins by a hair at frame 3: u 0.46, a 0.44
+    log_probs = path_log_probs("_c_u_t_ _", ambiguous={3: ("a", 0.44)})
+    log_probs[3, VOCAB.tokens.index("u")] = torch.tensor(0.46).log()
+    lengths = torch.tensor([len(log_probs)])
+    assert decode_batch(GreedyDecoder(VOCAB, frame_s=FRAME_S), log_probs[None], lengths)[0].text == "cut"
+
+    def beam(lm_weight: float):
+        options = BeamSearchOptions(str(arpa), beam_size=20, lm_weight=lm_weight, word_score=0.0)
+        return decode_batch(BeamSearchDecoder(VOCAB, options, frame_s=FRAME_S), log_probs[None], lengths)[0]
+
+    assert beam(0.0).text == "cut"
+    with_lm = beam(1.0)
+    assert with_lm.text == "cat"
+    (word,) = with_lm.words
+    assert word.start_s == pytest.approx(1 * FRAME_S) and word.end_s == pytest.approx(6 * FRAME_S)
+    assert 0 < word.confidence < 1
+
+
+def test_beam_stream_matches_batch_decoding(arpa):
+    log_probs = path_log_probs("_c_a_t_ _c_u_t_ _", ambiguous={11: ("a", 0.5)})
+    decoder = BeamSearchDecoder(VOCAB, BeamSearchOptions(str(arpa), lm_weight=1.0), frame_s=FRAME_S)
+    whole = decode_batch(decoder, log_probs[None], torch.tensor([len(log_probs)]))[0]
+    stream = decoder.stream()
+    stream.step(log_probs[:9])
+    stream.step(log_probs[9:])
+    assert stream.finish() == whole
+    assert whole.text == "cat cat"
+    assert [w.start_s for w in whole.words] == [pytest.approx(FRAME_S), pytest.approx(9 * FRAME_S)]
+
+
+def test_lexicon_from_arpa_skips_words_the_vocabulary_cannot_spell(arpa):
+    entries, skipped = lexicon_from_arpa(arpa, VOCAB)
+    assert entries == {"cat": ["c", "a", "t"], "cut": ["c", "u", "t"]}
+    assert skipped == 1  # "cañon"
+
+
+def test_lexicon_file_and_its_errors(tmp_path, arpa):
+    lexicon = tmp_path / "lexicon.txt"
+    lexicon.write_text("cat\tc a t |\ntact\tt a c t\n", encoding="utf-8")
+    assert read_lexicon(lexicon, VOCAB) == {"cat": ["c", "a", "t"], "tact": ["t", "a", "c", "t"]}
+    lexicon.write_text("cat\tc a t\ncañon\tc a ñ o n\n", encoding="utf-8")
+    with pytest.raises(InputError, match=r"lexicon.txt:2: .*'ñ'"):
+        read_lexicon(lexicon, VOCAB)
+    binary = tmp_path / "lm.bin"
+    binary.write_bytes(b"mmap lm http://kheafield.com/code format version 5\x00\x01")
+    with pytest.raises(InputError, match="lm.bin: .*--lexicon"):
+        BeamSearchDecoder(VOCAB, BeamSearchOptions(str(binary)), frame_s=FRAME_S)
+    bad = tmp_path / "bad.arpa"
+    bad.write_text("\\data\\\nngram 1=1\n\n\\1-grams:\n-1.0\tcat\n\n\\end\\\n", encoding="utf-8")
+    with pytest.raises(InputError, match="bad.arpa: cannot load the language model"):
+        BeamSearchDecoder(VOCAB, BeamSearchOptions(str(bad)), frame_s=FRAME_S)

@@ -1,0 +1,163 @@
+import json
+import re
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from tiny import make_tiny_checkpoint, write_tone
+
+import speechxfer.transcribe as transcribe_module
+from speechxfer.cli import main
+from speechxfer.decoding import GreedyDecoder
+from speechxfer.errors import Problem
+from speechxfer.transcribe import (OUTPUT_FORMATS, Recognizer, TranscribeOptions, Transcription, emissions,
+                                   find_audio, transcribe)
+
+CTC_VOCAB = ["[PAD]", "[UNK]", "|", *"abcdefghij"]
+needs_mp3 = pytest.mark.skipif("MP3" not in sf.available_formats(), reason="this libsndfile cannot write MP3")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("model"), ctc_vocab=CTC_VOCAB)
+
+
+@pytest.fixture(scope="module")
+def local_model_dir(tmp_path_factory):
+    """No transformer layer: each output frame sees a bounded stretch of audio (the convolutions only)."""
+    directory = make_tiny_checkpoint(tmp_path_factory.mktemp("local"), ctc_vocab=CTC_VOCAB)
+    config = json.loads((directory / "config.json").read_text())
+    config["num_hidden_layers"] = 0
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+def varying_noise(path, *, duration_s: float, seed: int = 0, sample_rate_hz: int = 16000):
+    """Noise whose loudness changes every 0.1 s, so a random model emits many different tokens."""
+    rng = np.random.default_rng(seed)
+    steps = int(duration_s * 10)
+    envelope = np.repeat(rng.uniform(0.05, 1.0, steps), sample_rate_hz // 10)
+    sf.write(path, (0.3 * rng.standard_normal(envelope.size) * envelope).astype(np.float32), sample_rate_hz)
+    return path
+
+
+def parse_cues(text: str) -> list[tuple[float, float]]:
+    times = re.findall(r"(\d\d):(\d\d):(\d\d)[,.](\d\d\d) --> (\d\d):(\d\d):(\d\d)[,.](\d\d\d)", text)
+    seconds = [(int(h) * 3600 + int(m) * 60 + int(s) + int(ms) / 1000, int(h2) * 3600 + int(m2) * 60 + int(s2)
+                + int(ms2) / 1000) for h, m, s, ms, h2, m2, s2, ms2 in times]
+    return seconds
+
+
+@needs_mp3
+def test_folder_of_formats_in_every_output_format(tmp_path, model_dir, capsys):
+    audio = tmp_path / "audio"
+    write_tone(audio / "tone.wav", duration_s=1.2)
+    write_tone(audio / "tone2.flac", duration_s=0.8, frequency_hz=220.0)
+    write_tone(audio / "speech.mp3", duration_s=1.0, frequency_hz=330.0)
+    write_tone(audio / "stereo.wav", duration_s=1.5, sample_rate_hz=44100, channels=2)
+    (audio / "notes.wav").write_text("not audio at all\n")
+    out = tmp_path / "out"
+
+    code = main(["transcribe", str(model_dir), str(audio), str(tmp_path / "missing.flac"), "--output-dir", str(out),
+                 "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert code == 0
+    assert "notes.wav: [unreadable_audio]" in captured.err
+    assert "missing.flac: [missing_file]" in captured.err
+    names = {"tone": 1.2, "tone2": 0.8, "speech": 1.0, "stereo": 1.5}
+    for name, duration_s in names.items():
+        for fmt in ("txt", "json", "srt", "vtt"):
+            assert (out / f"{name}.{fmt}").is_file(), f"{name}.{fmt}"
+        result = json.loads((out / f"{name}.json").read_text())
+        assert result["text"] == (out / f"{name}.txt").read_text().strip()
+        assert result["text"] == " ".join(w["word"] for w in result["words"])
+        assert result["words"], "the random model should emit something"
+        for fmt in ("srt", "vtt"):
+            cues = parse_cues((out / f"{name}.{fmt}").read_text())
+            assert len(cues) >= 1
+            flat = [t for cue in cues for t in cue]
+            assert flat == sorted(flat), f"{name}.{fmt} times go backwards"
+            assert all(start < end for start, end in cues)
+            assert flat[-1] <= duration_s + 1e-3
+        assert (out / f"{name}.vtt").read_text().startswith("WEBVTT\n")
+    rows = [line.split("\t") for line in (out / "transcripts.tsv").read_text().splitlines()]
+    assert [r[0] for r in rows] == sorted(str(audio / f) for f in ("speech.mp3", "stereo.wav", "tone.wav",
+                                                                    "tone2.flac"))
+    assert {r[1] for r in rows} == {(out / f"{n}.txt").read_text().strip() for n in names}
+    assert len(captured.out.splitlines()) == 4
+
+
+def test_batched_equals_one_at_a_time(tmp_path, model_dir):
+    paths = [str(varying_noise(tmp_path / f"{i}.wav", duration_s=d, seed=i)) for i, d in enumerate((0.7, 1.3, 1.0))]
+    segments, problems = find_audio(paths)
+    assert not problems
+    recognizer = Recognizer(model_dir, device="cpu")
+    decoder = GreedyDecoder(recognizer.vocabulary, frame_s=recognizer.frame_s)
+    together = {r.segment.id: r.transcript for r in transcribe(recognizer, segments, decoder=decoder)}
+    for segment in segments:
+        (alone,) = transcribe(recognizer, [segment], decoder=decoder, options=TranscribeOptions(max_batch_s=0.1))
+        assert alone.transcript.text == together[segment.id].text
+
+
+def test_windows_stitch_to_the_single_pass_result(tmp_path, local_model_dir, monkeypatch):
+    path = varying_noise(tmp_path / "long.wav", duration_s=6.0)
+    segments, _ = find_audio([str(path)])
+    recognizer = Recognizer(local_model_dir, device="cpu")
+    decoder = GreedyDecoder(recognizer.vocabulary, frame_s=recognizer.frame_s)
+    ((_, one_pass),) = emissions(recognizer, segments, options=TranscribeOptions(chunk_s=60.0))
+    (single,) = transcribe(recognizer, segments, decoder=decoder, options=TranscribeOptions(chunk_s=60.0))
+    assert len(set(one_pass.argmax(-1).tolist())) >= 4 and len(single.transcript.words) >= 3
+
+    requested = []
+
+    def recording_load_audio(*args, duration_s=None, **kwargs):
+        requested.append(duration_s)
+        return load_audio(*args, duration_s=duration_s, **kwargs)
+
+    load_audio = transcribe_module.load_audio
+    monkeypatch.setattr(transcribe_module, "load_audio", recording_load_audio)
+    for chunk_s, stride_s, max_batch_s in ((1.0, 0.25, 3.0), (0.7, 0.1, 0.5), (2.5, 0.2, 10.0)):
+        requested.clear()
+        options = TranscribeOptions(chunk_s=chunk_s, stride_s=stride_s, max_batch_s=max_batch_s)
+        ((_, stitched),) = emissions(recognizer, segments, options=options)
+        assert stitched.shape == one_pass.shape
+        torch.testing.assert_close(stitched, one_pass, atol=1e-4, rtol=0)
+        assert torch.equal(stitched.argmax(-1), one_pass.argmax(-1))
+        (windowed,) = transcribe(recognizer, segments, decoder=decoder, options=options)
+        assert windowed.transcript.text == single.transcript.text
+        # the file is never read whole: every read is one window with its context
+        assert requested and all(d is not None and d <= chunk_s + 2 * stride_s + 0.01 for d in requested)
+
+
+def test_bad_inputs_are_reported_by_name_and_the_run_goes_on(tmp_path, model_dir):
+    good = write_tone(tmp_path / "good.wav", duration_s=0.5)
+    (tmp_path / "text.flac").write_text("hello")
+    empty = tmp_path / "empty.wav"
+    sf.write(empty, np.zeros(0, dtype=np.float32), 16000)
+    segments, problems = find_audio([str(good), str(tmp_path / "text.flac"), str(empty), str(tmp_path / "none.wav"),
+                                     str(tmp_path / "*.ogg")])
+    assert [s.path for s in segments] == [str(good)]
+    assert {(p.path.rsplit("/", 1)[-1], p.kind) for p in problems} == {
+        ("text.flac", "unreadable_audio"), ("empty.wav", "zero_length"), ("none.wav", "missing_file"),
+        ("*.ogg", "missing_file")}
+    # a file that breaks between listing and reading: the others still come out
+    recognizer = Recognizer(model_dir, device="cpu")
+    vanished = write_tone(tmp_path / "vanished.wav", duration_s=0.6)
+    segments, _ = find_audio([str(good), str(vanished)])
+    vanished.unlink()
+    results = list(transcribe(recognizer, segments,
+                              decoder=GreedyDecoder(recognizer.vocabulary, frame_s=recognizer.frame_s)))
+    assert [type(r) for r in results] == [Problem, Transcription] or [type(r) for r in results] == [Transcription,
+                                                                                                      Problem]
+    (problem,) = [r for r in results if isinstance(r, Problem)]
+    assert problem.path == str(vanished) and problem.kind == "unreadable_audio"
+
+
+def test_output_names_do_not_collide(tmp_path):
+    write_tone(tmp_path / "a" / "x.wav", duration_s=0.2)
+    write_tone(tmp_path / "a" / "x.flac", duration_s=0.2)
+    write_tone(tmp_path / "a" / "sub" / "x.wav", duration_s=0.2)
+    segments, _ = find_audio([str(tmp_path / "a")], recursive=True)
+    assert sorted(s.name for s in segments) == ["sub/x", "x.flac", "x.wav"]
+    assert OUTPUT_FORMATS == ("txt", "json", "srt", "vtt", "tsv")
