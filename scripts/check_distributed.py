@@ -3,12 +3,13 @@
 Builds a tiny XLS-R-like checkpoint and a few seconds of tones of different lengths, then runs
 `speechxfer train` once as one process and once as two CPU processes under `torchrun --nproc_per_node 2`
 (gloo). Both see the same global batches (DurationBatchSampler does not depend on the process count) and
-each of the two takes its share, so the first update's loss, averaged over the global batch, must be the same.
-The second update's loss also depends on the first update's gradient and is printed for information.
+each of the two takes its share, so the first update's loss, averaged over the global batch, must be the same
+(within 1e-4). The second update's loss also depends on the first update's gradient, which DDP averages over
+the processes: it must agree within 1e-3 too, which holds only if each process's loss is weighed by its share.
 
     python scripts/check_distributed.py [--workdir DIR]
 
-Exit code 0 when the difference is within the tolerance, 1 otherwise.
+Exit code 0 when both differences are within their tolerances, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from tiny import make_tiny_checkpoint, write_tone  # noqa: E402  (test helpers, 
 from speechxfer.manifest import Utterance, write_manifest  # noqa: E402
 
 TOLERANCE = 1e-4
+SECOND_UPDATE_TOLERANCE = 1e-3  # after one AdamW step on float32 sums taken in another order
 TEXTS = ["ab ba", "abc", "ca ab", "bac a", "cab", "a bc"]
 
 
@@ -88,8 +90,10 @@ def main() -> int:
     print(f"first-update loss, 1 process:   {one[1]:.8f}")
     print(f"first-update loss, 2 processes: {two[1]:.8f}")
     print(f"difference: {difference:.2e} (tolerance {TOLERANCE:.0e})")
-    print(f"second-update loss: {one[2]:.8f} vs {two[2]:.8f} (difference {abs(one[2] - two[2]):.2e})")
-    return 0 if difference <= TOLERANCE else 1
+    second = abs(one[2] - two[2])
+    print(f"second-update loss: {one[2]:.8f} vs {two[2]:.8f} (difference {second:.2e}, "
+          f"tolerance {SECOND_UPDATE_TOLERANCE:.0e})")
+    return 0 if difference <= TOLERANCE and second <= SECOND_UPDATE_TOLERANCE else 1
 
 
 if __name__ == "__main__":

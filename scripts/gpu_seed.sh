@@ -5,14 +5,15 @@
 #
 # Needs, carried from the development machine (both git-ignored):
 #   data/texts/<lang>.txt   from scripts/prepare_texts.py
-#   data/gpu_wheels/        pip download --only-binary=:all: --python-version 3.12 --implementation cp
+#   gpu_wheels/             pip download --only-binary=:all: --python-version 3.12 --implementation cp
 #                           --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64
-#                           --platform manylinux_2_28_x86_64 -d data/gpu_wheels
+#                           --platform manylinux_2_28_x86_64 -d gpu_wheels
 #                           espeakng-loader soundfile soxr audioread anyascii cffi pycparser
 #                           (then delete the numpy and typing_extensions wheels: the box has its own)
 #
 #   bash scripts/gpu_seed.sh                      # on the GPU box, from the repository root
-#   SEED_TOY=1 OUT=/tmp/toy bash scripts/gpu_seed.sh   # the same steps at toy scale on a CPU (about 2 minutes)
+#   SEED_TOY=1 OUT=/tmp/toy WHEELS=DIR bash scripts/gpu_seed.sh   # the same steps at toy scale on a CPU
+#                                  (about 2 minutes; DIR: the same wheels for the local Python version)
 #
 # $OUT receives: model.safetensors (fp16) and seed_gpu.tar.gz (the rest of the model folder: config, vocabulary,
 # tokenizer and preprocessor files, README.md model card, training_summary.json; plus train_log.jsonl and
@@ -24,6 +25,7 @@ OUT=${OUT:?set OUT to the folder that receives the results}
 PYTHON=${PYTHON:-python3}
 LANGS="de nl sv pl cs fi tr ca"
 WORK=${WORK:-/tmp/speechxfer_gpu_seed}
+WHEELS=${WHEELS:-gpu_wheels}
 if [[ "${SEED_TOY:-0}" == 1 ]]; then
     COUNT=24 JOBS=2 MAX_MINUTES=1 HIDDEN=64 LAYERS=2 BATCH_S=16 WORKERS=2 EVAL_EVERY=10 WALL_S=240
 else
@@ -48,35 +50,50 @@ pack() {
 }
 trap pack EXIT
 
-if [[ "${SEED_TOY:-0}" != 1 ]]; then
-    say "installing carried wheels"
-    "$PYTHON" -m pip install --quiet --no-index --find-links data/gpu_wheels \
-        espeakng-loader soundfile soxr audioread anyascii 2>&1 | tail -n 3 | tee -a "$LOG"
-    nvidia-smi -L 2>&1 | tee -a "$LOG" || true
-fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# Wheels are zip archives: unpacking them into a folder on PYTHONPATH needs no pip, no index and no write
+# access to the box's Python (which may be marked externally managed).
+say "unpacking the wheels of $WHEELS"
+rm -rf "$WORK/site"
+for wheel in "$WHEELS"/*.whl; do
+    "$PYTHON" -m zipfile -e "$wheel" "$WORK/site"
+done
+nvidia-smi -L 2>&1 | tee -a "$LOG" || true
+export PYTHONPATH="$PWD:$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
 
 say "synthesizing $COUNT sentences for each of: $LANGS"
-timeout 240 "$PYTHON" - "$WORK/data" "$COUNT" "$JOBS" $LANGS <<'EOF' 2>&1 | tee -a "$LOG"
+# A script file, not stdin: the synthesis processes are spawned and re-import the main module.
+cat > "$WORK/synthesize.py" <<'EOF'
 import sys, time
 from speechxfer.synth import build_corpus, read_sentences
 
-out, count, jobs, languages = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
-for language in languages:
-    start = time.monotonic()
-    corpus = build_corpus(language, read_sentences(f"data/texts/{language}.txt"), f"{out}/{language}",
-                          count=count, jobs=jobs, seed=0)
-    hours = sum(u.duration_s for utts in corpus.splits.values() for u in utts) / 3600
-    sizes = ", ".join(f"{name} {len(utts)}" for name, utts in corpus.splits.items())
-    print(f"{language}: {sizes} utterances, {hours:.2f} h in {time.monotonic() - start:.0f} s", flush=True)
+if __name__ == "__main__":
+    out, count, jobs, languages = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
+    for language in languages:
+        start = time.monotonic()
+        corpus = build_corpus(language, read_sentences(f"data/texts/{language}.txt"), f"{out}/{language}",
+                              count=count, jobs=jobs, seed=0)
+        hours = sum(u.duration_s for utts in corpus.splits.values() for u in utts) / 3600
+        sizes = ", ".join(f"{name} {len(utts)}" for name, utts in corpus.splits.items())
+        print(f"{language}: {sizes} utterances, {hours:.2f} h in {time.monotonic() - start:.0f} s", flush=True)
 EOF
+timeout 240 "$PYTHON" "$WORK/synthesize.py" "$WORK/data" "$COUNT" "$JOBS" $LANGS 2>&1 | tee -a "$LOG"
 
 # Whatever synthesis took, leave ~75 s of the wall budget for the test evaluation, saving and packing.
 ELAPSED=$(( $(date +%s) - START ))
 TRAIN_MINUTES=$("$PYTHON" -c "print(round(max(0.5, min($MAX_MINUTES, ($WALL_S - $ELAPSED - 75) / 60)), 2))")
 say "training for $TRAIN_MINUTES minutes"
-"$PYTHON" scripts/train_seed.py --data "$WORK/data" --out "$WORK/seed_gpu" --work-dir "$WORK/run" \
-    --max-minutes "$TRAIN_MINUTES" --hidden-size "$HIDDEN" --layers "$LAYERS" --max-batch-s "$BATCH_S" \
-    --workers "$WORKERS" --eval-every "$EVAL_EVERY" --checkpoint-every 1000000 2>&1 \
-    | grep --line-buffered -v "Writing model shards" | tee -a "$LOG"
+train() {  # train WORKERS MINUTES
+    "$PYTHON" scripts/train_seed.py --data "$WORK/data" --out "$WORK/seed_gpu" --work-dir "$WORK/run" \
+        --max-minutes "$2" --hidden-size "$HIDDEN" --layers "$LAYERS" --max-batch-s "$BATCH_S" \
+        --workers "$1" --eval-every "$EVAL_EVERY" --checkpoint-every 1000000 2>&1 \
+        | grep --line-buffered -v "Writing model shards" | tee -a "$LOG"
+}
+if ! train "$WORKERS" "$TRAIN_MINUTES"; then
+    # Data-loader workers are the likeliest part to fail on an unknown box (shared memory): retry without.
+    ELAPSED=$(( $(date +%s) - START ))
+    LEFT=$("$PYTHON" -c "print(round(($WALL_S - $ELAPSED - 75) / 60, 2))")
+    say "training failed; retrying without data-loader workers for $LEFT minutes"
+    rm -rf "$WORK/run"
+    train 0 "$LEFT"
+fi
 say "done"

@@ -397,7 +397,7 @@ def _add_lm(subparsers) -> None:
     t.add_argument("--lm-weights", default=",".join(map(str, DEFAULT_LM_WEIGHTS)), metavar="LIST",
                    help="comma-separated LM weights to try")
     t.add_argument("--word-scores", default=",".join(map(str, DEFAULT_WORD_SCORES)), metavar="LIST",
-                   help="comma-separated word scores to try")
+                   help="comma-separated word scores to try (write --word-scores=-1,0 when the list starts negative)")
     t.add_argument("--normalize", metavar="PRESET_OR_YAML", default=None,
                    help="normalize both sides before scoring (default: the model folder's recipe.yaml when it has "
                         "one, else none)")

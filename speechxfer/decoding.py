@@ -7,8 +7,11 @@ any length is decoded while keeping only 8 bytes per frame, never the full (fram
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -172,10 +175,11 @@ class BeamSearchDecoder:
             lexicon_file.write_text("".join(f"{word}\t{' '.join(letters)} {vocabulary.delimiter}\n"
                                             for word, letters in entries.items()), encoding="utf-8")
             try:
-                self._decoder = ctc_decoder(
-                    lexicon=str(lexicon_file), tokens=list(vocabulary.tokens), lm=options.lm_path,
-                    beam_size=options.beam_size, lm_weight=options.lm_weight, word_score=options.word_score,
-                    blank_token=vocabulary.blank, sil_token=vocabulary.delimiter, unk_word="<unk>")
+                with _quiet_stderr():
+                    self._decoder = ctc_decoder(
+                        lexicon=str(lexicon_file), tokens=list(vocabulary.tokens), lm=options.lm_path,
+                        beam_size=options.beam_size, lm_weight=options.lm_weight, word_score=options.word_score,
+                        blank_token=vocabulary.blank, sil_token=vocabulary.delimiter, unk_word="<unk>")
             except RuntimeError as err:  # KenLM's load errors (bad ARPA, wrong binary) arrive as RuntimeError
                 raise InputError(f"cannot load the language model: {str(err).splitlines()[-1]}",
                                  path=options.lm_path) from None
@@ -226,6 +230,20 @@ def make_decoder(vocabulary: Vocabulary, *, frame_s: float, beam: BeamSearchOpti
     if beam is None:
         return GreedyDecoder(vocabulary, frame_s=frame_s)
     return BeamSearchDecoder(vocabulary, beam, frame_s=frame_s)
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence file descriptor 2: KenLM writes its loading progress bar there (its errors still raise)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _import_ctc_decoder():

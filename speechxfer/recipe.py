@@ -300,7 +300,7 @@ def _build(cls: type, raw: Any, *, prefix: str, path: Path, from_cli: set[str]) 
         values[name] = value
     try:
         return cls(**values)
-    except (TypeError, ValueError) as err:  # the section's own validation (e.g. TextOptions, FreezeOptions)
+    except ValueError as err:  # the section's own validation (TextOptions, FreezeOptions)
         raise RecipeError(f"{where}: {err}", path=path) from None
 
 
@@ -324,10 +324,6 @@ def _convert(tp: Any, value: Any, *, key: str, path: Path, from_cli: set[str]) -
         key_type, value_type = args
         return {_convert(key_type, k, key=f"{key}.{k}", path=path, from_cli=from_cli):
                 _convert(value_type, v, key=f"{key}.{k}", path=path, from_cli=from_cli) for k, v in value.items()}
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise RecipeError(f"{key}: expected a list, got {_describe(value)}{_origin(key, from_cli)}", path=path)
-        return tuple(_convert(args[0], v, key=key, path=path, from_cli=from_cli) for v in value)
     accepted = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}.get(tp)
     if accepted is None:
         raise TypeError(f"recipe field {key} has a type the recipe reader does not handle: {tp}")

@@ -9,6 +9,7 @@ Nothing else in speechxfer imports this module.
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import multiprocessing
 import os
 import shutil
@@ -16,6 +17,8 @@ import subprocess
 import tempfile
 import unicodedata
 from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,11 +78,7 @@ def random_voice(language: str, rng: np.random.Generator) -> Voice:
 
 def espeak_available() -> bool:
     """True when either the espeakng-loader package or the `espeak-ng` program is installed."""
-    try:
-        import espeakng_loader  # noqa: F401
-    except ImportError:
-        return shutil.which("espeak-ng") is not None
-    return True
+    return importlib.util.find_spec("espeakng_loader") is not None or shutil.which("espeak-ng") is not None
 
 
 class _LibraryEspeak:
@@ -259,9 +258,13 @@ def build_corpus(language: str, sentences: Iterable[str], out_dir: str | os.Path
     shards = [_Shard(language, items[start:start + SHARD_SIZE], str(audio_dir.resolve()), seed, noise_snr_db)
               for start in range(0, len(items), SHARD_SIZE)]
     # spawn + one shard per process: a process that already spoke (or a fork of one) would not repeat exactly
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(processes=max(1, min(jobs, len(shards))), maxtasksperchild=1) as pool:
-        results = pool.map(_speak_shard, shards, chunksize=1)
+    try:
+        with ProcessPoolExecutor(max_workers=max(1, min(jobs, len(shards))), max_tasks_per_child=1,
+                                 mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = list(pool.map(_speak_shard, shards))
+    except BrokenProcessPool as err:
+        raise SpeechxferError(f"a synthesis process died ({err}); run from a script file or `speechxfer synth`, "
+                              "not from standard input (spawned processes re-import the main module)") from err
     spoken = dict(pair for pairs, _ in results for pair in pairs)
     problems = [Problem(path=os.fspath(out_dir), line=None, kind="empty_audio", message=f"espeak-ng spoke nothing for "
                         f"{sentence!r}", utterance_id=f"{language}-{index:06d}")

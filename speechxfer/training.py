@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import random
 import shutil
@@ -78,9 +77,11 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
         raise InputError("the output folder already holds a run (last/): pass --resume to continue it, or choose "
                          "another output_dir", path=out)
 
-    # A model that is not distributed-data-parallel ignores the DDP settings; with DDP, layerdrop and frozen layers
-    # leave parameters without gradients in some updates, which DDP must be told to expect.
-    accelerator = Accelerator(mixed_precision=_mixed_precision(opts.mixed_precision),
+    # Accelerate sets up several CPU processes (gloo) only when told to use the CPU; on one process leave the choice
+    # of device (CUDA, MPS, ...) to it. With DDP, layerdrop and frozen layers leave parameters without gradients in
+    # some updates, which DDP must be told to expect.
+    cpu_processes = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    accelerator = Accelerator(cpu=cpu_processes, mixed_precision=_mixed_precision(opts.mixed_precision),
                               gradient_accumulation_steps=opts.grad_accum_steps,
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     say = partial(_say, accelerator)
@@ -112,6 +113,10 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
     say(f"train: {len(examples)} utterances kept; {dropped}")
     dev_refs = _normalized(splits["dev"], normalizer)
     test_refs = _normalized(splits["test"], normalizer)
+    for name, refs in (("dev", dev_refs), ("test", test_refs)):
+        if len(refs) < len(splits[name]):
+            say(f"{name}: {len(refs)} utterances scored; {len(splits[name]) - len(refs)} left out (text rejected or "
+                "empty after normalization)")
     sampler = DurationBatchSampler([u.duration_s for u, _ in examples], max_batch_s=opts.max_batch_s,
                                    shuffle=True, seed=opts.seed, num_replicas=accelerator.num_processes,
                                    rank=accelerator.process_index)
@@ -147,6 +152,9 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
     raw_model = accelerator.unwrap_model(model)
     apply_freezing(raw_model, freezing, update=state["update"])
     say(parameter_table(raw_model))
+    if accelerator.num_processes > 1:
+        say(f"{accelerator.num_processes} processes ({accelerator.distributed_type.value}), each taking its share of "
+            "every batch")
 
     # --- outputs that describe the run, written before the first update ---------------------------------------
     log = _MetricsLog(out, accelerator, resume_update=state["update"] if resume else None)
@@ -204,8 +212,8 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
             record = {"update": update, "epoch": state["epoch"], "loss": loss_sum / utterances, "lr": lr,
                       "audio_s_per_s": audio_s / elapsed_s, "grad_norm": grad_norm}
             log.write(record)
-            progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", audio_s_per_s=f"{audio_s / elapsed_s:.0f}",
-                                 wer=log.last_wer, refresh=False)
+            postfix = {"loss": f"{record['loss']:.3f}", "lr": f"{lr:.2e}", "audio_s/s": f"{audio_s / elapsed_s:.0f}"}
+            progress.set_postfix(postfix if log.last_wer is None else {**postfix, "wer": log.last_wer}, refresh=False)
             window = {"loss_sum": 0.0, "utterances": 0, "audio_s": 0.0, "start": time.perf_counter()}
 
         if update % recipe.eval.every_updates == 0 or update == opts.max_updates:

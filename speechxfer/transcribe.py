@@ -53,7 +53,7 @@ class AudioSegment:
 class TranscribeOptions:
     """How audio is cut into forward passes."""
 
-    max_batch_s: float = 100.0  # padded seconds of audio per forward pass (batch size x longest item)
+    max_batch_s: float = 60.0  # padded seconds of audio per forward pass (batch size x longest item)
     chunk_s: float = 30.0  # audio longer than this is read in windows of this length
     stride_s: float = 5.0  # context read on each side of a window, dropped after the forward pass
 

@@ -1,3 +1,6 @@
+import shutil
+import subprocess
+
 import pytest
 import torch
 
@@ -126,3 +129,17 @@ def test_lexicon_file_and_its_errors(tmp_path, arpa):
     bad.write_text("\\data\\\nngram 1=1\n\n\\1-grams:\n-1.0\tcat\n\n\\end\\\n", encoding="utf-8")
     with pytest.raises(InputError, match="bad.arpa: cannot load the language model"):
         BeamSearchDecoder(VOCAB, BeamSearchOptions(str(bad)), frame_s=FRAME_S)
+
+
+@pytest.mark.skipif(shutil.which("build_binary") is None, reason="KenLM's build_binary is not on PATH")
+def test_kenlm_binary_with_a_lexicon_decodes_like_its_arpa(tmp_path, arpa):
+    binary = tmp_path / "lm.bin"
+    subprocess.run(["build_binary", str(arpa), str(binary)], check=True, capture_output=True)
+    lexicon = tmp_path / "lexicon.txt"
+    lexicon.write_text("cat\tc a t |\ncut\tc u t |\n", encoding="utf-8")
+    log_probs = path_log_probs("_c_u_t_ _", ambiguous={3: ("a", 0.44)})
+    log_probs[3, VOCAB.tokens.index("u")] = torch.tensor(0.46).log()
+    texts = [decode_batch(BeamSearchDecoder(VOCAB, BeamSearchOptions(str(lm), str(lexicon), lm_weight=1.0),
+                                            frame_s=FRAME_S), log_probs[None], torch.tensor([len(log_probs)]))[0].text
+             for lm in (binary, arpa)]
+    assert texts == ["cat", "cat"]

@@ -101,7 +101,7 @@ def test_batched_equals_one_at_a_time(tmp_path, model_dir):
 
 
 def test_windows_stitch_to_the_single_pass_result(tmp_path, local_model_dir, monkeypatch):
-    path = varying_noise(tmp_path / "long.wav", duration_s=6.0)
+    path = varying_noise(tmp_path / "long.wav", duration_s=4.0)
     segments, _ = find_audio([str(path)])
     recognizer = Recognizer(local_model_dir, device="cpu")
     decoder = GreedyDecoder(recognizer.vocabulary, frame_s=recognizer.frame_s)

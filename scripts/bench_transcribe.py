@@ -1,0 +1,195 @@
+"""Benchmark `speechxfer transcribe` against transformers' ASR pipeline on the same model.
+
+Cases (each in its own subprocess, so peak RSS is that case's alone):
+  folder: N short files (1-6 s); speechxfer batches by length, the pipeline gets the list with batch_size;
+  long:   one long file (default 30 min), the pipeline with chunk_length_s/stride_length_s;
+  ref:    one 3-minute file, for how peak memory grows with file length.
+Prints wall time (model load included, imports not), real-time factor, and peak RSS per case, then the targets:
+folder throughput >= 2x the pipeline's; peak RSS for the long file < 2 GiB and within 20% of the 3-minute file's.
+
+  python scripts/bench_transcribe.py                      # random 256-hidden 4-layer model, CPU
+  python scripts/bench_transcribe.py --quick              # 40 files, 5-minute long file
+  python scripts/bench_transcribe.py --model DIR --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from speechxfer.transcribe import TranscribeOptions
+
+RATE_HZ = 16000
+CHUNK_S = TranscribeOptions.chunk_s
+STRIDE_S = TranscribeOptions.stride_s
+CHARACTERS = "abcdefghijklmnopqrstuvwxyz'"
+
+
+def make_model(directory: Path) -> None:
+    """A random wav2vec2 CTC model of realistic shape (7 conv layers, 320x stride) but small: hidden 256, 4 layers."""
+    import torch
+    from transformers import Wav2Vec2Config, Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
+
+    torch.manual_seed(0)
+    tokens = ["[PAD]", "[UNK]", "|", *CHARACTERS]
+    config = Wav2Vec2Config(vocab_size=len(tokens), pad_token_id=0, hidden_size=256, num_hidden_layers=4,
+                            num_attention_heads=4, intermediate_size=1024, conv_dim=(256,) * 7,
+                            feat_extract_norm="layer", do_stable_layer_norm=True, num_conv_pos_embeddings=64)
+    directory.mkdir(parents=True, exist_ok=True)
+    Wav2Vec2ForCTC(config).save_pretrained(directory, safe_serialization=True)
+    (directory / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    Wav2Vec2CTCTokenizer(str(directory / "vocab.json"), unk_token="[UNK]", pad_token="[PAD]",
+                         word_delimiter_token="|", bos_token=None, eos_token=None).save_pretrained(directory)
+    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=RATE_HZ, padding_value=0.0, do_normalize=True,
+                             return_attention_mask=True).save_pretrained(directory)
+
+
+def babble(rng: np.random.Generator, samples: int) -> np.ndarray:
+    """Speech-like test signal: noise and a wandering tone, loudness changing every 0.1 s."""
+    steps = -(-samples // (RATE_HZ // 10))
+    envelope = np.repeat(rng.uniform(0.02, 1.0, steps), RATE_HZ // 10)[:samples]
+    pitch = np.repeat(rng.uniform(100, 300, steps), RATE_HZ // 10)[:samples]
+    tone = np.sin(2 * np.pi * np.cumsum(pitch) / RATE_HZ)
+    return (0.2 * envelope * (tone + 0.5 * rng.standard_normal(samples))).astype(np.float32)
+
+
+def write_long(path: Path, minutes: float, seed: int) -> None:
+    """Write in 10-second blocks, so making the file never holds it whole either."""
+    rng = np.random.default_rng(seed)
+    total = int(minutes * 60 * RATE_HZ)
+    with sf.SoundFile(path, "w", samplerate=RATE_HZ, channels=1, subtype="PCM_16") as f:
+        for start in range(0, total, 10 * RATE_HZ):
+            f.write(babble(rng, min(10 * RATE_HZ, total - start)))
+
+
+def make_data(workdir: Path, *, files: int, long_min: float, ref_min: float) -> dict[str, Path]:
+    folder = workdir / f"folder{files}"
+    if not folder.is_dir() or len(list(folder.glob("*.wav"))) != files:
+        folder.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(0)
+        for i in range(files):
+            sf.write(folder / f"utt{i:04d}.wav", babble(rng, int(rng.uniform(1.0, 6.0) * RATE_HZ)), RATE_HZ,
+                     subtype="PCM_16")
+    paths = {"folder": folder}
+    for name, minutes in (("long", long_min), ("ref", ref_min)):
+        path = workdir / f"{name}_{minutes:g}min.wav"
+        if not path.is_file():
+            write_long(path, minutes, seed=1 if name == "long" else 2)
+        paths[name] = path
+    return paths
+
+
+# --- one case, run inside a subprocess ------------------------------------------------------------------
+
+
+def run_case(tool: str, data: Path, model: Path, device: str, batch_size: int, max_batch_s: float) -> dict:
+    # Imports stay outside the timed part for both tools (transformers' lazy modules included).
+    import torch
+    from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC, pipeline  # noqa: F401
+
+    if tool == "speechxfer":
+        from speechxfer.decoding import GreedyDecoder
+        from speechxfer.transcribe import OutputWriter, Recognizer, find_audio, transcribe
+
+        start = time.perf_counter()
+        segments, problems = find_audio([str(data)])
+        recognizer = Recognizer(model, device=device)
+        decoder = GreedyDecoder(recognizer.vocabulary, frame_s=recognizer.frame_s)
+        writer = OutputWriter(Path(os.environ["BENCH_OUT"]), ["tsv"])
+        options = TranscribeOptions(max_batch_s=max_batch_s, chunk_s=CHUNK_S, stride_s=STRIDE_S)
+        words = 0
+        for result in transcribe(recognizer, segments, decoder=decoder, options=options):
+            writer.write(result)
+            words += len(result.transcript.words)
+        writer.close(segments)
+        audio_s = sum(s.duration_s for s in segments)
+    else:
+        start = time.perf_counter()
+        asr = pipeline("automatic-speech-recognition", model=str(model), device=torch.device(device))
+        if data.is_dir():
+            files = sorted(str(p) for p in data.glob("*.wav"))
+            outputs = asr(files, batch_size=batch_size)
+        else:
+            files = [str(data)]
+            outputs = [asr(files[0], chunk_length_s=CHUNK_S, stride_length_s=STRIDE_S, batch_size=batch_size)]
+        words = sum(len(o["text"].split()) for o in outputs)
+        audio_s = sum(sf.info(f).duration for f in files)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    wall_s = time.perf_counter() - start
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    return {"wall_s": wall_s, "audio_s": audio_s, "peak_rss_mib": peak_mib, "words": words}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=None, help="model folder (default: a random small one)")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/speechxfer-bench"))
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--files", type=int, default=200, help="short files in the folder case")
+    parser.add_argument("--long-min", type=float, default=30.0, help="minutes of the long file")
+    parser.add_argument("--ref-min", type=float, default=3.0, help="minutes of the reference file for RSS growth")
+    parser.add_argument("--quick", action="store_true", help="40 files and a 5-minute long file")
+    parser.add_argument("--batch-size", type=int, default=8, help="the pipeline's batch_size")
+    parser.add_argument("--max-batch-s", type=float, default=TranscribeOptions.max_batch_s, help="speechxfer's padded seconds per batch")
+    parser.add_argument("--cases", default="folder,long,ref", help="which of folder,long,ref to run")
+    parser.add_argument("--run-case", nargs=2, metavar=("TOOL", "DATA"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.run_case:
+        tool, data = args.run_case
+        print(json.dumps(run_case(tool, Path(data), args.model, args.device, args.batch_size, args.max_batch_s)))
+        return
+    if args.quick:
+        args.files, args.long_min = min(args.files, 40), min(args.long_min, 5.0)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    model = args.model
+    if model is None:
+        model = args.workdir / "model-h256-l4"
+        if not (model / "model.safetensors").is_file():
+            make_model(model)
+    data = make_data(args.workdir, files=args.files, long_min=args.long_min, ref_min=args.ref_min)
+    results: dict[tuple[str, str], dict] = {}
+    print(f"model {model}, device {args.device}, {os.cpu_count()} CPUs", flush=True)
+    for case in [c.strip() for c in args.cases.split(",") if c.strip()]:
+        for tool in ("speechxfer", "pipeline"):
+            command = [sys.executable, __file__, "--run-case", tool, str(data[case]), "--model", str(model),
+                       "--device", args.device, "--batch-size", str(args.batch_size),
+                       "--max-batch-s", str(args.max_batch_s)]
+            env = os.environ | {"BENCH_OUT": str(args.workdir / f"out-{case}"), "TQDM_DISABLE": "1"}
+            done = subprocess.run(command, capture_output=True, text=True, env=env)
+            if done.returncode != 0:
+                sys.exit(f"{tool} {case} failed:\n{done.stderr[-3000:]}")
+            results[case, tool] = json.loads(done.stdout.strip().splitlines()[-1])
+            r = results[case, tool]
+            print(f"{case:<7} {tool:<11} audio {r['audio_s']:8.1f} s  wall {r['wall_s']:7.1f} s  "
+                  f"RTF {r['wall_s'] / r['audio_s']:.4f}  peak RSS {r['peak_rss_mib']:7.0f} MiB", flush=True)
+    print()
+    print(f"| case | tool | audio s | wall s | RTF | x real time | peak RSS MiB |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for (case, tool), r in results.items():
+        print(f"| {case} | {tool} | {r['audio_s']:.1f} | {r['wall_s']:.1f} | {r['wall_s'] / r['audio_s']:.4f} | "
+              f"{r['audio_s'] / r['wall_s']:.1f} | {r['peak_rss_mib']:.0f} |")
+    print()
+    if ("folder", "pipeline") in results:
+        ratio = results["folder", "pipeline"]["wall_s"] / results["folder", "speechxfer"]["wall_s"]
+        print(f"folder throughput speechxfer / pipeline: {ratio:.2f}x (target >= 2x)")
+    if ("long", "speechxfer") in results:
+        long_mib = results["long", "speechxfer"]["peak_rss_mib"]
+        print(f"long-file peak RSS {long_mib:.0f} MiB (target < 2048)")
+        if ("ref", "speechxfer") in results:
+            growth = long_mib / results["ref", "speechxfer"]["peak_rss_mib"] - 1
+            print(f"peak RSS {args.long_min:g} min vs {args.ref_min:g} min: {growth:+.1%} (target within 20%); "
+                  f"pipeline: {results['long', 'pipeline']['peak_rss_mib'] / results['ref', 'pipeline']['peak_rss_mib'] - 1:+.1%}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""Recipes: shipped files load, every key is typed, errors name the dotted key and the file, overrides."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from speechxfer.errors import RecipeError
+from speechxfer.recipe import Recipe, load_recipe, resolved_yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((REPO / "recipes").rglob("*.yaml"))
+COMMON_VOICE = sorted((REPO / "recipes" / "common_voice").glob("*.yaml"))
+
+MINIMAL = {"base": "facebook/wav2vec2-xls-r-300m", "data": {"train": "data/train.jsonl"}, "output_dir": "runs/x"}
+
+
+def write(tmp_path: Path, content: dict | str, name: str = "recipe.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(content if isinstance(content, str) else yaml.safe_dump(content, allow_unicode=True),
+                    encoding="utf-8")
+    return path
+
+
+def with_(base: dict, dotted: str, value) -> dict:
+    """A deep copy of `base` with `dotted` set to `value`."""
+    import copy
+
+    result = copy.deepcopy(base)
+    node = result
+    *parents, last = dotted.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[last] = value
+    return result
+
+
+def test_at_least_six_common_voice_languages_are_shipped():
+    assert {p.stem for p in COMMON_VOICE} >= {"tr", "cy", "sw", "ca", "pl", "ru", "rw"}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(REPO / "recipes")))
+def test_every_shipped_recipe_loads_and_round_trips(path, tmp_path):
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    needs_source = "prepare" in raw.get("data", {}) and "source" not in raw["data"]["prepare"]
+    overrides = [f"data.prepare.source={tmp_path}"] if needs_source else []
+    recipe = load_recipe(path, overrides=overrides)
+    assert isinstance(recipe, Recipe)
+    assert Path(recipe.data.train).is_absolute() and Path(recipe.output_dir).is_absolute()
+    # the resolved form reads back to the same recipe
+    assert load_recipe(write(tmp_path, resolved_yaml(recipe), "resolved.yaml")) == recipe
+
+
+@pytest.mark.parametrize("path", COMMON_VOICE, ids=lambda p: p.stem)
+def test_common_voice_recipes_need_the_corpus_path_and_name_it(path):
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(path)
+    assert "data.prepare.source" in str(caught.value) and str(path) in str(caught.value)
+    recipe = load_recipe(path, overrides=["data.prepare.source=/corpora/cv"])
+    assert recipe.base == "facebook/wav2vec2-xls-r-300m"
+    assert recipe.data.prepare.format == "commonvoice" and recipe.data.prepare.source == "/corpora/cv"
+    assert Path(recipe.data.train) == Path(recipe.output_dir) / "manifests" / "train.jsonl"
+
+
+def test_defaults_and_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe(write(_mkdir(tmp_path / "r"), MINIMAL))
+    assert recipe.train.lr == 3e-4 and recipe.train.schedule == "tri_stage" and recipe.freezing.feature_encoder
+    assert recipe.model.mask_time_prob == 0.05 and recipe.eval.patience is None
+    # paths in the file are relative to the file, output_dir to the working directory
+    assert recipe.data.train == str(tmp_path / "r" / "data" / "train.jsonl")
+    assert recipe.output_dir == str(tmp_path / "runs" / "x")
+    # a hub id stays a hub id; an existing folder next to the recipe becomes an absolute path
+    assert recipe.base == "facebook/wav2vec2-xls-r-300m"
+    (tmp_path / "r" / "seed").mkdir()
+    assert load_recipe(write(tmp_path / "r", {**MINIMAL, "base": "seed"})).base == str(tmp_path / "r" / "seed")
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def test_overrides_are_typed_as_yaml_and_paths_are_relative_to_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = write(_mkdir(tmp_path / "r"), MINIMAL)
+    recipe = load_recipe(path, overrides=["train.lr=1e-4", "train.max_updates=50", "eval.patience=3",
+                                          "train.clip_norm=null", "data.dev=dev.jsonl", "text.locale=tr",
+                                          "freezing.head_only_updates=10", "text.replacements={ё: е}"])
+    assert recipe.train.lr == 1e-4 and isinstance(recipe.train.lr, float)
+    assert recipe.train.max_updates == 50 and recipe.eval.patience == 3 and recipe.train.clip_norm is None
+    assert recipe.data.dev == str(tmp_path / "dev.jsonl")  # typed on the command line: relative to the cwd
+    assert recipe.text.locale == "tr" and recipe.text.replacements == {"ё": "е"}
+    assert recipe.freezing.head_only_updates == 10
+
+
+def test_scientific_notation_in_a_file_is_a_float(tmp_path):
+    recipe = load_recipe(write(tmp_path, "base: b\ndata: {train: t.jsonl}\noutput_dir: o\ntrain: {lr: 5e-5}\n"))
+    assert recipe.train.lr == 5e-5
+
+
+@pytest.mark.parametrize("dotted, value, message", [
+    ("trian", {}, "unknown key 'trian'"),
+    ("train.lrr", 1e-4, "unknown key 'train.lrr'"),
+    ("data.prepare.path", "x", "unknown key 'data.prepare.path'"),
+    ("train.lr", "fast", "train.lr: expected float, got str 'fast'"),
+    ("train.lr", True, "train.lr: expected float, got bool"),
+    ("train.max_updates", 1.5, "train.max_updates: expected int"),
+    ("train.max_updates", 0, "train.max_updates must be >= 1"),
+    ("train.schedule", "cosine", "train.schedule must be one of tri_stage, linear"),
+    ("train.mixed_precision", "fp8", "train.mixed_precision must be one of no, bf16, fp16"),
+    ("train", [1, 2], "train: expected a mapping"),
+    ("text.replacements", ["a"], "text.replacements: expected a mapping"),
+    ("text.replacements", {"a": 1}, "text.replacements.a: expected str"),
+    ("text.unicode_form", "NFX", "text.unicode_form must be one of"),
+    ("text.lowercase", "yes", "text.lowercase: expected bool"),
+    ("freezing.layer_lr_decay", 1.5, "freezing: layer_lr_decay must be in (0, 1]"),
+    ("freezing.bottom_layers", "2", "freezing.bottom_layers: expected int"),
+    ("model.layerdrop", 1.0, "model.layerdrop must be in [0, 1)"),
+    ("eval.every_updates", None, "eval.every_updates: expected int, got nothing"),
+    ("data.prepare", {"format": "zip", "source": "x"}, "data.prepare.format must be one of"),
+    ("data.prepare", {"format": "commonvoice"}, "missing required key 'data.prepare.source'"),
+])
+def test_bad_keys_and_values_name_the_dotted_key_and_the_file(tmp_path, dotted, value, message):
+    path = write(tmp_path, with_(MINIMAL, dotted, value))
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(path)
+    assert message in str(caught.value)
+    assert str(caught.value).startswith(f"{path}: ")
+
+
+@pytest.mark.parametrize("missing, message", [
+    ("base", "missing required key 'base'"),
+    ("output_dir", "missing required key 'output_dir'"),
+    ("data", "missing required key 'data.train'"),
+])
+def test_missing_required_fields(tmp_path, missing, message):
+    path = write(tmp_path, {k: v for k, v in MINIMAL.items() if k != missing})
+    with pytest.raises(RecipeError, match=message.replace("(", r"\(")):
+        load_recipe(path)
+
+
+def test_inconsistent_values_are_errors(tmp_path):
+    with pytest.raises(RecipeError, match="min_duration_s must be below"):
+        load_recipe(write(tmp_path, with_(MINIMAL, "train", {"min_duration_s": 5.0, "max_duration_s": 2.0})))
+    with pytest.raises(RecipeError, match="warmup_ratio \\+ train.hold_ratio"):
+        load_recipe(write(tmp_path, with_(MINIMAL, "train", {"warmup_ratio": 0.6, "hold_ratio": 0.6})))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lrr=1", "--set train.lrr: unknown key 'train.lrr'"),
+    ("nosuch.key=1", "unknown key 'nosuch'"),
+    ("train.lr.x=1", "'train.lr' has no sub-keys"),
+    ("train.lr", "expected KEY=VALUE"),
+    ("train.lr=[1", "not valid YAML"),
+    ("train.lr=abc", "train.lr: expected float, got str 'abc' (from --set)"),
+])
+def test_bad_overrides_name_the_key(tmp_path, override, message):
+    path = write(tmp_path, MINIMAL)
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(path, overrides=[override])
+    assert message in str(caught.value) and str(path) in str(caught.value)
+
+
+def test_unreadable_files_are_recipe_errors_with_the_line(tmp_path):
+    with pytest.raises(RecipeError, match="cannot read recipe"):
+        load_recipe(tmp_path / "absent.yaml")
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(write(tmp_path, "base: b\ntrain: {lr: [1\noutput_dir: o\n"))
+    assert caught.value.line is not None and "not valid YAML" in str(caught.value)
+    with pytest.raises(RecipeError, match="a recipe is a mapping"):
+        load_recipe(write(tmp_path, "- base\n- output_dir\n"))
+
+
+def test_relative_paths_do_not_depend_on_where_the_command_runs(tmp_path, monkeypatch):
+    path = write(_mkdir(tmp_path / "r"), MINIMAL)
+    monkeypatch.chdir(tmp_path)
+    first = load_recipe(path)
+    monkeypatch.chdir(_mkdir(tmp_path / "elsewhere"))
+    assert load_recipe(os.path.relpath(path)).data.train == first.data.train
