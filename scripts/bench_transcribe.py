@@ -20,6 +20,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -130,6 +131,34 @@ def run_case(tool: str, data: Path, model: Path, device: str, batch_size: int, m
     return {"wall_s": wall_s, "audio_s": audio_s, "peak_rss_mib": peak_mib, "words": words}
 
 
+def run_capped(command: list[str], env: dict[str, str], *, cap_mib: float) -> dict | None:
+    """Run one case; None when its resident memory passed cap_mib (it is killed: the machine may be shared)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        child = subprocess.Popen(command, stdout=out, stderr=err, text=True, env=env)
+        while child.poll() is None:
+            if _rss_mib(child.pid) > cap_mib:
+                child.kill()
+                child.wait()
+                return None
+            time.sleep(0.2)
+        out.seek(0)
+        err.seek(0)
+        if child.returncode != 0:
+            sys.exit(f"{' '.join(command[3:5])} failed:\n{err.read()[-3000:]}")
+        return json.loads(out.read().strip().splitlines()[-1])
+
+
+def _rss_mib(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:  # the process just ended
+        pass
+    return 0.0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=None, help="model folder (default: a random small one)")
@@ -139,14 +168,19 @@ def main() -> None:
     parser.add_argument("--long-min", type=float, default=30.0, help="minutes of the long file")
     parser.add_argument("--ref-min", type=float, default=3.0, help="minutes of the reference file for RSS growth")
     parser.add_argument("--quick", action="store_true", help="40 files and a 5-minute long file")
-    parser.add_argument("--batch-size", type=int, default=8, help="the pipeline's batch_size")
-    parser.add_argument("--max-batch-s", type=float, default=TranscribeOptions.max_batch_s, help="speechxfer's padded seconds per batch")
+    parser.add_argument("--batch-size", default="8",
+                        help="the pipeline's batch_size; a comma-separated list runs the folder case with each")
+    parser.add_argument("--max-batch-s", type=float, default=TranscribeOptions.max_batch_s,
+                        help="speechxfer's padded seconds per batch")
+    parser.add_argument("--rss-cap-gib", type=float, default=8.0,
+                        help="stop a case whose resident memory passes this (the pipeline's grows with file length)")
     parser.add_argument("--cases", default="folder,long,ref", help="which of folder,long,ref to run")
     parser.add_argument("--run-case", nargs=2, metavar=("TOOL", "DATA"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run_case:
         tool, data = args.run_case
-        print(json.dumps(run_case(tool, Path(data), args.model, args.device, args.batch_size, args.max_batch_s)))
+        print(json.dumps(run_case(tool, Path(data), args.model, args.device, int(args.batch_size),
+                                  args.max_batch_s)))
         return
     if args.quick:
         args.files, args.long_min = min(args.files, 40), min(args.long_min, 5.0)
@@ -157,39 +191,44 @@ def main() -> None:
         if not (model / "model.safetensors").is_file():
             make_model(model)
     data = make_data(args.workdir, files=args.files, long_min=args.long_min, ref_min=args.ref_min)
-    results: dict[tuple[str, str], dict] = {}
+    results: dict[tuple[str, str], dict] = {}  # (case, tool label) -> measurements
     print(f"model {model}, device {args.device}, {os.cpu_count()} CPUs", flush=True)
+    sizes = [int(b) for b in args.batch_size.split(",")]
     for case in [c.strip() for c in args.cases.split(",") if c.strip()]:
-        for tool in ("speechxfer", "pipeline"):
+        # the folder case tries every pipeline batch size; the long files use the first
+        runs = [("speechxfer", sizes[0])] + [("pipeline", b) for b in (sizes if case == "folder" else sizes[:1])]
+        for tool, batch_size in runs:
+            label = tool if tool == "speechxfer" else f"pipeline bs={batch_size}"
             command = [sys.executable, __file__, "--run-case", tool, str(data[case]), "--model", str(model),
-                       "--device", args.device, "--batch-size", str(args.batch_size),
+                       "--device", args.device, "--batch-size", str(batch_size),
                        "--max-batch-s", str(args.max_batch_s)]
             env = os.environ | {"BENCH_OUT": str(args.workdir / f"out-{case}"), "TQDM_DISABLE": "1"}
-            done = subprocess.run(command, capture_output=True, text=True, env=env)
-            if done.returncode != 0:
-                sys.exit(f"{tool} {case} failed:\n{done.stderr[-3000:]}")
-            results[case, tool] = json.loads(done.stdout.strip().splitlines()[-1])
-            r = results[case, tool]
-            print(f"{case:<7} {tool:<11} audio {r['audio_s']:8.1f} s  wall {r['wall_s']:7.1f} s  "
+            r = run_capped(command, env, cap_mib=args.rss_cap_gib * 1024)
+            if r is None:
+                print(f"{case:<7} {label:<16} stopped: RSS passed {args.rss_cap_gib:g} GiB", flush=True)
+                continue
+            results[case, label] = r
+            print(f"{case:<7} {label:<16} audio {r['audio_s']:8.1f} s  wall {r['wall_s']:7.1f} s  "
                   f"RTF {r['wall_s'] / r['audio_s']:.4f}  peak RSS {r['peak_rss_mib']:7.0f} MiB", flush=True)
     print()
-    print(f"| case | tool | audio s | wall s | RTF | x real time | peak RSS MiB |")
+    print("| case | tool | audio s | wall s | RTF | x real time | peak RSS MiB |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for (case, tool), r in results.items():
         print(f"| {case} | {tool} | {r['audio_s']:.1f} | {r['wall_s']:.1f} | {r['wall_s'] / r['audio_s']:.4f} | "
               f"{r['audio_s'] / r['wall_s']:.1f} | {r['peak_rss_mib']:.0f} |")
     print()
-    if ("folder", "pipeline") in results:
-        ratio = results["folder", "pipeline"]["wall_s"] / results["folder", "speechxfer"]["wall_s"]
-        print(f"folder throughput speechxfer / pipeline: {ratio:.2f}x (target >= 2x)")
+    for (case, label), r in results.items():
+        if case == "folder" and label != "speechxfer":
+            ratio = r["wall_s"] / results["folder", "speechxfer"]["wall_s"]
+            print(f"folder throughput speechxfer / {label}: {ratio:.2f}x (target >= 2x)")
     if ("long", "speechxfer") in results:
         long_mib = results["long", "speechxfer"]["peak_rss_mib"]
         print(f"long-file peak RSS {long_mib:.0f} MiB (target < 2048)")
         if ("ref", "speechxfer") in results:
-            growth = long_mib / results["ref", "speechxfer"]["peak_rss_mib"] - 1
-            print(f"peak RSS {args.long_min:g} min vs {args.ref_min:g} min: {growth:+.1%} (target within 20%); "
-                  f"pipeline: {results['long', 'pipeline']['peak_rss_mib'] / results['ref', 'pipeline']['peak_rss_mib'] - 1:+.1%}")
-
+            for label in [label for case, label in results if case == "long" and ("ref", label) in results]:
+                growth = results["long", label]["peak_rss_mib"] / results["ref", label]["peak_rss_mib"] - 1
+                print(f"{label} peak RSS {args.long_min:g} min vs {args.ref_min:g} min: {growth:+.1%} "
+                      "(target for speechxfer: within 20%)")
 
 if __name__ == "__main__":
     main()

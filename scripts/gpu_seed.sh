@@ -76,15 +76,18 @@ if __name__ == "__main__":
         sizes = ", ".join(f"{name} {len(utts)}" for name, utts in corpus.splits.items())
         print(f"{language}: {sizes} utterances, {hours:.2f} h in {time.monotonic() - start:.0f} s", flush=True)
 EOF
-timeout 240 "$PYTHON" "$WORK/synthesize.py" "$WORK/data" "$COUNT" "$JOBS" $LANGS 2>&1 | tee -a "$LOG"
+timeout 240 "$PYTHON" "$WORK/synthesize.py" "$WORK/data" "$COUNT" "$JOBS" $LANGS 2>&1 | tee -a "$LOG" \
+    || say "synthesis stopped early; training on the languages that are complete"
+DONE=$(for lang in $LANGS; do [[ -f "$WORK/data/$lang/test.jsonl" ]] && echo -n "$lang "; done || true)
+[[ -n "$DONE" ]] || { say "no corpus was synthesized"; exit 1; }
 
 # Whatever synthesis took, leave ~75 s of the wall budget for the test evaluation, saving and packing.
 ELAPSED=$(( $(date +%s) - START ))
 TRAIN_MINUTES=$("$PYTHON" -c "print(round(max(0.5, min($MAX_MINUTES, ($WALL_S - $ELAPSED - 75) / 60)), 2))")
 say "training for $TRAIN_MINUTES minutes"
 train() {  # train WORKERS MINUTES
-    "$PYTHON" scripts/train_seed.py --data "$WORK/data" --out "$WORK/seed_gpu" --work-dir "$WORK/run" \
-        --max-minutes "$2" --hidden-size "$HIDDEN" --layers "$LAYERS" --max-batch-s "$BATCH_S" \
+    "$PYTHON" scripts/train_seed.py --data "$WORK/data" --languages $DONE --out "$WORK/seed_gpu" \
+        --work-dir "$WORK/run" --max-minutes "$2" --hidden-size "$HIDDEN" --layers "$LAYERS" --max-batch-s "$BATCH_S" \
         --workers "$1" --eval-every "$EVAL_EVERY" --checkpoint-every 1000000 2>&1 \
         | grep --line-buffered -v "Writing model shards" | tee -a "$LOG"
 }
@@ -92,8 +95,12 @@ if ! train "$WORKERS" "$TRAIN_MINUTES"; then
     # Data-loader workers are the likeliest part to fail on an unknown box (shared memory): retry without.
     ELAPSED=$(( $(date +%s) - START ))
     LEFT=$("$PYTHON" -c "print(round(($WALL_S - $ELAPSED - 75) / 60, 2))")
-    say "training failed; retrying without data-loader workers for $LEFT minutes"
-    rm -rf "$WORK/run"
-    train 0 "$LEFT"
+    if "$PYTHON" -c "raise SystemExit($LEFT < 1)"; then
+        say "training failed; retrying without data-loader workers for $LEFT minutes"
+        rm -rf "$WORK/run"
+        train 0 "$LEFT"
+    else
+        say "training failed, too late to retry"
+    fi
 fi
 say "done"

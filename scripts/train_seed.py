@@ -181,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.max_minutes <= 0:
+        parser.error("--max-minutes must be positive")
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -212,6 +212,11 @@ def _load_weights(name: str, config: Wav2Vec2Config) -> Wav2Vec2ForCTC:
     if missing:
         listed = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
         raise InputError(f"the checkpoint lacks {len(missing)} weights of a wav2vec2 model: {listed}", path=name)
+    if "wav2vec2.masked_spec_embed" in info["missing_keys"] and model.wav2vec2.masked_spec_embed is not None:
+        # Some transformers releases leave a parameter missing from the weights uninitialised (seen as NaN losses
+        # on a GPU with SpecAugment on); initialise it the way the Wav2Vec2Model constructor does.
+        with torch.no_grad():
+            model.wav2vec2.masked_spec_embed.uniform_()
     return model
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -81,6 +82,9 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
     # of device (CUDA, MPS, ...) to it. With DDP, layerdrop and frozen layers leave parameters without gradients in
     # some updates, which DDP must be told to expect.
     cpu_processes = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    # Accelerate keeps its settings (precision, accumulation) in a process-wide singleton; forget those of an earlier
+    # train() in this process, keeping the distributed setup.
+    AcceleratorState._reset_state()
     accelerator = Accelerator(cpu=cpu_processes, mixed_precision=_mixed_precision(opts.mixed_precision),
                               gradient_accumulation_steps=opts.grad_accum_steps,
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from speechxfer.audio import audio_duration_s, load_audio
 from speechxfer.decoding import Decoder, Transcript, WordTiming
@@ -149,7 +150,8 @@ def _model_directory(model: str | os.PathLike) -> str:
     try:
         return snapshot_download(os.fspath(model), allow_patterns=["*.json", "*.safetensors", "*.txt"])
     except Exception as err:  # hub errors come in many types (offline, not found, gated, bad id)
-        raise InputError(f"not a model folder, and not a hub model that can be fetched: {err}",
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise InputError(f"not a model folder, and not a hub model that can be fetched: {reason}",
                          path=model) from None
 
 
@@ -275,10 +277,8 @@ def _pieces(recognizer: Recognizer, segments: Sequence[AudioSegment], options: T
             progress: bool) -> Iterator[tuple[AudioSegment, torch.Tensor, bool] | Problem]:
     """(segment, (frames, vocab) log posteriors, whether it is the segment's last piece), or a Problem.
 
-    A long segment's pieces come one after another, in order, before anything else.
+    A long segment's pieces come consecutively and in order, never interleaved with another segment's.
     """
-    from tqdm import tqdm
-
     short = sorted((s for s in segments if s.duration_s <= options.chunk_s), key=lambda s: -s.duration_s)
     long = [s for s in segments if s.duration_s > options.chunk_s]
     total_s = sum(s.duration_s for s in segments)
