@@ -211,10 +211,11 @@ def run_cell(grid: Grid, condition: str, minutes: float, *, base: Path, train_ma
     from speechxfer.training import train
 
     output_dir = grid.out / "runs" / f"{condition}_{minutes:g}min"
+    # Evaluations every ceil(budget / n) updates, so that the last one falls on the final update.
     overrides = [f"base={base}", f"data.train={train_manifest}", f"data.dev={grid.corpus / 'dev.jsonl'}",
                  f"data.test={grid.corpus / 'test.jsonl'}", f"vocabulary.path={vocab_dir}",
                  f"train.max_updates={grid.budget_updates}", f"train.max_batch_s={grid.max_batch_s}",
-                 f"eval.every_updates={max(1, grid.budget_updates // EVALUATIONS_PER_CELL)}", "eval.patience=null",
+                 f"eval.every_updates={-(-grid.budget_updates // EVALUATIONS_PER_CELL)}", "eval.patience=null",
                  f"output_dir={output_dir}"]
     if condition != "transfer":
         overrides += ["freezing.head_only_updates=0", "freezing.bottom_layers=0", "freezing.layer_lr_decay=1.0"]

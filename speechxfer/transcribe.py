@@ -103,11 +103,11 @@ class Recognizer:
         lengths = torch.tensor([len(w) for w in waveforms])
         batch = torch.zeros(len(waveforms), int(lengths.max()))
         for i, wave in enumerate(waveforms):
-            x = torch.from_numpy(wave)
+            row = batch[i, : len(wave)]
+            row.copy_(torch.from_numpy(wave))
             if self.normalize:
                 mean, std = stats[i] if stats is not None else _Moments.of(wave).mean_std()
-                x = (x - mean) / std
-            batch[i, : len(wave)] = x
+                row.sub_(mean).div_(std)
         mask = None
         if self.use_attention_mask:
             mask = (torch.arange(batch.shape[1])[None, :] < lengths[:, None]).long().to(self.device)
@@ -293,8 +293,9 @@ def _pieces(recognizer: Recognizer, segments: Sequence[AudioSegment], options: T
                 pending = loader.submit(_load_batch, recognizer, batches[i + 1])
             yield from problems
             if loaded:
-                log_probs, frames = recognizer.log_probs([wave for _, wave in loaded])
-                for (segment, _), item, n in zip(loaded, log_probs, frames.tolist()):
+                stats = [moments for _, _, moments in loaded] if recognizer.normalize else None
+                log_probs, frames = recognizer.log_probs([wave for _, wave, _ in loaded], stats=stats)
+                for (segment, _, _), item, n in zip(loaded, log_probs, frames.tolist()):
                     yield segment, item[:n], True
             bar.update(round(sum(s.duration_s for s in batches[i]), 1))
         for segment in long:
@@ -318,7 +319,8 @@ def _plan_batches(segments: Sequence[AudioSegment], max_batch_s: float) -> list[
 
 
 def _load_batch(recognizer: Recognizer, batch: Sequence[AudioSegment],
-                ) -> tuple[list[tuple[AudioSegment, np.ndarray]], list[Problem]]:
+                ) -> tuple[list[tuple[AudioSegment, np.ndarray, tuple[float, float]]], list[Problem]]:
+    """Read a batch's audio, with each waveform's (mean, std), off the thread that runs the model."""
     loaded, problems = [], []
     for segment in batch:
         try:
@@ -327,7 +329,7 @@ def _load_batch(recognizer: Recognizer, batch: Sequence[AudioSegment],
         except AudioError as err:
             problems.append(Problem(segment.path, None, "unreadable_audio", err.message, segment.id))
             continue
-        loaded.append((segment, wave))
+        loaded.append((segment, wave, _Moments.of(wave).mean_std()))
     return loaded, problems
 
 

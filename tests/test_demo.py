@@ -15,6 +15,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from speechxfer.errors import InputError
 from speechxfer.manifest import Utterance, load_manifest, write_manifest
 from speechxfer.recipe import Recipe, load_recipe
 from tiny import make_tiny_checkpoint, write_tone
@@ -94,14 +95,15 @@ def write_corpus(folder: Path) -> Path:
 @pytest.fixture(scope="module")
 def grid_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("curve")
-    seed = make_tiny_checkpoint(tmp / "seed", arch="base", ctc_vocab=SEED_VOCAB)
+    # seed 1: the script draws the from-scratch weights with seed 0, which must not give the seed's own weights
+    seed = make_tiny_checkpoint(tmp / "seed", arch="base", ctc_vocab=SEED_VOCAB, seed=1)
     corpus = write_corpus(tmp / "corpus")
     recipe = tmp / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({
         "base": str(seed), "data": {"train": "unused.jsonl"}, "freezing": {"head_only_updates": 1},
         "train": {"lr": 1e-3, "max_batch_s": 2.5, "min_duration_s": 0.1, "warmup_ratio": 0.5, "hold_ratio": 0.0},
         "output_dir": str(tmp / "unused")}), encoding="utf-8")
-    args = ["--seed-dir", str(seed), "--corpus", str(corpus), "--recipe", str(recipe), "--minutes", "0.05,0.1",
+    args = ["--seed-dir", str(seed), "--corpus", str(corpus), "--recipe", str(recipe), "--minutes", "0.1",
             "--budget-updates", "2", "--device", "cpu", "--out", str(tmp / "out"), "--report-dir", str(tmp / "docs")]
     return tmp, args
 
@@ -112,18 +114,14 @@ def test_learning_curve_trains_every_cell_and_writes_the_report(grid_run, monkey
     assert learning_curve.main(args) == 0
 
     results = json.loads((tmp / "out" / "results.json").read_text())
-    assert sorted(results["cells"]) == sorted(f"{c}/{m}" for c in learning_curve.CONDITIONS for m in ("0.05", "0.1"))
+    assert sorted(results["cells"]) == sorted(f"{c}/0.1" for c in learning_curve.CONDITIONS)
     for cell in results["cells"].values():
         assert cell["updates"] == 2 and 0 <= cell["test_cer"] and 0 <= cell["test_wer"]
-        assert cell["train_utterances"] == {0.05: 3, 0.1: 6}[cell["minutes"]]  # 1 s each, up to 3 s and 6 s
+        assert cell["train_utterances"] == 6  # 1 s each, up to 6 s
     assert json.loads((tmp / "docs" / "learning_curves.json").read_text()) == results
     report = (tmp / "docs" / "learning_curves.md").read_text()
-    assert "| 0.05 |" in report and "| 0.1 |" in report and "not run" not in report
+    assert "| 0.1 |" in report and "not run" not in report
     assert (tmp / "docs" / "learning_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-    # the subsets are nested prefixes of one shuffle
-    small, large = (load_manifest(tmp / "out" / "data" / f"train_{m}min.jsonl") for m in ("0.05", "0.1"))
-    assert [u.id for u in large[:len(small)]] == [u.id for u in small]
 
     # (b) is the seed with a new random head; (c) shares no weight with the seed
     seed = load_file(tmp / "seed" / "model.safetensors")
@@ -150,6 +148,20 @@ def test_learning_curve_rerun_skips_cached_cells_and_refuses_other_settings(grid
     other = [a if a != "2" else "3" for a in args]  # --budget-updates 3
     assert learning_curve.main(other) == 2
     assert "other settings" in capsys.readouterr().err
+
+
+def test_learning_curve_subsets_are_nested_prefixes_of_one_shuffle(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus")
+    grid = learning_curve.Grid(recipe=tmp_path / "unused.yaml", seed_dir=tmp_path, corpus=corpus,
+                               minutes=(0.02, 0.05, 0.1), budget_updates=1, max_batch_s=1.0, device="cpu",
+                               out=tmp_path / "out")
+    subsets = {m: load_manifest(path) for m, path in learning_curve.write_subsets(grid).items()}
+    assert [len(subsets[m]) for m in grid.minutes] == [2, 3, 6]  # 1 s each: up to 1.2 s, 3 s, 6 s
+    assert [u.id for u in subsets[0.1][:3]] == [u.id for u in subsets[0.05]]
+    assert [u.id for u in subsets[0.1]] != sorted(u.id for u in subsets[0.1])  # shuffled, not the file order
+    too_much = dataclasses.replace(grid, minutes=(1.0,))
+    with pytest.raises(InputError, match="fewer than 1"):
+        learning_curve.write_subsets(too_much)
 
 
 def test_learning_curve_checks_report_both_acceptance_criteria():
