@@ -305,3 +305,24 @@ def test_read_pair_pairs_plain_files_by_line(tmp_path):
 def test_rejected_text_is_an_input_error():
     with pytest.raises(InputError, match="utterance a: the normalizer rejects the hypothesis"):
         score({"a": "one"}, {"a": "1"}, normalizer=TextNormalizer(TextOptions(digits="reject")))
+
+
+def test_alignment_never_beats_jiwers_minimum_edit_distance():
+    # jiwer's unit-cost alignment gives the least possible number of errors; sclite's weighted one may trade a
+    # substitution for a deletion plus an insertion, never fewer errors, and both account for every reference word.
+    import jiwer
+
+    rng = random.Random(7)
+    words = "a b c d e ž ш ı".split()
+    more = 0
+    for _ in range(300):
+        ref = [rng.choice(words) for _ in range(rng.randint(1, 9))]
+        hyp = [rng.choice(words) for _ in range(rng.randint(0, 9))]
+        ours = align(ref, hyp)
+        theirs = jiwer.process_words(" ".join(ref), " ".join(hyp) or "")
+        assert ours.hits + ours.substitutions + ours.deletions == len(ref)
+        ours_errors = ours.substitutions + ours.deletions + ours.insertions
+        jiwer_errors = theirs.substitutions + theirs.deletions + theirs.insertions
+        assert ours_errors >= jiwer_errors
+        more += ours_errors > jiwer_errors
+    assert more > 0  # the two really differ on some pairs, which is why jiwer alone cannot give sclite's numbers
