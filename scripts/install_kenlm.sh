@@ -13,11 +13,12 @@ apt-get install -y -qq cmake g++ make libboost-program-options-dev libboost-syst
     zlib1g-dev libbz2-dev liblzma-dev >/dev/null
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-python3 -m pip download -q --no-binary :all: --no-deps --no-build-isolation -d "$work" kenlm
+python3 -m pip download -q -q --no-binary :all: --no-deps --no-build-isolation -d "$work" kenlm
 tar -xzf "$work"/kenlm-*.tar.gz -C "$work"
 src=$(find "$work" -maxdepth 1 -type d -name 'kenlm-*' | head -n 1)
-cmake -S "$src" -B "$src/build" -DCMAKE_BUILD_TYPE=Release >/dev/null
-cmake --build "$src/build" --target lmplz build_binary -j "$(nproc)" >/dev/null
+build() { "$@" >>"$work/build.log" 2>&1 || { tail -n 40 "$work/build.log" >&2; exit 1; }; }  # quiet unless it fails
+build cmake -S "$src" -B "$src/build" -DCMAKE_BUILD_TYPE=Release
+build cmake --build "$src/build" --target lmplz build_binary -j "$(nproc)"
 install -d "$prefix/bin"
 install -m 0755 "$src/build/bin/lmplz" "$src/build/bin/build_binary" "$prefix/bin/"
 echo "installed lmplz and build_binary to $prefix/bin"
