@@ -14,9 +14,8 @@ Each finished cell is cached in OUT/results.json and a rerun skips it; an interr
 checkpoint. The report goes to REPORT_DIR/learning_curves.{md,json,png}.
 
     bash scripts/demo.sh                      # makes data/demo/es (the corpus) and data/texts/es.txt
-    python scripts/learning_curve.py --seed-dir seed --corpus data/demo/es --budget-updates 60
-    python scripts/learning_curve.py --seed-dir seed --corpus data/demo/es --device cuda --budget-updates 600 \
-        --out runs/learning_curve_gpu
+    python scripts/learning_curve.py                          # seed/, data/demo/es, 80 updates of 16 s
+    python scripts/learning_curve.py --device cuda --budget-updates 800 --max-batch-s 64 --out runs/learning_curve_gpu
 """
 
 from __future__ import annotations
@@ -31,6 +30,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+# torch, transformers and speechxfer are imported inside the functions: --device cpu must hide the GPUs before any
+# of them can look for one.
 REPO = Path(__file__).resolve().parents[1]
 CONDITIONS = {
     "transfer": "(a) seed, speechxfer (vocabulary transfer, staged freezing)",
@@ -66,9 +67,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="recipe of the transfer run (a); its text, model and train settings hold for all")
     parser.add_argument("--minutes", type=_minutes, default=(5.0, 10.0, 20.0, 40.0),
                         help="comma-separated minutes of training data (default 5,10,20,40)")
-    parser.add_argument("--budget-updates", type=int, default=60, help="updates of every run (default 60)")
-    parser.add_argument("--max-batch-s", type=float, default=None,
-                        help="seconds of audio per batch of every run (default: the recipe's)")
+    # 80 updates of 16 s: the 12 runs of the default grid take about 32 minutes of CPU time, which fits ~45 minutes
+    # on 2 cores (measured with the 3.7 M-parameter seed; docs/learning_curves.md has the run's own figures).
+    parser.add_argument("--budget-updates", type=int, default=80, help="updates of every run (default 80)")
+    parser.add_argument("--max-batch-s", type=float, default=16.0,
+                        help="seconds of audio per batch of every run (default 16)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--out", type=Path, default=REPO / "runs/learning_curve",
                         help="runs and the results cache (default runs/learning_curve)")
@@ -79,12 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch first looks for a GPU: Accelerate then picks the CPU
 
     from speechxfer.errors import SpeechxferError
-    from speechxfer.recipe import load_recipe
 
     try:
-        max_batch_s = args.max_batch_s or load_recipe(args.recipe, overrides=[f"base={args.seed_dir}"]).train.max_batch_s
         grid = Grid(recipe=args.recipe.resolve(), seed_dir=args.seed_dir.resolve(), corpus=args.corpus.resolve(),
-                    minutes=args.minutes, budget_updates=args.budget_updates, max_batch_s=max_batch_s,
+                    minutes=args.minutes, budget_updates=args.budget_updates, max_batch_s=args.max_batch_s,
                     device=args.device, out=args.out.resolve())
         results = run_grid(grid)
         write_report(grid, results, args.report_dir)
@@ -127,7 +128,8 @@ def run_grid(grid: Grid) -> dict:
 
     subsets = write_subsets(grid)
     vocab_dir = write_vocabulary(grid, subsets[max(grid.minutes)])
-    bases = {"transfer": grid.seed_dir, "hf_example": grid.out / "base_hf_example", "scratch": grid.out / "base_scratch"}
+    bases = {"transfer": grid.seed_dir, "hf_example": grid.out / "base_hf_example",
+             "scratch": grid.out / "base_scratch"}
     make_bases(grid.seed_dir, vocab_dir, hf_example=bases["hf_example"], scratch=bases["scratch"])
 
     for minutes in grid.minutes:

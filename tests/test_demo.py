@@ -104,7 +104,8 @@ def grid_run(tmp_path_factory):
         "train": {"lr": 1e-3, "max_batch_s": 2.5, "min_duration_s": 0.1, "warmup_ratio": 0.5, "hold_ratio": 0.0},
         "output_dir": str(tmp / "unused")}), encoding="utf-8")
     args = ["--seed-dir", str(seed), "--corpus", str(corpus), "--recipe", str(recipe), "--minutes", "0.1",
-            "--budget-updates", "2", "--device", "cpu", "--out", str(tmp / "out"), "--report-dir", str(tmp / "docs")]
+            "--budget-updates", "2", "--max-batch-s", "2.5", "--device", "cpu", "--out", str(tmp / "out"),
+            "--report-dir", str(tmp / "docs")]
     return tmp, args
 
 
