@@ -349,14 +349,9 @@ def _read_audiofolder(source: Path, options: _Options, problems: list[Problem]) 
         return {options.split or "train": _table_rows(source / "metadata.csv", ",", options, problems)}
     if options.split is not None:
         raise InputError("split subfolders here: a split name applies to a single folder", path=source)
-    folders = [d for d in sorted(source.iterdir()) if (d / "metadata.csv").is_file()]
-    if not folders:
-        raise InputError("no metadata.csv here or in split subfolders", path=source)
-    rows_by_split: dict[str, list[_Row]] = {}
-    for folder in folders:
-        rows_by_split.setdefault(_split_name(folder.name), []).extend(
-            _table_rows(folder / "metadata.csv", ",", options, problems))
-    return rows_by_split
+    return _rows_by_split_folder(source, "metadata.csv",
+                                 lambda folder: _table_rows(folder / "metadata.csv", ",", options, problems),
+                                 missing="no metadata.csv here or in split subfolders")
 
 
 # --- Kaldi data directories ----------------------------------------------------------------------------------
@@ -369,12 +364,18 @@ def _read_kaldi(source: Path, options: _Options, problems: list[Problem]) -> dic
         return {_single_split(source, options): _kaldi_rows(source, options, problems)}
     if options.split is not None:
         raise InputError("data dirs here: a split name applies to a single one", path=source)
-    folders = [d for d in sorted(source.iterdir()) if (d / "wav.scp").is_file()]
+    return _rows_by_split_folder(source, "wav.scp", lambda folder: _kaldi_rows(folder, options, problems),
+                                 missing="no wav.scp here or in subfolders: not a Kaldi data dir")
+
+
+def _rows_by_split_folder(source: Path, marker: str, read_folder, *, missing: str) -> dict[str, list[_Row]]:
+    """Rows of every subfolder holding `marker`, grouped by the split its name maps to (validation → dev, ...)."""
+    folders = [d for d in sorted(source.iterdir()) if (d / marker).is_file()]
     if not folders:
-        raise InputError("no wav.scp here or in subfolders: not a Kaldi data dir", path=source)
+        raise InputError(missing, path=source)
     rows_by_split: dict[str, list[_Row]] = {}
     for folder in folders:
-        rows_by_split.setdefault(_split_name(folder.name), []).extend(_kaldi_rows(folder, options, problems))
+        rows_by_split.setdefault(_split_name(folder.name), []).extend(read_folder(folder))
     return rows_by_split
 
 
