@@ -5,7 +5,8 @@ Cases (each in its own subprocess, so peak RSS is that case's alone):
   long:   one long file (default 30 min), the pipeline with chunk_length_s/stride_length_s;
   ref:    one 3-minute file, for how peak memory grows with file length.
 Prints wall time (model load included, imports not), real-time factor, and peak RSS per case, then the targets:
-folder throughput >= 2x the pipeline's; peak RSS for the long file < 2 GiB and within 20% of the 3-minute file's.
+folder throughput >= 2x the pipeline's (with --repeat N, median wall times of N alternating runs); peak RSS for
+the long file < 2 GiB and within 20% of the 3-minute file's.
 
   python scripts/bench_transcribe.py                      # random 256-hidden 4-layer model, CPU
   python scripts/bench_transcribe.py --quick              # 40 files, 5-minute long file
@@ -18,6 +19,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -175,6 +177,8 @@ def main() -> None:
     parser.add_argument("--rss-cap-gib", type=float, default=8.0,
                         help="stop a case whose resident memory passes this (the pipeline's grows with file length)")
     parser.add_argument("--cases", default="folder,long,ref", help="which of folder,long,ref to run")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs of the folder case, tools alternating; its wall time is the median")
     parser.add_argument("--run-case", nargs=2, metavar=("TOOL", "DATA"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run_case:
@@ -197,6 +201,8 @@ def main() -> None:
     for case in [c.strip() for c in args.cases.split(",") if c.strip()]:
         # the folder case tries every pipeline batch size; the long files use the first
         runs = [("speechxfer", sizes[0])] + [("pipeline", b) for b in (sizes if case == "folder" else sizes[:1])]
+        runs *= args.repeat if case == "folder" else 1
+        walls: dict[str, list[float]] = {}
         for tool, batch_size in runs:
             label = tool if tool == "speechxfer" else f"pipeline bs={batch_size}"
             command = [sys.executable, __file__, "--run-case", tool, str(data[case]), "--model", str(model),
@@ -207,9 +213,16 @@ def main() -> None:
             if r is None:
                 print(f"{case:<7} {label:<16} stopped: RSS passed {args.rss_cap_gib:g} GiB", flush=True)
                 continue
-            results[case, label] = r
             print(f"{case:<7} {label:<16} audio {r['audio_s']:8.1f} s  wall {r['wall_s']:7.1f} s  "
                   f"RTF {r['wall_s'] / r['audio_s']:.4f}  peak RSS {r['peak_rss_mib']:7.0f} MiB", flush=True)
+            walls.setdefault(label, []).append(r["wall_s"])
+            previous = results.get((case, label), r)
+            results[case, label] = r | {"wall_s": statistics.median(walls[label]),
+                                        "peak_rss_mib": max(r["peak_rss_mib"], previous["peak_rss_mib"])}
+        if args.repeat > 1 and case == "folder":
+            for label, values in walls.items():
+                print(f"{case:<7} {label:<16} wall over {len(values)} runs: median {statistics.median(values):.1f} s, "
+                      f"min {min(values):.1f}, max {max(values):.1f}", flush=True)
     print()
     print("| case | tool | audio s | wall s | RTF | x real time | peak RSS MiB |")
     print("|---|---|---:|---:|---:|---:|---:|")

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from speechxfer.audio import audio_duration_s, load_audio
 from speechxfer.decoding import Decoder, Transcript, WordTiming
 from speechxfer.errors import AudioError, InputError, Problem
+from speechxfer.feature_encoder import use_blocked_feature_encoder
 from speechxfer.vocabulary import Vocabulary
 
 # Files a folder is searched for; files named one by one may have any suffix the audio layer reads.
@@ -84,6 +85,8 @@ class Recognizer:
             raise InputError(f"cannot load a Wav2Vec2ForCTC model with safetensors weights: {err}",
                              path=directory) from None
         self.model.eval().to(self.device)
+        if self.device.type == "cpu":
+            use_blocked_feature_encoder(self.model)
         self.vocabulary = Vocabulary.load(directory)
         if len(self.vocabulary) != self.model.config.vocab_size:
             raise InputError(f"vocab.json has {len(self.vocabulary)} tokens but the CTC head has "
@@ -104,13 +107,14 @@ class Recognizer:
         waveform's own. Returns (batch, frames, vocab) float32 on the CPU and (batch,) valid frames per item.
         """
         lengths = torch.tensor([len(w) for w in waveforms])
-        batch = torch.zeros(len(waveforms), int(lengths.max()))
+        batch = np.zeros((len(waveforms), int(lengths.max())), dtype=np.float32)
         for i, wave in enumerate(waveforms):
-            row = batch[i, : len(wave)]
-            row.copy_(torch.from_numpy(wave))
             if self.normalize:
                 mean, std = stats[i] if stats is not None else _Moments.of(wave).mean_std()
-                row.sub_(mean).div_(std)
+                np.divide(wave - np.float32(mean), np.float32(std), out=batch[i, : len(wave)])
+            else:
+                batch[i, : len(wave)] = wave
+        batch = torch.from_numpy(batch)
         mask = None
         if self.use_attention_mask:
             mask = (torch.arange(batch.shape[1])[None, :] < lengths[:, None]).long().to(self.device)
