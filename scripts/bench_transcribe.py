@@ -94,7 +94,8 @@ def make_data(workdir: Path, *, files: int, long_min: float, ref_min: float) -> 
 # --- one case, run inside a subprocess ------------------------------------------------------------------
 
 
-def run_case(tool: str, data: Path, model: Path, device: str, batch_size: int, max_batch_s: float) -> dict:
+def run_case(tool: str, data: Path, model: Path, device: str, batch_size: int, max_batch_s: float,
+             dtype: str) -> dict:
     # Imports stay outside the timed part for both tools (transformers' lazy modules included).
     import torch
     from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC, pipeline  # noqa: F401
@@ -105,7 +106,7 @@ def run_case(tool: str, data: Path, model: Path, device: str, batch_size: int, m
 
         start = time.perf_counter()
         segments, problems = find_audio([str(data)])
-        recognizer = Recognizer(model, device=device)
+        recognizer = Recognizer(model, device=device, dtype=dtype)
         decoder = GreedyDecoder(recognizer.vocabulary, frame_s=recognizer.frame_s)
         writer = OutputWriter(Path(os.environ["BENCH_OUT"]), ["tsv"])
         options = TranscribeOptions(max_batch_s=max_batch_s, chunk_s=CHUNK_S, stride_s=STRIDE_S)
@@ -117,7 +118,8 @@ def run_case(tool: str, data: Path, model: Path, device: str, batch_size: int, m
         audio_s = sum(s.duration_s for s in segments)
     else:
         start = time.perf_counter()
-        asr = pipeline("automatic-speech-recognition", model=str(model), device=torch.device(device))
+        asr = pipeline("automatic-speech-recognition", model=str(model), device=torch.device(device),
+                       dtype=getattr(torch, dtype))
         if data.is_dir():
             files = sorted(str(p) for p in data.glob("*.wav"))
             outputs = asr(files, batch_size=batch_size)
@@ -166,6 +168,8 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=None, help="model folder (default: a random small one)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/speechxfer-bench"))
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                        help="speechxfer's --dtype (autocast); the pipeline gets the model in this dtype")
     parser.add_argument("--files", type=int, default=200, help="short files in the folder case")
     parser.add_argument("--long-min", type=float, default=30.0, help="minutes of the long file")
     parser.add_argument("--ref-min", type=float, default=3.0, help="minutes of the reference file for RSS growth")
@@ -184,7 +188,7 @@ def main() -> None:
     if args.run_case:
         tool, data = args.run_case
         print(json.dumps(run_case(tool, Path(data), args.model, args.device, int(args.batch_size),
-                                  args.max_batch_s)))
+                                  args.max_batch_s, args.dtype)))
         return
     if args.quick:
         args.files, args.long_min = min(args.files, 40), min(args.long_min, 5.0)
@@ -196,7 +200,7 @@ def main() -> None:
             make_model(model)
     data = make_data(args.workdir, files=args.files, long_min=args.long_min, ref_min=args.ref_min)
     results: dict[tuple[str, str], dict] = {}  # (case, tool label) -> measurements
-    print(f"model {model}, device {args.device}, {os.cpu_count()} CPUs", flush=True)
+    print(f"model {model}, device {args.device}, dtype {args.dtype}, {os.cpu_count()} CPUs", flush=True)
     sizes = [int(b) for b in args.batch_size.split(",")]
     for case in [c.strip() for c in args.cases.split(",") if c.strip()]:
         # the folder case tries every pipeline batch size; the long files use the first
@@ -207,7 +211,7 @@ def main() -> None:
             label = tool if tool == "speechxfer" else f"pipeline bs={batch_size}"
             command = [sys.executable, __file__, "--run-case", tool, str(data[case]), "--model", str(model),
                        "--device", args.device, "--batch-size", str(batch_size),
-                       "--max-batch-s", str(args.max_batch_s)]
+                       "--max-batch-s", str(args.max_batch_s), "--dtype", args.dtype]
             env = os.environ | {"BENCH_OUT": str(args.workdir / f"out-{case}"), "TQDM_DISABLE": "1"}
             r = run_capped(command, env, cap_mib=args.rss_cap_gib * 1024)
             if r is None:

@@ -32,6 +32,9 @@ from speechxfer.vocabulary import Vocabulary
 AUDIO_SUFFIXES = frozenset({".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac", ".wma", ".aif", ".aiff",
                             ".au", ".sph", ".webm", ".mp4"})
 OUTPUT_FORMATS = ("txt", "json", "srt", "vtt", "tsv")
+# Precision of the forward pass. bfloat16 suits CPUs with AVX512-BF16 or AMX (matrix products ~3x float32's on
+# this project's CPU) and recent GPUs; float16 suits GPUs.
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TSV_NAME = "transcripts.tsv"
 # Subtitle cues: at most this many characters or seconds, so a cue fits on two short lines.
 _MAX_CUE_CHARS = 42
@@ -72,12 +75,17 @@ class Transcription:
 class Recognizer:
     """A Wav2Vec2ForCTC model folder (or hub id) loaded for inference, with its vocabulary and input settings."""
 
-    def __init__(self, model: str | os.PathLike, *, device: str = "auto"):
+    def __init__(self, model: str | os.PathLike, *, device: str = "auto", dtype: str = "float32"):
         from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
 
         directory = _model_directory(model)
         self.directory = directory
         self.device = torch.device(_pick_device(device))
+        if dtype not in COMPUTE_DTYPES:
+            raise InputError(f"unknown dtype {dtype!r} (choose from {', '.join(COMPUTE_DTYPES)})")
+        # Weights stay float32; matrix products and convolutions run in `dtype` under autocast, norms and
+        # softmax in float32 (torch's autocast op lists).
+        self.dtype = COMPUTE_DTYPES[dtype]
         try:
             self.model = Wav2Vec2ForCTC.from_pretrained(directory, use_safetensors=True, dtype=torch.float32)
             extractor = Wav2Vec2FeatureExtractor.from_pretrained(directory)
@@ -118,7 +126,8 @@ class Recognizer:
         mask = None
         if self.use_attention_mask:
             mask = (torch.arange(batch.shape[1])[None, :] < lengths[:, None]).long().to(self.device)
-        logits = self.model(batch.to(self.device), attention_mask=mask).logits
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            logits = self.model(batch.to(self.device), attention_mask=mask).logits
         frames = self.model._get_feat_extract_output_lengths(lengths)
         return logits.float().log_softmax(dim=-1).cpu(), frames.cpu()
 

@@ -75,3 +75,15 @@ def test_input_shorter_than_the_receptive_field_gives_no_frames():
     encoder = BlockedFeatureEncoder(wide_model("stable", conv_bias=True).wav2vec2.feature_extractor)
     assert encoder(torch.randn(2, encoder.receptive_field - 1)).shape == (2, MIN_CHANNELS, 0)
     assert encoder(torch.randn(2, encoder.receptive_field)).shape == (2, MIN_CHANNELS, 1)
+
+
+def test_blocked_encoder_runs_under_bfloat16_autocast():
+    original = wide_model("base", conv_bias=False).wav2vec2.feature_extractor
+    batch = padded_batch()
+    with torch.inference_mode():
+        expected = original(batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = BlockedFeatureEncoder(original)(batch)
+    assert got.dtype == torch.float32
+    error = (got - expected).abs().max().item()
+    assert 0 < error < 0.1 * expected.abs().max().item()

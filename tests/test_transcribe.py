@@ -10,7 +10,7 @@ from tiny import make_tiny_checkpoint, write_tone
 import speechxfer.transcribe as transcribe_module
 from speechxfer.cli import main
 from speechxfer.decoding import GreedyDecoder
-from speechxfer.errors import Problem
+from speechxfer.errors import InputError, Problem
 from speechxfer.transcribe import (OUTPUT_FORMATS, Recognizer, TranscribeOptions, Transcription, emissions,
                                    find_audio, transcribe)
 
@@ -98,6 +98,18 @@ def test_batched_equals_one_at_a_time(tmp_path, model_dir):
     for segment in segments:
         (alone,) = transcribe(recognizer, [segment], decoder=decoder, options=TranscribeOptions(max_batch_s=0.1))
         assert alone.transcript.text == together[segment.id].text
+
+
+def test_bfloat16_forward_pass_is_close_to_float32(tmp_path, model_dir):
+    wave = np.asarray(sf.read(varying_noise(tmp_path / "a.wav", duration_s=1.5))[0], dtype=np.float32)
+    full = Recognizer(model_dir, device="cpu").log_probs([wave])[0].exp()
+    half = Recognizer(model_dir, device="cpu", dtype="bfloat16").log_probs([wave])[0]
+    assert half.dtype == torch.float32
+    # bfloat16 keeps 8 significant bits: posteriors move by a little, not by nothing.
+    difference = (half.exp() - full).abs().max().item()
+    assert 0 < difference < 0.05
+    with pytest.raises(InputError, match="unknown dtype 'int8'"):
+        Recognizer(model_dir, device="cpu", dtype="int8")
 
 
 def test_windows_stitch_to_the_single_pass_result(tmp_path, local_model_dir, monkeypatch):
