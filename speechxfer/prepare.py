@@ -279,9 +279,40 @@ def _pick_columns(header: list[str], columns: Columns, path: Path) -> dict[str, 
     return picked
 
 
+def _read_jsonl_table(path: Path, problems: list[Problem]) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """A JSON-lines table (Hugging Face's metadata.jsonl) as `_read_table` gives a delimited one: the keys seen
+    (in order of first appearance) and (line, row) pairs with values as text; a line that is not a JSON object
+    becomes a malformed_row Problem."""
+    header: dict[str, None] = {}
+    rows: list[tuple[int, dict[str, str]]] = []
+    for line, content in enumerate(_read_text(path).splitlines(), start=1):
+        if not content.strip():
+            continue
+        try:
+            entry = json.loads(content)
+        except json.JSONDecodeError as err:
+            problems.append(Problem(str(path), line, "malformed_row", f"not JSON: {err.msg}"))
+            continue
+        if not isinstance(entry, dict):
+            problems.append(Problem(str(path), line, "malformed_row", "not a JSON object"))
+            continue
+        header.update(dict.fromkeys(entry))
+        rows.append((line, {key: "" if value is None else str(value) for key, value in entry.items()}))
+    if not header:
+        raise InputError("no JSON objects in this file", path=path)
+    for line, row in rows:  # keys a row lacks read as empty, as an empty CSV field would
+        for key in header:
+            row.setdefault(key, "")
+    return list(header), rows
+
+
 def _table_rows(path: Path, delimiter: str, options: _Options, problems: list[Problem]) -> list[_Row]:
-    """Rows of a csv / tsv / metadata.csv table with a header; audio paths relative to the table's folder."""
-    header, records = _read_table(path, delimiter, problems)
+    """Rows of a csv / tsv / metadata.csv / metadata.jsonl (delimiter None) table with a header; audio paths
+    relative to the table's folder."""
+    if delimiter is None:
+        header, records = _read_jsonl_table(path, problems)
+    else:
+        header, records = _read_table(path, delimiter, problems)
     col = _pick_columns(header, options.columns, path)
     rows = []
     for line, record in records:
@@ -342,16 +373,28 @@ def _read_delimited(delimiter: str, extension: str) -> Callable[[Path, _Options,
 
 
 def _read_audiofolder(source: Path, options: _Options, problems: list[Problem]) -> dict[str, list[_Row]]:
-    """A Hugging Face audiofolder: metadata.csv (file_name, a transcript column) in the folder itself, or in
-    split subfolders train/, validation/ (→ dev), test/."""
+    """A Hugging Face audiofolder: metadata.csv or metadata.jsonl (file_name, a transcript column) in the folder
+    itself, or in split subfolders train/, validation/ (→ dev), test/."""
     options = replace(options, columns=replace(options.columns, audio=options.columns.audio or "file_name"))
-    if (source / "metadata.csv").is_file():
-        return {options.split or "train": _table_rows(source / "metadata.csv", ",", options, problems)}
+    if _audiofolder_table(source) is not None:
+        return {options.split or "train": _audiofolder_rows(source, options, problems)}
     if options.split is not None:
         raise InputError("split subfolders here: a split name applies to a single folder", path=source)
-    return _rows_by_split_folder(source, "metadata.csv",
-                                 lambda folder: _table_rows(folder / "metadata.csv", ",", options, problems),
-                                 missing="no metadata.csv here or in split subfolders")
+    return _rows_by_split_folder(source, ("metadata.csv", "metadata.jsonl"),
+                                 lambda folder: _audiofolder_rows(folder, options, problems),
+                                 missing="no metadata.csv or metadata.jsonl here or in split subfolders")
+
+
+def _audiofolder_table(folder: Path) -> Path | None:
+    tables = [folder / name for name in ("metadata.csv", "metadata.jsonl") if (folder / name).is_file()]
+    if len(tables) > 1:
+        raise InputError("both metadata.csv and metadata.jsonl here: keep one", path=folder)
+    return tables[0] if tables else None
+
+
+def _audiofolder_rows(folder: Path, options: _Options, problems: list[Problem]) -> list[_Row]:
+    table = _audiofolder_table(folder)
+    return _table_rows(table, "," if table.suffix == ".csv" else None, options, problems)
 
 
 # --- Kaldi data directories ----------------------------------------------------------------------------------
@@ -364,13 +407,15 @@ def _read_kaldi(source: Path, options: _Options, problems: list[Problem]) -> dic
         return {_single_split(source, options): _kaldi_rows(source, options, problems)}
     if options.split is not None:
         raise InputError("data dirs here: a split name applies to a single one", path=source)
-    return _rows_by_split_folder(source, "wav.scp", lambda folder: _kaldi_rows(folder, options, problems),
+    return _rows_by_split_folder(source, ("wav.scp",), lambda folder: _kaldi_rows(folder, options, problems),
                                  missing="no wav.scp here or in subfolders: not a Kaldi data dir")
 
 
-def _rows_by_split_folder(source: Path, marker: str, read_folder, *, missing: str) -> dict[str, list[_Row]]:
-    """Rows of every subfolder holding `marker`, grouped by the split its name maps to (validation → dev, ...)."""
-    folders = [d for d in sorted(source.iterdir()) if (d / marker).is_file()]
+def _rows_by_split_folder(source: Path, markers: tuple[str, ...], read_folder, *,
+                          missing: str) -> dict[str, list[_Row]]:
+    """Rows of every subfolder holding one of the `markers` files, grouped by the split its name maps to
+    (validation → dev, ...)."""
+    folders = [d for d in sorted(source.iterdir()) if any((d / marker).is_file() for marker in markers)]
     if not folders:
         raise InputError(missing, path=source)
     rows_by_split: dict[str, list[_Row]] = {}

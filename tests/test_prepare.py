@@ -192,6 +192,27 @@ def test_audiofolder_with_split_subfolders(tmp_path):
     assert load_manifest(result.manifests["dev"])[0].speaker == "spk"
 
 
+def test_audiofolder_with_metadata_jsonl(tmp_path):
+    root = tmp_path / "hf"
+    for name in ("a", "b", "c"):
+        write_tone(root / "data" / f"{name}.wav", duration_s=0.3)
+    lines = [json.dumps({"file_name": "data/a.wav", "sentence": "text a", "speaker_id": 7}),
+             "",
+             json.dumps({"file_name": "data/b.wav", "sentence": "text b"}),  # no speaker: read as empty
+             '{"file_name": "data/c.wav", "sentence": ',
+             json.dumps(["data/c.wav", "text c"])]
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    result = prepare("audiofolder", root, tmp_path / "out")
+    train = load_manifest(result.manifests["train"])
+    assert [(u.text, u.speaker) for u in train] == [("text a", "7"), ("text b", None)]
+    assert [(p.line, p.kind) for p in result.problems] == [(4, "malformed_row"), (5, "malformed_row")]
+    assert all(p.path.endswith("metadata.jsonl") for p in result.problems)
+
+    (root / "metadata.csv").write_text("file_name,sentence\ndata/a.wav,x\n")
+    with pytest.raises(InputError, match="both metadata.csv and metadata.jsonl"):
+        prepare("audiofolder", root, tmp_path / "out2")
+
+
 def test_nemo_manifests_with_offsets(tmp_path):
     write_tone(tmp_path / "audio" / "long.wav", duration_s=2.0)
     lines = [
