@@ -9,6 +9,7 @@ folder throughput >= 2x the pipeline's (with --repeat N, median wall times of N 
 the long file < 2 GiB and within 20% of the 3-minute file's.
 
   python scripts/bench_transcribe.py                      # random 256-hidden 4-layer model, CPU
+  python scripts/bench_transcribe.py --shape xls-r-300m --files 40 --cases folder   # a random XLS-R-300M
   python scripts/bench_transcribe.py --quick              # 40 files, 5-minute long file
   python scripts/bench_transcribe.py --model DIR --device cuda
 """
@@ -38,16 +39,25 @@ STRIDE_S = TranscribeOptions.stride_s
 CHARACTERS = "abcdefghijklmnopqrstuvwxyz'"
 
 
-def make_model(directory: Path) -> None:
-    """A random wav2vec2 CTC model of realistic shape (7 conv layers, 320x stride) but small: hidden 256, 4 layers."""
+# Random models the bench makes: "small" has the real conv layout (7 layers, 320x stride) at 256 channels and 4
+# transformer layers of 256; "xls-r-300m" has the shape of facebook/wav2vec2-xls-r-300m (315 M parameters).
+SHAPES = {
+    "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
+                  conv_dim=(256,) * 7, num_conv_pos_embeddings=64),
+    "xls-r-300m": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                       conv_dim=(512,) * 7, conv_bias=True, num_conv_pos_embeddings=128),
+}
+
+
+def make_model(directory: Path, shape: str) -> None:
+    """A random wav2vec2 CTC model of one of the SHAPES, with a 30-token character vocabulary."""
     import torch
     from transformers import Wav2Vec2Config, Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
 
     torch.manual_seed(0)
     tokens = ["[PAD]", "[UNK]", "|", *CHARACTERS]
-    config = Wav2Vec2Config(vocab_size=len(tokens), pad_token_id=0, hidden_size=256, num_hidden_layers=4,
-                            num_attention_heads=4, intermediate_size=1024, conv_dim=(256,) * 7,
-                            feat_extract_norm="layer", do_stable_layer_norm=True, num_conv_pos_embeddings=64)
+    config = Wav2Vec2Config(vocab_size=len(tokens), pad_token_id=0, feat_extract_norm="layer",
+                            do_stable_layer_norm=True, **SHAPES[shape])
     directory.mkdir(parents=True, exist_ok=True)
     Wav2Vec2ForCTC(config).save_pretrained(directory, safe_serialization=True)
     (directory / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
@@ -166,7 +176,9 @@ def _rss_mib(pid: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=None, help="model folder (default: a random small one)")
+    parser.add_argument("--model", type=Path, default=None, help="model folder (default: a random one, --shape)")
+    parser.add_argument("--shape", choices=tuple(SHAPES), default="small",
+                        help="shape of the random model when no --model is given (default small)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/speechxfer-bench"))
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
@@ -196,9 +208,9 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     model = args.model
     if model is None:
-        model = args.workdir / "model-h256-l4"
+        model = args.workdir / ("model-h256-l4" if args.shape == "small" else f"model-{args.shape}")
         if not (model / "model.safetensors").is_file():
-            make_model(model)
+            make_model(model, args.shape)
     data = make_data(args.workdir, files=args.files, long_min=args.long_min, ref_min=args.ref_min)
     results: dict[tuple[str, str], dict] = {}  # (case, tool label) -> measurements
     print(f"model {model}, device {args.device}, dtype {args.dtype}, {os.cpu_count()} CPUs", flush=True)
