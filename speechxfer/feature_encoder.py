@@ -5,8 +5,9 @@ LayerNorm; on a CPU that spends more time in copies, layer norms over strided me
 first layer's large output (batch x 64 x frames x channels floats) than in the convolutions themselves. Here each
 conv layer is one matrix product over overlapping windows of a (time, channels) tensor, and the encoder runs on
 blocks of output frames, so every intermediate is a few MiB and stays in cache. The result is the same function
-(equal to transformers' output to float rounding, tested); on the benchmark model it made the forward pass ~1.3x
-faster (scripts/bench_transcribe.py). Nothing here is a new model: the weights are the model's own.
+(equal to transformers' output to float rounding, tested). Measured on this project's 2-core CPU with the
+benchmark model (256 channels): the encoder 447 -> 221 ms for 5 x 4 s of audio, and the 200-file folder of
+scripts/bench_transcribe.py 19.6 -> 13.5 s. Nothing here is a new model: the weights are the model's own.
 
 Supported: LayerNorm conv layers (XLS-R, XLSR-53, MMS: `feat_extract_norm="layer"`) and the GroupNorm first layer
 of wav2vec2-base-like models (`feat_extract_norm="group"`), whose per-channel statistics over the whole input are
