@@ -14,7 +14,9 @@ Each finished cell is cached in OUT/results.json and a rerun skips it; an interr
 checkpoint. The report goes to REPORT_DIR/learning_curves.{md,json,png}.
 
     bash scripts/demo.sh                      # makes data/demo/es (the corpus) and data/texts/es.txt
-    python scripts/learning_curve.py                          # seed/, data/demo/es, 80 updates of 16 s
+    python scripts/learning_curve.py                          # seed/, data/demo/es, 600 updates of 32 s (~52 min)
+    python scripts/learning_curve.py --budget-updates 80 --max-batch-s 16 --out runs/learning_curve_80   # ~45 min
+                                                              # on a loaded machine: docs/learning_curves_80.md
     python scripts/learning_curve.py --device cuda --budget-updates 800 --max-batch-s 64 --out runs/learning_curve_gpu
 """
 
@@ -67,11 +69,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="recipe of the transfer run (a); its text, model and train settings hold for all")
     parser.add_argument("--minutes", type=_minutes, default=(5.0, 10.0, 20.0, 40.0),
                         help="comma-separated minutes of training data (default 5,10,20,40)")
-    # 80 updates of 16 s: the 12 runs of the default grid take about 32 minutes of CPU time, which fits ~45 minutes
-    # on 2 cores (measured with the 3.7 M-parameter seed; docs/learning_curves.md has the run's own figures).
-    parser.add_argument("--budget-updates", type=int, default=80, help="updates of every run (default 80)")
-    parser.add_argument("--max-batch-s", type=float, default=16.0,
-                        help="seconds of audio per batch of every run (default 16)")
+    # 600 updates of 32 s, the demo recipe's budget: the 12 runs took 51.7 min wall on 2 idle cores (96 min of
+    # process CPU time). At 80 updates of 16 s training from scratch never left the blank plateau.
+    parser.add_argument("--budget-updates", type=int, default=600, help="updates of every run (default 600)")
+    parser.add_argument("--max-batch-s", type=float, default=32.0,
+                        help="seconds of audio per batch of every run (default 32)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--out", type=Path, default=REPO / "runs/learning_curve",
                         help="runs and the results cache (default runs/learning_curve)")
