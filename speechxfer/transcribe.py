@@ -78,11 +78,11 @@ class Recognizer:
     def __init__(self, model: str | os.PathLike, *, device: str = "auto", dtype: str = "float32"):
         from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
 
+        if dtype not in COMPUTE_DTYPES:
+            raise InputError(f"unknown dtype {dtype!r} (choose from {', '.join(COMPUTE_DTYPES)})")
         directory = _model_directory(model)
         self.directory = directory
         self.device = torch.device(_pick_device(device))
-        if dtype not in COMPUTE_DTYPES:
-            raise InputError(f"unknown dtype {dtype!r} (choose from {', '.join(COMPUTE_DTYPES)})")
         # Weights stay float32; matrix products and convolutions run in `dtype` under autocast, norms and
         # softmax in float32 (torch's autocast op lists).
         self.dtype = COMPUTE_DTYPES[dtype]
