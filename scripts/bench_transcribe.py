@@ -31,7 +31,7 @@ import numpy as np
 import soundfile as sf
 
 from speechxfer.scoring import score
-from speechxfer.transcribe import TranscribeOptions
+from speechxfer.transcribe import COMPUTE_DTYPES, TranscribeOptions
 
 RATE_HZ = 16000
 CHUNK_S = TranscribeOptions.chunk_s
@@ -181,7 +181,7 @@ def main() -> None:
                         help="shape of the random model when no --model is given (default small)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/speechxfer-bench"))
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+    parser.add_argument("--dtype", default="float32", choices=tuple(COMPUTE_DTYPES),
                         help="speechxfer's --dtype (autocast); the pipeline gets the model in this dtype")
     parser.add_argument("--files", type=int, default=200, help="short files in the folder case")
     parser.add_argument("--long-min", type=float, default=30.0, help="minutes of the long file")

@@ -372,28 +372,31 @@ def _read_delimited(delimiter: str, extension: str) -> Callable[[Path, _Options,
     return read
 
 
+# The table an audiofolder may hold, in the folder itself or in each split subfolder.
+_AUDIOFOLDER_TABLES = ("metadata.csv", "metadata.jsonl")
+
+
 def _read_audiofolder(source: Path, options: _Options, problems: list[Problem]) -> dict[str, list[_Row]]:
     """A Hugging Face audiofolder: metadata.csv or metadata.jsonl (file_name, a transcript column) in the folder
     itself, or in split subfolders train/, validation/ (→ dev), test/."""
     options = replace(options, columns=replace(options.columns, audio=options.columns.audio or "file_name"))
-    if _audiofolder_table(source) is not None:
-        return {options.split or "train": _audiofolder_rows(source, options, problems)}
+    if (table := _audiofolder_table(source)) is not None:
+        return {options.split or "train": _audiofolder_rows(table, options, problems)}
     if options.split is not None:
         raise InputError("split subfolders here: a split name applies to a single folder", path=source)
-    return _rows_by_split_folder(source, ("metadata.csv", "metadata.jsonl"),
-                                 lambda folder: _audiofolder_rows(folder, options, problems),
+    return _rows_by_split_folder(source, _AUDIOFOLDER_TABLES,
+                                 lambda folder: _audiofolder_rows(_audiofolder_table(folder), options, problems),
                                  missing="no metadata.csv or metadata.jsonl here or in split subfolders")
 
 
 def _audiofolder_table(folder: Path) -> Path | None:
-    tables = [folder / name for name in ("metadata.csv", "metadata.jsonl") if (folder / name).is_file()]
+    tables = [folder / name for name in _AUDIOFOLDER_TABLES if (folder / name).is_file()]
     if len(tables) > 1:
         raise InputError("both metadata.csv and metadata.jsonl here: keep one", path=folder)
     return tables[0] if tables else None
 
 
-def _audiofolder_rows(folder: Path, options: _Options, problems: list[Problem]) -> list[_Row]:
-    table = _audiofolder_table(folder)
+def _audiofolder_rows(table: Path, options: _Options, problems: list[Problem]) -> list[_Row]:
     return _table_rows(table, "," if table.suffix == ".csv" else None, options, problems)
 
 

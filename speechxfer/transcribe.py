@@ -335,8 +335,9 @@ def _plan_batches(segments: Sequence[AudioSegment], max_batch_s: float) -> list[
 
 
 def _load_batch(recognizer: Recognizer, batch: Sequence[AudioSegment],
-                ) -> tuple[list[tuple[AudioSegment, np.ndarray, tuple[float, float]]], list[Problem]]:
-    """Read a batch's audio, with each waveform's (mean, std), off the thread that runs the model."""
+                ) -> tuple[list[tuple[AudioSegment, np.ndarray, tuple[float, float] | None]], list[Problem]]:
+    """Read a batch's audio, with each waveform's (mean, std) when the model normalizes its input, off the thread
+    that runs the model."""
     loaded, problems = [], []
     for segment in batch:
         try:
@@ -345,7 +346,7 @@ def _load_batch(recognizer: Recognizer, batch: Sequence[AudioSegment],
         except AudioError as err:
             problems.append(Problem(segment.path, None, "unreadable_audio", err.message, segment.id))
             continue
-        loaded.append((segment, wave, _Moments.of(wave).mean_std()))
+        loaded.append((segment, wave, _Moments.of(wave).mean_std() if recognizer.normalize else None))
     return loaded, problems
 
 
