@@ -32,7 +32,8 @@ from torch.utils.data import DataLoader
 from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
 
 from speechxfer.audio import SAMPLE_RATE_HZ
-from speechxfer.batching import DurationBatchSampler, SpeechDataset, collate, filter_utterances, output_frames
+from speechxfer.batching import DurationBatchSampler, SpeechDataset, collate, filter_utterances, frame_geometry
+from speechxfer.decoding import GreedyDecoder, decode_batch
 from speechxfer.manifest import Utterance, read_manifest
 from speechxfer.recipe import TrainOptions
 from speechxfer.scoring import score
@@ -122,19 +123,21 @@ def character_error_rates(model: Wav2Vec2ForCTC, examples: dict[str, list[tuple[
     model.eval()
     results = {}
     attention_mask = needs_attention_mask(model.config)
+    geometry = frame_geometry(model.config)
+    decoder = GreedyDecoder(vocab, frame_s=geometry.stride / SAMPLE_RATE_HZ)
     for language, items in examples.items():
         dataset = SpeechDataset(items)
-        refs = {utt.id: vocab.decode_ctc(labels) for utt, labels in items}
+        refs = {utt.id: vocab.decode(labels) for utt, labels in items}  # label ids: repeats are letters
         hyps = {}
         sampler = DurationBatchSampler(dataset.durations_s, max_batch_s=max_batch_s, shuffle=False)
         for batch in loader(dataset, sampler, attention_mask=attention_mask, workers=0):
             ids = batch.pop("ids")
-            lengths = batch.pop("num_samples").tolist()
+            lengths = torch.tensor([geometry.frames(n) for n in batch.pop("num_samples").tolist()])
             inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
             with _autocast(device):
-                paths = model(**inputs).logits.argmax(dim=-1).cpu()  # (batch, frames)
-            for utterance_id, path, samples in zip(ids, paths, lengths):
-                hyps[utterance_id] = vocab.decode_ctc(path[:output_frames(model.config, samples)].tolist())
+                logits = model(**inputs).logits  # (batch, frames, vocab)
+            transcripts = decode_batch(decoder, logits.float().log_softmax(dim=-1).cpu(), lengths)
+            hyps.update((utterance_id, t.text) for utterance_id, t in zip(ids, transcripts))
         report = score(refs, hyps, bootstrap=0)
         results[language] = {"cer": report.cer, "wer": report.wer, "utterances": len(items),
                              "empty": sum(not h for h in hyps.values()) / max(1, len(hyps))}

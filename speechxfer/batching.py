@@ -20,16 +20,43 @@ LABEL_PAD = -100  # label id the CTC loss ignores (transformers' convention)
 _MAX_EXAMPLES = 10  # dropped utterance ids kept in a DropReport
 
 
-def output_frames(config: Wav2Vec2Config, num_samples: int) -> int:
-    """Frames of the CTC output (logits) for an input of `num_samples` samples: the conv feature encoder's
-    kernels and strides (and the optional adapter's), without padding. 0 when the input is too short."""
-    frames = num_samples
+@dataclass(frozen=True)
+class FrameGeometry:
+    """Where the output frames of stacked unpadded 1-D convolutions lie in their input, in samples: frame t is
+    computed from samples [t * stride, t * stride + receptive_field)."""
+
+    receptive_field: int  # input samples each output frame is computed from
+    stride: int  # input samples from one output frame to the next
+
+    @classmethod
+    def of(cls, layers: Iterable[tuple[int, int]]) -> FrameGeometry:
+        """Of (kernel, stride) layers applied in order."""
+        receptive_field, stride = 1, 1
+        for layer_kernel, layer_stride in layers:
+            receptive_field += (layer_kernel - 1) * stride
+            stride *= layer_stride
+        return cls(receptive_field, stride)
+
+    def frames(self, num_samples: int) -> int:
+        """Output frames of an input of `num_samples` samples; 0 when it is shorter than the receptive field.
+        Equal to applying each layer's (samples - kernel) // stride + 1 in turn (floor divisions nest)."""
+        return max(0, (num_samples - self.receptive_field) // self.stride + 1)
+
+
+def frame_geometry(config: Wav2Vec2Config) -> FrameGeometry:
+    """Where a wav2vec2 model's CTC output frames (logits) lie in its input: the conv feature encoder's kernels and
+    strides, then the optional adapter's layers."""
     layers = list(zip(config.conv_kernel, config.conv_stride))
     if config.add_adapter:
-        layers += [(1, config.adapter_stride)] * config.num_adapter_layers
-    for kernel, stride in layers:
-        frames = max(0, (frames - kernel) // stride + 1)
-    return frames
+        # an adapter conv pads one sample on each side: it counts as a kernel two shorter (1 for the default 3)
+        layers += [(config.adapter_kernel_size - 2, config.adapter_stride)] * config.num_adapter_layers
+    return FrameGeometry.of(layers)
+
+
+def output_frames(config: Wav2Vec2Config, num_samples: int) -> int:
+    """Frames of the CTC output (logits) for an input of `num_samples` samples, without padding; 0 when the input
+    is too short."""
+    return frame_geometry(config).frames(num_samples)
 
 
 @dataclass(frozen=True)

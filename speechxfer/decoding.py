@@ -105,33 +105,33 @@ class GreedyStream:
 
     def finish(self) -> Transcript:
         ids, probs = self._path.arrays()
-        vocabulary, frame_s = self._decoder.vocabulary, self._decoder.frame_s
+        vocabulary = self._decoder.vocabulary
+        emitting = np.flatnonzero(ids != vocabulary.blank_id)
         words = []
-        for start, end in _word_spans(ids, blank_id=vocabulary.blank_id, delimiter_id=vocabulary.delimiter_id):
-            span = ids[start:end]
-            text = vocabulary.decode_ctc(span)
+        for frames in _word_frames(emitting.tolist(), ids[emitting].tolist(), delimiter_id=vocabulary.delimiter_id):
+            # the word's stretch of the path, blanks included: they separate repeated letters
+            text = vocabulary.decode_ctc(ids[frames[0]: frames[-1] + 1])
             if text:
-                emitted = span != vocabulary.blank_id
-                words.append(WordTiming(text, start * frame_s, end * frame_s, float(probs[start:end][emitted].mean())))
+                words.append(_word_timing(text, frames, probs, frame_s=self._decoder.frame_s))
         return Transcript(" ".join(w.word for w in words), tuple(words))
 
 
-def _word_spans(ids: np.ndarray, *, blank_id: int, delimiter_id: int) -> list[tuple[int, int]]:
-    """[start, end) frames of each word of a frame path: from its first to its last letter frame."""
-    spans = []
-    start = end = None
-    for frame in np.flatnonzero(ids != blank_id).tolist():
-        if ids[frame] == delimiter_id:
-            if start is not None:
-                spans.append((start, end))
-            start = None
+def _word_frames(frames: list[int], tokens: list[int], *, delimiter_id: int) -> list[list[int]]:
+    """The frames of each word's letters, from the frames that emit a token (ascending) and their tokens: words
+    end at the word delimiter."""
+    words: list[list[int]] = [[]]
+    for frame, token in zip(frames, tokens):
+        if token == delimiter_id:
+            if words[-1]:
+                words.append([])
         else:
-            if start is None:
-                start = frame
-            end = frame + 1
-    if start is not None:
-        spans.append((start, end))
-    return spans
+            words[-1].append(frame)
+    return [w for w in words if w]
+
+
+def _word_timing(word: str, frames: list[int], probs: np.ndarray, *, frame_s: float) -> WordTiming:
+    """A word from its first to the end of its last letter frame; confidence: the mean posterior of those frames."""
+    return WordTiming(word, frames[0] * frame_s, (frames[-1] + 1) * frame_s, float(probs[frames].mean()))
 
 
 @dataclass(frozen=True)
@@ -208,20 +208,12 @@ class BeamSearchStream:
             return Transcript("", ())
         best = hypotheses[0]
         _, probs = self._path.arrays()
-        # flashlight pads its path with one frame at the start: timestep t is frame t - 1
-        frames = best.timesteps.numpy() - 1
         delimiter = self._owner.vocabulary.delimiter_id
-        groups: list[list[int]] = [[]]
-        for token, frame in zip(best.tokens.tolist(), frames.tolist()):
-            if token == delimiter:
-                if groups[-1]:
-                    groups.append([])
-            elif 0 <= frame < len(probs):
-                groups[-1].append(frame)
-        groups = [g for g in groups if g]
-        frame_s = self._owner.frame_s
-        words = tuple(WordTiming(word, g[0] * frame_s, (g[-1] + 1) * frame_s, float(probs[g].mean()))
-                      for word, g in zip(best.words, groups))
+        # flashlight pads its path with one frame at the start: timestep t is frame t - 1
+        emitted = [(frame, token) for frame, token in zip((best.timesteps - 1).tolist(), best.tokens.tolist())
+                   if token == delimiter or 0 <= frame < len(probs)]
+        groups = _word_frames([f for f, _ in emitted], [t for _, t in emitted], delimiter_id=delimiter)
+        words = tuple(_word_timing(word, g, probs, frame_s=self._owner.frame_s) for word, g in zip(best.words, groups))
         return Transcript(" ".join(best.words), words)
 
 

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from speechxfer.batching import FrameGeometry
+
 # Floats of the first conv layer's output per block (batch included): 2 Mi floats = 8 MiB, the size that was
 # fastest on the benchmark CPU (16-32 frames a block for 5 items of 256 channels).
 _BLOCK_FLOATS = 2 * 1024 * 1024
@@ -43,10 +45,8 @@ class BlockedFeatureEncoder(nn.Module):
         self._weights = [layer.conv.weight.detach().permute(2, 1, 0).reshape(-1, layer.conv.out_channels)
                          .contiguous() for layer in layers]
         self.group_norm = isinstance(getattr(layers[0], "layer_norm", None), nn.GroupNorm)
-        self.receptive_field, self.total_stride = 1, 1
-        for kernel, stride in zip(self.kernels, self.strides):
-            self.receptive_field += (kernel - 1) * self.total_stride
-            self.total_stride *= stride
+        self.geometry = FrameGeometry.of(zip(self.kernels, self.strides))
+        self._layer_geometry = [FrameGeometry(kernel, stride) for kernel, stride in zip(self.kernels, self.strides)]
 
     @staticmethod
     def supports(encoder: nn.Module) -> bool:
@@ -68,14 +68,15 @@ class BlockedFeatureEncoder(nn.Module):
     @torch.inference_mode()
     def forward(self, input_values: torch.Tensor) -> torch.Tensor:
         batch, samples = input_values.shape
-        frames = max(0, (samples - self.receptive_field) // self.total_stride + 1)
+        receptive_field, stride = self.geometry.receptive_field, self.geometry.stride
+        frames = self.geometry.frames(samples)
         out = input_values.new_empty(batch, frames, self._weights[-1].shape[1])
-        rows_per_frame = self.total_stride // self.strides[0]
+        rows_per_frame = stride // self.strides[0]
         block = max(1, _BLOCK_FLOATS // (batch * rows_per_frame * self._weights[0].shape[1]))
         moments = self._first_layer_moments(input_values, block * rows_per_frame) if self.group_norm else None
         for start in range(0, frames, block):
             end = min(frames, start + block)
-            piece = input_values[:, start * self.total_stride: (end - 1) * self.total_stride + self.receptive_field]
+            piece = input_values[:, start * stride: (end - 1) * stride + receptive_field]
             out[:, start:end] = self._layers(piece, moments)
         return out.transpose(1, 2)
 
@@ -97,7 +98,7 @@ class BlockedFeatureEncoder(nn.Module):
         """Conv layer i as one matrix product: (batch, time, channels) -> (batch, out time, out channels)."""
         batch, time, channels = h.shape
         kernel, stride = self.kernels[i], self.strides[i]
-        steps = (time - kernel) // stride + 1
+        steps = self._layer_geometry[i].frames(time)
         if h.stride(2) != 1 or h.stride(1) != channels:  # a window must be one run of memory
             h = h.contiguous()
         windows = h.as_strided((batch, steps, kernel * channels), (h.stride(0), stride * channels, 1))
@@ -110,7 +111,7 @@ class BlockedFeatureEncoder(nn.Module):
         """GroupNorm's per-item, per-channel mean and 1/std over all first-layer frames, padding included (as
         transformers computes them), gathered block by block in float64: (batch, 1, channels) each."""
         kernel, stride = self.kernels[0], self.strides[0]
-        steps = (x.shape[1] - kernel) // stride + 1
+        steps = self._layer_geometry[0].frames(x.shape[1])
         total = x.new_zeros(x.shape[0], self._weights[0].shape[1], dtype=torch.float64)
         squares = torch.zeros_like(total)
         for start in range(0, steps, rows):

@@ -29,7 +29,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import Wav2Vec2ForCTC
 
-from speechxfer.batching import DurationBatchSampler, SpeechDataset, collate, filter_utterances, output_frames
+from speechxfer.audio import SAMPLE_RATE_HZ
+from speechxfer.batching import DurationBatchSampler, SpeechDataset, collate, filter_utterances, frame_geometry
+from speechxfer.decoding import GreedyDecoder, decode_batch
 from speechxfer.errors import InputError, Problem
 from speechxfer.freezing import apply_freezing, parameter_groups, parameter_table
 from speechxfer.manifest import Utterance, read_manifest
@@ -290,17 +292,18 @@ def evaluate(model: Wav2Vec2ForCTC, loader: Iterable[dict], vocab: Vocabulary, r
     ({utterance id: normalized text}). Returns the score and {utterance id: hypothesis}."""
     was_training = model.training
     model.eval()
+    geometry = frame_geometry(model.config)
+    decoder = GreedyDecoder(vocab, frame_s=geometry.stride / SAMPLE_RATE_HZ)
     hyps: dict[str, str] = {}
     for batch in loader:
         ids = batch.pop("ids")
-        num_samples = batch.pop("num_samples")
+        # Frames past the end of a padded utterance are not part of it.
+        lengths = torch.tensor([geometry.frames(n) for n in batch.pop("num_samples")])
         batch = {k: v.to(accelerator.device) for k, v in batch.items() if k != "labels"}
         with accelerator.autocast():
             logits = model(**batch).logits  # (batch, frames, vocab)
-        best_paths = logits.argmax(dim=-1).cpu()
-        for utterance_id, path, samples in zip(ids, best_paths, num_samples):
-            # Frames past the end of a padded utterance are not part of it.
-            hyps[utterance_id] = vocab.decode_ctc(path[:output_frames(model.config, samples)].tolist())
+        transcripts = decode_batch(decoder, logits.float().log_softmax(dim=-1).cpu(), lengths)
+        hyps.update((utterance_id, t.text) for utterance_id, t in zip(ids, transcripts))
     model.train(was_training)
     hyps = {k: v for part in gather_object([hyps]) for k, v in part.items()}
     return score(refs, hyps, bootstrap=bootstrap), hyps

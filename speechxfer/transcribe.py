@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from speechxfer.audio import audio_duration_s, load_audio
+from speechxfer.batching import frame_geometry
 from speechxfer.decoding import Decoder, Transcript, WordTiming
 from speechxfer.errors import AudioError, InputError, Problem
 from speechxfer.feature_encoder import use_blocked_feature_encoder
@@ -103,7 +104,8 @@ class Recognizer:
         self.normalize: bool = extractor.do_normalize  # zero mean, unit variance per utterance
         # Group-norm (wav2vec2-base-like) models were trained on zero padding without a mask.
         self.use_attention_mask: bool = extractor.return_attention_mask
-        self.samples_per_frame: int = math.prod(self.model.config.conv_stride)
+        self.geometry = frame_geometry(self.model.config)  # where each output frame lies in the input samples
+        self.samples_per_frame: int = self.geometry.stride
         self.frame_s: float = self.samples_per_frame / self.sample_rate_hz
 
     @torch.inference_mode()
@@ -128,8 +130,8 @@ class Recognizer:
             mask = (torch.arange(batch.shape[1])[None, :] < lengths[:, None]).long().to(self.device)
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             logits = self.model(batch.to(self.device), attention_mask=mask).logits
-        frames = self.model._get_feat_extract_output_lengths(lengths)
-        return logits.float().log_softmax(dim=-1).cpu(), frames.cpu()
+        frames = torch.tensor([self.geometry.frames(n) for n in lengths.tolist()])
+        return logits.float().log_softmax(dim=-1).cpu(), frames
 
 
 class _Moments:

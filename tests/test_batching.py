@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import Wav2Vec2Model
 
-from speechxfer.batching import (DurationBatchSampler, SpeechDataset, collate, filter_utterances,
+from speechxfer.batching import (DurationBatchSampler, SpeechDataset, collate, filter_utterances, frame_geometry,
                                  output_frames)
 from speechxfer.manifest import Utterance
 from speechxfer.surgery import build_ctc_model, needs_attention_mask
@@ -20,15 +20,23 @@ from tiny import make_tiny_checkpoint, tiny_config, write_tone
 VOCAB = Vocabulary.from_texts(["ab cd"])
 
 
-@pytest.mark.parametrize("arch", ["stable", "base"])
-def test_output_frames_equals_the_models_output_length(arch):
+@pytest.mark.parametrize("arch,adapter_layers", [("stable", 0), ("base", 0), ("stable", 2)])
+def test_output_frames_equals_the_models_output_length(arch, adapter_layers):
     config = tiny_config(arch=arch)
+    if adapter_layers:
+        config.add_adapter, config.num_adapter_layers, config.output_hidden_size = True, adapter_layers, 32
     model = Wav2Vec2Model(config).eval()
-    for samples in (400, 401, 1599, 1600, 16000, 23457):
+    geometry = frame_geometry(config)
+    # kernels (10, 4, 4), strides (5, 4, 4): frame t sees samples [80 t, 80 t + 85); each adapter layer halves
+    assert (geometry.receptive_field, geometry.stride) == (85, 80 * 2 ** adapter_layers)
+    edges = [geometry.receptive_field + k * geometry.stride + d for k in (0, 1, 2) for d in (0, 1, geometry.stride - 1)]
+    for samples in [*edges, 1599, 1600, 16000, 23457]:
         with torch.no_grad():
             frames = model(torch.randn(1, samples)).last_hidden_state.shape[1]
-        assert output_frames(config, samples) == frames
-    assert output_frames(config, 5) == 0
+        assert output_frames(config, samples) == geometry.frames(samples) == frames, samples
+    assert output_frames(config, geometry.receptive_field - 1) == output_frames(config, 5) == 0
+    with pytest.raises(RuntimeError):  # the model itself cannot take an input shorter than its receptive field
+        model(torch.randn(1, geometry.receptive_field - 1))
 
 
 def utterance(uid: str, text: str, duration_s: float, path: str = "/nowhere.wav", offset_s: float = 0.0):

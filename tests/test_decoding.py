@@ -56,6 +56,22 @@ def test_greedy_words_times_and_confidence():
     assert first.confidence == pytest.approx(0.9 / (0.9 + 0.06), rel=1e-5)
 
 
+def test_greedy_decoder_text_is_the_collapsed_best_path():
+    """The greedy decoder (words and times) gives the text of collapsing the whole best path with decode_ctc, as
+    training's dev decoding did before it used the decoder: random posteriors with repeats, blanks, delimiters."""
+    generator = torch.Generator().manual_seed(0)
+    decoder = GreedyDecoder(VOCAB, frame_s=FRAME_S)
+    texts = []
+    for frames in [0, 1, 2, *torch.randint(3, 60, (300,), generator=generator).tolist()]:
+        log_probs = (3 * torch.randn(frames, len(VOCAB), generator=generator)).log_softmax(dim=-1)
+        (transcript,) = decode_batch(decoder, log_probs[None], torch.tensor([frames]))
+        assert transcript.text == VOCAB.decode_ctc(log_probs.argmax(dim=-1).tolist())
+        texts.append(transcript.text)
+    # the paths were varied enough to test something: several words, letters doubled across a blank, [UNK]
+    assert any(len(t.split()) >= 3 for t in texts) and any("aa" in t or "tt" in t for t in texts)
+    assert any("[UNK]" in t for t in texts)
+
+
 def test_greedy_stream_in_pieces_equals_one_pass_and_respects_lengths():
     log_probs = path_log_probs("_c_a_tt_ _a_t_ _c_u_t_")
     decoder = GreedyDecoder(VOCAB, frame_s=FRAME_S)

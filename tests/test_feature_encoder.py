@@ -5,6 +5,7 @@ import torch
 from tiny import tiny_config
 from transformers import Wav2Vec2ForCTC
 
+from speechxfer.batching import frame_geometry
 from speechxfer.feature_encoder import MIN_CHANNELS, BlockedFeatureEncoder, use_blocked_feature_encoder
 
 
@@ -72,9 +73,11 @@ def test_narrow_or_unknown_encoders_are_left_alone():
 
 
 def test_input_shorter_than_the_receptive_field_gives_no_frames():
-    encoder = BlockedFeatureEncoder(wide_model("stable", conv_bias=True).wav2vec2.feature_extractor)
-    assert encoder(torch.randn(2, encoder.receptive_field - 1)).shape == (2, MIN_CHANNELS, 0)
-    assert encoder(torch.randn(2, encoder.receptive_field)).shape == (2, MIN_CHANNELS, 1)
+    model = wide_model("stable", conv_bias=True)
+    encoder = BlockedFeatureEncoder(model.wav2vec2.feature_extractor)
+    assert encoder.geometry == frame_geometry(model.config)  # the layers' geometry is the config's
+    assert encoder(torch.randn(2, encoder.geometry.receptive_field - 1)).shape == (2, MIN_CHANNELS, 0)
+    assert encoder(torch.randn(2, encoder.geometry.receptive_field)).shape == (2, MIN_CHANNELS, 1)
 
 
 def test_blocked_encoder_runs_under_bfloat16_autocast():
