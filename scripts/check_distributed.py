@@ -15,7 +15,6 @@ Exit code 0 when both differences are within their tolerances, 1 otherwise.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -29,7 +28,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from tiny import make_tiny_checkpoint, write_tone  # noqa: E402  (test helpers, importable once tests/ is on the path)
 
-from speechxfer.manifest import Utterance, write_manifest  # noqa: E402
+from speechxfer.manifest import Utterance, read_jsonl, write_manifest  # noqa: E402
 
 TOLERANCE = 1e-4
 SECOND_UPDATE_TOLERANCE = 1e-3  # after one AdamW step on float32 sums taken in another order
@@ -60,7 +59,7 @@ def write_inputs(workdir: Path) -> Path:
 
 
 def losses(output_dir: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    records = [record for _, record in read_jsonl(output_dir / "metrics.jsonl")]
     return {r["update"]: r["loss"] for r in records if "loss" in r}
 
 

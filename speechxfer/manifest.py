@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import codecs
+import gzip
 import json
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,6 +92,36 @@ def read_manifest(path: str | os.PathLike, *,
         seen.add(utterance.id)
         utterances.append(utterance)
     return utterances, problems
+
+
+def read_jsonl(path: str | os.PathLike, *, problems: list[Problem] | None = None) -> Iterator[tuple[int, object]]:
+    """(line number, decoded value) of each non-blank line of a JSON-lines file, read as it goes.
+
+    UTF-8 with or without a byte-order mark, gzip-compressed when named *.gz; only "\\n" ends a line (a
+    JSON string may hold other Unicode line separators). A line that is not UTF-8 or not valid JSON raises
+    ManifestError naming the file and line, or, when `problems` is given, is added to it as a malformed_row
+    Problem and skipped. ManifestError when the file cannot be read.
+    """
+    path = os.fspath(path)
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            for number, raw in enumerate(f, start=1):
+                if number == 1:
+                    raw = raw.removeprefix(codecs.BOM_UTF8)
+                if not raw.strip():
+                    continue
+                try:
+                    value = json.loads(raw.rstrip(b"\r\n").decode("utf-8"))  # an error column counts on this line
+                except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                    message = (f"not UTF-8 ({err.reason})" if isinstance(err, UnicodeDecodeError)
+                               else f"not valid JSON: {err.msg} (column {err.colno})")
+                    if problems is None:
+                        raise ManifestError(message, path=path, line=number) from None
+                    problems.append(Problem(path, number, "malformed_row", message))
+                    continue
+                yield number, value
+    except (OSError, EOFError) as err:
+        raise ManifestError(f"cannot read: {err.strerror or err}", path=path) from None
 
 
 def load_manifest(path: str | os.PathLike) -> list[Utterance]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from speechxfer.audio import audio_duration_s
 from speechxfer.errors import AudioError, InputError, Problem
-from speechxfer.manifest import ManifestSummary, Utterance, summarize, write_manifest
+from speechxfer.manifest import ManifestSummary, Utterance, read_jsonl, summarize, write_manifest
 
 FORMATS = ("commonvoice", "csv", "tsv", "kaldi", "audiofolder", "nemo", "asterisk")
 COMMONVOICE_SPLITS = ("train", "dev", "test")
@@ -285,14 +285,7 @@ def _read_jsonl_table(path: Path, problems: list[Problem]) -> tuple[list[str], l
     becomes a malformed_row Problem."""
     header: dict[str, None] = {}
     rows: list[tuple[int, dict[str, str]]] = []
-    for line, content in enumerate(_read_text(path).splitlines(), start=1):
-        if not content.strip():
-            continue
-        try:
-            entry = json.loads(content)
-        except json.JSONDecodeError as err:
-            problems.append(Problem(str(path), line, "malformed_row", f"not JSON: {err.msg}"))
-            continue
+    for line, entry in read_jsonl(path, problems=problems):
         if not isinstance(entry, dict):
             problems.append(Problem(str(path), line, "malformed_row", "not a JSON object"))
             continue
@@ -511,13 +504,9 @@ def _read_nemo(source: Path, options: _Options, problems: list[Problem]) -> dict
     rows_by_split: dict[str, list[_Row]] = {}
     for file in files:
         rows = rows_by_split.setdefault(_single_split(file, options), [])
-        for line, content in _numbered_lines(file):
-            if not content.strip():
-                continue
+        for line, entry in read_jsonl(file, problems=problems):
             try:
-                rows.append(_nemo_row(json.loads(content), file, line, options))
-            except json.JSONDecodeError as err:
-                problems.append(Problem(str(file), line, "malformed_row", f"not valid JSON: {err.msg}"))
+                rows.append(_nemo_row(entry, file, line, options))
             except ValueError as err:
                 problems.append(Problem(str(file), line, "malformed_row", str(err)))
     return rows_by_split

@@ -18,7 +18,6 @@ How the numbers are counted, following `sclite -e utf-8 -s` (case-sensitive: cas
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from speechxfer.errors import InputError
+from speechxfer.manifest import read_jsonl
 from speechxfer.text import TextRejected
 
 FORMATS = ("auto", "kaldi", "tsv", "jsonl", "lines")
@@ -398,13 +398,7 @@ def _read_tsv(path: Path, lines: list[str]) -> dict[str, str]:
 
 def _read_jsonl(path: Path, lines: list[str]) -> dict[str, str]:
     texts: dict[str, str] = {}
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise InputError(f"not valid JSON: {err.msg} (column {err.colno})", path=path, line=number) from None
+    for number, row in read_jsonl(path):
         if not isinstance(row, dict) or not isinstance(row.get("id"), (str, int)) or isinstance(row["id"], bool):
             raise InputError("expected a JSON object with an 'id' (string)", path=path, line=number)
         if not isinstance(row.get("text"), str):

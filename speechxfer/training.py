@@ -34,7 +34,7 @@ from speechxfer.batching import DurationBatchSampler, SpeechDataset, collate, fi
 from speechxfer.decoding import GreedyDecoder, decode_batch
 from speechxfer.errors import InputError, Problem
 from speechxfer.freezing import apply_freezing, parameter_groups, parameter_table
-from speechxfer.manifest import Utterance, read_manifest
+from speechxfer.manifest import Utterance, read_jsonl, read_manifest
 from speechxfer.recipe import Recipe, TrainOptions, resolved_yaml
 from speechxfer.scoring import ScoreReport, score
 from speechxfer.surgery import build_ctc_model, needs_attention_mask, save_model_folder
@@ -324,7 +324,7 @@ def plot_curves(metrics_path: str | os.PathLike, png_path: str | os.PathLike) ->
     """Draw training loss and dev WER against updates from a metrics.jsonl into a PNG."""
     from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
 
-    records = [json.loads(line) for line in Path(metrics_path).read_text(encoding="utf-8").splitlines() if line]
+    records = [record for _, record in read_jsonl(metrics_path)]
     losses = [(r["update"], r["loss"]) for r in records if "loss" in r]
     wers = [(r["update"], 100 * r["dev_wer"]) for r in records if "dev_wer" in r]
     figure = Figure(figsize=(10, 4), layout="constrained")
@@ -463,7 +463,7 @@ class _MetricsLog:
         kept = []
         if resume_update is not None and self.path.exists():
             # Records after the checkpoint come from updates the interrupted run lost; the resumed run redoes them.
-            records = [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line]
+            records = [record for _, record in read_jsonl(self.path)]
             kept = [r for r in records if r["update"] <= resume_update]
             wers = [r["dev_wer"] for r in kept if "dev_wer" in r]
             self.last_wer = f"{wers[-1]:.1%}" if wers else None

@@ -1,3 +1,5 @@
+import codecs
+import gzip
 import json
 import os
 
@@ -5,7 +7,7 @@ import pytest
 from tiny import write_tone
 
 from speechxfer.errors import ManifestError
-from speechxfer.manifest import Utterance, load_manifest, read_manifest, summarize, write_manifest
+from speechxfer.manifest import Utterance, load_manifest, read_jsonl, read_manifest, summarize, write_manifest
 
 
 def test_round_trip_stores_paths_relative_to_the_manifest_when_under_it(tmp_path):
@@ -112,3 +114,23 @@ def test_summarize_counts_hours_speakers_and_characters():
     assert summary.speakers == 2
     assert summary.characters == "abczç"
     assert str(summary) == "1.00 h, 4 utterances, 2 speakers, 5 characters: abczç"
+
+
+def test_read_jsonl_takes_a_byte_order_mark_skips_blank_lines_and_names_bad_lines(tmp_path):
+    good = tmp_path / "bom.jsonl"
+    good.write_bytes(codecs.BOM_UTF8 + '{"id": "a"}\r\n\n   \n{"id": "b", "text": "x\u2028y"}\n[1]'.encode())
+    assert list(read_jsonl(good)) == [(1, {"id": "a"}), (4, {"id": "b", "text": "x\u2028y"}), (5, [1])]
+    packed = tmp_path / "rows.jsonl.gz"
+    packed.write_bytes(gzip.compress(good.read_bytes()))
+    assert list(read_jsonl(packed)) == list(read_jsonl(good))
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"id": "a"}\n\n{"id": \n{"id": "\xff"}\n{"id": "c"}\n')
+    with pytest.raises(ManifestError, match=r"bad\.jsonl:3: not valid JSON: .*\(column 8\)"):
+        list(read_jsonl(bad))
+    problems = []
+    assert list(read_jsonl(bad, problems=problems)) == [(1, {"id": "a"}), (5, {"id": "c"})]
+    assert [(p.path, p.line, p.kind) for p in problems] == [(str(bad), 3, "malformed_row"), (str(bad), 4, "malformed_row")]
+    assert "not UTF-8" in problems[1].message
+    with pytest.raises(ManifestError, match=r"none\.jsonl: cannot read: No such file"):
+        list(read_jsonl(tmp_path / "none.jsonl"))
