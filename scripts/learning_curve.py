@@ -83,13 +83,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch first looks for a GPU: Accelerate then picks the CPU
 
+    from speechxfer.cli import messages_to_stderr
     from speechxfer.errors import SpeechxferError
 
     try:
         grid = Grid(recipe=args.recipe.resolve(), seed_dir=args.seed_dir.resolve(), corpus=args.corpus.resolve(),
                     minutes=args.minutes, budget_updates=args.budget_updates, max_batch_s=args.max_batch_s,
                     device=args.device, out=args.out.resolve())
-        results = run_grid(grid)
+        with messages_to_stderr():  # training's progress messages, as `speechxfer train` shows them
+            results = run_grid(grid)
         write_report(grid, results, args.report_dir)
     except SpeechxferError as err:
         print(f"learning_curve: error: {err}", file=sys.stderr)

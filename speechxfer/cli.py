@@ -7,8 +7,11 @@ that calls the library. Errors derived from SpeechxferError become one line on s
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import sys
+from collections.abc import Iterator
 
 from speechxfer.errors import SpeechxferError
 
@@ -454,11 +457,42 @@ _SUBCOMMANDS: list = [_add_synth, _add_prepare, _add_train, _add_wer, _add_vocab
                       _add_lm]
 
 
+class _MessageHandler(logging.Handler):
+    """Prints a log message on stderr as plain text (INFO bare, higher levels after their name), through
+    tqdm.write so that a progress bar on the terminal stays whole."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            message = record.getMessage()
+            if record.levelno > logging.INFO:
+                message = f"{record.levelname.lower()}: {message}"
+            tqdm.write(message, file=sys.stderr)
+        except Exception:
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def messages_to_stderr() -> Iterator[None]:
+    """Print the library's messages (logger "speechxfer", INFO and up) on stderr while the block runs."""
+    package_logger = logging.getLogger("speechxfer")
+    handler, level = _MessageHandler(), package_logger.level
+    package_logger.addHandler(handler)
+    package_logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        package_logger.removeHandler(handler)
+        package_logger.setLevel(level)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with messages_to_stderr():
+            return int(args.func(args) or 0)
     except SpeechxferError as err:
         print(f"speechxfer {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import random
 import shutil
@@ -50,6 +51,8 @@ ADAM_BETAS = (0.9, 0.98)
 ADAM_EPS = 1e-8
 # Share of empty dev hypotheses, after the warm-up, taken as CTC blank collapse.
 BLANK_COLLAPSE_SHARE = 0.9
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -343,7 +346,7 @@ def plot_curves(metrics_path: str | os.PathLike, png_path: str | os.PathLike) ->
 
 def _say(accelerator: Accelerator, message: object) -> None:
     if accelerator.is_main_process:
-        tqdm.write(str(message))
+        logger.info("%s", message)
 
 
 def _mixed_precision(requested: str) -> str:

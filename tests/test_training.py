@@ -4,6 +4,7 @@ resuming, a shipped recipe, and the 1- vs 2-process check."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import subprocess
 import sys
@@ -235,3 +236,33 @@ def test_two_processes_give_the_first_loss_of_one(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "difference" in done.stdout
+
+
+def test_messages_go_through_logging_and_can_be_silenced(tmp_path, corpus, caplog, capsys):
+    """train() reports through the "speechxfer.training" logger, never by printing: a caller silences it with the
+    logger's level, and the CLI shows the messages on stderr as plain lines."""
+    base = make_tiny_checkpoint(tmp_path / "ssl", arch="stable")
+    # every utterance is too short to train on: train() stops with an error after its first messages
+    recipe_path = write_recipe(tmp_path / "recipe.yaml", base=base, manifests=corpus, output_dir=tmp_path / "out",
+                               train={"min_duration_s": 5.0})
+    recipe = load_recipe(recipe_path)
+    with caplog.at_level(logging.INFO, logger="speechxfer"), pytest.raises(InputError, match="too little"):
+        training.train(recipe)
+    said = [r.getMessage() for r in caplog.records if r.name == "speechxfer.training" and r.levelno == logging.INFO]
+    assert "vocabulary: 6 tokens: [PAD] [UNK] | a b c" in said
+    assert any(m.startswith("train: 0 utterances kept; dropped 6 utterances: 6 too short") for m in said)
+    printed = capsys.readouterr()
+    assert "vocabulary" not in printed.out + printed.err
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="speechxfer"), pytest.raises(InputError, match="too little"):
+        training.train(recipe)
+    assert not [r for r in caplog.records if r.name.startswith("speechxfer")]
+    printed = capsys.readouterr()
+    assert "vocabulary" not in printed.out + printed.err
+
+    assert main(["train", str(recipe_path)]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert "vocabulary: 6 tokens: [PAD] [UNK] | a b c" in lines
+    assert lines[-1].startswith("speechxfer train: error: ") and "too little training data" in lines[-1]
+    assert not logging.getLogger("speechxfer").handlers  # the CLI's handler lives as long as its command
