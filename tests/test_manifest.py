@@ -130,7 +130,8 @@ def test_read_jsonl_takes_a_byte_order_mark_skips_blank_lines_and_names_bad_line
         list(read_jsonl(bad))
     problems = []
     assert list(read_jsonl(bad, problems=problems)) == [(1, {"id": "a"}), (5, {"id": "c"})]
-    assert [(p.path, p.line, p.kind) for p in problems] == [(str(bad), 3, "malformed_row"), (str(bad), 4, "malformed_row")]
+    assert [(p.path, p.line, p.kind) for p in problems] == [(str(bad), 3, "malformed_row"),
+                                                           (str(bad), 4, "malformed_row")]
     assert "not UTF-8" in problems[1].message
     with pytest.raises(ManifestError, match=r"none\.jsonl: cannot read: No such file"):
         list(read_jsonl(tmp_path / "none.jsonl"))
