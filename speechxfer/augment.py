@@ -25,8 +25,7 @@ would add a compiled dependency for geometry the recipe has no use for; measured
 
 Noise sources can hold hours of audio (MUSAN's noise part alone is about 6 h: 1.4 GB as 16 kHz float32 in every
 worker), so each worker caches only the index of files and durations, read once from the headers, and reads the
-span it draws by seeking.
-Impulse responses are short and are cached decoded (the most recent 256 files per worker).
+span it draws by seeking. Impulse responses are short and are cached decoded (the last 256 used, per worker).
 """
 
 from __future__ import annotations
@@ -301,6 +300,8 @@ def _measured_rir(path: str, sample_rate_hz: int) -> np.ndarray:
     """A measured impulse response from its strongest sample on (so the speech does not shift by the propagation
     delay), at unit energy."""
     rir = load_audio(path, sample_rate_hz=sample_rate_hz).astype(np.float64)
+    if not rir.any():
+        raise AudioError("impulse response holds only silence", path=path)
     rir = rir[int(np.argmax(np.abs(rir))):]
     return rir / math.sqrt(float(np.sum(np.square(rir))))
 
