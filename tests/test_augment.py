@@ -150,7 +150,8 @@ def test_simulated_reverb_decays_at_the_requested_rt60(rt60_s):
     click = np.zeros(RATE, dtype=np.float32)
     click[0] = 1.0
     # a direct path 20 dB below the tail, so the tail's decay dominates the energy curve
-    options = AugmentOptions(reverb=ReverbOptions(probability=1.0, rt60_s=(rt60_s, rt60_s), direct_to_reverberant_db=(-20, -20)))
+    options = AugmentOptions(reverb=ReverbOptions(probability=1.0, rt60_s=(rt60_s, rt60_s),
+                                                  direct_to_reverberant_db=(-20, -20)))
     rir = run(click, options)
     assert rir.shape == click.shape
     assert schroeder_rt60_s(rir) == pytest.approx(rt60_s, rel=0.05)
@@ -159,7 +160,8 @@ def test_simulated_reverb_decays_at_the_requested_rt60(rt60_s):
 def test_reverb_smears_speech_and_keeps_length_and_level():
     x = speech_like()
     x[RATE:] = 0  # speech for 1 s, then silence
-    out = run(x, AugmentOptions(reverb=ReverbOptions(probability=1.0, rt60_s=(0.5, 0.5), direct_to_reverberant_db=(0, 0))))
+    options = AugmentOptions(reverb=ReverbOptions(probability=1.0, rt60_s=(0.5, 0.5), direct_to_reverberant_db=(0, 0)))
+    out = run(x, options)
     assert out.shape == x.shape
     assert power_db(out) == pytest.approx(power_db(x), abs=0.01)
     # the silence after the speech now holds the decaying tail, about 60 dB down by 0.5 s after the end
