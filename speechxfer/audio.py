@@ -12,6 +12,9 @@ import soxr
 from speechxfer.errors import AudioError
 
 SAMPLE_RATE_HZ = 16000
+# Files a folder is searched for; files named one by one may have any suffix the audio layer reads.
+AUDIO_SUFFIXES = frozenset({".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac", ".wma", ".aif", ".aiff",
+                            ".au", ".sph", ".webm", ".mp4"})
 
 
 def load_audio(path: str | os.PathLike, *, sample_rate_hz: int = SAMPLE_RATE_HZ, offset_s: float = 0.0,

@@ -22,16 +22,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from speechxfer.audio import audio_duration_s, load_audio
+from speechxfer.audio import AUDIO_SUFFIXES, audio_duration_s, load_audio
 from speechxfer.batching import frame_geometry
 from speechxfer.decoding import Decoder, Transcript, WordTiming
 from speechxfer.errors import AudioError, InputError, Problem
 from speechxfer.feature_encoder import use_blocked_feature_encoder
 from speechxfer.vocabulary import Vocabulary
 
-# Files a folder is searched for; files named one by one may have any suffix the audio layer reads.
-AUDIO_SUFFIXES = frozenset({".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac", ".wma", ".aif", ".aiff",
-                            ".au", ".sph", ".webm", ".mp4"})
 OUTPUT_FORMATS = ("txt", "json", "srt", "vtt", "tsv")
 # Precision of the forward pass. bfloat16 suits CPUs with AVX512-BF16 or AMX (matrix products ~3x float32's on
 # this project's CPU) and recent GPUs; float16 suits GPUs.
