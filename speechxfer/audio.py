@@ -62,10 +62,11 @@ def audio_duration_s(path: str | os.PathLike, *, check_finite: bool = False) -> 
         except Exception as err:  # audioread's backends raise assorted types (DecodeError, EOFError, ...)
             raise AudioError(_unreadable(sf_err, err), path=path) from err
     if check_finite and info.subtype in _FLOAT_SUBTYPES:
-        # in blocks, so that a long recording is never held whole in memory
-        for block in sf.blocks(path, blocksize=1 << 20, dtype="float32"):
-            if not np.isfinite(block).all():
-                raise AudioError(_NOT_FINITE, path=path)
+        with sf.SoundFile(path) as f:
+            # a minute at a time, so that a long recording is never held whole in memory
+            while (block := f.read(60 * f.samplerate, dtype="float32")).size:
+                if not np.isfinite(block).all():
+                    raise AudioError(_NOT_FINITE, path=path)
     return info.frames / info.samplerate
 
 
