@@ -172,7 +172,7 @@ def _row_problem(row: _Row, seen: set[str], header_cache: dict[str, float | Audi
             header_cache[row.audio_path] = err
     file_duration_s = header_cache[row.audio_path]
     if isinstance(file_duration_s, AudioError):
-        return "unreadable_audio", file_duration_s.message
+        return "unreadable_audio", f"{file_duration_s.message}: {row.audio_path}"
     if file_duration_s <= 0:
         return "zero_length", f"no samples in {row.audio_path}"
     end_s = row.offset_s + (row.duration_s or 0.0)
