@@ -15,6 +15,7 @@ from speechxfer.errors import AudioError
 SAMPLE_RATE_HZ = 16000
 # sample formats (soundfile subtypes) that can hold NaN or infinite values; integer PCM and compressed formats cannot
 _FLOAT_SUBTYPES = ("FLOAT", "DOUBLE")
+_NOT_FINITE = "audio holds NaN or infinite samples"
 
 
 def load_audio(path: str | os.PathLike, *, sample_rate_hz: int = SAMPLE_RATE_HZ, offset_s: float = 0.0,
@@ -87,8 +88,6 @@ def file_problem(path: str | os.PathLike) -> tuple[str, str] | None:
         return "unreadable_audio", "empty file (0 bytes)"
     return None
 
-
-_NOT_FINITE = "audio holds NaN or infinite samples"
 
 
 def _check_exists(path: str) -> None:

@@ -209,7 +209,7 @@ def _check_row(u: Utterance, seen: set[str], check_files: bool, check_audio: boo
         try:
             audio_s = audio_duration_s(u.audio_path, check_finite=True)
         except AudioError as err:
-            return "unreadable_audio", str(err)
+            return "unreadable_audio", f"{err.message}: {u.audio_path}"
         if (mismatch := duration_mismatch(u, audio_s - u.offset_s)) is not None:
             return "duration_mismatch", f"{mismatch}: {u.audio_path}"
     return None

@@ -95,8 +95,8 @@ def prepare(format: str, source: str | os.PathLike, outdir: str | os.PathLike, *
 
     Durations come from the audio headers; only files in float formats (which can hold NaN or infinite samples)
     are read in full, to check their samples. Rows with a missing or unreadable file, no samples, non-finite
-    samples, an empty transcript, a duplicate id (within a split), a span past the end of the file, or that are malformed
-    are skipped and returned as Problems. `columns` names the columns of csv / tsv / audiofolder tables;
+    samples, an empty transcript, a duplicate id (within a split), a span past the end of the file, or that are
+    malformed are skipped and returned as Problems. `columns` names the columns of csv / tsv / audiofolder tables;
     `split` names the split when `source` holds a single one (and puts all Asterisk prompts in it); `splits`
     picks which splits to import (Common Voice: default train, dev, test; may add validated, other, ...);
     `language` fills the language of rows whose source does not give one. InputError when the source's layout
