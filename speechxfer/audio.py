@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import stat
 
 import numpy as np
 import soundfile as sf
@@ -15,6 +16,10 @@ SAMPLE_RATE_HZ = 16000
 # Files a folder is searched for; files named one by one may have any suffix the audio layer reads.
 AUDIO_SUFFIXES = frozenset({".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac", ".wma", ".aif", ".aiff",
                             ".au", ".sph", ".webm", ".mp4"})
+
+# sample formats (soundfile subtypes) that can hold NaN or infinite values; integer PCM and compressed formats cannot
+_FLOAT_SUBTYPES = ("FLOAT", "DOUBLE")
+_NOT_FINITE = "audio holds NaN or infinite samples"
 
 
 def load_audio(path: str | os.PathLike, *, sample_rate_hz: int = SAMPLE_RATE_HZ, offset_s: float = 0.0,
@@ -38,21 +43,21 @@ def load_audio(path: str | os.PathLike, *, sample_rate_hz: int = SAMPLE_RATE_HZ,
         raise AudioError(f"no audio samples{where}", path=path)
     mono = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
     if not np.isfinite(mono).all():
-        raise AudioError("audio holds NaN or infinite samples", path=path)
+        raise AudioError(_NOT_FINITE, path=path)
     if file_rate_hz != sample_rate_hz:
         mono = soxr.resample(mono, file_rate_hz, sample_rate_hz, quality="HQ")
     return np.ascontiguousarray(mono, dtype=np.float32)
 
 
-def audio_duration_s(path: str | os.PathLike) -> float:
+def audio_duration_s(path: str | os.PathLike, *, check_finite: bool = False) -> float:
     """Length of the file in seconds, from its header where soundfile reads the format (no decoding);
     through audioread (ffmpeg probes the stream) otherwise. 0.0 for a file without samples. AudioError if
-    the file is missing or unreadable."""
+    the file is missing or unreadable, or, with `check_finite`, holds NaN or infinite samples: only float
+    formats can, so only those are read in full."""
     path = os.fspath(path)
     _check_exists(path)
     try:
         info = sf.info(path)
-        return info.frames / info.samplerate
     except sf.LibsndfileError as sf_err:
         import audioread  # only for formats libsndfile lacks; it is slow to import
 
@@ -61,13 +66,38 @@ def audio_duration_s(path: str | os.PathLike) -> float:
                 return float(f.duration)
         except Exception as err:  # audioread's backends raise assorted types (DecodeError, EOFError, ...)
             raise AudioError(_unreadable(sf_err, err), path=path) from err
+    if check_finite and info.subtype in _FLOAT_SUBTYPES:
+        with sf.SoundFile(path) as f:
+            # a minute at a time, so that a long recording is never held whole in memory
+            while (block := f.read(60 * f.samplerate, dtype="float32")).size:
+                if not np.isfinite(block).all():
+                    raise AudioError(_NOT_FINITE, path=path)
+    return info.frames / info.samplerate
+
+
+def file_problem(path: str | os.PathLike) -> tuple[str, str] | None:
+    """(kind, message) when `path` is not a non-empty regular file, else None. One stat, nothing opened: cheap
+    enough to run over every file of a large manifest before training."""
+    try:
+        status = os.stat(path)
+    except FileNotFoundError:
+        return "missing_file", "no such audio file"
+    except OSError as err:
+        return "unreadable_audio", f"cannot read: {err.strerror}"
+    if stat.S_ISDIR(status.st_mode):
+        return "unreadable_audio", "a folder, not an audio file"
+    if not stat.S_ISREG(status.st_mode):
+        return "unreadable_audio", "not a regular file"
+    if status.st_size == 0:
+        return "unreadable_audio", "empty file (0 bytes)"
+    return None
+
 
 
 def _check_exists(path: str) -> None:
-    if not os.path.isfile(path):
-        raise AudioError("no such audio file", path=path)
-    if os.path.getsize(path) == 0:
-        raise AudioError("empty file (0 bytes)", path=path)
+    problem = file_problem(path)
+    if problem is not None:
+        raise AudioError(problem[1], path=path)
 
 
 def _read_soundfile(path: str, offset_s: float, duration_s: float | None) -> tuple[np.ndarray, int]:

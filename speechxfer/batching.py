@@ -12,7 +12,8 @@ import torch
 from transformers import Wav2Vec2Config
 
 from speechxfer.audio import SAMPLE_RATE_HZ, load_audio
-from speechxfer.manifest import Utterance
+from speechxfer.errors import AudioError
+from speechxfer.manifest import Utterance, duration_mismatch
 from speechxfer.text import TextNormalizer, TextRejected
 from speechxfer.vocabulary import Vocabulary
 
@@ -63,7 +64,7 @@ def output_frames(config: Wav2Vec2Config, num_samples: int) -> int:
 class DropReport:
     """Utterances left out of training, by reason."""
 
-    too_short: int  # duration below min_duration_s
+    too_short: int  # duration below min_duration_s, or too short for the model to give one output frame
     too_long: int  # duration above max_duration_s
     label_too_long: int  # more labels (plus blanks between repeats) than the model has output frames
     rejected_text: int  # the normalizer rejected the text, or nothing was left of it
@@ -86,8 +87,9 @@ def filter_utterances(utterances: Iterable[Utterance], *, normalizer: TextNormal
                       max_duration_s: float) -> tuple[list[tuple[Utterance, list[int]]], DropReport]:
     """Normalize and encode each transcript, keeping (utterance, label ids) for those the model can learn from.
 
-    Drops, with counts: durations outside [min_duration_s, max_duration_s]; texts the normalizer rejects or empties;
-    labels that cannot align with CTC, i.e. longer than the output frames once a blank separates each repeat.
+    Drops, with counts: durations outside [min_duration_s, max_duration_s] or shorter than the model's receptive
+    field (no output frame); texts the normalizer rejects or empties; labels that cannot align with CTC, i.e.
+    longer than the output frames once a blank separates each repeat.
     """
     kept: list[tuple[Utterance, list[int]]] = []
     counts = {"too_short": 0, "too_long": 0, "label_too_long": 0, "rejected_text": 0}
@@ -95,7 +97,8 @@ def filter_utterances(utterances: Iterable[Utterance], *, normalizer: TextNormal
     for utt in utterances:
         reason = None
         labels: list[int] = []
-        if utt.duration_s < min_duration_s:
+        frames = output_frames(config, round(utt.duration_s * SAMPLE_RATE_HZ))
+        if utt.duration_s < min_duration_s or frames == 0:
             reason = "too_short"
         elif utt.duration_s > max_duration_s:
             reason = "too_long"
@@ -108,7 +111,7 @@ def filter_utterances(utterances: Iterable[Utterance], *, normalizer: TextNormal
             repeats = sum(a == b for a, b in zip(labels, labels[1:]))
             if not labels:
                 reason = "rejected_text"
-            elif len(labels) + repeats > output_frames(config, round(utt.duration_s * SAMPLE_RATE_HZ)):
+            elif len(labels) + repeats > frames:
                 reason = "label_too_long"
         if reason is None:
             kept.append((utt, labels))
@@ -121,7 +124,11 @@ def filter_utterances(utterances: Iterable[Utterance], *, normalizer: TextNormal
 
 class SpeechDataset(torch.utils.data.Dataset):
     """Audio and labels of filtered utterances. Item i: {"id": str, "input_values": float32 tensor (samples,)
-    normalized to zero mean and unit variance (as Wav2Vec2FeatureExtractor does), "labels": list[int]}."""
+    normalized to zero mean and unit variance (as Wav2Vec2FeatureExtractor does), "labels": list[int]}; or, for an
+    utterance whose audio cannot be used, {"id": str, "problem": Problem} naming its manifest and line: unreadable
+    audio (kind unreadable_audio: not audio, corrupt, NaN or infinite samples) or audio shorter than its listed
+    duration (duration_mismatch: labels and batches were planned from that duration). The same file gives the same
+    item every time, so skipping it keeps a resumed run equal to an uninterrupted one."""
 
     def __init__(self, examples: list[tuple[Utterance, list[int]]], *, sample_rate_hz: int = SAMPLE_RATE_HZ):
         self.examples = examples
@@ -137,8 +144,13 @@ class SpeechDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         utt, labels = self.examples[index]
-        audio = load_audio(utt.audio_path, sample_rate_hz=self.sample_rate_hz, offset_s=utt.offset_s,
-                           duration_s=utt.duration_s)
+        try:
+            audio = load_audio(utt.audio_path, sample_rate_hz=self.sample_rate_hz, offset_s=utt.offset_s,
+                               duration_s=utt.duration_s)
+        except AudioError as err:
+            return {"id": utt.id, "problem": utt.problem("unreadable_audio", err.message + f": {utt.audio_path}")}
+        if (mismatch := duration_mismatch(utt, len(audio) / self.sample_rate_hz)) is not None:
+            return {"id": utt.id, "problem": utt.problem("duration_mismatch", f"{mismatch}: {utt.audio_path}")}
         # Same formula and epsilon as transformers' Wav2Vec2FeatureExtractor.zero_mean_unit_var_norm.
         normalized = (audio - audio.mean()) / np.sqrt(audio.var() + 1e-7)
         return {"id": utt.id, "input_values": torch.from_numpy(normalized.astype(np.float32)), "labels": labels}
@@ -149,8 +161,13 @@ def collate(items: list[dict[str, Any]], *, attention_mask: bool) -> dict[str, A
 
     Returns input_values (batch, samples) float32 zero-padded; attention_mask (batch, samples) int64, 1 on real
     samples, only when `attention_mask` (see surgery.needs_attention_mask); labels (batch, max_labels) int64 padded
-    with -100; ids, a list of str.
+    with -100; ids, a list of str. An item with a problem raises AudioError naming its manifest and line: leave
+    such items out first where skipping them is wanted (as training does).
     """
+    for item in items:
+        if "problem" in item:
+            problem = item["problem"]
+            raise AudioError(f"[{problem.kind}] {problem.message}", path=problem.path, line=problem.line)
     max_samples = max(len(item["input_values"]) for item in items)
     max_labels = max(len(item["labels"]) for item in items)
     input_values = torch.zeros(len(items), max_samples, dtype=torch.float32)

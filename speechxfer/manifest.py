@@ -8,10 +8,16 @@ import json
 import math
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from speechxfer.errors import ManifestError, Problem
+from speechxfer.audio import audio_duration_s, file_problem
+from speechxfer.errors import AudioError, ManifestError, Problem
+
+# A listed duration may exceed the audio by this much (seconds, or this share of it, whichever is larger) before
+# they count as different: headers and decoders round, MP3 and AAC pad.
+DURATION_TOLERANCE_S = 0.1
+DURATION_TOLERANCE_SHARE = 0.1
 
 
 @dataclass(frozen=True)
@@ -25,6 +31,13 @@ class Utterance:
     speaker: str | None = None
     language: str | None = None
     offset_s: float = 0.0  # start inside audio_path (Kaldi segments); 0 for whole files
+    # Where the row came from, for messages about it; set by read_manifest, never written, not compared.
+    manifest: str | None = field(default=None, compare=False, repr=False)
+    line: int | None = field(default=None, compare=False, repr=False)
+
+    def problem(self, kind: str, message: str) -> Problem:
+        """A Problem about this utterance, naming its manifest and line (its audio file when it has no manifest)."""
+        return Problem(self.manifest or self.audio_path, self.line, kind, f"{self.id}: {message}", self.id)
 
 
 @dataclass(frozen=True)
@@ -57,37 +70,32 @@ _FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
 }
 
 
-def read_manifest(path: str | os.PathLike, *,
+def read_manifest(path: str | os.PathLike, *, check_files: bool = False,
                   check_audio: bool = False) -> tuple[list[Utterance], list[Problem]]:
     """Read a JSONL manifest, skipping and reporting every bad row.
 
-    Audio paths come back absolute (relative ones resolve against the manifest's folder). Every row is checked
-    for its fields and types, an empty id or text, a non-positive duration and a duplicate id; with
-    `check_audio` also for a missing or empty (0-byte) audio file. Decoding problems surface later, from
-    speechxfer.audio. Raises ManifestError only when the manifest itself cannot be read.
+    Audio paths come back absolute (relative ones resolve against the manifest's folder); each utterance knows its
+    manifest and line. Every row is checked for its fields and types, an empty id or text, a non-positive duration
+    and a duplicate id. With `check_files`, also that its audio is a non-empty regular file (one stat per row,
+    nothing opened: cheap enough before training on any corpus). With `check_audio`, also that the header is
+    readable, that the samples are finite (float formats are read in full), and that the audio holds the listed
+    span (see duration_mismatch). Other decoding problems surface later, from speechxfer.audio. Raises
+    ManifestError only when the manifest itself cannot be read.
     """
     path = os.fspath(path)
     base = os.path.dirname(os.path.abspath(path))
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise ManifestError(f"cannot read manifest: {err}", path=path) from err
     utterances: list[Utterance] = []
     problems: list[Problem] = []
     seen: set[str] = set()
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+    for number, row in read_jsonl(path, problems=problems):
         try:
-            utterance = _parse_row(line, base)
+            utterance = _parse_row(row, base, path, number)
         except ValueError as err:
             problems.append(Problem(path, number, "malformed_row", str(err)))
             continue
-        problem = _check_row(utterance, seen, check_audio)
+        problem = _check_row(utterance, seen, check_files or check_audio, check_audio)
         if problem is not None:
-            kind, message = problem
-            problems.append(Problem(path, number, kind, message, utterance.id))
+            problems.append(utterance.problem(*problem))
             continue
         seen.add(utterance.id)
         utterances.append(utterance)
@@ -122,6 +130,15 @@ def read_jsonl(path: str | os.PathLike, *, problems: list[Problem] | None = None
                 yield number, value
     except (OSError, EOFError) as err:
         raise ManifestError(f"cannot read: {err.strerror or err}", path=path) from None
+
+
+def duration_mismatch(utterance: Utterance, audio_s: float) -> str | None:
+    """Why `audio_s` seconds of audio (after the utterance's offset) cannot hold its listed duration, or None.
+
+    Only audio shorter than listed is a mismatch: a span may be part of a longer recording."""
+    if utterance.duration_s - audio_s <= max(DURATION_TOLERANCE_S, DURATION_TOLERANCE_SHARE * utterance.duration_s):
+        return None
+    return f"the manifest lists {utterance.duration_s:g} s, the audio holds {max(audio_s, 0.0):g} s"
 
 
 def load_manifest(path: str | os.PathLike) -> list[Utterance]:
@@ -171,12 +188,8 @@ def summarize(utterances: Iterable[Utterance]) -> ManifestSummary:
     return ManifestSummary(count, seconds, len(speakers), "".join(sorted(characters)))
 
 
-def _parse_row(line: str, base: str) -> Utterance:
-    """One manifest line → Utterance with an absolute path; ValueError saying what is wrong."""
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"not valid JSON: {err.msg} (column {err.colno})") from None
+def _parse_row(row: object, base: str, manifest: str, number: int) -> Utterance:
+    """One decoded manifest line → Utterance with an absolute path; ValueError saying what is wrong."""
     if not isinstance(row, dict):
         raise ValueError(f"expected a JSON object, got {type(row).__name__}")
     unknown = sorted(set(row) - set(_FIELDS))
@@ -197,24 +210,28 @@ def _parse_row(line: str, base: str) -> Utterance:
     audio_path = os.path.normpath(os.path.join(base, os.path.expanduser(row["audio_path"])))
     return Utterance(id=row["id"], audio_path=audio_path, text=row["text"], duration_s=float(row["duration_s"]),
                      speaker=row.get("speaker"), language=row.get("language"),
-                     offset_s=float(row.get("offset_s", 0.0)))
+                     offset_s=float(row.get("offset_s", 0.0)), manifest=manifest, line=number)
 
 
-def _check_row(u: Utterance, seen: set[str], check_audio: bool) -> tuple[str, str] | None:
+def _check_row(u: Utterance, seen: set[str], check_files: bool, check_audio: bool) -> tuple[str, str] | None:
     """(kind, message) of the first thing wrong with a parsed row, or None."""
     if u.id in seen:
-        return "duplicate_id", f"id {u.id!r} appears earlier in the manifest"
+        return "duplicate_id", "id appears earlier in the manifest"
     if not u.text.strip():
-        return "empty_text", f"{u.id}: empty transcript"
+        return "empty_text", "empty transcript"
     if u.duration_s <= 0:
-        return "zero_length", f"{u.id}: duration_s is {u.duration_s:g}"
+        return "zero_length", f"duration_s is {u.duration_s:g}"
     if u.offset_s < 0:
-        return "malformed_row", f"{u.id}: offset_s is negative ({u.offset_s:g})"
+        return "malformed_row", f"offset_s is negative ({u.offset_s:g})"
+    if check_files and (problem := file_problem(u.audio_path)) is not None:
+        return problem[0], f"{problem[1]}: {u.audio_path}"
     if check_audio:
-        if not os.path.isfile(u.audio_path):
-            return "missing_file", f"{u.id}: no such audio file {u.audio_path}"
-        if os.path.getsize(u.audio_path) == 0:
-            return "unreadable_audio", f"{u.id}: empty audio file (0 bytes) {u.audio_path}"
+        try:
+            audio_s = audio_duration_s(u.audio_path, check_finite=True)
+        except AudioError as err:
+            return "unreadable_audio", f"{err.message}: {u.audio_path}"
+        if (mismatch := duration_mismatch(u, audio_s - u.offset_s)) is not None:
+            return "duration_mismatch", f"{mismatch}: {u.audio_path}"
     return None
 
 

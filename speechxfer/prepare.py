@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from speechxfer.audio import audio_duration_s
+from speechxfer.audio import audio_duration_s, file_problem
 from speechxfer.errors import AudioError, InputError, Problem
 from speechxfer.manifest import ManifestSummary, Utterance, read_jsonl, summarize, write_manifest
 
@@ -93,9 +93,10 @@ def prepare(format: str, source: str | os.PathLike, outdir: str | os.PathLike, *
     """Import the corpus at `source` (layout given by `format`, one of FORMATS) and write
     `outdir/<split>.jsonl` per split, `outdir/summary.json` and `outdir/problems.txt` (one skipped row a line).
 
-    Durations come from the audio headers (no decoding). Rows with a missing or unreadable file, no samples, an
-    empty transcript, a duplicate id (within a split), a span past the end of the file, or that are malformed
-    are skipped and returned as Problems. `columns` names the columns of csv / tsv / audiofolder tables;
+    Durations come from the audio headers; only files in float formats (which can hold NaN or infinite samples)
+    are read in full, to check their samples. Rows with a missing or unreadable file, no samples, non-finite
+    samples, an empty transcript, a duplicate id (within a split), a span past the end of the file, or that are
+    malformed are skipped and returned as Problems. `columns` names the columns of csv / tsv / audiofolder tables;
     `split` names the split when `source` holds a single one (and puts all Asterisk prompts in it); `splits`
     picks which splits to import (Common Voice: default train, dev, test; may add validated, other, ...);
     `language` fills the language of rows whose source does not give one. InputError when the source's layout
@@ -162,16 +163,16 @@ def _row_problem(row: _Row, seen: set[str], header_cache: dict[str, float | Audi
         return "zero_length", f"duration is {row.duration_s:g} s"
     if row.offset_s < 0:
         return "malformed_row", f"negative offset {row.offset_s:g} s"
-    if not os.path.isfile(row.audio_path):
-        return "missing_file", f"no such audio file {row.audio_path}"
+    if (problem := file_problem(row.audio_path)) is not None:
+        return problem[0], f"{problem[1]}: {row.audio_path}"
     if row.audio_path not in header_cache:
         try:
-            header_cache[row.audio_path] = audio_duration_s(row.audio_path)
+            header_cache[row.audio_path] = audio_duration_s(row.audio_path, check_finite=True)
         except AudioError as err:
             header_cache[row.audio_path] = err
     file_duration_s = header_cache[row.audio_path]
     if isinstance(file_duration_s, AudioError):
-        return "unreadable_audio", file_duration_s.message
+        return "unreadable_audio", f"{file_duration_s.message}: {row.audio_path}"
     if file_duration_s <= 0:
         return "zero_length", f"no samples in {row.audio_path}"
     end_s = row.offset_s + (row.duration_s or 0.0)

@@ -16,7 +16,7 @@ import random
 import shutil
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -137,6 +137,7 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
     # Batches are moved to the device by hand and never passed to accelerator.prepare: the sampler already gives
     # each process its share, and accelerate would shard them a second time.
     make_loader = partial(_loader, attention_mask=attention_mask, num_workers=opts.num_workers)
+    left_out = {name: _LeftOut(name) for name in ("train", "dev", "test")}
 
     # --- optimizer: AdamW over every parameter (frozen ones get no gradient, so no update and no decay) --------
     freezing = recipe.freezing
@@ -177,7 +178,8 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
 
     # --- the loop -------------------------------------------------------------------------------------------
     warmup_updates = max(round(opts.warmup_ratio * opts.max_updates), freezing.head_only_updates)
-    batches = _batch_stream(sampler, make_loader, examples, epoch=state["epoch"], position=state["position"])
+    batches = _batch_stream(sampler, make_loader, examples, epoch=state["epoch"], position=state["position"],
+                            left_out=left_out["train"], everywhere=partial(_everywhere, accelerator))
     progress = tqdm(total=opts.max_updates, initial=state["update"], disable=not accelerator.is_main_process,
                     dynamic_ncols=True, desc="train")
     stopped_early = False
@@ -228,7 +230,8 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
         if update % recipe.eval.every_updates == 0 or update == opts.max_updates:
             if dev_refs:
                 dev_loader = make_loader(*_eval_batches(splits["dev"], dev_refs, vocab, opts, accelerator))
-                report, hyps = evaluate(raw_model, dev_loader, vocab, dev_refs, accelerator=accelerator)
+                report, hyps = evaluate(raw_model, dev_loader, vocab, dev_refs, accelerator=accelerator,
+                                        report_problems=left_out["dev"].add)
                 empty_share = sum(not h for h in hyps.values()) / len(hyps)
                 log.write({"update": update, "dev_wer": report.wer, "dev_cer": report.cer,
                            "dev_empty_share": empty_share})
@@ -251,6 +254,10 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
                 stopped_early = True
                 break
     progress.close()
+    left_out_count = int(accelerator.reduce(torch.tensor(len(left_out["train"].problems), device=accelerator.device),
+                                            reduction="sum"))
+    if left_out_count:
+        say(f"train: {left_out_count} utterances left out of their batches when their audio was read (listed above)")
 
     # --- outputs: the best model (or the last one without a dev set), its test score, the curves --------------
     if accelerator.is_main_process and not dev_refs:
@@ -260,7 +267,8 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
     if test_refs:
         best = Wav2Vec2ForCTC.from_pretrained(out, use_safetensors=True).to(accelerator.device)
         test_loader = make_loader(*_eval_batches(splits["test"], test_refs, vocab, opts, accelerator))
-        test_report, _ = evaluate(best, test_loader, vocab, test_refs, accelerator=accelerator, bootstrap=1000)
+        test_report, _ = evaluate(best, test_loader, vocab, test_refs, accelerator=accelerator, bootstrap=1000,
+                                  report_problems=left_out["test"].add)
         if accelerator.is_main_process:
             _write_json(out / "test_report.json", {"model_update": state["best_update"], **test_report.to_dict()})
         say(f"test: WER {test_report.wer:.2%}, CER {test_report.cer:.2%} ({test_report.sentences} utterances)")
@@ -290,16 +298,25 @@ def get_lr(update: int, options: TrainOptions) -> float:
 
 @torch.no_grad()
 def evaluate(model: Wav2Vec2ForCTC, loader: Iterable[dict], vocab: Vocabulary, refs: dict[str, str], *,
-             accelerator: Accelerator, bootstrap: int = 0) -> tuple[ScoreReport, dict[str, str]]:
+             accelerator: Accelerator, bootstrap: int = 0,
+             report_problems: Callable[[list[Problem]], object] | None = None) -> tuple[ScoreReport, dict[str, str]]:
     """Greedy CTC decoding of this process's batches, gathered from every process and scored against `refs`
-    ({utterance id: normalized text}). Returns the score and {utterance id: hypothesis}."""
+    ({utterance id: normalized text}). Utterances the loader left out (unusable audio) are not scored; their
+    Problems go to `report_problems`. Returns the score and {utterance id: hypothesis}."""
     was_training = model.training
     model.eval()
     geometry = frame_geometry(model.config)
     decoder = GreedyDecoder(vocab, frame_s=geometry.stride / SAMPLE_RATE_HZ)
     hyps: dict[str, str] = {}
+    left_out: list[str] = []
     for batch in loader:
+        problems = batch.pop("problems")
+        left_out += [p.utterance_id for p in problems]
+        if report_problems is not None:
+            report_problems(problems)
         ids = batch.pop("ids")
+        if not ids:
+            continue
         # Frames past the end of a padded utterance are not part of it.
         lengths = torch.tensor([geometry.frames(n) for n in batch.pop("num_samples")])
         batch = {k: v.to(accelerator.device) for k, v in batch.items() if k != "labels"}
@@ -309,7 +326,8 @@ def evaluate(model: Wav2Vec2ForCTC, loader: Iterable[dict], vocab: Vocabulary, r
         hyps.update((utterance_id, t.text) for utterance_id, t in zip(ids, transcripts))
     model.train(was_training)
     hyps = {k: v for part in gather_object([hyps]) for k, v in part.items()}
-    return score(refs, hyps, bootstrap=bootstrap), hyps
+    left_out = set(gather_object(left_out))
+    return score({k: v for k, v in refs.items() if k not in left_out}, hyps, bootstrap=bootstrap), hyps
 
 
 def blank_collapse_warning(empty_share: float, *, update: int) -> str | None:
@@ -379,7 +397,9 @@ def _read_splits(recipe: Recipe, say) -> dict[str, list[Utterance]]:
         if path is None or (name != "train" and recipe.data.prepare is not None and not Path(path).exists()):
             splits[name] = []  # a prepared corpus without this split
             continue
-        utterances, problems = read_manifest(path)
+        # A stat of every audio file, nothing opened: a missing or empty file is skipped here, with its manifest
+        # line, instead of stopping the run at the first batch that draws it.
+        utterances, problems = read_manifest(path, check_files=True)
         _report_problems(name, problems, say)
         splits[name] = utterances
     if recipe.eval.max_dev_utterances is not None:
@@ -418,26 +438,62 @@ def _loader(examples: list, batches: list[list[int]], *, attention_mask: bool, n
 
 
 def _collate_with_lengths(items: list[dict], *, attention_mask: bool) -> dict:
-    """batching.collate, plus each utterance's length in samples (to trim padded frames when decoding)."""
-    batch = collate(items, attention_mask=attention_mask)
-    batch["num_samples"] = [len(item["input_values"]) for item in items]
+    """batching.collate of the items whose audio could be used, plus each one's length in samples (to trim padded
+    frames when decoding) and the Problems of those left out ("problems"). "ids" is empty when all were."""
+    usable = [item for item in items if "problem" not in item]
+    problems = [item["problem"] for item in items if "problem" in item]
+    batch = collate(usable, attention_mask=attention_mask) if usable else {"ids": []}
+    batch["num_samples"] = [len(item["input_values"]) for item in usable]
+    batch["problems"] = problems
     return batch
 
 
-def _batch_stream(sampler: DurationBatchSampler, make_loader, examples: list, *, epoch: int,
-                  position: int) -> Iterator[tuple[int, int, dict]]:
+def _batch_stream(sampler: DurationBatchSampler, make_loader, examples: list, *, epoch: int, position: int,
+                  left_out: _LeftOut, everywhere: Callable[[bool], bool]) -> Iterator[tuple[int, int, dict]]:
     """This process's training batches, epoch after epoch, starting after `position` batches of `epoch`.
 
     Yields (epoch, batches of the epoch consumed so far, batch) so a checkpoint can resume at the next batch
     without loading the audio of the batches before it. The loop keeps this position itself because the
-    sampler's own runs ahead of training when data-loader workers prefetch.
+    sampler's own runs ahead of training when data-loader workers prefetch. Utterances whose audio cannot be used
+    go to `left_out`; a batch is skipped when any process's share of it is left empty (`everywhere` agrees on that
+    across processes, so they stay in step). The same files fail every time, so a resumed run skips the same.
     """
     while True:
         sampler.set_epoch(epoch)
+        whole_epoch, yielded = position == 0, False
         for position, batch in enumerate(make_loader(examples, list(sampler)[position:]), start=position + 1):
             batch.pop("num_samples")
-            yield epoch, position, batch
+            left_out.add(batch.pop("problems"))
+            if everywhere(bool(batch["ids"])):
+                yielded = True
+                yield epoch, position, batch
+        if whole_epoch and not yielded:  # else the loop would go on forever without an update
+            raise InputError("no training batch has usable audio (each utterance left out is listed above)")
         epoch, position = epoch + 1, 0
+
+
+def _everywhere(accelerator: Accelerator, flag: bool) -> bool:
+    """Whether `flag` holds on every process; every process must call this at the same point."""
+    if accelerator.num_processes == 1:
+        return flag
+    count = accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), reduction="sum")
+    return round(float(count)) == accelerator.num_processes
+
+
+class _LeftOut:
+    """Utterances of one split that the data loader left out (audio unreadable, or shorter than listed): each
+    reported once, with its manifest and line, by the process that met it (each loads only its own share)."""
+
+    def __init__(self, split: str):
+        self.split = split
+        self.problems: dict[tuple[str, int | None, str | None], Problem] = {}
+
+    def add(self, problems: Iterable[Problem]) -> None:
+        for problem in problems:
+            key = (problem.path, problem.line, problem.utterance_id)
+            if key not in self.problems:
+                self.problems[key] = problem
+                tqdm.write(f"{self.split}: left out {problem}")
 
 
 def _eval_batches(utterances: list[Utterance], refs: dict[str, str], vocab: Vocabulary, options: TrainOptions,

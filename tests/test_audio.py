@@ -6,7 +6,7 @@ import pytest
 import soundfile as sf
 from tiny import write_tone
 
-from speechxfer.audio import SAMPLE_RATE_HZ, audio_duration_s, load_audio
+from speechxfer.audio import SAMPLE_RATE_HZ, audio_duration_s, file_problem, load_audio
 from speechxfer.errors import AudioError
 
 needs_mp3 = pytest.mark.skipif("MP3" not in sf.available_formats(), reason="this libsndfile cannot write MP3")
@@ -113,3 +113,38 @@ def test_bad_audio_raises_audio_error_naming_the_file(tmp_path):
     for path in (tmp_path / "missing.wav", tmp_path / "zero.wav", tmp_path / "garbage.wav"):
         with pytest.raises(AudioError, match=str(path)):
             audio_duration_s(path)
+
+
+def test_infinite_samples_and_non_files_raise_audio_error(tmp_path):
+    sf.write(tmp_path / "inf.wav", np.array([0.1, -np.inf, 0.2] * 100, dtype=np.float32), 16000, subtype="FLOAT")
+    sf.write(tmp_path / "inf64.wav", np.array([0.1, np.inf] * 100), 16000, subtype="DOUBLE")
+    (tmp_path / "folder.wav").mkdir()
+    for path in (tmp_path / "inf.wav", tmp_path / "inf64.wav"):
+        with pytest.raises(AudioError, match="NaN or infinite") as caught:
+            load_audio(path)
+        assert str(caught.value).startswith(f"{path}: ")
+    with pytest.raises(AudioError, match="a folder, not an audio file"):
+        load_audio(tmp_path / "folder.wav")
+
+
+def test_check_finite_reads_float_files_only(tmp_path):
+    nan = tmp_path / "nan.wav"
+    sf.write(nan, np.array([0.1, np.nan] * 50000, dtype=np.float32), 16000, subtype="FLOAT")
+    assert audio_duration_s(nan) == 6.25  # the header alone does not know
+    with pytest.raises(AudioError, match=f"{nan}: audio holds NaN or infinite samples"):
+        audio_duration_s(nan, check_finite=True)
+    assert audio_duration_s(write_tone(tmp_path / "ok.wav", subtype="FLOAT"), check_finite=True) == 1.0
+    assert audio_duration_s(write_tone(tmp_path / "ok16.wav", subtype="PCM_16"), check_finite=True) == 1.0
+
+
+def test_file_problem_is_a_stat_that_names_the_kind(tmp_path):
+    (tmp_path / "zero.wav").write_bytes(b"")
+    (tmp_path / "folder.wav").mkdir()
+    (tmp_path / "dangling.wav").symlink_to(tmp_path / "nowhere.wav")
+    assert file_problem(tmp_path / "missing.wav") == ("missing_file", "no such audio file")
+    assert file_problem(tmp_path / "dangling.wav") == ("missing_file", "no such audio file")
+    assert file_problem(tmp_path / "zero.wav") == ("unreadable_audio", "empty file (0 bytes)")
+    assert file_problem(tmp_path / "folder.wav") == ("unreadable_audio", "a folder, not an audio file")
+    assert file_problem("/dev/null") == ("unreadable_audio", "not a regular file")
+    (tmp_path / "text.wav").write_bytes(b"not audio")
+    assert file_problem(tmp_path / "text.wav") is None  # what only reading shows is load_audio's to find

@@ -196,3 +196,49 @@ def test_an_utterance_over_the_budget_gets_a_batch_of_its_own():
     assert batches == [[0, 2], [1]]
     with pytest.raises(ValueError):
         DurationBatchSampler([1.0], max_batch_s=10.0, num_replicas=2, rank=2)
+
+
+def test_inputs_without_an_output_frame_are_dropped_as_too_short():
+    config = tiny_config()
+    # kernels 10, 4, 4 at strides 5, 4, 4: one output frame needs 10 + 5 * (4 - 1 + 4 * (4 - 1)) = 85 samples
+    assert output_frames(config, 84) == 0 and output_frames(config, 85) == 1
+    kept, report = filter_utterances([utterance("1ms", "a", 0.001), utterance("under", "a", 84 / 16000),
+                                      utterance("one-frame", "a", 85 / 16000)],
+                                     normalizer=TextNormalizer(), vocab=VOCAB, config=config, min_duration_s=0.0,
+                                     max_duration_s=20.0)
+    assert [u.id for u, _ in kept] == ["one-frame"]
+    assert (report.too_short, report.label_too_long) == (2, 0)
+
+
+@pytest.mark.filterwarnings("ignore:'(aifc|audioop|sunau)' is deprecated:DeprecationWarning")  # audioread's imports
+def test_unusable_audio_becomes_a_problem_item_naming_manifest_and_line(tmp_path):
+    import numpy as np
+    import soundfile as sf
+
+    from speechxfer.errors import AudioError
+    from speechxfer.manifest import read_manifest, write_manifest
+
+    write_tone(tmp_path / "ok.wav", duration_s=0.5)
+    write_tone(tmp_path / "tiny.wav", duration_s=0.001)
+    sf.write(tmp_path / "nan.wav", np.full(8000, np.nan, dtype=np.float32), 16000, subtype="FLOAT")
+    (tmp_path / "text.wav").write_bytes(b"not audio" * 10)
+    manifest = tmp_path / "m.jsonl"
+    write_manifest(manifest, [utterance("ok", "ab", 0.5, str(tmp_path / "ok.wav")),
+                              utterance("nan", "ab", 0.5, str(tmp_path / "nan.wav")),
+                              utterance("text", "ab", 0.5, str(tmp_path / "text.wav")),
+                              utterance("short", "ab", 0.5, str(tmp_path / "tiny.wav")),
+                              utterance("close", "ab", 0.55, str(tmp_path / "ok.wav"))])  # within the tolerance
+    utterances, _ = read_manifest(manifest)
+    dataset = SpeechDataset([(u, VOCAB.encode(u.text)) for u in utterances])
+    items = [dataset[i] for i in range(len(dataset))]
+    assert [("problem" in item) for item in items] == [False, True, True, True, False]
+    problems = [item["problem"] for item in items if "problem" in item]
+    assert [(p.path, p.line, p.kind, p.utterance_id) for p in problems] == [
+        (str(manifest), 2, "unreadable_audio", "nan"), (str(manifest), 3, "unreadable_audio", "text"),
+        (str(manifest), 4, "duration_mismatch", "short")]
+    assert str(problems[0]) == (f"{manifest}:2: [unreadable_audio] nan: audio holds NaN or infinite samples: "
+                                f"{tmp_path / 'nan.wav'}")
+    assert [dataset[1]["problem"] for _ in range(2)] == [problems[0]] * 2  # the same every time
+    assert collate([items[0], items[4]], attention_mask=True)["ids"] == ["ok", "close"]
+    with pytest.raises(AudioError, match=f"^{manifest}:2: \\[unreadable_audio\\] nan: "):
+        collate(items[:2], attention_mask=True)  # a caller that does not skip gets a clear error

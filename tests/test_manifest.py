@@ -135,3 +135,60 @@ def test_read_jsonl_takes_a_byte_order_mark_skips_blank_lines_and_names_bad_line
     assert "not UTF-8" in problems[1].message
     with pytest.raises(ManifestError, match=r"none\.jsonl: cannot read: No such file"):
         list(read_jsonl(tmp_path / "none.jsonl"))
+
+
+def test_a_byte_order_mark_does_not_spoil_the_first_row(tmp_path):
+    manifest = tmp_path / "bom.jsonl"
+    manifest.write_text("\ufeff" + json.dumps({"id": "a", "audio_path": "a.wav", "text": "x", "duration_s": 1}) + "\n",
+                        encoding="utf-8")
+    assert manifest.read_bytes().startswith(b"\xef\xbb\xbf")
+    [a] = load_manifest(manifest)
+    assert a.id == "a"
+
+
+def test_utterances_know_their_manifest_and_line_without_writing_them(tmp_path):
+    manifest = tmp_path / "m.jsonl"
+    write_manifest(manifest, [Utterance("a", str(tmp_path / "a.wav"), "x", 1.0),
+                              Utterance("b", str(tmp_path / "b.wav"), "y", 2.0)])
+    a, b = load_manifest(manifest)
+    assert (a.manifest, a.line, b.manifest, b.line) == (str(manifest), 1, str(manifest), 2)
+    assert str(b.problem("unreadable_audio", "corrupt")) == f"{manifest}:2: [unreadable_audio] b: corrupt"
+    copy = tmp_path / "copy.jsonl"
+    write_manifest(copy, [a, b])
+    assert copy.read_text(encoding="utf-8") == manifest.read_text(encoding="utf-8")  # neither field written
+    assert load_manifest(copy) == [a, b]  # and neither compared
+
+
+@pytest.mark.filterwarnings("ignore:'(aifc|audioop|sunau)' is deprecated:DeprecationWarning")  # audioread's imports
+def test_check_files_stats_and_check_audio_reads_headers(tmp_path):
+    import numpy as np
+    import soundfile as sf
+
+    write_tone(tmp_path / "ok.wav", duration_s=1.0)
+    write_tone(tmp_path / "long.wav", duration_s=3.0)
+    write_tone(tmp_path / "tiny.wav", duration_s=0.001)
+    (tmp_path / "folder.wav").mkdir()
+    (tmp_path / "text.wav").write_bytes(b"not audio" * 10)
+    sf.write(tmp_path / "nan.wav", np.full(16000, np.nan, dtype=np.float32), 16000, subtype="FLOAT")
+    rows = [("ok", "ok.wav", 1.0, 0.0),          # 1
+            ("close", "ok.wav", 1.05, 0.0),      # 2 within the tolerance
+            ("folder", "folder.wav", 1.0, 0.0),  # 3
+            ("text", "text.wav", 1.0, 0.0),      # 4
+            ("nan", "nan.wav", 1.0, 0.0),        # 5
+            ("short", "tiny.wav", 2.0, 0.0),     # 6 a 1 ms file listed as 2 s
+            ("part", "long.wav", 1.0, 0.5),      # 7 a span of a longer file
+            ("past", "long.wav", 1.0, 2.5)]      # 8 a span past its end
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps({"id": i, "audio_path": p, "text": "t", "duration_s": d, "offset_s": o})
+                                + "\n" for i, p, d, o in rows), encoding="utf-8")
+    kept, problems = read_manifest(manifest, check_files=True)
+    assert [(p.line, p.kind) for p in problems] == [(3, "unreadable_audio")]
+    assert len(kept) == 7
+    kept, problems = read_manifest(manifest, check_audio=True)
+    assert [u.id for u in kept] == ["ok", "close", "part"]
+    assert [(p.line, p.kind) for p in problems] == [(3, "unreadable_audio"), (4, "unreadable_audio"),
+                                                    (5, "unreadable_audio"), (6, "duration_mismatch"),
+                                                    (8, "duration_mismatch")]
+    assert "NaN or infinite" in problems[2].message
+    assert str(problems[3]) == (f"{manifest}:6: [duration_mismatch] short: the manifest lists 2 s, the audio holds "
+                                f"0.001 s: {tmp_path / 'tiny.wav'}")

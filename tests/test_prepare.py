@@ -304,3 +304,45 @@ def test_cli_fails_cleanly_when_nothing_is_usable_or_the_layout_is_wrong(tmp_pat
     assert "train.csv:1: no text column 'words'" in capsys.readouterr().err
     assert main(["prepare", "kaldi", str(tmp_path / "nowhere"), str(tmp_path / "out")]) == 2
     assert "nowhere: no such file or folder" in capsys.readouterr().err
+
+
+def write_non_finite_audio(folder: Path) -> None:
+    """nan.wav and inf.wav: float WAVs whose headers are fine but whose samples are not finite."""
+    folder.mkdir(parents=True, exist_ok=True)
+    samples = np.full(16000, 0.1, dtype=np.float32)
+    samples[8000] = np.nan
+    sf.write(folder / "nan.wav", samples, 16000, subtype="FLOAT")
+    samples[8000] = -np.inf
+    sf.write(folder / "inf.wav", samples, 16000, subtype="FLOAT")
+
+
+def test_non_finite_audio_and_folders_are_rejected_in_every_format(tmp_path):
+    audio = tmp_path / "audio"
+    write_non_finite_audio(audio)
+    write_tone(audio / "ok.wav", duration_s=0.5, subtype="FLOAT")
+    (audio / "folder.wav").mkdir()
+    # csv, with a byte-order mark as spreadsheet programs write it
+    (tmp_path / "train.csv").write_text("\ufeffaudio_path,text\naudio/ok.wav,fine\naudio/nan.wav,n\n"
+                                        "audio/inf.wav,i\naudio/folder.wav,f\n", encoding="utf-8")
+    result = prepare("csv", tmp_path / "train.csv", tmp_path / "csv")
+    assert kinds(result) == [("train.csv", 3, "unreadable_audio"), ("train.csv", 4, "unreadable_audio"),
+                             ("train.csv", 5, "unreadable_audio")]
+    assert [p.message for p in result.problems] == [
+        f"nan: audio holds NaN or infinite samples: {audio / 'nan.wav'}",
+        f"inf: audio holds NaN or infinite samples: {audio / 'inf.wav'}",
+        f"folder: a folder, not an audio file: {audio / 'folder.wav'}"]
+    assert [u.id for u in load_manifest(result.manifests["train"])] == ["ok"]
+    # kaldi: both segments of a recording with a NaN in it
+    kaldi = tmp_path / "kaldi" / "train"
+    kaldi.mkdir(parents=True)
+    (kaldi / "wav.scp").write_text(f"rec {audio / 'nan.wav'}\nok {audio / 'ok.wav'}\n", encoding="utf-8")
+    (kaldi / "segments").write_text("a rec 0 0.4\nb rec 0.4 0.9\nok ok 0 0.5\n", encoding="utf-8")
+    (kaldi / "text").write_text("a one\nb two\nok three\n", encoding="utf-8")
+    result = prepare("kaldi", kaldi, tmp_path / "kaldi-out")
+    assert kinds(result) == [("text", 1, "unreadable_audio"), ("text", 2, "unreadable_audio")]
+    # nemo
+    (tmp_path / "train_manifest.json").write_text(
+        "".join(json.dumps({"audio_filepath": f"audio/{name}.wav", "text": name}) + "\n" for name in ("ok", "inf")),
+        encoding="utf-8")
+    result = prepare("nemo", tmp_path / "train_manifest.json", tmp_path / "nemo")
+    assert kinds(result) == [("train_manifest.json", 2, "unreadable_audio")]

@@ -266,3 +266,103 @@ def test_messages_go_through_logging_and_can_be_silenced(tmp_path, corpus, caplo
     assert "vocabulary: 6 tokens: [PAD] [UNK] | a b c" in lines
     assert lines[-1].startswith("speechxfer train: error: ") and "too little training data" in lines[-1]
     assert not logging.getLogger("speechxfer").handlers  # the CLI's handler lives as long as its command
+
+
+def write_corpus_with_bad_audio(folder: Path) -> dict[str, Path]:
+    """write_corpus, plus one train row of each bad kind after its good rows (lines 7-14 of train.jsonl)."""
+    import soundfile as sf
+
+    manifests = write_corpus(folder)
+    audio = folder / "audio"
+    (audio / "zero.wav").write_bytes(b"")
+    (audio / "folder.wav").mkdir()
+    (audio / "text.wav").write_bytes(b"this is not audio at all" * 100)
+    sf.write(audio / "nan.wav", np.full(16000, np.nan, dtype=np.float32), 16000, subtype="FLOAT")
+    sf.write(audio / "inf.wav", np.full(16000, np.inf, dtype=np.float32), 16000, subtype="FLOAT")
+    write_tone(audio / "tiny.wav", duration_s=0.001)
+    bad = [("missing", "gone.wav", 1.0), ("zero", "zero.wav", 1.0), ("folder", "folder.wav", 1.0),
+           ("text", "text.wav", 1.0), ("nan", "nan.wav", 1.0), ("inf", "inf.wav", 1.0),
+           ("short", "tiny.wav", 1.0),  # 1 ms listed as 1 s
+           ("tiny", "tiny.wav", 0.001)]  # listed right, but shorter than the model's receptive field
+    rows = [json.loads(line) for line in manifests["train"].read_text(encoding="utf-8").splitlines()]
+    rows += [{"id": name, "audio_path": f"audio/{file}", "text": "ab", "duration_s": duration_s}
+             for name, file, duration_s in bad]
+    manifests["train"].write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return manifests
+
+
+@pytest.mark.filterwarnings("ignore:'(aifc|audioop|sunau)' is deprecated:DeprecationWarning")  # audioread's imports
+def test_bad_audio_in_train_is_skipped_and_reported_with_manifest_and_line(tmp_path, capsys):
+    manifests = write_corpus_with_bad_audio(tmp_path / "corpus")
+    train = manifests["train"]
+    base = make_tiny_checkpoint(tmp_path / "ssl", arch="stable")
+    # one epoch is 7 batches (9 usable-looking utterances of 0.8-1.2 s at most 2.5 s a batch): 8 updates draw all
+    recipe = write_recipe(tmp_path / "recipe.yaml", base=base, manifests=manifests, output_dir=tmp_path / "out",
+                          train={"max_updates": 8, "min_duration_s": 0.0}, eval={"every_updates": 4})
+    code = main(["train", str(recipe)])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    out = printed.out
+    # found by a stat before the first update
+    assert "train: 3 bad rows skipped (2 unreadable_audio, 1 missing_file)" in out
+    assert f"{train}:7: [missing_file] missing: no such audio file: " in out
+    assert f"{train}:8: [unreadable_audio] zero: empty file (0 bytes): " in out
+    assert f"{train}:9: [unreadable_audio] folder: a folder, not an audio file: " in out
+    # too short for the model: counted by the filter
+    assert "train: 10 utterances kept; dropped 1 utterances: 1 too short" in out
+    # found when read: left out of their batches, each once
+    for line, kind, message in ((10, "unreadable_audio", "text: unreadable audio"),
+                                (11, "unreadable_audio", "nan: audio holds NaN or infinite samples"),
+                                (12, "unreadable_audio", "inf: audio holds NaN or infinite samples"),
+                                (13, "duration_mismatch", "short: the manifest lists 1 s, the audio holds 0.001 s")):
+        assert out.count(f"train: left out {train}:{line}: [{kind}] {message}") == 1, (line, out)
+    assert "train: 4 utterances left out of their batches" in out
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["update"] for r in records if "loss" in r] == list(range(1, 9))
+    assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
+
+
+@pytest.mark.filterwarnings("ignore:'(aifc|audioop|sunau)' is deprecated:DeprecationWarning")  # audioread's imports
+def test_resume_with_bad_audio_reaches_the_uninterrupted_state(tmp_path, monkeypatch, capsys):
+    manifests = write_corpus_with_bad_audio(tmp_path / "corpus")
+    base = make_tiny_checkpoint(tmp_path / "ssl", arch="stable")
+    # at most 1.3 s a batch: one utterance each, so a bad one leaves its batch empty and the batch is skipped;
+    # an epoch is 6 updates, with bad batches both before and after the checkpoint of update 3
+    recipes = {name: load_recipe(write_recipe(tmp_path / f"{name}.yaml", base=base, manifests=manifests,
+                                              output_dir=tmp_path / name, eval={"every_updates": 3},
+                                              train={"max_batch_s": 1.3, "max_updates": 6}))
+               for name in ("straight", "resumed")}
+    training.train(recipes["straight"])
+    assert "train: left out" in capsys.readouterr().out
+
+    real_evaluate = training.evaluate
+    calls = []
+
+    def crash_at_second_evaluation(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise Interrupted
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(training, "evaluate", crash_at_second_evaluation)
+    with pytest.raises(Interrupted):
+        training.train(recipes["resumed"])
+    monkeypatch.setattr(training, "evaluate", real_evaluate)
+    capsys.readouterr()
+    assert training.train(recipes["resumed"], resume=True).updates == 6
+    assert "train: left out" in capsys.readouterr().out  # a bad batch skipped after the checkpoint too
+    straight = load_file(tmp_path / "straight" / "last" / "model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "last" / "model.safetensors")
+    assert max((straight[k] - resumed[k]).abs().max().item() for k in straight) <= 1e-6
+
+
+@pytest.mark.filterwarnings("ignore:'(aifc|audioop|sunau)' is deprecated:DeprecationWarning")  # audioread's imports
+def test_training_stops_with_an_error_when_no_batch_has_usable_audio(tmp_path, capsys):
+    manifests = write_corpus(tmp_path / "corpus")
+    for audio in (tmp_path / "corpus" / "audio").iterdir():
+        audio.write_bytes(b"not audio, but not empty either")
+    recipe = write_recipe(tmp_path / "recipe.yaml", base=make_tiny_checkpoint(tmp_path / "ssl"), manifests=manifests,
+                          output_dir=tmp_path / "out")
+    code = main(["train", str(recipe)])
+    err = capsys.readouterr().err
+    assert code == 2 and "no training batch has usable audio" in err and "Traceback" not in err
