@@ -87,7 +87,7 @@ def read_manifest(path: str | os.PathLike, *, check_files: bool = False,
     utterances: list[Utterance] = []
     problems: list[Problem] = []
     seen: set[str] = set()
-    for number, row in read_jsonl(path, problems=problems):
+    for number, row in read_jsonl(path, problems=problems, what="manifest"):
         try:
             utterance = _parse_row(row, base, path, number)
         except ValueError as err:
@@ -102,13 +102,14 @@ def read_manifest(path: str | os.PathLike, *, check_files: bool = False,
     return utterances, problems
 
 
-def read_jsonl(path: str | os.PathLike, *, problems: list[Problem] | None = None) -> Iterator[tuple[int, object]]:
+def read_jsonl(path: str | os.PathLike, *, problems: list[Problem] | None = None,
+               what: str | None = None) -> Iterator[tuple[int, object]]:
     """(line number, decoded value) of each non-blank line of a JSON-lines file, read as it goes.
 
     UTF-8 with or without a byte-order mark, gzip-compressed when named *.gz; only "\\n" ends a line (a
     JSON string may hold other Unicode line separators). A line that is not UTF-8 or not valid JSON raises
     ManifestError naming the file and line, or, when `problems` is given, is added to it as a malformed_row
-    Problem and skipped. ManifestError when the file cannot be read.
+    Problem and skipped. ManifestError ("cannot read [WHAT]: ...") when the file cannot be read.
     """
     path = os.fspath(path)
     try:
@@ -129,7 +130,7 @@ def read_jsonl(path: str | os.PathLike, *, problems: list[Problem] | None = None
                     continue
                 yield number, value
     except (OSError, EOFError) as err:
-        raise ManifestError(f"cannot read: {err.strerror or err}", path=path) from None
+        raise ManifestError(f"cannot read{' ' + what if what else ''}: {err.strerror or err}", path=path) from None
 
 
 def duration_mismatch(utterance: Utterance, audio_s: float) -> str | None:
