@@ -34,9 +34,11 @@ FORMATS = ("auto", "kaldi", "tsv", "jsonl", "lines")
 # sclite's alignment weights (insertion and deletion 3, substitution 4, match 0)
 _GAP = 3
 _SUBSTITUTION = 4
-# Longest alignment (reference x hypothesis tokens) scored: about a minute of aligning on one CPU core, measured
-# with scripts/bench_align.py. Longer texts must be segmented.
-MAX_ALIGNMENT_CELLS = 1_000_000_000
+# Longest alignment (reference x hypothesis tokens) scored, so that one takes at most about a minute. Measured with
+# scripts/bench_align.py on 2 cores shared by ~8 processes: 20-31 ns a cell for two texts of 20,000 tokens (8-13 s),
+# 60-90 ns a cell when one text is 500-50,000 times longer than the other (30-44 s at this limit). Longer texts
+# must be segmented.
+MAX_ALIGNMENT_CELLS = 500_000_000
 # Tables up to this many cells (8 bytes each) are built whole; larger ones are checkpointed (see _trace_back).
 _WHOLE_TABLE_CELLS = 4_000_000
 
@@ -228,7 +230,7 @@ def align(reference: list[str], hypothesis: list[str]) -> Alignment:
     either gap, then the deletion when it is strictly better than the insertion, else the insertion.
 
     Time grows with len(reference) * len(hypothesis) cells; beyond MAX_ALIGNMENT_CELLS (about a minute) this
-    raises InputError. Memory for long texts stays near 16 bytes * shorter length * sqrt(longer length)
+    raises InputError. Memory for long texts stays near 16 bytes * longer length * sqrt(shorter length)
     (20,000 x 20,000 tokens: about 45 MB): see `_trace_back`.
     """
     if reference == hypothesis:  # the all-correct path costs 0, so sclite takes it too; common, and cheap
@@ -256,26 +258,29 @@ def _trace_back(ref: np.ndarray, hyp: np.ndarray) -> str:
     point, found from a forward and a backward pass, would have to be steered onto the one path among equally
     cheap ones that sclite's trace takes. The price is a second pass over the area left of the path.
     """
-    # Rows run along the longer text, so that a kept row is as long as the shorter one. The costs are the same
-    # either way (both gaps weigh 3); only which gap is a deletion swaps, and sclite's preference with it.
-    transposed = len(hyp) > len(ref)
+    # One row per token of the shorter text: each row costs a few numpy calls whatever its length, so fewer and
+    # longer rows are faster (memory is then 16 bytes * longer * sqrt(shorter)). The costs are the same either
+    # way (both gaps weigh 3); only which gap is a deletion swaps, and sclite's preference with it.
+    transposed = len(hyp) < len(ref)
     down, across = (hyp, ref) if transposed else (ref, hyp)
     vertical_op, horizontal_op = ("I", "D") if transposed else ("D", "I")
     n, m = len(down), len(across)
     stride = max(1, n if (n + 1) * (m + 1) <= _WHOLE_TABLE_CELLS else math.isqrt(n))
-    steps = _GAP * np.arange(m + 1)
-    kept = {0: steps}
-    row = steps
-    for a in range(1, (n - 1) // stride * stride + 1):  # no row below the last kept one is needed yet
-        row = _next_row(row, down[a - 1], across, steps)
-        if a % stride == 0:
-            kept[a] = row
+    # One buffer for every block of rows: fresh arrays of a wide table's size cost a page fault per 4 KB.
+    buffer = np.empty((min(stride, n) + 1, m + 1), dtype=np.int64)
+    kept = {0: _GAP * np.arange(m + 1)}
+    for top in range(0, (n - 1) // stride * stride, stride):  # no row below the last kept one is needed yet
+        buffer[0] = kept[top]
+        _fill_rows(buffer, down[top:top + stride], across)
+        kept[top + stride] = buffer[-1].copy()
     ops: list[str] = []
     a, b = n, m
     down_ids, across_ids = down.tolist(), across.tolist()  # Python scalars compare faster
     while a > 0:
         top = (a - 1) // stride * stride
-        block = _cost_block(kept[top][:b + 1], down[top:a], across[:b])  # rows top..a, columns 0..b
+        block = buffer[:a - top + 1, :b + 1]  # rows top..a, columns 0..b
+        block[0] = kept[top][:b + 1]
+        _fill_rows(block, down[top:a], across[:b])
         while a > top:
             if b == 0:
                 op = vertical_op
@@ -296,29 +301,24 @@ def _trace_back(ref: np.ndarray, hyp: np.ndarray) -> str:
     return "".join(reversed(ops))
 
 
-def _cost_block(top_row: np.ndarray, ref: np.ndarray, hyp: np.ndarray) -> np.ndarray:
-    """Rows of the cost table below top_row ((columns,) costs): (len(ref) + 1, columns), hyp the columns' tokens."""
-    block = np.empty((len(ref) + 1, len(top_row)), dtype=np.int64)
-    block[0] = top_row
-    steps = _GAP * np.arange(len(top_row))
-    for r, token in enumerate(ref, start=1):
-        block[r] = _next_row(block[r - 1], token, hyp, steps)
-    return block
+def _fill_rows(rows: np.ndarray, down: np.ndarray, across: np.ndarray) -> None:
+    """Fill rows[1:] of the cost table from rows[0]: rows (len(down) + 1, len(across) + 1), token ids.
 
-
-def _next_row(previous: np.ndarray, token: int, hyp: np.ndarray, steps: np.ndarray) -> np.ndarray:
-    """The cost row of reference token `token` from the row above, (columns,); steps = 3 * column index.
-
-    The whole row at once: a chain of insertions along a row is a running minimum.
+    Each row at once: a chain of insertions along a row is a running minimum of cost - 3 * column.
     """
-    row = previous + _GAP  # deleting the reference token
-    diagonal = previous[:-1] + _SUBSTITUTION
-    np.copyto(diagonal, previous[:-1], where=hyp == token)  # a match costs nothing (faster than np.where)
-    np.minimum(row[1:], diagonal, out=row[1:])
-    row -= steps
-    np.minimum.accumulate(row, out=row)
-    row += steps  # then any chain of insertions
-    return row
+    steps = _GAP * np.arange(rows.shape[1])
+    diagonal = np.empty(len(across), dtype=np.int64)
+    match = np.empty(len(across), dtype=bool)
+    for r, token in enumerate(down, start=1):
+        previous, row = rows[r - 1], rows[r]
+        np.add(previous, _GAP, out=row)  # deleting the token of this row
+        np.add(previous[:-1], _SUBSTITUTION, out=diagonal)
+        np.equal(across, token, out=match)
+        np.copyto(diagonal, previous[:-1], where=match)  # a match costs nothing (faster than np.where)
+        np.minimum(row[1:], diagonal, out=row[1:])
+        np.subtract(row, steps, out=row)
+        np.minimum.accumulate(row, out=row)
+        np.add(row, steps, out=row)  # then any chain of insertions
 
 
 def bootstrap_ci95(errors: np.ndarray, totals: np.ndarray, *, resamples: int,
