@@ -18,6 +18,7 @@ How the numbers are counted, following `sclite -e utf-8 -s` (case-sensitive: cas
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -33,6 +34,13 @@ FORMATS = ("auto", "kaldi", "tsv", "jsonl", "lines")
 # sclite's alignment weights (insertion and deletion 3, substitution 4, match 0)
 _GAP = 3
 _SUBSTITUTION = 4
+# Longest alignment (reference x hypothesis tokens) scored, so that one takes at most about a minute. Measured with
+# scripts/bench_align.py on 2 cores shared by ~8 processes: 20-31 ns a cell for two texts of 20,000 tokens (8-13 s),
+# 60-90 ns a cell when one text is 500-50,000 times longer than the other (30-44 s at this limit). Longer texts
+# must be segmented.
+MAX_ALIGNMENT_CELLS = 500_000_000
+# Tables up to this many cells (8 bytes each) are built whole; larger ones are checkpointed (see _trace_back).
+_WHOLE_TABLE_CELLS = 4_000_000
 
 
 @dataclass(frozen=True)
@@ -154,8 +162,8 @@ def score(refs: Mapping[str, str], hyps: Mapping[str, str], *, normalizer: Calla
     ref_words = [t.split() for t in ref_texts]
     hyp_words = [t.split() for t in hyp_texts]
     # Characters are those of the words: like `sclite -c`, the spaces between words are not scored.
-    per_utterance = [UtteranceScore(i, " ".join(r), " ".join(h), align(r, h), align(list("".join(r)),
-                                                                                list("".join(h))))
+    per_utterance = [UtteranceScore(i, " ".join(r), " ".join(h), _aligned(r, h, i, "words"),
+                                    _aligned(list("".join(r)), list("".join(h)), i, "characters"))
                      for i, r, h in zip(ids, ref_words, hyp_words)]
 
     total_words = sum(u.ref_words for u in per_utterance)
@@ -207,50 +215,110 @@ def _normalized(text: str, normalizer: Callable[[str], str] | None, utterance_id
         raise InputError(f"utterance {utterance_id}: the normalizer rejects the {side}: {err}") from None
 
 
+def _aligned(reference: list[str], hypothesis: list[str], utterance_id: str, unit: str) -> Alignment:
+    try:
+        return align(reference, hypothesis)
+    except InputError as err:  # too long to align: say which utterance
+        raise InputError(f"utterance {utterance_id}, {unit}: {err}") from None
+
+
 def align(reference: list[str], hypothesis: list[str]) -> Alignment:
     """Align two token sequences exactly as sclite does (the weights and tie-breaking of its net_dp.c).
 
     Cost of cell (a, b) = min(diagonal + 0 for a match or 4 for a substitution, up + 3 for a deletion,
     left + 3 for an insertion). The trace back from the last cell takes the diagonal when it is not worse than
     either gap, then the deletion when it is strictly better than the insertion, else the insertion.
-    Each row is computed at once: a chain of insertions along a row is a running minimum.
+
+    Time grows with len(reference) * len(hypothesis) cells; beyond MAX_ALIGNMENT_CELLS (about a minute) this
+    raises InputError. Memory for long texts stays near 16 bytes * longer length * sqrt(shorter length)
+    (20,000 x 20,000 tokens: about 45 MB): see `_trace_back`.
     """
     if reference == hypothesis:  # the all-correct path costs 0, so sclite takes it too; common, and cheap
         return Alignment(len(reference), 0, 0, 0, "C" * len(reference))
+    n, m = len(reference), len(hypothesis)
+    if n * m > MAX_ALIGNMENT_CELLS:
+        raise InputError(f"{n:,} reference x {m:,} hypothesis tokens ({n * m:.1e} cells) are more to align than "
+                         f"the limit of {MAX_ALIGNMENT_CELLS:.1e} (about a minute); split the text into shorter "
+                         "utterances")
     ids: dict[str, int] = {}
     ref = np.array([ids.setdefault(t, len(ids)) for t in reference], dtype=np.int64)
     hyp = np.array([ids.setdefault(t, len(ids)) for t in hypothesis], dtype=np.int64)
-    n, m = len(ref), len(hyp)
-    steps = _GAP * np.arange(m + 1)
-    cost = np.empty((n + 1, m + 1), dtype=np.int64)
-    cost[0] = steps
-    for a in range(1, n + 1):
-        candidates = cost[a - 1] + _GAP  # deleting ref[a - 1]
-        np.minimum(candidates[1:], cost[a - 1, :-1] + np.where(hyp == ref[a - 1], 0, _SUBSTITUTION),
-                   out=candidates[1:])
-        cost[a] = steps + np.minimum.accumulate(candidates - steps)  # then any chain of insertions
+    ops = _trace_back(ref, hyp)
+    return Alignment(ops.count("C"), ops.count("S"), ops.count("D"), ops.count("I"), ops)
 
-    ops = []
+
+def _trace_back(ref: np.ndarray, hyp: np.ndarray) -> str:
+    """The ops of sclite's trace back through the cost table of ref against hyp (token ids, (tokens,)).
+
+    A small table is built whole. A large one is not kept: a first pass keeps every `stride`-th row, and the
+    trace back rebuilds one block of rows at a time from the kept row above it, only up to the column it has
+    reached. Every cell so rebuilt holds the very value of the whole table (the same sums in the same order) and
+    each step reads only its cell's three neighbours, so the ops are identical to the whole table's, ties
+    included. That is why the table is checkpointed rather than split as Hirschberg's algorithm does: its split
+    point, found from a forward and a backward pass, would have to be steered onto the one path among equally
+    cheap ones that sclite's trace takes. The price is a second pass over the area left of the path.
+    """
+    # One row per token of the shorter text: each row costs a few numpy calls whatever its length, so fewer and
+    # longer rows are faster (memory is then 16 bytes * longer * sqrt(shorter)). The costs are the same either
+    # way (both gaps weigh 3); only which gap is a deletion swaps, and sclite's preference with it.
+    transposed = len(hyp) < len(ref)
+    down, across = (hyp, ref) if transposed else (ref, hyp)
+    vertical_op, horizontal_op = ("I", "D") if transposed else ("D", "I")
+    n, m = len(down), len(across)
+    stride = max(1, n if (n + 1) * (m + 1) <= _WHOLE_TABLE_CELLS else math.isqrt(n))
+    # One buffer for every block of rows: fresh arrays of a wide table's size cost a page fault per 4 KB.
+    buffer = np.empty((min(stride, n) + 1, m + 1), dtype=np.int64)
+    kept = {0: _GAP * np.arange(m + 1)}
+    for top in range(0, (n - 1) // stride * stride, stride):  # no row below the last kept one is needed yet
+        buffer[0] = kept[top]
+        _fill_rows(buffer, down[top:top + stride], across)
+        kept[top + stride] = buffer[-1].copy()
+    ops: list[str] = []
     a, b = n, m
-    table, ref_ids, hyp_ids = cost.tolist(), ref.tolist(), hyp.tolist()  # Python scalars index faster
-    while a > 0 or b > 0:
-        if a == 0:
-            op = "I"
-        elif b == 0:
-            op = "D"
-        else:
-            same = ref_ids[a - 1] == hyp_ids[b - 1]
-            diagonal = table[a - 1][b - 1] + (0 if same else _SUBSTITUTION)
-            deletion, insertion = table[a - 1][b] + _GAP, table[a][b - 1] + _GAP
-            if diagonal <= deletion and diagonal <= insertion:
-                op = "C" if same else "S"
+    down_ids, across_ids = down.tolist(), across.tolist()  # Python scalars compare faster
+    while a > 0:
+        top = (a - 1) // stride * stride
+        block = buffer[:a - top + 1, :b + 1]  # rows top..a, columns 0..b
+        block[0] = kept[top][:b + 1]
+        _fill_rows(block, down[top:a], across[:b])
+        while a > top:
+            if b == 0:
+                op = vertical_op
             else:
-                op = "D" if deletion < insertion else "I"
-        ops.append(op)
-        a -= op != "I"
-        b -= op != "D"
-    ops.reverse()
-    return Alignment(ops.count("C"), ops.count("S"), ops.count("D"), ops.count("I"), "".join(ops))
+                same = down_ids[a - 1] == across_ids[b - 1]
+                diagonal = block.item(a - 1 - top, b - 1) + (0 if same else _SUBSTITUTION)
+                vertical = block.item(a - 1 - top, b) + _GAP
+                horizontal = block.item(a - top, b - 1) + _GAP
+                deletion, insertion = (horizontal, vertical) if transposed else (vertical, horizontal)
+                if diagonal <= deletion and diagonal <= insertion:
+                    op = "C" if same else "S"
+                else:
+                    op = "D" if deletion < insertion else "I"
+            ops.append(op)
+            a -= op != horizontal_op
+            b -= op != vertical_op
+    ops.extend(horizontal_op * b)  # along row 0
+    return "".join(reversed(ops))
+
+
+def _fill_rows(rows: np.ndarray, down: np.ndarray, across: np.ndarray) -> None:
+    """Fill rows[1:] of the cost table from rows[0]: rows (len(down) + 1, len(across) + 1), token ids.
+
+    Each row at once: a chain of insertions along a row is a running minimum of cost - 3 * column.
+    """
+    steps = _GAP * np.arange(rows.shape[1])
+    diagonal = np.empty(len(across), dtype=np.int64)
+    match = np.empty(len(across), dtype=bool)
+    for r, token in enumerate(down, start=1):
+        previous, row = rows[r - 1], rows[r]
+        np.add(previous, _GAP, out=row)  # deleting the token of this row
+        np.add(previous[:-1], _SUBSTITUTION, out=diagonal)
+        np.equal(across, token, out=match)
+        np.copyto(diagonal, previous[:-1], where=match)  # a match costs nothing (faster than np.where)
+        np.minimum(row[1:], diagonal, out=row[1:])
+        np.subtract(row, steps, out=row)
+        np.minimum.accumulate(row, out=row)
+        np.add(row, steps, out=row)  # then any chain of insertions
 
 
 def bootstrap_ci95(errors: np.ndarray, totals: np.ndarray, *, resamples: int,
@@ -344,9 +412,10 @@ def read_transcripts(path: str | os.PathLike, *, format: str = "auto") -> tuple[
     except OSError as err:
         raise InputError(f"cannot read: {err.strerror}", path=path) from None
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")  # a byte order mark (Windows editors) is not part of the first id
     except UnicodeDecodeError as err:
-        raise InputError(f"not UTF-8: {err.reason}", path=path, line=data[:err.start].count(b"\n") + 1) from None
+        raise InputError(f"not UTF-8: {err.reason}", path=path,
+                         line=err.object[:err.start].count(b"\n") + 1) from None
     lines = text.splitlines()
     if format == "auto":
         format = _detect_format(path, lines)

@@ -493,7 +493,7 @@ class _LeftOut:
             key = (problem.path, problem.line, problem.utterance_id)
             if key not in self.problems:
                 self.problems[key] = problem
-                tqdm.write(f"{self.split}: left out {problem}")
+                logger.warning(f"{self.split}: left out {problem}")
 
 
 def _eval_batches(utterances: list[Utterance], refs: dict[str, str], vocab: Vocabulary, options: TrainOptions,

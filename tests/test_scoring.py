@@ -3,11 +3,13 @@ import random
 import re
 import shutil
 import subprocess
+import tracemalloc
 
 import pytest
 
 from speechxfer.cli import main
 from speechxfer.errors import InputError
+from speechxfer import scoring
 from speechxfer.scoring import align, read_pair, read_transcripts, render_alignment, score
 from speechxfer.text import TextNormalizer, TextOptions
 
@@ -106,6 +108,79 @@ def test_render_alignment():
     assert lines == ["REF:  ahoj světe jak se máš ****",
                      "HYP:  ahoj svete jak ** máš dnes",
                      "Eval:      S         D      I"]
+
+
+def _table_align(ref, hyp):
+    """sclite's net_dp.c alignment from a whole table in plain Python: (ops, steps where moves tied)."""
+    n, m = len(ref), len(hyp)
+    cost = [[3 * b for b in range(m + 1)]] + [[3 * a] + [0] * m for a in range(1, n + 1)]
+    for a in range(1, n + 1):
+        for b in range(1, m + 1):
+            cost[a][b] = min(cost[a - 1][b - 1] + (0 if ref[a - 1] == hyp[b - 1] else 4), cost[a - 1][b] + 3,
+                             cost[a][b - 1] + 3)
+    ops, ties, a, b = [], 0, n, m
+    while a or b:
+        if a == 0 or b == 0:
+            op = "I" if a == 0 else "D"
+        else:
+            diagonal = cost[a - 1][b - 1] + (0 if ref[a - 1] == hyp[b - 1] else 4)
+            deletion, insertion = cost[a - 1][b] + 3, cost[a][b - 1] + 3
+            ties += [diagonal, deletion, insertion].count(cost[a][b]) > 1
+            if diagonal <= deletion and diagonal <= insertion:
+                op = "C" if ref[a - 1] == hyp[b - 1] else "S"
+            else:
+                op = "D" if deletion < insertion else "I"
+        ops.append(op)
+        a, b = a - (op != "I"), b - (op != "D")
+    return "".join(reversed(ops)), ties
+
+
+@pytest.mark.parametrize("whole_table_cells", [0, 10**9], ids=["checkpointed", "whole-table"])
+def test_alignment_equals_sclites_trace_back_on_ambiguous_pairs(monkeypatch, whole_table_cells):
+    # Alphabets of 1-3 tokens make many equally cheap paths; the long-text path (checkpointed rows, the longer
+    # text along the rows) must pick the very one sclite's trace back picks, not just one as cheap.
+    monkeypatch.setattr(scoring, "_WHOLE_TABLE_CELLS", whole_table_cells)
+    rng = random.Random(3)
+    ties = 0
+    for _ in range(300):
+        tokens = ["a", "b", "c"][:rng.randint(1, 3)]
+        ref = [rng.choice(tokens) for _ in range(rng.randint(0, 60))]
+        hyp = [rng.choice(tokens) for _ in range(rng.randint(0, 60))]
+        if rng.random() < 0.3:  # a hypothesis close to its reference, as from a recognizer
+            hyp = [t if rng.random() < 0.8 else rng.choice(tokens) for t in ref if rng.random() < 0.9]
+        expected, tied = _table_align(ref, hyp)
+        ties += tied
+        alignment = align(ref, hyp)
+        assert alignment.ops == expected, (ref, hyp)
+        assert _counts(alignment) == tuple(expected.count(op) for op in "CSDI")
+    assert ties > 1000
+
+
+def test_long_alignment_keeps_memory_small():
+    rng = random.Random(0)
+    ref = [rng.choice("abcdefgh") for _ in range(3000)]
+    hyp = [t if rng.random() < 0.9 else "x" for t in ref if rng.random() < 0.95]
+    tracemalloc.start()
+    try:
+        alignment = align(ref, hyp)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8e6  # the whole table would take 3001 x ~2850 x 8 bytes, 68 MB
+    assert alignment.hits + alignment.substitutions + alignment.deletions == len(ref)
+    assert alignment.hits + alignment.substitutions + alignment.insertions == len(hyp)
+    assert alignment.errors < 0.2 * len(ref)
+
+
+def test_too_long_utterance_is_refused_naming_it(monkeypatch):
+    monkeypatch.setattr(scoring, "MAX_ALIGNMENT_CELLS", 50)
+    with pytest.raises(InputError, match=r"^utterance u_2, words: 8 reference x 7 hypothesis tokens "
+                                         r"\(5\.6e\+01 cells\) .* split the text into shorter utterances$"):
+        score({"u_1": "a b", "u_2": "a b c d e f g h"}, {"u_1": "a c", "u_2": "a b c d e f x"})
+    with pytest.raises(InputError, match=r"^utterance u_1, characters: 8 reference x 8 hypothesis tokens"):
+        score({"u_1": "abcdefgh"}, {"u_1": "abcdefgx"})
+    # Identical texts need no table, however long.
+    assert score({"u_1": "a b c d e f g h"}, {"u_1": "a b c d e f g h"}, bootstrap=0).wer == 0
 
 
 # --- equality with NIST sclite -------------------------------------------------------------------------------
@@ -326,3 +401,30 @@ def test_alignment_never_beats_jiwers_minimum_edit_distance():
         assert ours_errors >= jiwer_errors
         more += ours_errors > jiwer_errors
     assert more > 0  # the two really differ on some pairs, which is why jiwer alone cannot give sclite's numbers
+
+
+def test_wer_refuses_a_line_too_long_to_align_in_one_line(tmp_path, capsys):
+    words = [f"w{n % 997}" for n in range(40_000)]
+    ref = _write(tmp_path / "ref.txt", "kaldi", {"utt_1": "short line", "utt_2": " ".join(words)})
+    hyp = _write(tmp_path / "hyp.txt", "kaldi", {"utt_1": "short line", "utt_2": " ".join(words[1:] + ["x"])})
+    assert main(["wer", ref, hyp, "--bootstrap", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("speechxfer wer: error: utterance utt_2, words: 40,000 reference x 40,000 hypothesis "
+                          "tokens (1.6e+09 cells)")
+    assert "split the text into shorter utterances" in err
+
+
+@pytest.mark.parametrize("fmt, body", [
+    ("kaldi", "utt_1 a b\nutt_2 c\n"),
+    ("tsv", "id\ttext\nutt_1\ta b\n"),
+    ("jsonl", '{"id": "utt_1", "text": "a b"}\n'),
+    ("lines", "a b\nc\n"),
+])
+def test_byte_order_mark_is_not_part_of_the_first_line(tmp_path, fmt, body):
+    # .txt files: the format must be recognized through the mark too.
+    (tmp_path / "plain.txt").write_text(body, encoding="utf-8")
+    (tmp_path / "marked.txt").write_text(body, encoding="utf-8-sig")
+    assert (tmp_path / "marked.txt").read_bytes().startswith(b"\xef\xbb\xbf")
+    assert read_transcripts(tmp_path / "marked.txt") == read_transcripts(tmp_path / "plain.txt")
+    assert read_transcripts(tmp_path / "marked.txt")[1] == fmt

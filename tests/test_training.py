@@ -302,7 +302,7 @@ def test_bad_audio_in_train_is_skipped_and_reported_with_manifest_and_line(tmp_p
     code = main(["train", str(recipe)])
     printed = capsys.readouterr()
     assert code == 0, printed.err
-    out = printed.out
+    out = printed.err  # messages go to stderr (through logging)
     # found by a stat before the first update
     assert "train: 3 bad rows skipped (2 unreadable_audio, 1 missing_file)" in out
     assert f"{train}:7: [missing_file] missing: no such audio file: " in out
@@ -323,7 +323,7 @@ def test_bad_audio_in_train_is_skipped_and_reported_with_manifest_and_line(tmp_p
 
 
 @pytest.mark.filterwarnings("ignore:'(aifc|audioop|sunau)' is deprecated:DeprecationWarning")  # audioread's imports
-def test_resume_with_bad_audio_reaches_the_uninterrupted_state(tmp_path, monkeypatch, capsys):
+def test_resume_with_bad_audio_reaches_the_uninterrupted_state(tmp_path, monkeypatch, caplog):
     manifests = write_corpus_with_bad_audio(tmp_path / "corpus")
     base = make_tiny_checkpoint(tmp_path / "ssl", arch="stable")
     # at most 1.3 s a batch: one utterance each, so a bad one leaves its batch empty and the batch is skipped;
@@ -332,8 +332,9 @@ def test_resume_with_bad_audio_reaches_the_uninterrupted_state(tmp_path, monkeyp
                                               output_dir=tmp_path / name, eval={"every_updates": 3},
                                               train={"max_batch_s": 1.3, "max_updates": 6}))
                for name in ("straight", "resumed")}
+    caplog.set_level(logging.INFO, logger="speechxfer")
     training.train(recipes["straight"])
-    assert "train: left out" in capsys.readouterr().out
+    assert "train: left out" in caplog.text
 
     real_evaluate = training.evaluate
     calls = []
@@ -348,9 +349,9 @@ def test_resume_with_bad_audio_reaches_the_uninterrupted_state(tmp_path, monkeyp
     with pytest.raises(Interrupted):
         training.train(recipes["resumed"])
     monkeypatch.setattr(training, "evaluate", real_evaluate)
-    capsys.readouterr()
+    caplog.clear()
     assert training.train(recipes["resumed"], resume=True).updates == 6
-    assert "train: left out" in capsys.readouterr().out  # a bad batch skipped after the checkpoint too
+    assert "train: left out" in caplog.text  # a bad batch skipped after the checkpoint too
     straight = load_file(tmp_path / "straight" / "last" / "model.safetensors")
     resumed = load_file(tmp_path / "resumed" / "last" / "model.safetensors")
     assert max((straight[k] - resumed[k]).abs().max().item() for k in straight) <= 1e-6
