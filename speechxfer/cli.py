@@ -94,7 +94,8 @@ def _add_prepare(subparsers) -> None:
     for field in fields(Columns):
         p.add_argument(f"--{field.name}-column", default=None, metavar="NAME",
                        help=f"{field.name} column (csv, tsv, audiofolder)")
-    p.add_argument("--show-problems", type=_whole_number(0), default=20, metavar="N", help="print the first N problems (default 20)")
+    p.add_argument("--show-problems", type=_whole_number(0), default=20, metavar="N",
+                   help="print the first N problems (default 20)")
     p.set_defaults(func=_cmd_prepare)
 
 
@@ -170,7 +171,8 @@ def _add_wer(subparsers) -> None:
                    help="score the ids both sides have, as sclite does, instead of stopping at missing ids")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--per-utterance", metavar="FILE.tsv", default=None, help="write one row per utterance")
-    p.add_argument("--worst", type=_whole_number(0), default=0, metavar="N", help="show the N worst utterances with alignments")
+    p.add_argument("--worst", type=_whole_number(0), default=0, metavar="N",
+                   help="show the N worst utterances with alignments")
     p.add_argument("--bootstrap", type=_whole_number(0), default=1000, metavar="N",
                    help="resamples for the confidence interval (default 1000; 0 skips it)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
