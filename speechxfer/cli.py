@@ -27,6 +27,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _whole_number(minimum: int):
+    """An argparse type: an integer of at least `minimum`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
 # --- subcommands (each helper block: _add_X declares arguments, _cmd_X calls the library) -------------------
 
 
@@ -37,9 +52,9 @@ def _add_synth(subparsers) -> None:
     p.add_argument("language", metavar="LANG", help="espeak-ng voice, usually an ISO 639-1 code (de, fr, pt)")
     p.add_argument("sentences", metavar="SENTENCES_FILE", help="UTF-8 text, one sentence per line")
     p.add_argument("out_dir", metavar="OUTDIR")
-    p.add_argument("--count", type=int, default=None, help="speak only the first N distinct sentences")
+    p.add_argument("--count", type=_whole_number(1), default=None, help="speak only the first N distinct sentences")
     p.add_argument("--seed", type=int, default=0, help="voices, noise and split (default 0)")
-    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)")
+    p.add_argument("--jobs", type=_whole_number(1), default=os.cpu_count() or 1, help="processes (default: all cores)")
     p.add_argument("--noise-snr-db", type=float, default=None, help="add white noise at this SNR (default none)")
     p.add_argument("--dev-fraction", type=float, default=0.05)
     p.add_argument("--test-fraction", type=float, default=0.05)
@@ -82,7 +97,8 @@ def _add_prepare(subparsers) -> None:
     for field in fields(Columns):
         p.add_argument(f"--{field.name}-column", default=None, metavar="NAME",
                        help=f"{field.name} column (csv, tsv, audiofolder)")
-    p.add_argument("--show-problems", type=int, default=20, metavar="N", help="print the first N problems (default 20)")
+    p.add_argument("--show-problems", type=_whole_number(0), default=20, metavar="N",
+                   help="print the first N problems (default 20)")
     p.set_defaults(func=_cmd_prepare)
 
 
@@ -158,8 +174,9 @@ def _add_wer(subparsers) -> None:
                    help="score the ids both sides have, as sclite does, instead of stopping at missing ids")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--per-utterance", metavar="FILE.tsv", default=None, help="write one row per utterance")
-    p.add_argument("--worst", type=int, default=0, metavar="N", help="show the N worst utterances with alignments")
-    p.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+    p.add_argument("--worst", type=_whole_number(0), default=0, metavar="N",
+                   help="show the N worst utterances with alignments")
+    p.add_argument("--bootstrap", type=_whole_number(0), default=1000, metavar="N",
                    help="resamples for the confidence interval (default 1000; 0 skips it)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
     p.set_defaults(func=_cmd_wer)
@@ -278,12 +295,19 @@ def _transcribe_options(args):
     return TranscribeOptions(max_batch_s=args.max_batch_s, chunk_s=args.chunk_s, stride_s=args.stride_s)
 
 
-def _decoder(args, recognizer):
-    from speechxfer.decoding import BeamSearchOptions, make_decoder
+def _beam_options(args):
+    """Beam search options, or None for greedy decoding; built before the model loads, so that bad values stop
+    the command at once."""
+    from speechxfer.decoding import BeamSearchOptions
 
-    beam = None
-    if args.lm is not None:
-        beam = BeamSearchOptions(args.lm, args.lexicon, args.beam_size, args.lm_weight, args.word_score)
+    if args.lm is None:
+        return None
+    return BeamSearchOptions(args.lm, args.lexicon, args.beam_size, args.lm_weight, args.word_score)
+
+
+def _decoder(beam, recognizer):
+    from speechxfer.decoding import make_decoder
+
     decoder = make_decoder(recognizer.vocabulary, frame_s=recognizer.frame_s, beam=beam)
     if getattr(decoder, "skipped_words", 0):
         print(f"lexicon: {decoder.lexicon_size} words; {decoder.skipped_words} LM words skipped (characters "
@@ -297,12 +321,18 @@ def _add_transcribe(subparsers) -> None:
     p = subparsers.add_parser("transcribe", help="transcribe audio files, folders or globs with a CTC model",
                               description="Transcribe audio (any format and rate; long files in overlapping windows) "
                                           "with a Wav2Vec2ForCTC model folder or hub id. Prints `path<TAB>text` as "
-                                          "each file finishes; with --output-dir also writes one file per format.")
+                                          "each file finishes (in both fields backslash, tab, newline and carriage "
+                                          "return are written \\\\, \\t, \\n, \\r, as in transcripts.tsv); with "
+                                          "--output-dir also writes one file per format. A rerun into the same "
+                                          "--output-dir skips the files whose outputs are all there.")
     p.add_argument("model", metavar="MODEL", help="model folder or hub id")
     p.add_argument("paths", metavar="PATH", nargs="+", help="audio files, folders or glob patterns")
     p.add_argument("--recursive", action="store_true", help="search folders (and ** globs) recursively")
     p.add_argument("--output-dir", metavar="DIR", default=None,
-                   help="write NAME.txt/.json/.srt/.vtt per file and transcripts.tsv for the run")
+                   help="write NAME.txt/.json/.srt/.vtt per file, and a row `path<TAB>text` per file to "
+                        "DIR/transcripts.tsv (kept across runs; escaped as printed)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="transcribe again the files whose outputs are already in --output-dir")
     p.add_argument("--format", default=",".join(OUTPUT_FORMATS), metavar="LIST",
                    help=f"comma-separated output formats for --output-dir (default {','.join(OUTPUT_FORMATS)})")
     _add_model_arguments(p)
@@ -312,34 +342,43 @@ def _add_transcribe(subparsers) -> None:
 
 def _cmd_transcribe(args) -> int:
     from speechxfer.errors import InputError, Problem
-    from speechxfer.transcribe import OutputWriter, find_audio, transcribe
+    from speechxfer.transcribe import OutputWriter, find_audio, transcribe, tsv_escape
 
+    options, beam = _transcribe_options(args), _beam_options(args)
     writer = None
     if args.output_dir is not None:
-        writer = OutputWriter(args.output_dir, [f.strip() for f in args.format.split(",") if f.strip()])
+        writer = OutputWriter(args.output_dir, [f.strip() for f in args.format.split(",") if f.strip()],
+                              overwrite=args.overwrite)
     segments, problems = find_audio(args.paths, recursive=args.recursive)
     for problem in problems:
         print(problem, file=sys.stderr)
     if not segments:
         raise InputError("no audio to transcribe")
-    recognizer = _load_recognizer(args)
-    decoder = _decoder(args, recognizer)
+    todo = segments if writer is None else writer.unfinished(segments)
+    skipped = len(segments) - len(todo)
+    if skipped:
+        print(f"{skipped} of {len(segments)} files already transcribed in {args.output_dir}, skipped "
+              "(--overwrite transcribes them again)", file=sys.stderr)
     done = 0
     try:
-        for result in transcribe(recognizer, segments, decoder=decoder, options=_transcribe_options(args),
-                                 progress=sys.stderr.isatty()):
-            if isinstance(result, Problem):
-                print(result, file=sys.stderr)
-                continue
-            print(f"{result.segment.id}\t{result.transcript.text}", flush=True)
-            if writer is not None:
-                writer.write(result)
-            done += 1
+        if todo:
+            recognizer = _load_recognizer(args)
+            decoder = _decoder(beam, recognizer)
+            for result in transcribe(recognizer, todo, decoder=decoder, options=options,
+                                     progress=sys.stderr.isatty()):
+                if isinstance(result, Problem):
+                    print(result, file=sys.stderr)
+                    continue
+                print(f"{tsv_escape(result.segment.id)}\t{tsv_escape(result.transcript.text)}", flush=True)
+                if writer is not None:
+                    writer.write(result)
+                done += 1
     finally:
         if writer is not None:
             writer.close(segments)
-    print(f"transcribed {done} of {len(segments) + len(problems)} inputs", file=sys.stderr)
-    return 0 if done else 1
+    print(f"transcribed {done} of {len(todo) + len(problems)} inputs"
+          + (f" ({skipped} done before)" if skipped else ""), file=sys.stderr)
+    return 0 if done or skipped else 1
 
 
 def _add_evaluate(subparsers) -> None:
@@ -361,18 +400,23 @@ def _add_evaluate(subparsers) -> None:
 
 
 def _cmd_evaluate(args) -> int:
-    from speechxfer.evaluate import evaluate, model_normalization
+    from speechxfer.evaluate import describe_left_out, evaluate, model_normalization
     from speechxfer.scoring import format_report
     from speechxfer.text import TextNormalizer, load_text_options
+    from speechxfer.transcribe import output_folder
 
+    options, beam = _transcribe_options(args), _beam_options(args)
+    output_folder(args.output_dir)  # a bad output folder stops the command before the model loads
     recognizer = _load_recognizer(args)
     spec = args.normalize if args.normalize is not None else model_normalization(recognizer.directory)
     normalizer = None if spec is None else TextNormalizer(load_text_options(spec))
-    result = evaluate(recognizer, args.manifest, output_dir=args.output_dir, decoder=_decoder(args, recognizer),
-                      normalizer=normalizer, options=_transcribe_options(args), progress=sys.stderr.isatty())
-    for problem in result.problems:
+    result = evaluate(recognizer, args.manifest, output_dir=args.output_dir, decoder=_decoder(beam, recognizer),
+                      normalizer=normalizer, options=options, progress=sys.stderr.isatty())
+    for problem in result.problems + result.left_out:
         print(problem, file=sys.stderr)
     print(f"normalization: {spec or 'none'}")
+    if result.left_out:
+        print(describe_left_out(result.left_out))
     print(format_report(result.report))
     for ref, hyp, count in result.substitutions[:5]:
         print(f"  {count:>4}  {ref} -> {hyp}")
@@ -425,7 +469,7 @@ def _cmd_lm_build(args) -> int:
 
 def _cmd_lm_tune(args) -> int:
     from speechxfer.errors import InputError
-    from speechxfer.evaluate import model_normalization
+    from speechxfer.evaluate import describe_left_out, model_normalization
     from speechxfer.lm import tune_lm
     from speechxfer.text import TextNormalizer, load_text_options
 
@@ -435,16 +479,19 @@ def _cmd_lm_tune(args) -> int:
         except ValueError:
             raise InputError(f"{option} takes comma-separated numbers, got {text!r}") from None
 
+    lm_weights, word_scores = floats(args.lm_weights, "--lm-weights"), floats(args.word_scores, "--word-scores")
+    options = _transcribe_options(args)
     recognizer = _load_recognizer(args)
     spec = args.normalize if args.normalize is not None else model_normalization(recognizer.directory)
-    result = tune_lm(recognizer, args.manifest, lm_path=args.lm, lexicon_path=args.lexicon,
-                     lm_weights=floats(args.lm_weights, "--lm-weights"),
-                     word_scores=floats(args.word_scores, "--word-scores"), beam_size=args.beam_size,
+    result = tune_lm(recognizer, args.manifest, lm_path=args.lm, lexicon_path=args.lexicon, lm_weights=lm_weights,
+                     word_scores=word_scores, beam_size=args.beam_size,
                      normalizer=None if spec is None else TextNormalizer(load_text_options(spec)),
-                     options=_transcribe_options(args), progress=sys.stderr.isatty())
-    for problem in result.problems:
+                     options=options, progress=sys.stderr.isatty())
+    for problem in result.problems + result.left_out:
         print(problem, file=sys.stderr)
     print(f"{result.utterances} utterances, normalization: {spec or 'none'}")
+    if result.left_out:
+        print(describe_left_out(result.left_out))
     print("lm_weight\tword_score\tWER")
     for lm_weight, word_score, wer in result.grid:
         print(f"{lm_weight:g}\t{word_score:g}\t{wer:.2%}")
@@ -495,6 +542,13 @@ def main(argv: list[str] | None = None) -> int:
             return int(args.func(args) or 0)
     except SpeechxferError as err:
         print(f"speechxfer {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.filename is None:
+            raise
+        # The file system refusing one file (a folder where a file goes, no permission, a full disk) is the user's
+        # to fix, not a bug: one line that names it.
+        print(f"speechxfer {args.command}: error: {err.filename}: {err.strerror}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"speechxfer {args.command}: interrupted", file=sys.stderr)

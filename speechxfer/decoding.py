@@ -8,6 +8,7 @@ any length is decoded while keeping only 8 bytes per frame, never the full (fram
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 import tempfile
@@ -143,6 +144,14 @@ class BeamSearchOptions:
     beam_size: int = 50  # hypotheses kept after each frame
     lm_weight: float = 2.0  # weight of the LM log probability against the acoustic score
     word_score: float = 0.0  # added per word: positive favours more, shorter words
+
+    def __post_init__(self) -> None:
+        if isinstance(self.beam_size, bool) or not isinstance(self.beam_size, int) or self.beam_size < 1:
+            raise InputError(f"beam_size (--beam-size) must be a whole number of at least 1, got {self.beam_size!r}")
+        for name in ("lm_weight", "word_score"):
+            if not math.isfinite(getattr(self, name)):
+                raise InputError(f"{name} (--{name.replace('_', '-')}) must be a finite number, "
+                                 f"got {getattr(self, name)!r}")
 
 
 class BeamSearchDecoder:

@@ -6,16 +6,18 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from speechxfer.decoding import BeamSearchDecoder, Decoder
 from speechxfer.errors import InputError, Problem
-from speechxfer.manifest import read_manifest
+from speechxfer.manifest import Utterance, read_manifest
 from speechxfer.scoring import (ScoreReport, format_report, render_alignment, score, worst_utterances,
                                 write_per_utterance_tsv)
-from speechxfer.transcribe import AudioSegment, Recognizer, TranscribeOptions, Transcription, transcribe
+from speechxfer.text import TextRejected
+from speechxfer.transcribe import (AudioSegment, Recognizer, TranscribeOptions, Transcription, output_folder,
+                                   transcribe)
 
 HYPOTHESES_NAME = "hypotheses.jsonl"
 
@@ -29,6 +31,7 @@ class Evaluation:
     output_dir: Path
     substitutions: list[tuple[str, str, int]]  # (reference word, hypothesis word, count), most frequent first
     problems: list[Problem]  # manifest rows skipped, and utterances whose audio failed (scored as empty)
+    left_out: list[Problem]  # utterances whose reference the normalizer rejects or empties: not transcribed, not scored
 
 
 def evaluate(recognizer: Recognizer, manifest_path: str | os.PathLike, *, output_dir: str | os.PathLike,
@@ -38,13 +41,15 @@ def evaluate(recognizer: Recognizer, manifest_path: str | os.PathLike, *, output
     """Transcribe every usable utterance of the manifest and score it against the manifest's texts.
 
     Writes under output_dir: hypotheses.jsonl (as each batch finishes), score.json, per_utterance.tsv and
-    report.md. An utterance whose audio cannot be read gets an empty hypothesis and is listed as a problem.
+    report.md. An utterance whose audio cannot be read gets an empty hypothesis and is listed as a problem; one
+    whose reference the normalizer rejects or empties is left out (see scorable_utterances).
     """
+    output = output_folder(output_dir)
     utterances, problems = read_manifest(manifest_path)
+    utterances, left_out = scorable_utterances(utterances, normalizer, manifest_path=manifest_path)
     if not utterances:
-        raise InputError("no usable utterance in the manifest", path=manifest_path)
-    output = Path(output_dir)
-    output.mkdir(parents=True, exist_ok=True)
+        raise InputError(f"no usable utterance in the manifest ({len(problems)} bad rows, {len(left_out)} "
+                         "references the normalizer rejects or empties)", path=manifest_path)
     segments = [AudioSegment(u.id, u.audio_path, u.duration_s, u.offset_s, name=u.id) for u in utterances]
     hypotheses: dict[str, str] = {}
     hypotheses_path = output / HYPOTHESES_NAME
@@ -64,11 +69,45 @@ def evaluate(recognizer: Recognizer, manifest_path: str | os.PathLike, *, output
     (output / "score.json").write_text(json.dumps(report.to_dict(), ensure_ascii=False, indent=1) + "\n",
                                        encoding="utf-8")
     write_per_utterance_tsv(report, output / "per_utterance.tsv")
-    evaluation = Evaluation(report, hypotheses_path, output, substitutions, problems)
+    evaluation = Evaluation(report, hypotheses_path, output, substitutions, problems, left_out)
     (output / "report.md").write_text(
         format_markdown(evaluation, model=recognizer.directory, manifest=os.fspath(manifest_path),
                         decoder=describe_decoder(decoder)), encoding="utf-8")
     return evaluation
+
+
+def scorable_utterances(utterances: Sequence[Utterance], normalizer: Callable[[str], str] | None, *,
+                        manifest_path: str | os.PathLike) -> tuple[list[Utterance], list[Problem]]:
+    """The utterances whose reference can be scored, and a Problem for each one left out: a reference the
+    normalizer rejects (`rejected_text`: digits under `digits: reject`, characters outside the alphabet) or leaves
+    empty (`empty_text`). The same rule as `train` applies to its dev and test sets (training._normalized); evaluate
+    and lm tune leave such rows out and count them instead of stopping at the first.
+    """
+    if normalizer is None:
+        return list(utterances), []
+    kept, left_out = [], []
+    where = os.fspath(manifest_path)
+    for u in utterances:
+        try:
+            text = normalizer(u.text)
+        except TextRejected as err:
+            left_out.append(Problem(where, None, "rejected_text",
+                                    f"utterance {u.id}: the normalizer rejects the reference: {err}", u.id))
+            continue
+        if not text.strip():
+            left_out.append(Problem(where, None, "empty_text",
+                                    f"utterance {u.id}: the reference is empty after normalization", u.id))
+            continue
+        kept.append(u)
+    return kept, left_out
+
+
+def describe_left_out(left_out: Sequence[Problem]) -> str:
+    """One line: how many references were left out of scoring, and why."""
+    kinds = Counter(p.kind for p in left_out)
+    why = {"rejected_text": "rejected by the normalizer", "empty_text": "empty after normalization"}
+    return (f"{len(left_out)} utterances left out of scoring ("
+            + ", ".join(f"{n} {why.get(kind, kind)}" for kind, n in kinds.most_common()) + ")")
 
 
 def model_normalization(model_dir: str | os.PathLike) -> str | None:
@@ -103,10 +142,12 @@ def format_markdown(evaluation: Evaluation, *, model: str, manifest: str, decode
     """report.md: settings, the score summary, frequent substitutions, the worst utterances, the problems."""
     report = evaluation.report
     lines = [f"# Evaluation of `{model}`", "", f"- manifest: `{manifest}`", f"- decoder: {decoder}",
-             f"- scored: {report.sentences} utterances, {report.ref_words} reference words",
-             f"- hypotheses: `{evaluation.hypotheses_path.name}` (`speechxfer wer` on the manifest and this file, "
-             "with the same --normalize, gives these numbers)", "",
-             "```", format_report(report), "```", ""]
+             f"- scored: {report.sentences} utterances, {report.ref_words} reference words"]
+    if evaluation.left_out:
+        lines.append(f"- left out: {describe_left_out(evaluation.left_out)}, listed under Problems")
+    lines += [f"- hypotheses: `{evaluation.hypotheses_path.name}` (`speechxfer wer` on the manifest and this file, "
+              "with the same --normalize" + (" and --allow-missing" if evaluation.left_out else "")
+              + ", gives these numbers)", "", "```", format_report(report), "```", ""]
     if evaluation.substitutions:
         lines += ["## Most frequent substitutions", "", "| reference | hypothesis | count |", "|---|---|---:|"]
         lines += [f"| {r} | {h} | {c} |" for r, h, c in evaluation.substitutions]
@@ -117,6 +158,6 @@ def format_markdown(evaluation: Evaluation, *, model: str, manifest: str, decode
         for u in bad:
             lines += [f"`{u.id}`: WER {u.wer:.2%} ({u.words.errors} errors / {u.ref_words} words)", "", "```",
                       render_alignment(u.words, u.reference, u.hypothesis), "```", ""]
-    if evaluation.problems:
-        lines += ["## Problems", ""] + [f"- {p}" for p in evaluation.problems] + [""]
+    if evaluation.problems or evaluation.left_out:
+        lines += ["## Problems", ""] + [f"- {p}" for p in evaluation.problems + evaluation.left_out] + [""]
     return "\n".join(lines)

@@ -15,6 +15,7 @@ import torch
 
 from speechxfer.decoding import BeamSearchDecoder, BeamSearchOptions, GreedyDecoder, decode_batch
 from speechxfer.errors import InputError, Problem, SpeechxferError
+from speechxfer.evaluate import scorable_utterances
 from speechxfer.manifest import read_manifest
 from speechxfer.scoring import score
 from speechxfer.text import TextRejected
@@ -94,6 +95,7 @@ class TuneResult:
     grid: list[tuple[float, float, float]]  # (lm weight, word score, WER) in the order tried
     utterances: int
     problems: list[Problem]
+    left_out: list[Problem]  # utterances whose reference the normalizer rejects or empties (not scored)
 
 
 def tune_lm(recognizer: Recognizer, manifest_path: str | os.PathLike, *, lm_path: str,
@@ -103,9 +105,20 @@ def tune_lm(recognizer: Recognizer, manifest_path: str | os.PathLike, *, lm_path
             progress: bool = False) -> TuneResult:
     """Grid search of LM weight x word score by dev WER; the model runs once, each point only decodes.
 
-    Utterances whose audio fails are left out (listed in problems). Ties go to the point tried first.
+    Utterances whose audio fails are left out (listed in problems), and so are those whose reference the
+    normalizer rejects or empties (listed in left_out; see evaluate.scorable_utterances). Ties go to the point
+    tried first.
     """
+    # Every point checked before the model runs: a bad value should not cost the pass over the audio.
+    points = [BeamSearchOptions(lm_path, lexicon_path, beam_size, lm_weight, word_score)
+              for lm_weight in lm_weights for word_score in word_scores]
+    if not points:
+        raise InputError("lm_weights and word_scores (--lm-weights, --word-scores) need at least one value each")
+    for path in (lm_path, lexicon_path):
+        if path is not None and not os.path.isfile(path):
+            raise InputError("no such file", path=path)
     utterances, problems = read_manifest(manifest_path)
+    utterances, left_out = scorable_utterances(utterances, normalizer, manifest_path=manifest_path)
     segments = [AudioSegment(u.id, u.audio_path, u.duration_s, u.offset_s, name=u.id) for u in utterances]
     cached: dict[str, torch.Tensor] = {}
     for event in emissions(recognizer, segments, options=options, progress=progress):
@@ -123,10 +136,8 @@ def tune_lm(recognizer: Recognizer, manifest_path: str | os.PathLike, *, lm_path
 
     greedy_wer = wer(GreedyDecoder(recognizer.vocabulary, frame_s=recognizer.frame_s))
     grid = []
-    for lm_weight in lm_weights:
-        for word_score in word_scores:
-            beam = BeamSearchOptions(lm_path, lexicon_path, beam_size, lm_weight, word_score)
-            grid.append((lm_weight, word_score,
-                         wer(BeamSearchDecoder(recognizer.vocabulary, beam, frame_s=recognizer.frame_s))))
+    for beam in points:
+        decoder = BeamSearchDecoder(recognizer.vocabulary, beam, frame_s=recognizer.frame_s)
+        grid.append((beam.lm_weight, beam.word_score, wer(decoder)))
     best = min(grid, key=lambda point: point[2])
-    return TuneResult(best[0], best[1], best[2], greedy_wer, grid, len(cached), problems)
+    return TuneResult(best[0], best[1], best[2], greedy_wer, grid, len(cached), problems, left_out)

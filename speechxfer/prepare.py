@@ -400,6 +400,9 @@ def _audiofolder_rows(table: Path, options: _Options, problems: list[Problem]) -
 def _read_kaldi(source: Path, options: _Options, problems: list[Problem]) -> dict[str, list[_Row]]:
     """A Kaldi data dir (wav.scp, text, optional utt2spk and segments), or a folder of them, one per split.
     Relative paths in wav.scp resolve against the current directory, as in Kaldi recipes."""
+    if not source.is_dir():
+        raise InputError("a file, not a folder: give the Kaldi data dir that holds wav.scp and text, or a folder "
+                         "of such dirs", path=source)
     if (source / "wav.scp").is_file():
         return {_single_split(source, options): _kaldi_rows(source, options, problems)}
     if options.split is not None:

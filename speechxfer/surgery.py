@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from anyascii import anyascii
+from safetensors import SafetensorError
 from transformers import AutoConfig, Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
 from transformers.utils import cached_file
 
@@ -32,7 +33,8 @@ _SOURCE_DELIMITERS = ("|", " ")
 
 # Weights a checkpoint may lack without being broken: the CTC head (SSL-only sources, replaced anyway) and the
 # learned SpecAugment mask vector (created only when masking is switched on, e.g. by config_overrides).
-_MAY_BE_MISSING = ("lm_head.", "wav2vec2.masked_spec_embed")
+_HEAD = "lm_head."
+_MAY_BE_MISSING = (_HEAD, "wav2vec2.masked_spec_embed")
 
 # Files of a Hugging Face model folder: save_model_folder replaces them all (a stale added_tokens.json or weight shard
 # would corrupt the new model); anything else already in the destination folder is carried over.
@@ -82,7 +84,7 @@ def build_ctc_model(source: str | os.PathLike, vocab: Vocabulary, *,
     Returns the float32 model in train mode and the transfer report. Raises InputError for a missing folder, a
     non-wav2vec2 checkpoint, missing safetensors weights, or an unknown override.
     """
-    name = os.path.expanduser(os.fspath(source))
+    name = model_source(source)
     config = _load_config(name)
     overrides = dict(config_overrides or {})
     for key in ("vocab_size", "pad_token_id"):
@@ -177,25 +179,52 @@ def save_model_folder(directory: str | os.PathLike, model: Wav2Vec2ForCTC, vocab
         os.replace(staging, directory)
 
 
+def model_source(source: str | os.PathLike) -> str:
+    """A local model folder (with `~` expanded) or a hub id, telling a mistyped local path from a hub id.
+
+    A path that exists is local. One that does not exist is taken for a local path, and refused as "no such model
+    folder" instead of being looked up on the hub, when it is absolute, starts with `.` or `~`, has more than one
+    `/`, or names a folder that exists (`runs/typo` where `runs/` exists); only `name` and `owner/name` forms go to
+    the hub. InputError for a missing local folder, and for a file given instead of a folder.
+    """
+    text = os.fspath(source)
+    name = os.path.expanduser(text)
+    path = Path(name)
+    if path.exists():
+        if not path.is_dir():
+            raise InputError("a model must be a model folder or a hub id, not a file", path=text)
+        return name
+    parent = os.path.dirname(name)
+    if path.is_absolute() or text.startswith((".", "~")) or text.count("/") > 1 or (parent and os.path.isdir(parent)):
+        raise InputError("no such model folder (only `name` and `owner/name` are looked up on the hub)", path=text)
+    return name
+
+
+def load_ctc_model(source: str | os.PathLike) -> Wav2Vec2ForCTC:
+    """A fine-tuned Wav2Vec2ForCTC (local folder, as model_source resolves it, or hub id) in float32 eval mode, for
+    inference: the same checks as build_ctc_model, and the CTC head must be there too."""
+    name = model_source(source)
+    return _load_weights(name, _load_config(name), head_required=True).eval()
+
+
 def _load_config(name: str) -> Wav2Vec2Config:
     """The source's config; InputError unless it names a wav2vec2 checkpoint we can reach."""
-    path = Path(name)
-    if path.exists() and not path.is_dir():
-        raise InputError("a checkpoint must be a model folder or a hub id, not a file", path=name)
-    if not path.exists() and (path.is_absolute() or name.startswith(".") or name.count("/") > 1):
-        raise InputError("no such checkpoint folder", path=name)
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=False)
     except (OSError, ValueError) as err:
-        where = "folder" if path.is_dir() else "hub id (offline, misspelt, or gated?)"
-        raise InputError(f"cannot read the checkpoint's config.json from this {where}: {err}", path=name) from err
+        where = "folder" if Path(name).is_dir() else "hub id (offline, misspelt, or gated?)"
+        raise InputError(f"cannot read the checkpoint's config.json from this {where}: {_first_line(err)}",
+                         path=name) from err
     if not isinstance(config, Wav2Vec2Config):
         raise InputError(f"a {config.model_type!r} checkpoint, not wav2vec2", path=name)
     return config
 
 
-def _load_weights(name: str, config: Wav2Vec2Config) -> Wav2Vec2ForCTC:
-    """Wav2Vec2ForCTC with the source's weights in float32 (its own head, if any, still in place)."""
+def _load_weights(name: str, config: Wav2Vec2Config, *, head_required: bool = False) -> Wav2Vec2ForCTC:
+    """Wav2Vec2ForCTC with the source's weights in float32 (its own head, if any, still in place).
+
+    head_required: the CTC head must be among the weights (inference); else it may be missing (it is replaced).
+    """
     # The load report lists the head as missing for SSL-only sources, which is expected; real gaps are checked below.
     report_logger = logging.getLogger("transformers.modeling_utils")
     report_logger.addFilter(_drop_load_report)
@@ -203,21 +232,29 @@ def _load_weights(name: str, config: Wav2Vec2Config) -> Wav2Vec2ForCTC:
         model, info = Wav2Vec2ForCTC.from_pretrained(name, config=config, use_safetensors=True,
                                                      dtype=torch.float32, output_loading_info=True)
     except (OSError, RuntimeError) as err:
-        raise InputError(f"cannot load safetensors weights: {err} (pickled pytorch_model.bin files are never read: "
-                         "convert one you trust to model.safetensors in a local folder and use that folder)",
-                         path=name) from err
+        raise InputError(f"cannot load safetensors weights: {_first_line(err)} (pickled pytorch_model.bin files "
+                         "are never read: convert one you trust to model.safetensors in a local folder and use that "
+                         "folder)", path=name) from err
+    except SafetensorError as err:  # a truncated or corrupt model.safetensors
+        raise InputError(f"model.safetensors is truncated or not a safetensors file ({err})", path=name) from err
     finally:
         report_logger.removeFilter(_drop_load_report)
-    missing = sorted(k for k in info["missing_keys"] if not k.startswith(_MAY_BE_MISSING))
+    may_be_missing = tuple(k for k in _MAY_BE_MISSING if k != _HEAD) if head_required else _MAY_BE_MISSING
+    missing = sorted(k for k in info["missing_keys"] if not k.startswith(may_be_missing))
     if missing:
         listed = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
-        raise InputError(f"the checkpoint lacks {len(missing)} weights of a wav2vec2 model: {listed}", path=name)
+        raise InputError(f"the checkpoint lacks {len(missing)} weights of a wav2vec2 CTC model: {listed}", path=name)
     if "wav2vec2.masked_spec_embed" in info["missing_keys"] and model.wav2vec2.masked_spec_embed is not None:
         # Some transformers releases leave a parameter missing from the weights uninitialised (seen as NaN losses
         # on a GPU with SpecAugment on); initialise it the way the Wav2Vec2Model constructor does.
         with torch.no_grad():
             model.wav2vec2.masked_spec_embed.uniform_()
     return model
+
+
+def _first_line(err: Exception) -> str:
+    """The first line of a library's error message: the rest (advice, URLs) would break the one-line report."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def _drop_load_report(record: logging.LogRecord) -> bool:

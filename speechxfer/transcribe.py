@@ -10,9 +10,11 @@ context, and memory stays that of one batch of windows however long the file is.
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import math
 import os
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -63,6 +65,13 @@ class TranscribeOptions:
     chunk_s: float = 30.0  # audio longer than this is read in windows of this length
     stride_s: float = 5.0  # context read on each side of a window, dropped after the forward pass
 
+    def __post_init__(self) -> None:
+        for name, value, least in (("max_batch_s", self.max_batch_s, "more than 0"),
+                                   ("chunk_s", self.chunk_s, "more than 0"),
+                                   ("stride_s", self.stride_s, "at least 0")):
+            if not (math.isfinite(value) and (value >= 0 if least == "at least 0" else value > 0)):
+                raise InputError(f"{name} (--{name.replace('_', '-')}) must be {least} seconds, got {value:g}")
+
 
 @dataclass(frozen=True)
 class Transcription:
@@ -74,23 +83,28 @@ class Recognizer:
     """A Wav2Vec2ForCTC model folder (or hub id) loaded for inference, with its vocabulary and input settings."""
 
     def __init__(self, model: str | os.PathLike, *, device: str = "auto", dtype: str = "float32"):
-        from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
+        from transformers import Wav2Vec2FeatureExtractor
+
+        # Imported here: they import transformers, which `speechxfer --help` should not wait for.
+        from speechxfer.batching import output_frames
+        from speechxfer.surgery import load_ctc_model
 
         if dtype not in COMPUTE_DTYPES:
             raise InputError(f"unknown dtype {dtype!r} (choose from {', '.join(COMPUTE_DTYPES)})")
-        directory = _model_directory(model)
-        self.directory = directory
-        self.device = torch.device(_pick_device(device))
         # Weights stay float32; matrix products and convolutions run in `dtype` under autocast, norms and
         # softmax in float32 (torch's autocast op lists).
         self.dtype = COMPUTE_DTYPES[dtype]
+        self.device = _pick_device(device)
+        directory = _model_directory(model)
+        self.directory = directory
+        self.model = load_ctc_model(directory)
         try:
-            self.model = Wav2Vec2ForCTC.from_pretrained(directory, use_safetensors=True, dtype=torch.float32)
             extractor = Wav2Vec2FeatureExtractor.from_pretrained(directory)
         except (OSError, ValueError) as err:
-            raise InputError(f"cannot load a Wav2Vec2ForCTC model with safetensors weights: {err}",
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise InputError(f"cannot read the feature extractor settings (preprocessor_config.json): {reason}",
                              path=directory) from None
-        self.model.eval().to(self.device)
+        self.model.to(self.device)
         if self.device.type == "cpu":
             use_blocked_feature_encoder(self.model)
         self.vocabulary = Vocabulary.load(directory)
@@ -104,6 +118,9 @@ class Recognizer:
         self.geometry = frame_geometry(self.model.config)  # where each output frame lies in the input samples
         self.samples_per_frame: int = self.geometry.stride
         self.frame_s: float = self.samples_per_frame / self.sample_rate_hz
+        # The convolutions' receptive field (400 samples, 25 ms, for wav2vec2): shorter audio gives no frame, and
+        # torch refuses to run a convolution on it.
+        self.min_samples: int = next(n for n in itertools.count(1) if output_frames(self.model.config, n) > 0)
 
     @torch.inference_mode()
     def log_probs(self, waveforms: Sequence[np.ndarray], *,
@@ -113,6 +130,8 @@ class Recognizer:
         stats: (mean, std) to normalize each waveform with, when the feature extractor normalizes; None: each
         waveform's own. Returns (batch, frames, vocab) float32 on the CPU and (batch,) valid frames per item.
         """
+        if min(len(w) for w in waveforms) < self.min_samples:
+            raise AudioError(f"audio shorter than the model's receptive field ({self.min_samples} samples)")
         lengths = torch.tensor([len(w) for w in waveforms])
         batch = np.zeros((len(waveforms), int(lengths.max())), dtype=np.float32)
         for i, wave in enumerate(waveforms):
@@ -157,27 +176,44 @@ class _Moments:
 
 
 def _model_directory(model: str | os.PathLike) -> str:
-    """A local folder as it is; anything else is a hub id, resolved through the local hub cache or a download."""
-    if os.path.isdir(model):
-        return os.fspath(model)
+    """A local folder as it is; a hub id (as surgery.model_source tells them apart) is resolved through the local
+    hub cache or a download."""
+    from speechxfer.surgery import model_source
+
+    name = model_source(model)
+    if os.path.isdir(name):
+        return name
     from huggingface_hub import snapshot_download
 
     try:
-        return snapshot_download(os.fspath(model), allow_patterns=["*.json", "*.safetensors", "*.txt"])
+        return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt"])
     except Exception as err:  # hub errors come in many types (offline, not found, gated, bad id)
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise InputError(f"not a model folder, and not a hub model that can be fetched: {reason}",
+        raise InputError(f"no such model folder, and not a hub model that can be fetched: {reason}",
                          path=model) from None
 
 
-def _pick_device(device: str) -> str:
-    if device != "auto":
-        return device
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+def _pick_device(device: str) -> torch.device:
+    """cpu, cuda, cuda:N, mps, or auto (the best available); InputError for another name or a missing device."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, ValueError):
+        chosen = None
+    if chosen is None or chosen.type not in ("cpu", "cuda", "mps"):
+        raise InputError(f"unknown device {device!r} (cpu, cuda, cuda:N, mps or auto)")
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {device!r}: torch sees no CUDA GPU on this machine (try cpu or auto)")
+    if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
+        raise InputError(f"device {device!r}: torch sees {torch.cuda.device_count()} CUDA GPU(s) on this machine")
+    if chosen.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"device {device!r}: MPS is not available on this machine (try cpu or auto)")
+    return chosen
 
 
 # --- finding audio ----------------------------------------------------------------------------------------
@@ -294,6 +330,9 @@ def _pieces(recognizer: Recognizer, segments: Sequence[AudioSegment], options: T
 
     A long segment's pieces come consecutively and in order, never interleaved with another segment's.
     """
+    if options.chunk_s * recognizer.sample_rate_hz < recognizer.min_samples:
+        raise InputError(f"chunk_s (--chunk-s) of {options.chunk_s:g} s is shorter than the model's receptive field "
+                         f"({1000 * recognizer.min_samples / recognizer.sample_rate_hz:.3g} ms)")
     short = sorted((s for s in segments if s.duration_s <= options.chunk_s), key=lambda s: -s.duration_s)
     long = [s for s in segments if s.duration_s > options.chunk_s]
     total_s = sum(s.duration_s for s in segments)
@@ -345,6 +384,13 @@ def _load_batch(recognizer: Recognizer, batch: Sequence[AudioSegment],
         except AudioError as err:
             problems.append(Problem(segment.path, None, "unreadable_audio", err.message, segment.id))
             continue
+        if len(wave) < recognizer.min_samples:
+            rate = recognizer.sample_rate_hz
+            problems.append(Problem(segment.path, None, "too_short",
+                                    f"{1000 * len(wave) / rate:.3g} ms of audio, shorter than the model's receptive "
+                                    f"field ({1000 * recognizer.min_samples / rate:.3g} ms): nothing to transcribe",
+                                    segment.id))
+            continue
         loaded.append((segment, wave, _Moments.of(wave).mean_std() if recognizer.normalize else None))
     return loaded, problems
 
@@ -371,6 +417,8 @@ def _windowed(recognizer: Recognizer, segment: AudioSegment,
         start = 0
         while start < total:
             read_from, read_to = max(0, start - stride), min(total, start + chunk + stride)
+            if total - (start + chunk - stride) < recognizer.min_samples:
+                read_to = total  # the rest would make a window too short for the convolutions: it joins this one
             wave = _read(recognizer, segment, read_from, read_to)
             last = read_to >= total or len(wave) < read_to - read_from
             keep_from = (start - read_from) // per_frame
@@ -421,18 +469,38 @@ def _read(recognizer: Recognizer, segment: AudioSegment, start: int, end: int) -
 
 class OutputWriter:
     """Writes each transcription as soon as it is done: one file per format (txt, json, srt, vtt) under the
-    output folder, and a row `path<TAB>text` of the run's TSV; `close` puts the TSV rows in input order."""
+    output folder, and a row `path<TAB>text` (fields escaped by tsv_escape) of the folder's transcripts.tsv.
 
-    def __init__(self, directory: str | os.PathLike, formats: Sequence[str]):
+    Finished work is kept across runs: `unfinished` leaves out inputs whose outputs are all there already (unless
+    `overwrite`), and transcripts.tsv keeps the rows of earlier runs. Each file is written whole or not at all;
+    the TSV grows by one appended row per file (a kill loses at most the row being written) and `close` rewrites
+    it, atomically, with its rows in input order.
+    """
+
+    def __init__(self, directory: str | os.PathLike, formats: Sequence[str], *, overwrite: bool = False):
         unknown = [f for f in formats if f not in OUTPUT_FORMATS]
         if unknown:
             raise InputError(f"unknown output format(s) {', '.join(unknown)} (choose from "
                              f"{', '.join(OUTPUT_FORMATS)})")
-        self.directory = Path(directory)
+        self.directory = output_folder(directory)
         self.formats = tuple(formats)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.overwrite = overwrite
+        self._index = self.directory / TSV_NAME if "tsv" in formats else None
         self._rows: dict[str, str] = {}
-        self._tsv = open(self.directory / TSV_NAME, "w", encoding="utf-8") if "tsv" in formats else None
+        self._tsv = None
+        if self._index is not None:
+            self._rows = read_index(self._index)
+            _write_index(self._index, self._rows)  # without a row a kill left unfinished, before appending
+            self._tsv = open(self._index, "a", encoding="utf-8", newline="")
+
+    def finished(self, segment: AudioSegment) -> bool:
+        """Whether every requested output of this segment is there: its files, and its row in the TSV."""
+        files = all((self.directory / f"{segment.name}.{fmt}").is_file() for fmt in self.formats if fmt != "tsv")
+        return files and (self._index is None or segment.id in self._rows)
+
+    def unfinished(self, segments: Sequence[AudioSegment]) -> list[AudioSegment]:
+        """The segments still to transcribe: all of them with `overwrite`, else those not `finished`."""
+        return list(segments) if self.overwrite else [s for s in segments if not self.finished(s)]
 
     def write(self, transcription: Transcription) -> None:
         segment, transcript = transcription.segment, transcription.transcript
@@ -446,10 +514,11 @@ class OutputWriter:
             if fmt in texts:
                 path = self.directory / f"{segment.name}.{fmt}"
                 path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(texts[fmt](), encoding="utf-8")
+                _replace_file(path, texts[fmt]())
         if self._tsv is not None:
+            # After the files: a row in the TSV means the files are complete.
             self._rows[segment.id] = transcript.text
-            self._tsv.write(f"{segment.id}\t{transcript.text}\n")
+            self._tsv.write(f"{tsv_escape(segment.id)}\t{tsv_escape(transcript.text)}\n")
             self._tsv.flush()
 
     def close(self, order: Sequence[AudioSegment] = ()) -> None:
@@ -457,11 +526,78 @@ class OutputWriter:
         if self._tsv is None:
             return
         self._tsv.close()
+        self._tsv = None
         ids = [s.id for s in order if s.id in self._rows]
         ids += [i for i in self._rows if i not in set(ids)]
-        tmp = self.directory / (TSV_NAME + ".tmp")
-        tmp.write_text("".join(f"{i}\t{self._rows[i]}\n" for i in ids), encoding="utf-8")
-        os.replace(tmp, self.directory / TSV_NAME)
+        _write_index(self._index, {i: self._rows[i] for i in ids})
+
+
+def output_folder(directory: str | os.PathLike) -> Path:
+    """The folder, created if need be; InputError when it is a file or cannot be created."""
+    path = Path(directory)
+    if path.exists() and not path.is_dir():
+        raise InputError("the output folder is a file", path=directory)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"cannot create the output folder: {err.strerror}", path=directory) from None
+    return path
+
+
+_TSV_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+_TSV_UNESCAPES = {"\\": "\\", "t": "\t", "n": "\n", "r": "\r"}
+
+
+def tsv_escape(text: str) -> str:
+    r"""A field of transcripts.tsv and of the `path<TAB>text` lines `speechxfer transcribe` prints: backslash, tab,
+    newline and carriage return written as \\, \t, \n and \r, so a row stays one line of two fields whatever the
+    file is called. tsv_unescape undoes it."""
+    return text.translate(_TSV_ESCAPES)
+
+
+def tsv_unescape(field: str) -> str:
+    """The text tsv_escape was given (a backslash before any other character is kept as it is)."""
+    return re.sub(r"\\(.)", lambda m: _TSV_UNESCAPES.get(m.group(1), m.group(0)), field, flags=re.DOTALL)
+
+
+def read_index(path: str | os.PathLike) -> dict[str, str]:
+    """The rows of a transcripts.tsv, {path: text} with the escapes undone; {} when there is no such file.
+
+    A last line without its newline (a run killed while writing it) is left out; of two rows of one path, the later
+    wins. InputError for a file that is not such a table (it would be overwritten otherwise).
+    """
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            lines = f.read().split("\n")
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(f"cannot read: {err}", path=path) from None
+    rows: dict[str, str] = {}
+    for number, line in enumerate(lines[:-1], start=1):  # what follows the last newline is an unfinished row
+        if not line:
+            continue
+        cells = line.split("\t")
+        if len(cells) != 2:
+            raise InputError(f"expected PATH<TAB>TEXT, got {len(cells)} tab-separated fields (move the file away "
+                             "or choose another --output-dir)", path=path, line=number)
+        rows[tsv_unescape(cells[0])] = tsv_unescape(cells[1])
+    return rows
+
+
+def _write_index(path: Path, rows: dict[str, str]) -> None:
+    _replace_file(path, "".join(f"{tsv_escape(i)}\t{tsv_escape(t)}\n" for i, t in rows.items()))
+
+
+def _replace_file(path: Path, text: str) -> None:
+    """Write a UTF-8 file through a temporary file beside it and os.replace: readers, and a rerun after a kill,
+    find the old content or the new, never part of it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8", newline="")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def transcript_to_dict(transcription: Transcription) -> dict:

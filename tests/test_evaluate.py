@@ -70,3 +70,26 @@ def test_frequent_substitutions_count_aligned_word_pairs(tmp_path, corpus):
                       decoder=GreedyDecoder(recognizer.vocabulary, frame_s=recognizer.frame_s))
     assert sum(c for _, _, c in result.substitutions) <= result.report.substitutions
     assert result.report.sentences == 6 and len(result.problems) == 1
+
+
+def test_references_the_normalizer_rejects_are_left_out_and_counted(tmp_path, corpus, capsys):
+    model, manifest = corpus
+    rows = manifest.read_text().splitlines()
+    digits = json.loads(rows[0]) | {"id": "digits", "text": "bad 42 cab"}
+    empty = json.loads(rows[1]) | {"id": "punctuation", "text": "?!"}
+    (tmp_path / "test.jsonl").write_text("\n".join(rows + [json.dumps(digits), json.dumps(empty)]) + "\n")
+    (tmp_path / "text.yaml").write_text("text:\n  digits: reject\n")
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(model), str(tmp_path / "test.jsonl"), "--output-dir", str(out), "--normalize",
+                 str(tmp_path / "text.yaml"), "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert "2 utterances left out of scoring (1 rejected by the normalizer, 1 empty after normalization)" \
+        in captured.out
+    assert "utterance digits: the normalizer rejects the reference" in captured.err
+    scored = json.loads((out / "score.json").read_text())
+    assert scored["sentences"] == 6  # the five clips and the broken one, as without the two extra rows
+    report = (out / "report.md").read_text()
+    assert "left out: 2 utterances" in report and "--allow-missing" in report and "[rejected_text]" in report
+    theirs = wer_json(capsys, str(tmp_path / "test.jsonl"), str(out / "hypotheses.jsonl"), "--normalize",
+                      str(tmp_path / "text.yaml"), "--allow-missing")
+    assert theirs["wer"] == scored["wer"]

@@ -5,10 +5,10 @@ from tiny import make_tiny_checkpoint, write_tone
 
 from speechxfer.cli import main
 from speechxfer.decoding import lexicon_from_arpa
-from speechxfer.errors import SpeechxferError
+from speechxfer.errors import InputError, SpeechxferError
 from speechxfer.lm import build_lm, tune_lm
 from speechxfer.manifest import Utterance, write_manifest
-from speechxfer.text import TextNormalizer
+from speechxfer.text import TextNormalizer, TextOptions
 from speechxfer.transcribe import Recognizer
 from speechxfer.vocabulary import Vocabulary
 
@@ -72,3 +72,19 @@ def test_tune_searches_the_grid_once_per_point(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"best: --lm-weight {result.lm_weight:g} --word-score {result.word_score:g} (WER {result.wer:.2%}" in out
     assert len([line for line in out.splitlines() if line.count("\t") == 2]) == 1 + 4
+
+
+def test_tune_leaves_out_references_the_normalizer_rejects(tmp_path):
+    model = make_tiny_checkpoint(tmp_path / "model", ctc_vocab=CTC_VOCAB)
+    utterances = [Utterance(f"u{i}", str(write_tone(tmp_path / f"u{i}.wav", duration_s=0.6, seed=i)), text, 0.6)
+                  for i, text in enumerate(["bad cab", "deaf 2", "cab bad deaf"])]
+    write_manifest(tmp_path / "dev.jsonl", utterances)
+    arpa = tmp_path / "lm.arpa"
+    arpa.write_text(ARPA, encoding="utf-8")
+    result = tune_lm(Recognizer(model, device="cpu"), tmp_path / "dev.jsonl", lm_path=str(arpa),
+                     lm_weights=[1.0], word_scores=[0.0], beam_size=5,
+                     normalizer=TextNormalizer(TextOptions(digits="reject")))
+    assert result.utterances == 2
+    assert [(p.kind, p.utterance_id) for p in result.left_out] == [("rejected_text", "u1")]
+    with pytest.raises(InputError, match=r"beam_size \(--beam-size\)"):
+        tune_lm(Recognizer(model, device="cpu"), tmp_path / "dev.jsonl", lm_path=str(arpa), beam_size=0)

@@ -177,7 +177,7 @@ def test_saving_over_a_folder_replaces_the_model_and_keeps_other_files(checkpoin
 
 
 def test_bad_sources_raise_input_errors(tmp_path, checkpoints):
-    with pytest.raises(InputError, match="no such checkpoint folder"):
+    with pytest.raises(InputError, match="no such model folder"):
         build_ctc_model(tmp_path / "missing", TARGET)
     with pytest.raises(InputError, match="not a file"):
         build_ctc_model(write_tone(tmp_path / "a.wav"), TARGET)

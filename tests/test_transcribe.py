@@ -1,5 +1,6 @@
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from speechxfer.cli import main
 from speechxfer.decoding import GreedyDecoder
 from speechxfer.errors import InputError, Problem
 from speechxfer.transcribe import (OUTPUT_FORMATS, Recognizer, TranscribeOptions, Transcription, emissions,
-                                   find_audio, transcribe)
+                                   find_audio, read_index, transcribe, tsv_escape, tsv_unescape)
 
 CTC_VOCAB = ["[PAD]", "[UNK]", "|", *"abcdefghij"]
 needs_mp3 = pytest.mark.skipif("MP3" not in sf.available_formats(), reason="this libsndfile cannot write MP3")
@@ -173,3 +174,93 @@ def test_output_names_do_not_collide(tmp_path):
     segments, _ = find_audio([str(tmp_path / "a")], recursive=True)
     assert sorted(s.name for s in segments) == ["sub/x", "x.flac", "x.wav"]
     assert OUTPUT_FORMATS == ("txt", "json", "srt", "vtt", "tsv")
+
+
+def test_a_rerun_keeps_finished_work_and_overwrite_redoes_it(tmp_path, model_dir, monkeypatch, capsys):
+    audio = [str(write_tone(tmp_path / "in" / f"f{i}.wav", duration_s=0.4 + 0.1 * i, seed=i)) for i in range(3)]
+    out = tmp_path / "out"
+    real_transcribe = transcribe_module.transcribe
+    asked: list[list[str]] = []  # the files each run gave the model
+    stop_after: list[int] = []
+
+    def recording(recognizer, segments, **kwargs):
+        asked.append(sorted(s.path for s in segments))
+        for n, result in enumerate(real_transcribe(recognizer, segments, **kwargs), start=1):
+            yield result
+            if stop_after and n == stop_after[0]:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(transcribe_module, "transcribe", recording)
+    command = ["transcribe", str(model_dir), *audio, "--output-dir", str(out), "--device", "cpu"]
+    stop_after.append(1)  # Ctrl-C after the first file
+    assert main(command) == 130
+    (first,) = read_index(out / "transcripts.tsv")
+    finished = {p: (out / f"{Path(p).stem}.txt").stat().st_mtime_ns for p in audio if p == first}
+    # a kill while appending a row leaves half a line: it must not count, nor stop the next run
+    with open(out / "transcripts.tsv", "a", encoding="utf-8") as f:
+        f.write(f"{audio[2]}\thalf a ro")
+    stop_after.clear()
+    capsys.readouterr()
+    assert main(command) == 0
+    err = capsys.readouterr().err
+    assert "1 of 3 files already transcribed" in err and "transcribed 2 of 2 inputs (1 done before)" in err
+    assert asked[-1] == sorted(p for p in audio if p != first)
+    rows = read_index(out / "transcripts.tsv")
+    assert list(rows) == audio  # every row, in input order, the unfinished one replaced
+    assert {t for t in rows.values()} == {(out / f"f{i}.txt").read_text().strip() for i in range(3)}
+    assert all((out / f"{Path(p).stem}.txt").stat().st_mtime_ns == ns for p, ns in finished.items())
+    # all done: nothing to do, the model is not even loaded
+    assert main(command) == 0 and len(asked) == 2
+    assert main(command + ["--overwrite"]) == 0
+    assert asked[-1] == sorted(audio) and list(read_index(out / "transcripts.tsv")) == audio
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_tabs_and_newlines_in_file_names_stay_inside_their_field(tmp_path, model_dir, capsys):
+    names = ["tab\there", "new\nline", "back\\slash"]
+    audio = [str(write_tone(tmp_path / f"{name}.wav", duration_s=0.5, seed=i)) for i, name in enumerate(names)]
+    out = tmp_path / "out"
+    assert main(["transcribe", str(model_dir), *audio, "--output-dir", str(out), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    lines = (out / "transcripts.tsv").read_text(encoding="utf-8").splitlines()
+    assert len(lines) == len(printed) == 3 and all(line.count("\t") == 1 for line in lines + printed)
+    assert sorted(printed) == sorted(lines)
+    rows = read_index(out / "transcripts.tsv")
+    assert list(rows) == audio
+    assert [rows[p] for p in audio] == [(out / f"{name}.txt").read_text().strip() for name in names]
+    assert tsv_unescape(tsv_escape("a\\tb\t\\\n")) == "a\\tb\t\\\n"
+
+
+def test_audio_shorter_than_the_receptive_field(tmp_path, model_dir):
+    recognizer = Recognizer(model_dir, device="cpu")
+    assert recognizer.min_samples == 85  # kernels 10, 4, 4 with strides 5, 4: 10 + 3*5 + 3*20
+    decoder = GreedyDecoder(recognizer.vocabulary, frame_s=recognizer.frame_s)
+    tiny = write_tone(tmp_path / "tiny.wav", duration_s=0.001)
+    exact = write_tone(tmp_path / "exact.wav", duration_s=85 / 16000)
+    good = write_tone(tmp_path / "good.wav", duration_s=0.5)
+    segments, problems = find_audio([str(tiny), str(exact), str(good)])
+    assert not problems
+    results = {r.segment.id if isinstance(r, Transcription) else r.path: r
+               for r in transcribe(recognizer, segments, decoder=decoder)}
+    assert results[str(tiny)].kind == "too_short" and "1 ms of audio" in results[str(tiny)].message
+    assert isinstance(results[str(exact)], Transcription) and isinstance(results[str(good)], Transcription)
+    with pytest.raises(InputError, match=r"chunk_s \(--chunk-s\) of 0.001 s is shorter than the model's receptive"):
+        list(transcribe(recognizer, segments, decoder=decoder, options=TranscribeOptions(chunk_s=0.001)))
+    # windows without context whose last one would be 20 samples long: the tail joins the window before it
+    tail = write_tone(tmp_path / "tail.wav", duration_s=(3 * 1600 + 20) / 16000)
+    segments, _ = find_audio([str(tail)])
+    ((_, stitched),) = emissions(recognizer, segments, options=TranscribeOptions(chunk_s=0.1, stride_s=0.0))
+    # (1600 - 85) // 80 + 1 = 19 frames from each of the first two windows, 20 from the last (1600 + 20 samples);
+    # alone, the 20-sample tail would have stopped the convolutions
+    assert len(stitched) == 19 + 19 + 20
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"max_batch_s": -5}, r"max_batch_s \(--max-batch-s\) must be more than 0 seconds, got -5"),
+    ({"chunk_s": 0}, r"chunk_s \(--chunk-s\) must be more than 0"),
+    ({"stride_s": -1}, r"stride_s \(--stride-s\) must be at least 0"),
+    ({"chunk_s": float("nan")}, r"chunk_s"),
+])
+def test_options_that_make_no_sense_are_refused(kwargs, message):
+    with pytest.raises(InputError, match=message):
+        TranscribeOptions(**kwargs)
