@@ -10,7 +10,6 @@ context, and memory stays that of one batch of windows however long the file is.
 from __future__ import annotations
 
 import glob
-import itertools
 import json
 import math
 import os
@@ -86,7 +85,6 @@ class Recognizer:
         from transformers import Wav2Vec2FeatureExtractor
 
         # Imported here: they import transformers, which `speechxfer --help` should not wait for.
-        from speechxfer.batching import output_frames
         from speechxfer.surgery import load_ctc_model
 
         if dtype not in COMPUTE_DTYPES:
@@ -120,7 +118,7 @@ class Recognizer:
         self.frame_s: float = self.samples_per_frame / self.sample_rate_hz
         # The convolutions' receptive field (400 samples, 25 ms, for wav2vec2): shorter audio gives no frame, and
         # torch refuses to run a convolution on it.
-        self.min_samples: int = next(n for n in itertools.count(1) if output_frames(self.model.config, n) > 0)
+        self.min_samples: int = self.geometry.receptive_field
 
     @torch.inference_mode()
     def log_probs(self, waveforms: Sequence[np.ndarray], *,
