@@ -12,10 +12,10 @@ from pathlib import Path
 
 from speechxfer.decoding import BeamSearchDecoder, Decoder
 from speechxfer.errors import InputError, Problem
-from speechxfer.manifest import Utterance, read_manifest
+from speechxfer.manifest import read_manifest
 from speechxfer.scoring import (ScoreReport, format_report, render_alignment, score, worst_utterances,
                                 write_per_utterance_tsv)
-from speechxfer.text import TextRejected
+from speechxfer.text import normalized_references
 from speechxfer.transcribe import (AudioSegment, Recognizer, TranscribeOptions, Transcription, output_folder,
                                    transcribe)
 
@@ -42,11 +42,12 @@ def evaluate(recognizer: Recognizer, manifest_path: str | os.PathLike, *, output
 
     Writes under output_dir: hypotheses.jsonl (as each batch finishes), score.json, per_utterance.tsv and
     report.md. An utterance whose audio cannot be read gets an empty hypothesis and is listed as a problem; one
-    whose reference the normalizer rejects or empties is left out (see scorable_utterances).
+    whose reference the normalizer rejects or empties is left out (see text.normalized_references).
     """
     output = output_folder(output_dir)
     utterances, problems = read_manifest(manifest_path)
-    utterances, left_out = scorable_utterances(utterances, normalizer, manifest_path=manifest_path)
+    references, left_out = normalized_references(utterances, normalizer)
+    utterances = [u for u in utterances if u.id in references]
     if not utterances:
         raise InputError(f"no usable utterance in the manifest ({len(problems)} bad rows, {len(left_out)} "
                          "references the normalizer rejects or empties)", path=manifest_path)
@@ -74,32 +75,6 @@ def evaluate(recognizer: Recognizer, manifest_path: str | os.PathLike, *, output
         format_markdown(evaluation, model=recognizer.directory, manifest=os.fspath(manifest_path),
                         decoder=describe_decoder(decoder)), encoding="utf-8")
     return evaluation
-
-
-def scorable_utterances(utterances: Sequence[Utterance], normalizer: Callable[[str], str] | None, *,
-                        manifest_path: str | os.PathLike) -> tuple[list[Utterance], list[Problem]]:
-    """The utterances whose reference can be scored, and a Problem for each one left out: a reference the
-    normalizer rejects (`rejected_text`: digits under `digits: reject`, characters outside the alphabet) or leaves
-    empty (`empty_text`). The same rule as `train` applies to its dev and test sets (training._normalized); evaluate
-    and lm tune leave such rows out and count them instead of stopping at the first.
-    """
-    if normalizer is None:
-        return list(utterances), []
-    kept, left_out = [], []
-    where = os.fspath(manifest_path)
-    for u in utterances:
-        try:
-            text = normalizer(u.text)
-        except TextRejected as err:
-            left_out.append(Problem(where, None, "rejected_text",
-                                    f"utterance {u.id}: the normalizer rejects the reference: {err}", u.id))
-            continue
-        if not text.strip():
-            left_out.append(Problem(where, None, "empty_text",
-                                    f"utterance {u.id}: the reference is empty after normalization", u.id))
-            continue
-        kept.append(u)
-    return kept, left_out
 
 
 def describe_left_out(left_out: Sequence[Problem]) -> str:

@@ -15,10 +15,9 @@ import torch
 
 from speechxfer.decoding import BeamSearchDecoder, BeamSearchOptions, GreedyDecoder, decode_batch
 from speechxfer.errors import InputError, Problem, SpeechxferError
-from speechxfer.evaluate import scorable_utterances
 from speechxfer.manifest import read_manifest
 from speechxfer.scoring import score
-from speechxfer.text import TextRejected
+from speechxfer.text import TextRejected, normalized_references
 from speechxfer.transcribe import AudioSegment, Recognizer, TranscribeOptions, emissions
 
 LMPLZ_MISSING = (
@@ -106,7 +105,7 @@ def tune_lm(recognizer: Recognizer, manifest_path: str | os.PathLike, *, lm_path
     """Grid search of LM weight x word score by dev WER; the model runs once, each point only decodes.
 
     Utterances whose audio fails are left out (listed in problems), and so are those whose reference the
-    normalizer rejects or empties (listed in left_out; see evaluate.scorable_utterances). Ties go to the point
+    normalizer rejects or empties (listed in left_out; see text.normalized_references). Ties go to the point
     tried first.
     """
     # Every point checked before the model runs: a bad value should not cost the pass over the audio.
@@ -118,7 +117,8 @@ def tune_lm(recognizer: Recognizer, manifest_path: str | os.PathLike, *, lm_path
         if path is not None and not os.path.isfile(path):
             raise InputError("no such file", path=path)
     utterances, problems = read_manifest(manifest_path)
-    utterances, left_out = scorable_utterances(utterances, normalizer, manifest_path=manifest_path)
+    references, left_out = normalized_references(utterances, normalizer)
+    utterances = [u for u in utterances if u.id in references]
     segments = [AudioSegment(u.id, u.audio_path, u.duration_s, u.offset_s, name=u.id) for u in utterances]
     cached: dict[str, torch.Tensor] = {}
     for event in emissions(recognizer, segments, options=options, progress=progress):

@@ -9,6 +9,7 @@ whitespace collapse.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable
 import re
 import unicodedata
 from dataclasses import dataclass, field, fields
@@ -17,7 +18,8 @@ from typing import Any, Literal
 
 import yaml
 
-from speechxfer.errors import InputError
+from speechxfer.errors import InputError, Problem
+from speechxfer.manifest import Utterance
 
 # Lowercasing exceptions that str.lower() gets wrong for a locale, keyed by language subtag. Multi-character
 # keys come first at use time, so a decomposed "I" + COMBINING DOT ABOVE (NFD of "İ") lowers to "i", not "ı̇".
@@ -176,3 +178,27 @@ def load_text_options(spec: str | os.PathLike) -> TextOptions:
     if isinstance(content, dict) and "text" in content:
         content = content["text"]
     return text_options_from_dict({} if content is None else content, source=os.fspath(path))
+
+
+def normalized_references(utterances: Iterable[Utterance], normalizer: Callable[[str], str] | None
+                          ) -> tuple[dict[str, str], list[Problem]]:
+    """{utterance id: normalized reference} of the utterances whose reference can be scored, and a Problem (naming
+    the manifest and line) for each one left out: a reference the normalizer rejects (`rejected_text`: digits under
+    `digits: reject`, characters outside the alphabet) or leaves empty (`empty_text`). The one rule by which train
+    (dev and test), evaluate and lm tune leave rows out and count them instead of stopping at the first.
+    """
+    references: dict[str, str] = {}
+    left_out: list[Problem] = []
+    for u in utterances:
+        try:
+            text = u.text if normalizer is None else normalizer(u.text)
+        except TextRejected as err:
+            left_out.append(Problem(u.manifest or u.audio_path, u.line, "rejected_text",
+                                    f"utterance {u.id}: the normalizer rejects the reference: {err}", u.id))
+            continue
+        if not text.strip():
+            left_out.append(Problem(u.manifest or u.audio_path, u.line, "empty_text",
+                                    f"utterance {u.id}: the reference is empty after normalization", u.id))
+            continue
+        references[u.id] = text
+    return references, left_out

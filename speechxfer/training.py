@@ -39,7 +39,7 @@ from speechxfer.manifest import Utterance, read_jsonl, read_manifest
 from speechxfer.recipe import Recipe, TrainOptions, resolved_yaml
 from speechxfer.scoring import ScoreReport, score
 from speechxfer.surgery import build_ctc_model, needs_attention_mask, save_model_folder
-from speechxfer.text import TextNormalizer, TextRejected
+from speechxfer.text import TextNormalizer, normalized_references
 from speechxfer.vocabulary import Vocabulary, charset_audit
 
 # Tri-stage schedule of fairseq (lr_scheduler/tri_stage_lr_scheduler.py, as in config/finetuning/base_10h.yaml):
@@ -108,7 +108,7 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
     if recipe.vocabulary.path is not None:
         vocab = Vocabulary.load(recipe.vocabulary.path)
     else:
-        vocab = Vocabulary.from_texts(_normalized(splits["train"], normalizer).values())
+        vocab = Vocabulary.from_texts(normalized_references(splits["train"], normalizer)[0].values())
     say(f"vocabulary: {len(vocab)} tokens: {' '.join(vocab.tokens)}")
 
     # --- model: the source checkpoint with a new CTC head, SpecAugment and dropouts from the recipe -----------
@@ -120,8 +120,8 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
     examples, dropped = filter_utterances(splits["train"], normalizer=normalizer, vocab=vocab, config=model.config,
                                           min_duration_s=opts.min_duration_s, max_duration_s=opts.max_duration_s)
     say(f"train: {len(examples)} utterances kept; {dropped}")
-    dev_refs = _normalized(splits["dev"], normalizer)
-    test_refs = _normalized(splits["test"], normalizer)
+    dev_refs = normalized_references(splits["dev"], normalizer)[0]
+    test_refs = normalized_references(splits["test"], normalizer)[0]
     for name, refs in (("dev", dev_refs), ("test", test_refs)):
         if len(refs) < len(splits[name]):
             say(f"{name}: {len(refs)} utterances scored; {len(splits[name]) - len(refs)} left out (text rejected or "
@@ -170,7 +170,7 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
     log = _MetricsLog(out, accelerator, resume_update=state["update"] if resume else None)
     if accelerator.is_main_process:
         (out / "recipe.yaml").write_text(resolved_yaml(recipe), encoding="utf-8")
-        audit = charset_audit(_normalized(splits["train"], normalizer).values(),
+        audit = charset_audit(normalized_references(splits["train"], normalizer)[0].values(),
                               {name: sorted(refs.items()) for name, refs in (("dev", dev_refs), ("test", test_refs))})
         audit.save(out / "charset_audit.json")
     if resume:
@@ -413,20 +413,6 @@ def _report_problems(split: str, problems: Sequence[Problem], say) -> None:
     kinds = Counter(p.kind for p in problems)
     say(f"{split}: {len(problems)} bad rows skipped ({', '.join(f'{n} {k}' for k, n in kinds.most_common())}), "
         "e.g.:\n" + "\n".join(f"  {p}" for p in problems[:5]))
-
-
-def _normalized(utterances: Iterable[Utterance], normalizer: TextNormalizer) -> dict[str, str]:
-    """{utterance id: normalized text}, leaving out texts the normalizer rejects or empties (filter_utterances
-    counts those of the train split)."""
-    texts = {}
-    for u in utterances:
-        try:
-            text = normalizer(u.text)
-        except TextRejected:
-            continue
-        if text.strip():
-            texts[u.id] = text
-    return texts
 
 
 def _loader(examples: list, batches: list[list[int]], *, attention_mask: bool, num_workers: int) -> DataLoader:
