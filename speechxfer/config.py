@@ -153,18 +153,24 @@ def from_mapping(cls: type, raw: Any, *, path: str | os.PathLike, prefix: str = 
 
 
 def set_dotted(cls: type, raw: dict, key: str, value: Any, *, path: str | os.PathLike) -> None:
-    """Set raw[a][b][c] = value for key "a.b.c" (a --set override), refusing keys that are not fields of `cls`."""
+    """Set raw[a][b][c] = value for key "a.b.c" (a --set override), refusing keys that are not fields of `cls`.
+    The last part may also be an entry of a mapping field (text.replacements.X, model_config.hidden_size)."""
     node = raw
     parts = key.split(".")
     for depth, part in enumerate(parts):
-        names = {f.name for f in dataclasses.fields(cls)} if cls is not None else set()
-        if part not in names:
+        if cls is None:  # inside a mapping field: any key, one level deep
+            if depth != len(parts) - 1:
+                raise RecipeError(f"--set {key}: '{'.'.join(parts[:depth + 1])}' has no sub-keys", path=path)
+            node[part] = value
+            return
+        if part not in {f.name for f in dataclasses.fields(cls)}:
             raise RecipeError(f"--set {key}: unknown key '{'.'.join(parts[:depth + 1])}'", path=path)
         if depth == len(parts) - 1:
             node[part] = value
             return
-        cls = _dataclass_in(typing.get_type_hints(cls)[part])
-        if cls is None:
+        tp = typing.get_type_hints(cls)[part]
+        cls = _dataclass_in(tp)
+        if cls is None and not _holds_mapping(tp):
             raise RecipeError(f"--set {key}: '{'.'.join(parts[:depth + 1])}' has no sub-keys", path=path)
         child = node.get(part)
         if not isinstance(child, dict):
@@ -200,6 +206,13 @@ def _dataclass_in(tp: Any) -> type | None:
         inner = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
         return inner[0] if inner else None
     return None
+
+
+def _holds_mapping(tp: Any) -> bool:
+    """Whether a field's type is dict[...] (or dict[...] | None)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return any(_holds_mapping(a) for a in typing.get_args(tp))
+    return typing.get_origin(tp) is dict
 
 
 def _convert(tp: Any, value: Any, *, key: str, path: str | os.PathLike, cli_keys: typing.Collection[str]) -> Any:

@@ -197,6 +197,14 @@ def test_a_model_config_instead_of_base_round_trips(tmp_path):
     recipe = load_recipe(write(tmp_path, SCRATCH))
     assert recipe.base is None and recipe.model_config["conv_dim"] == [32, 64]
     assert load_recipe(write(tmp_path, resolved_yaml(recipe), "resolved.yaml")) == recipe
+    # entries of a mapping field can be set one by one
+    recipe = load_recipe(write(tmp_path, SCRATCH), overrides=["model_config.hidden_size=128", "text.replacements.ß=ss"])
+    assert recipe.model_config["hidden_size"] == 128 and recipe.model_config["num_hidden_layers"] == 2
+    assert recipe.text.replacements == {"ß": "ss"}
+    with pytest.raises(RecipeError, match="'model_config.hidden_size' has no sub-keys"):
+        load_recipe(write(tmp_path, SCRATCH), overrides=["model_config.hidden_size.x=1"])
+    with pytest.raises(RecipeError, match="unknown key 'model_config.hidden_sze'"):
+        load_recipe(write(tmp_path, SCRATCH), overrides=["model_config.hidden_sze=1"])
 
 
 @pytest.mark.parametrize("key, value, message", [
