@@ -208,6 +208,8 @@ def _device_name() -> str:
 
 def model_card(summary: dict, *, recipe, config, vocab) -> str:
     """seed/README.md: data, size, training time, per-language test CER and what got past the plateau."""
+    from speechxfer.training import FINAL_LR_SCALE
+
     t = recipe.train
     size_mb = summary["parameters"] * 2 / 2**20
     rows = "\n".join(f"| {lang} | {summary['train_utterances'][lang]} | {summary['train_hours'][lang]:.2f} | "
@@ -220,6 +222,9 @@ def model_card(summary: dict, *, recipe, config, vocab) -> str:
                     f"The dev CER first fell below {PLATEAU_CER} at update {plateau['update']}, after "
                     f"{plateau['minutes']:.1f} minutes and {plateau['audio_h']:.2f} h of audio.")
     curve = "\n".join(f"| {e['update']} | {e['minutes']:.1f} | {e['dev_cer']:.3f} |" for e in summary["evaluations"])
+    schedule, phases = (("tri-stage", f"warm-up {t.warmup_ratio:.0%}, hold {t.hold_ratio:.0%}, exponential decay to "
+                                      f"{FINAL_LR_SCALE:.0%}") if t.schedule == "tri_stage" else
+                        ("linear", f"warm-up {t.warmup_ratio:.0%}, then linear decay to 0"))
     stage = ("" if t.short_first_s is None else
              f"- Curriculum: for the first {t.short_first_share:.0%} of the budget only utterances up to "
              f"{t.short_first_s:g} s, then everything.\n")
@@ -252,9 +257,9 @@ Mean test CER over the languages: **{mean_cer:.3f}** (greedy CTC decoding, held-
 ## Training
 - Device: {summary["device"]}; {summary["training_minutes"]:.1f} minutes of training, {summary["updates"]} updates,
   {summary["audio_hours_seen"]:.2f} h of audio seen.
-- AdamW (betas 0.9/0.98, weight decay {t.weight_decay:g}), peak learning rate {t.lr:g}, {t.schedule} schedule over
-  the time budget (warm-up {t.warmup_ratio:.0%}, hold {t.hold_ratio:.0%}), gradient clipping {t.clip_norm:g},
-  batches of up to {t.max_batch_s:g} s of padded audio from length buckets; the model of the best dev WER is kept.
+- AdamW (betas 0.9/0.98, weight decay {t.weight_decay:g}), peak learning rate {t.lr:g}, {schedule} schedule over
+  the time budget ({phases}), gradient clipping {t.clip_norm:g}, batches of up to {t.max_batch_s:g} s of padded
+  audio from length buckets; the model of the best dev WER is kept.
 {stage}- Command: `{summary["command"]}`
 
 ## The CTC blank plateau
