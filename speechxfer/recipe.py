@@ -216,8 +216,8 @@ def _parse_override(item: str, path: Path) -> tuple[str, Any]:
         raise RecipeError(f"--set {item!r}: expected KEY=VALUE, e.g. train.lr=1e-4", path=path)
     try:
         return key, parse_yaml(value, path=path) if value.strip() else None
-    except RecipeError:
-        raise RecipeError(f"--set {key}: value {value!r} is not valid YAML", path=path) from None
+    except RecipeError as err:  # "not valid YAML: ..." with the reason
+        raise RecipeError(f"--set {key}: value {value!r} is {err.message}", path=path) from None
 
 
 def _check_model_config(options: dict[str, Any], *, path: Path) -> None:
