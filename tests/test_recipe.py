@@ -187,8 +187,9 @@ def test_relative_paths_do_not_depend_on_where_the_command_runs(tmp_path, monkey
     assert load_recipe(os.path.relpath(path)).data.train == first.data.train
 
 
-SCRATCH = {"model_config": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 1, "intermediate_size": 128,
-                            "conv_dim": [32, 64], "conv_stride": [5, 4], "conv_kernel": [10, 4], "conv_bias": False,
+SCRATCH = {"model_config": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 1,
+                            "intermediate_size": 128, "conv_dim": [32, 64], "conv_stride": [5, 4],
+                            "conv_kernel": [10, 4], "conv_bias": False,
                             "feat_extract_norm": "group", "do_stable_layer_norm": True, "layer_norm_eps": 1},
            "data": {"train": "t.jsonl"}, "output_dir": "o"}
 
@@ -198,7 +199,8 @@ def test_a_model_config_instead_of_base_round_trips(tmp_path):
     assert recipe.base is None and recipe.model_config["conv_dim"] == [32, 64]
     assert load_recipe(write(tmp_path, resolved_yaml(recipe), "resolved.yaml")) == recipe
     # entries of a mapping field can be set one by one
-    recipe = load_recipe(write(tmp_path, SCRATCH), overrides=["model_config.hidden_size=128", "text.replacements.ß=ss"])
+    recipe = load_recipe(write(tmp_path, SCRATCH),
+                         overrides=["model_config.hidden_size=128", "text.replacements.ß=ss"])
     assert recipe.model_config["hidden_size"] == 128 and recipe.model_config["num_hidden_layers"] == 2
     assert recipe.text.replacements == {"ß": "ss"}
     with pytest.raises(RecipeError, match="'model_config.hidden_size' has no sub-keys"):

@@ -96,8 +96,8 @@ def test_train_seed_merges_languages_with_their_own_casing(tmp_path):
     for language in ("de", "tr"):
         for split in ("train", "dev", "test"):
             write_manifest(tmp_path / "data" / language / f"{split}.jsonl", [
-                Utterance(id=f"{language}-{split}-{k}", audio_path=str(tmp_path / f"{k}.flac"), text="Im Iğdır, dort!",
-                          duration_s=1.0) for k in range(3)])
+                Utterance(id=f"{language}-{split}-{k}", audio_path=str(tmp_path / f"{k}.flac"),
+                          text="Im Iğdır, dort!", duration_s=1.0) for k in range(3)])
     manifests = train_seed.write_manifests(tmp_path / "data", ["de", "tr"], tmp_path / "merged", dev_utterances=2)
     train = load_manifest(manifests["all"]["train"])
     assert [(u.language, u.text) for u in train] == [("de", "im iğdır dort")] * 3 + [("tr", "ım ığdır dort")] * 3

@@ -319,8 +319,8 @@ def test_a_model_config_trains_from_scratch(scratch_run):
     assert torch.equal(initial["lm_head.weight"],
                        build_scratch_model(recipe.model_config, vocab, seed=recipe.train.seed).lm_head.weight)
     final = trained.state_dict()
-    for name in ("wav2vec2.feature_extractor.conv_layers.0.conv.weight", "wav2vec2.encoder.layers.0.attention.q_proj.weight",
-                 "lm_head.weight"):
+    for name in ("wav2vec2.feature_extractor.conv_layers.0.conv.weight",
+                 "wav2vec2.encoder.layers.0.attention.q_proj.weight", "lm_head.weight"):
         assert not torch.allclose(initial[name], final[name]), name
     resolved = yaml.safe_load((out / "recipe.yaml").read_text(encoding="utf-8"))
     assert resolved["base"] is None and resolved["model_config"] == SCRATCH_CONFIG
