@@ -32,8 +32,8 @@ from typing import Any, Literal
 
 import yaml
 
-from speechxfer.config import (AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, SHARE, Check, checked, from_mapping, parse_yaml,
-                               read_yaml, set_dotted)
+from speechxfer.config import (AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, SHARE, Check, check_fields, checked,
+                               from_mapping, parse_yaml, read_yaml, set_dotted)
 from speechxfer.errors import InputError, RecipeError
 from speechxfer.freezing import FreezeOptions
 from speechxfer.prepare import FORMATS
@@ -48,6 +48,8 @@ class PrepareOptions:
     # importer name, as in `speechxfer prepare FORMAT SOURCE OUTDIR`: one of speechxfer.prepare.FORMATS
     format: str = checked(check=Check(lambda v: v in FORMATS, f"one of {', '.join(FORMATS)}"))
     source: str  # the corpus folder; required, usually given with --set data.prepare.source=PATH
+
+    __post_init__ = check_fields
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,6 +85,8 @@ class ModelOptions:
     feat_proj_dropout: float = 0.0
     final_dropout: float = 0.0  # dropout before the CTC head
 
+    __post_init__ = check_fields
+
 
 @dataclass(frozen=True, kw_only=True)
 class TrainOptions:
@@ -114,6 +118,8 @@ class TrainOptions:
     num_workers: int = checked(0, NON_NEGATIVE)  # data-loader processes decoding audio
     log_every: int = checked(10, AT_LEAST_ONE)  # updates between progress/metrics lines
 
+    __post_init__ = check_fields
+
 
 @dataclass(frozen=True, kw_only=True)
 class EvalOptions:
@@ -123,6 +129,8 @@ class EvalOptions:
     # stop after this many evaluations without a better dev WER; None never stops
     patience: int | None = checked(None, AT_LEAST_ONE)
     max_dev_utterances: int | None = checked(None, AT_LEAST_ONE)  # the first N dev utterances; None uses them all
+
+    __post_init__ = check_fields
 
 
 @dataclass(frozen=True, kw_only=True)

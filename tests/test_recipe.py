@@ -249,3 +249,15 @@ def test_recipes_that_are_not_utf8_text_or_repeat_a_key_are_one_line_errors(tmp_
                            "output_dir: o\n")
     with pytest.raises(RecipeError, match="unknown key 'd'"):  # merged fine; only the anchor holder is unknown
         load_recipe(path)
+
+
+def test_sections_built_in_python_are_held_to_the_same_checks():
+    from speechxfer.freezing import FreezeOptions
+    from speechxfer.recipe import TrainOptions
+
+    with pytest.raises(ValueError, match="lr must be > 0, got -1"):
+        TrainOptions(lr=-1)
+    with pytest.raises(ValueError, match="schedule must be one of tri_stage, linear"):
+        TrainOptions(schedule="cosine")
+    with pytest.raises(ValueError, match=r"layer_lr_decay must be in \(0, 1\]"):
+        FreezeOptions(layer_lr_decay=0)
