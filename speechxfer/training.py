@@ -213,8 +213,11 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
         """Share of the run done: of max_updates, or of the time budget when that is further along. Also sets
         state["elapsed_s"]: training seconds over all runs, the slowest process's, so that every process takes the
         same decisions from it."""
-        elapsed = torch.tensor(time.perf_counter() - loop_start, dtype=torch.float64, device=accelerator.device)
-        state["elapsed_s"] = float(accelerator.gather(elapsed[None]).max()) if budget_s is not None else float(elapsed)
+        elapsed_s = time.perf_counter() - loop_start
+        if budget_s is not None and accelerator.num_processes > 1:
+            elapsed_s = float(accelerator.gather(torch.tensor([elapsed_s], dtype=torch.float64,
+                                                              device=accelerator.device)).max())
+        state["elapsed_s"] = elapsed_s
         by_updates = state["update"] / opts.max_updates
         return by_updates if budget_s is None else max(by_updates, state["elapsed_s"] / budget_s)
 
