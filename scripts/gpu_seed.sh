@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared run on a lent GPU box (one H100/H200, 16 cores, no internet, python3 with torch, transformers,
-# accelerate, numpy, pyyaml, tqdm): synthesize the source-language corpora, train the larger seed variant for a
-# fixed time, and leave the model folder, model card and metrics in $OUT. Finishes in under 9 minutes wall.
+# accelerate, numpy, pyyaml, tqdm): synthesize the source-language corpora, train the larger seed variant of
+# recipes/seed/seed.yaml (scripts/train_seed.py) for a fixed time, and leave the model folder, model card and
+# metrics in $OUT. Finishes in under 9 minutes wall.
 #
 # Needs, carried from the development machine (both git-ignored):
 #   data/texts/<lang>.txt   from scripts/prepare_texts.py
@@ -9,15 +10,17 @@
 #                           --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64
 #                           --platform manylinux_2_28_x86_64 -d gpu_wheels
 #                           espeakng-loader soundfile soxr audioread anyascii cffi pycparser
-#                           (then delete the numpy and typing_extensions wheels: the box has its own)
+#                           tensorboard matplotlib
+#                           (then delete the numpy and typing_extensions wheels: the box has its own;
+#                           speechxfer.training writes TensorBoard scalars and curves.png)
 #
 #   bash scripts/gpu_seed.sh                      # on the GPU box, from the repository root
 #   SEED_TOY=1 OUT=/tmp/toy WHEELS=DIR bash scripts/gpu_seed.sh   # the same steps at toy scale on a CPU
 #                                  (about 2 minutes; DIR: the same wheels for the local Python version)
 #
 # $OUT receives: model.safetensors (fp16) and seed_gpu.tar.gz (the rest of the model folder: config, vocabulary,
-# tokenizer and preprocessor files, README.md model card, training_summary.json; plus train_log.jsonl and
-# this script's log). Unpack: mkdir seed_gpu && tar -xzf seed_gpu.tar.gz -C seed_gpu && cp model.safetensors seed_gpu/
+# tokenizer and preprocessor files, recipe.yaml, README.md model card, training_summary.json; plus metrics.jsonl
+# and this script's log). Unpack: mkdir seed_gpu && tar -xzf seed_gpu.tar.gz -C seed_gpu && cp model.safetensors seed_gpu/
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -44,7 +47,7 @@ pack() {
     [[ -f "$model/model.safetensors" ]] && cp "$model/model.safetensors" "$OUT/model.safetensors"
     mkdir -p "$model"
     cp "$LOG" "$model/gpu_seed.log" 2>/dev/null || true
-    cp "$WORK/run/train_log.jsonl" "$model/train_log.jsonl" 2>/dev/null || true
+    cp "$WORK/run/model/metrics.jsonl" "$model/metrics.jsonl" 2>/dev/null || true
     tar -czf "$OUT/seed_gpu.tar.gz" -C "$model" --exclude model.safetensors . || true
     say "packed: $(ls "$OUT" | tr '\n' ' ')"
 }
@@ -54,6 +57,7 @@ trap pack EXIT
 # access to the box's Python (which may be marked externally managed).
 say "unpacking the wheels of $WHEELS"
 rm -rf "$WORK/site"
+shopt -s nullglob  # no wheels at all (a machine that has every package) is fine
 for wheel in "$WHEELS"/*.whl; do
     "$PYTHON" -m zipfile -e "$wheel" "$WORK/site"
 done
@@ -87,8 +91,8 @@ TRAIN_MINUTES=$("$PYTHON" -c "print(round(max(0.5, min($MAX_MINUTES, ($WALL_S - 
 say "training for $TRAIN_MINUTES minutes"
 train() {  # train WORKERS MINUTES
     "$PYTHON" scripts/train_seed.py --data "$WORK/data" --languages $DONE --out "$WORK/seed_gpu" \
-        --work-dir "$WORK/run" --max-minutes "$2" --hidden-size "$HIDDEN" --layers "$LAYERS" --max-batch-s "$BATCH_S" \
-        --workers "$1" --eval-every "$EVAL_EVERY" --checkpoint-every 1000000 2>&1 \
+        --work-dir "$WORK/run" --max-minutes "$2" --hidden-size "$HIDDEN" --layers "$LAYERS" \
+        --eval-every "$EVAL_EVERY" --set train.max_batch_s="$BATCH_S" --set train.num_workers="$1" 2>&1 \
         | grep --line-buffered -v "Writing model shards" | tee -a "$LOG"
 }
 if ! train "$WORKERS" "$TRAIN_MINUTES"; then

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from transformers import Wav2Vec2ForCTC
 
+from speechxfer.config import NON_NEGATIVE, Check, check_fields, checked
 from speechxfer.errors import InputError
 
 
@@ -15,17 +16,14 @@ class FreezeOptions:
     """The `freezing:` section of a recipe."""
 
     feature_encoder: bool = True  # conv feature encoder frozen for the whole run (standard for fine-tuning)
-    bottom_layers: int = 0  # bottom N transformer layers (+ feature projection) frozen for the whole run
-    head_only_updates: int = 0  # fairseq's freeze_finetune_updates: only lm_head trains for the first K updates
-    layer_lr_decay: float = 1.0  # lr of layer i = lr * decay**(num_layers - i); the head keeps lr; 1.0 = off
+    # bottom N transformer layers (+ feature projection) frozen for the whole run
+    bottom_layers: int = checked(0, NON_NEGATIVE)
+    # fairseq's freeze_finetune_updates: only lm_head trains for the first K updates
+    head_only_updates: int = checked(0, NON_NEGATIVE)
+    # lr of layer i = lr * decay**(num_layers - i); the head keeps lr; 1.0 = off
+    layer_lr_decay: float = checked(1.0, Check(lambda v: 0.0 < v <= 1.0, "in (0, 1]"))
 
-    def __post_init__(self) -> None:
-        if self.bottom_layers < 0:
-            raise ValueError(f"bottom_layers must be >= 0, got {self.bottom_layers}")
-        if self.head_only_updates < 0:
-            raise ValueError(f"head_only_updates must be >= 0, got {self.head_only_updates}")
-        if not 0.0 < self.layer_lr_decay <= 1.0:
-            raise ValueError(f"layer_lr_decay must be in (0, 1], got {self.layer_lr_decay}")
+    __post_init__ = check_fields
 
 
 @dataclass(frozen=True)

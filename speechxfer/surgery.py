@@ -4,6 +4,7 @@ model folder."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 from anyascii import anyascii
 from safetensors import SafetensorError
-from transformers import AutoConfig, Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
+from transformers import AutoConfig, PretrainedConfig, Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
 from transformers.utils import cached_file
 
 from speechxfer.audio import SAMPLE_RATE_HZ
@@ -86,16 +87,7 @@ def build_ctc_model(source: str | os.PathLike, vocab: Vocabulary, *,
     """
     name = model_source(source)
     config = _load_config(name)
-    overrides = dict(config_overrides or {})
-    for key in ("vocab_size", "pad_token_id"):
-        if key in overrides:
-            raise InputError(f"config override {key!r} is not allowed: it is computed from the vocabulary")
-    for key, value in overrides.items():
-        if not hasattr(config, key):
-            raise InputError(f"unknown wav2vec2 config option {key!r} in config overrides")
-        setattr(config, key, value)
-    config.ctc_zero_infinity = True  # one impossible alignment (label longer than frames) must not poison a batch
-    config.ctc_loss_reduction = "mean"
+    _set_training_options(config, config_overrides)
 
     # fork_rng keeps the caller's RNG untouched while every random initialisation below follows `seed`.
     with torch.random.fork_rng(devices=[]):
@@ -105,6 +97,81 @@ def build_ctc_model(source: str | os.PathLike, vocab: Vocabulary, *,
         report = replace_ctc_head(model, vocab, source_vocab=source_vocab)
     model.train()
     return model, report
+
+
+def build_scratch_model(model_config: Mapping[str, Any], vocab: Vocabulary, *,
+                        config_overrides: Mapping[str, Any] | None = None, seed: int = 0) -> Wav2Vec2ForCTC:
+    """A randomly initialised Wav2Vec2ForCTC ("from scratch") built from Wav2Vec2Config options (see
+    wav2vec2_config), with a CTC head of len(vocab) rows and `config_overrides` (masking, dropouts) set.
+
+    The weights depend only on `seed`. Returns the float32 model in train mode; InputError for a bad option.
+    """
+    config = wav2vec2_config(model_config)
+    _set_training_options(config, config_overrides)
+    config.vocab_size = len(vocab)
+    config.pad_token_id = vocab.blank_id
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Wav2Vec2ForCTC(config).float()
+    model.train()
+    return model
+
+
+def wav2vec2_config(options: Mapping[str, Any], *, prefix: str = "") -> Wav2Vec2Config:
+    """A Wav2Vec2Config from a mapping of its own options (those of Wav2Vec2Config.__init__, not the generic ones
+    of every transformers config), each of the type of its default. vocab_size and pad_token_id are refused: they
+    come from the vocabulary. InputError names the option as `prefix` + its name."""
+    known = (set(inspect.signature(Wav2Vec2Config.__init__).parameters)
+             - set(inspect.signature(PretrainedConfig.__init__).parameters) - {"self", "kwargs"})
+    defaults = Wav2Vec2Config()
+    values = {}
+    for key, value in options.items():
+        if key in ("vocab_size", "pad_token_id"):
+            raise InputError(f"{prefix}{key} is not allowed: it is computed from the vocabulary")
+        if key not in known:
+            raise InputError(f"unknown key '{prefix}{key}' (not a Wav2Vec2Config option)")
+        expected = _option_type(getattr(defaults, key))
+        if expected is not None and not _has_type(value, expected):
+            name = f"list of {expected[1].__name__}" if isinstance(expected, tuple) else expected.__name__
+            shown = "nothing (null)" if value is None else f"{type(value).__name__} {value!r}"
+            raise InputError(f"{prefix}{key}: expected {name}, got {shown}")
+        values[key] = float(value) if expected is float else value  # `layer_norm_eps: 1` in YAML is an int
+    try:
+        return Wav2Vec2Config(**values)
+    # The config's own checks (conv_dim, conv_stride and conv_kernel of one length, ...): ValueError in transformers
+    # 4, huggingface_hub's StrictDataclassError (not a ValueError) in transformers 5.
+    except Exception as err:
+        raise InputError(f"{prefix.rstrip('.') or 'config'}: {' '.join(str(err).split())}") from None
+
+
+def _option_type(default: Any) -> type | tuple[type, type] | None:
+    """What a Wav2Vec2Config option's value must be, from its default: a type, (list, element type), or None
+    (anything) when the default is None."""
+    if isinstance(default, (list, tuple)):
+        return (list, type(default[0]) if default else int)
+    return None if default is None else type(default)
+
+
+def _has_type(value: Any, expected: type | tuple[type, type]) -> bool:
+    if isinstance(expected, tuple):
+        return isinstance(value, (list, tuple)) and all(_has_type(v, expected[1]) for v in value)
+    if isinstance(value, bool) or expected is bool:  # bool is an int in Python, but `hidden_size: true` is a mistake
+        return isinstance(value, bool) and expected is bool
+    return isinstance(value, (int, float)) if expected is float else isinstance(value, expected)
+
+
+def _set_training_options(config: Wav2Vec2Config, overrides: Mapping[str, Any] | None) -> None:
+    """Set `overrides` (masking, dropouts) on the config, and the CTC loss settings every run trains with."""
+    overrides = dict(overrides or {})
+    for key in ("vocab_size", "pad_token_id"):
+        if key in overrides:
+            raise InputError(f"config override {key!r} is not allowed: it is computed from the vocabulary")
+    for key, value in overrides.items():
+        if not hasattr(config, key):
+            raise InputError(f"unknown wav2vec2 config option {key!r} in config overrides")
+        setattr(config, key, value)
+    config.ctc_zero_infinity = True  # one impossible alignment (label longer than frames) must not poison a batch
+    config.ctc_loss_reduction = "mean"
 
 
 def replace_ctc_head(model: Wav2Vec2ForCTC, vocab: Vocabulary, *,

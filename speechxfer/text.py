@@ -12,12 +12,11 @@ import os
 from collections.abc import Callable, Iterable
 import re
 import unicodedata
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
-
+from speechxfer.config import Check, check_fields, checked, from_mapping, read_yaml
 from speechxfer.errors import InputError, Problem
 from speechxfer.manifest import Utterance
 
@@ -28,9 +27,6 @@ CASING_TABLES: dict[str, dict[str, str]] = {
     "az": {"I\u0307": "i", "İ": "i", "I": "ı"},
 }
 
-UNICODE_FORMS = ("NFC", "NFKC", "NFD", "NFKD")
-DIGIT_POLICIES = ("keep", "drop", "reject")
-
 
 @dataclass(frozen=True)
 class TextOptions:
@@ -40,18 +36,14 @@ class TextOptions:
     lowercase: bool = True
     locale: str | None = None  # casing locale such as "tr" or "az-Latn" (I→ı, İ→i); None: Unicode default casing
     keep: str = "'-"  # punctuation kept when it stands between two word characters (l'home, well-known)
-    replacements: dict[str, str] = field(default_factory=dict)  # after form and casing, before punctuation removal
+    # after form and casing, before punctuation removal
+    replacements: dict[str, str] = checked(default_factory=dict,
+                                           check=Check(lambda v: "" not in v, "a table without an empty key"))
     digits: Literal["keep", "drop", "reject"] = "keep"  # numbers (Unicode N*): keep, delete, or reject the text
     alphabet: str | None = None  # when set, characters outside it, `keep` and the space make the text rejected
     remove_punctuation: bool = True  # False keeps P* and S* characters as they are (the "none" preset)
 
-    def __post_init__(self) -> None:
-        if self.unicode_form not in UNICODE_FORMS:
-            raise ValueError(f"unicode_form must be one of {', '.join(UNICODE_FORMS)}, got {self.unicode_form!r}")
-        if self.digits not in DIGIT_POLICIES:
-            raise ValueError(f"digits must be one of {', '.join(DIGIT_POLICIES)}, got {self.digits!r}")
-        if any(not key for key in self.replacements):
-            raise ValueError("replacements: an empty string cannot be replaced")
+    __post_init__ = check_fields
 
 
 class TextRejected(ValueError):
@@ -132,52 +124,22 @@ PRESETS: dict[str, TextOptions] = {
 }
 
 
-def text_options_from_dict(d: dict[str, Any], *, source: str) -> TextOptions:
-    """Build TextOptions from a mapping (e.g. a YAML `text:` section); InputError names the bad key and `source`."""
-    if not isinstance(d, dict):
-        raise InputError(f"text options must be a mapping of keys, got {type(d).__name__}", path=source)
-    known = {f.name for f in fields(TextOptions)}
-    for key, value in d.items():
-        if key not in known:
-            raise InputError(f"unknown text option {key!r} (known: {', '.join(sorted(known))})", path=source)
-        if not _has_type(key, value):
-            raise InputError(f"text option {key!r}: wrong type {type(value).__name__} ({value!r})", path=source)
-    try:
-        return TextOptions(**d)
-    except ValueError as err:
-        raise InputError(f"text options: {err}", path=source) from None
-
-
-def _has_type(key: str, value: Any) -> bool:
-    if key == "lowercase" or key == "remove_punctuation":
-        return isinstance(value, bool)
-    if key in ("locale", "alphabet"):
-        return value is None or isinstance(value, str)
-    if key == "replacements":
-        return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
-    return isinstance(value, str)
-
-
 def load_text_options(spec: str | os.PathLike) -> TextOptions:
-    """A preset name, or a YAML file whose `text:` section (or, without one, whole content) holds TextOptions."""
+    """A preset name, or a YAML file whose `text:` section (or, without one, whole content) holds TextOptions.
+
+    Raises InputError for a name that is neither; RecipeError (an InputError) naming the file and the dotted key
+    for a file that cannot be read or holds a bad key or value."""
     if isinstance(spec, str) and spec in PRESETS:
         return PRESETS[spec]
     path = Path(spec)
     if not path.is_file():
         raise InputError(f"{os.fspath(spec)!r} is neither a normalization preset ({', '.join(PRESETS)}) "
                          "nor a YAML file")
-    try:
-        content = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as err:
-        raise InputError(f"cannot read text options: {err}", path=path) from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        raise InputError(f"not valid YAML: {getattr(err, 'problem', err)}", path=path,
-                         line=None if mark is None else mark.line + 1) from None
-    content = {} if content is None else content
+    content = read_yaml(path, what="text options")
+    prefix = ""
     if isinstance(content, dict) and "text" in content:
-        content = content["text"]
-    return text_options_from_dict({} if content is None else content, source=os.fspath(path))
+        content, prefix = content["text"], "text."
+    return from_mapping(TextOptions, {} if content is None else content, path=path, prefix=prefix)
 
 
 def normalized_references(utterances: Iterable[Utterance], normalizer: Callable[[str], str] | None

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -38,7 +39,7 @@ from speechxfer.freezing import apply_freezing, parameter_groups, parameter_tabl
 from speechxfer.manifest import Utterance, read_jsonl, read_manifest
 from speechxfer.recipe import Recipe, TrainOptions, resolved_yaml
 from speechxfer.scoring import ScoreReport, score
-from speechxfer.surgery import build_ctc_model, needs_attention_mask, save_model_folder
+from speechxfer.surgery import build_ctc_model, build_scratch_model, needs_attention_mask, save_model_folder
 from speechxfer.text import TextNormalizer, normalized_references
 from speechxfer.vocabulary import Vocabulary, charset_audit
 
@@ -51,6 +52,8 @@ ADAM_BETAS = (0.9, 0.98)
 ADAM_EPS = 1e-8
 # Share of empty dev hypotheses, after the warm-up, taken as CTC blank collapse.
 BLANK_COLLAPSE_SHARE = 0.9
+# With a time budget (train.max_minutes) the schedule is get_lr over this many steps of the share of the run done.
+SCHEDULE_STEPS = 100_000
 
 logger = logging.getLogger(__name__)
 
@@ -65,11 +68,18 @@ class TrainResult:
     best_dev_wer: float | None
     test_wer: float | None  # of the best model; None without a test set
     test_cer: float | None
-    stopped_early: bool  # eval.patience evaluations passed without a better dev WER
+    # max_updates or max_minutes (train.*) reached, or eval.patience evaluations without a better dev WER
+    stop_reason: Literal["max_updates", "max_minutes", "patience"]
+
+    @property
+    def stopped_early(self) -> bool:
+        return self.stop_reason == "patience"
 
 
 def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
-    """Fine-tune recipe.base on recipe.data and write the best model (by dev WER) to recipe.output_dir.
+    """Fine-tune recipe.base (or train recipe.model_config from scratch) on recipe.data and write the best model
+    (by dev WER) to recipe.output_dir. The run ends at train.max_updates, at train.max_minutes, or when
+    eval.patience runs out (TrainResult.stop_reason).
 
     With resume=True, continue from output_dir/last/ (model, optimizer, sampler position, RNG states, best so
     far) and reach the same state as a run that was never interrupted. Raises InputError for unusable data.
@@ -111,10 +121,16 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
         vocab = Vocabulary.from_texts(normalized_references(splits["train"], normalizer)[0].values())
     say(f"vocabulary: {len(vocab)} tokens: {' '.join(vocab.tokens)}")
 
-    # --- model: the source checkpoint with a new CTC head, SpecAugment and dropouts from the recipe -----------
-    model, transfer = build_ctc_model(recipe.base, vocab, config_overrides=dataclasses.asdict(recipe.model),
-                                      seed=opts.seed)
-    say(f"{recipe.base}: {transfer}")
+    # --- model: the source checkpoint with a new CTC head (or a config's random weights), SpecAugment and dropouts
+    # from the recipe ----------------------------------------------------------------------------------------------
+    if recipe.model_config is not None:
+        model = build_scratch_model(recipe.model_config, vocab, config_overrides=dataclasses.asdict(recipe.model),
+                                    seed=opts.seed)
+        say(f"from scratch: {model.num_parameters() / 1e6:.2f} M parameters, randomly initialised from model_config")
+    else:
+        model, transfer = build_ctc_model(recipe.base, vocab, config_overrides=dataclasses.asdict(recipe.model),
+                                          seed=opts.seed)
+        say(f"{recipe.base}: {transfer}")
 
     # --- batches: drop what cannot train, then buckets of at most max_batch_s seconds ---------------------------
     examples, dropped = filter_utterances(splits["train"], normalizer=normalizer, vocab=vocab, config=model.config,
@@ -132,6 +148,18 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
     if len(sampler) == 0:
         raise InputError(f"too little training data: {len(examples)} utterances after filtering, not one batch for "
                          f"each of {accelerator.num_processes} processes", path=recipe.data.train)
+    short_sampler = None
+    if opts.short_first_s is not None and opts.short_first_share > 0:
+        short_examples = [(u, labels) for u, labels in examples if u.duration_s <= opts.short_first_s]
+        short_sampler = DurationBatchSampler([u.duration_s for u, _ in short_examples], max_batch_s=opts.max_batch_s,
+                                             shuffle=True, seed=opts.seed, num_replicas=accelerator.num_processes,
+                                             rank=accelerator.process_index)
+        if len(short_sampler) == 0:
+            raise InputError(f"train.short_first_s: {len(short_examples)} training utterances up to "
+                             f"{opts.short_first_s:g} s, not one batch for each of {accelerator.num_processes} "
+                             "processes", path=recipe.data.train)
+        say(f"first {opts.short_first_share:.0%} of the run: only the {len(short_examples)} utterances up to "
+            f"{opts.short_first_s:g} s")
     duration_s = {u.id: u.duration_s for u, _ in examples}
     attention_mask = needs_attention_mask(model.config)
     # Batches are moved to the device by hand and never passed to accelerator.prepare: the sampler already gives
@@ -177,25 +205,55 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
         _restore_rng(last, accelerator.process_index)  # last of all, so nothing above draws from the restored RNG
 
     # --- the loop -------------------------------------------------------------------------------------------
-    warmup_updates = max(round(opts.warmup_ratio * opts.max_updates), freezing.head_only_updates)
+    for key in ("elapsed_s", "audio_s", "short_epoch", "short_position"):
+        state.setdefault(key, 0)  # absent from checkpoints written before time budgets and short-first stages
     batches = _batch_stream(sampler, make_loader, examples, epoch=state["epoch"], position=state["position"],
                             left_out=left_out["train"], everywhere=partial(_everywhere, accelerator))
-    progress = tqdm(total=opts.max_updates, initial=state["update"], disable=not accelerator.is_main_process,
-                    dynamic_ncols=True, desc="train")
+    short_batches = None if short_sampler is None else _batch_stream(
+        short_sampler, make_loader, short_examples, epoch=state["short_epoch"], position=state["short_position"],
+        left_out=left_out["train"], everywhere=partial(_everywhere, accelerator))
+    budget_s = None if opts.max_minutes is None else 60 * opts.max_minutes
+    # With a time budget the schedule is laid over the share of the run done, in SCHEDULE_STEPS steps.
+    schedule = opts if budget_s is None else dataclasses.replace(opts, max_updates=SCHEDULE_STEPS)
+    loop_start = time.perf_counter() - state["elapsed_s"]
+
+    def share_done() -> float:
+        """Share of the run done: of max_updates, or of the time budget when that is further along. Also sets
+        state["elapsed_s"]: training seconds over all runs, the slowest process's, so that every process takes the
+        same decisions from it."""
+        elapsed_s = time.perf_counter() - loop_start
+        if budget_s is not None and accelerator.num_processes > 1:
+            elapsed_s = float(accelerator.gather(torch.tensor([elapsed_s], dtype=torch.float64,
+                                                              device=accelerator.device)).max())
+        state["elapsed_s"] = elapsed_s
+        by_updates = state["update"] / opts.max_updates
+        return by_updates if budget_s is None else max(by_updates, state["elapsed_s"] / budget_s)
+
+    progress = tqdm(total=opts.max_updates if budget_s is None else None, initial=state["update"],
+                    disable=not accelerator.is_main_process, dynamic_ncols=True, desc="train")
     stopped_early = False
     window = {"loss_sum": 0.0, "utterances": 0, "audio_s": 0.0, "start": time.perf_counter()}
-    while state["update"] < opts.max_updates:
+    done = share_done()
+    while done < 1:
         update = state["update"]
         if apply_freezing(raw_model, freezing, update=update):
             say(f"update {update}: freezing changed\n{parameter_table(raw_model)}")
-        lr = get_lr(update, opts)
+        lr = get_lr(update if budget_s is None else min(SCHEDULE_STEPS - 1, int(done * SCHEDULE_STEPS)), schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_factor"]
+        short_stage = short_batches is not None and done < opts.short_first_share
+        if short_batches is not None and not short_stage:
+            say(f"update {update}: the short-utterances-first stage ends; training on every utterance")
+            short_batches.close()  # lets its data-loader workers go
+            short_batches = None
 
         model.train()
         grad_norm = None
         for _ in range(opts.grad_accum_steps):
-            state["epoch"], state["position"], batch = next(batches)
+            if short_stage:
+                state["short_epoch"], state["short_position"], batch = next(short_batches)
+            else:
+                state["epoch"], state["position"], batch = next(batches)
             batch_ids = batch.pop("ids")
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             with accelerator.accumulate(model):
@@ -214,29 +272,33 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
             window["audio_s"] += sum(duration_s[i] for i in batch_ids)
         state["update"] = update = update + 1
         progress.update(1)
+        done = share_done()
 
-        if update == 1 or update % opts.log_every == 0 or update == opts.max_updates:
+        if update == 1 or update % opts.log_every == 0 or done >= 1:
             totals = accelerator.reduce(torch.tensor([window["loss_sum"], window["utterances"], window["audio_s"]],
                                                      dtype=torch.float64, device=accelerator.device), reduction="sum")
             loss_sum, utterances, audio_s = totals.tolist()
+            state["audio_s"] += audio_s
             elapsed_s = time.perf_counter() - window["start"]
             record = {"update": update, "epoch": state["epoch"], "loss": loss_sum / utterances, "lr": lr,
-                      "audio_s_per_s": audio_s / elapsed_s, "grad_norm": grad_norm}
+                      "audio_s_per_s": audio_s / elapsed_s, "grad_norm": grad_norm,
+                      "minutes": state["elapsed_s"] / 60, "audio_h": state["audio_s"] / 3600}
             log.write(record)
             postfix = {"loss": f"{record['loss']:.3f}", "lr": f"{lr:.2e}", "audio_s/s": f"{audio_s / elapsed_s:.0f}"}
             progress.set_postfix(postfix if log.last_wer is None else {**postfix, "wer": log.last_wer}, refresh=False)
             window = {"loss_sum": 0.0, "utterances": 0, "audio_s": 0.0, "start": time.perf_counter()}
 
-        if update % recipe.eval.every_updates == 0 or update == opts.max_updates:
+        if update % recipe.eval.every_updates == 0 or done >= 1:
             if dev_refs:
                 dev_loader = make_loader(*_eval_batches(splits["dev"], dev_refs, vocab, opts, accelerator))
                 report, hyps = evaluate(raw_model, dev_loader, vocab, dev_refs, accelerator=accelerator,
                                         report_problems=left_out["dev"].add)
                 empty_share = sum(not h for h in hyps.values()) / len(hyps)
                 log.write({"update": update, "dev_wer": report.wer, "dev_cer": report.cer,
-                           "dev_empty_share": empty_share})
+                           "dev_empty_share": empty_share, "minutes": state["elapsed_s"] / 60})
                 say(f"update {update}: dev WER {report.wer:.2%}, CER {report.cer:.2%}")
-                if update >= warmup_updates and not state["blank_collapse_warned"]:
+                past_warmup = done >= opts.warmup_ratio and update >= freezing.head_only_updates
+                if past_warmup and not state["blank_collapse_warned"]:
                     warning = blank_collapse_warning(empty_share, update=update)
                     if warning:
                         say(warning)
@@ -258,6 +320,8 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
                                             reduction="sum"))
     if left_out_count:
         say(f"train: {left_out_count} utterances left out of their batches when their audio was read (listed above)")
+    stop_reason = ("patience" if stopped_early else
+                   "max_updates" if state["update"] >= opts.max_updates else "max_minutes")
 
     # --- outputs: the best model (or the last one without a dev set), its test score, the curves --------------
     if accelerator.is_main_process and not dev_refs:
@@ -278,7 +342,7 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
     accelerator.wait_for_everyone()
     return TrainResult(output_dir=str(out), updates=state["update"], best_update=state["best_update"],
                        best_dev_wer=state["best_wer"], test_wer=None if test_report is None else test_report.wer,
-                       test_cer=None if test_report is None else test_report.cer, stopped_early=stopped_early)
+                       test_cer=None if test_report is None else test_report.cer, stop_reason=stop_reason)
 
 
 def get_lr(update: int, options: TrainOptions) -> float:

@@ -67,3 +67,39 @@ def test_seed_recognizes_synthetic_german(tmp_path):
         refs[utterance.id], hyps[utterance.id] = normalize(utterance.text), vocab.decode_ctc(ids)
     report = score(refs, hyps, bootstrap=0)
     assert report.cer < 0.3, (report.cer, hyps)  # the card's held-out German CER is 0.06
+
+
+def test_the_seed_recipe_builds_the_shipped_architecture():
+    import dataclasses
+
+    from speechxfer.recipe import load_recipe
+    from speechxfer.surgery import build_scratch_model
+
+    recipe = load_recipe(SEED.parent / "recipes" / "seed" / "seed.yaml")
+    built = build_scratch_model(recipe.model_config, Vocabulary.load(SEED),
+                                config_overrides=dataclasses.asdict(recipe.model))
+    shipped = Wav2Vec2ForCTC.from_pretrained(SEED, use_safetensors=True)
+    assert {k: v.shape for k, v in built.state_dict().items()} == {k: v.shape for k, v in shipped.state_dict().items()}
+    ours, theirs = built.config.to_dict(), shipped.config.to_dict()
+    differing = {k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k)}
+    assert differing <= {"architectures", "dtype", "_name_or_path", "transformers_version"}, differing
+
+
+def test_train_seed_merges_languages_with_their_own_casing(tmp_path):
+    import importlib.util
+
+    from speechxfer.manifest import Utterance, load_manifest, write_manifest
+
+    spec = importlib.util.spec_from_file_location("train_seed", SEED.parent / "scripts" / "train_seed.py")
+    train_seed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_seed)
+    for language in ("de", "tr"):
+        for split in ("train", "dev", "test"):
+            write_manifest(tmp_path / "data" / language / f"{split}.jsonl", [
+                Utterance(id=f"{language}-{split}-{k}", audio_path=str(tmp_path / f"{k}.flac"),
+                          text="Im Iğdır, dort!", duration_s=1.0) for k in range(3)])
+    manifests = train_seed.write_manifests(tmp_path / "data", ["de", "tr"], tmp_path / "merged", dev_utterances=2)
+    train = load_manifest(manifests["all"]["train"])
+    assert [(u.language, u.text) for u in train] == [("de", "im iğdır dort")] * 3 + [("tr", "ım ığdır dort")] * 3
+    assert len(load_manifest(manifests["all"]["dev"])) == 4  # the first 2 of each language
+    assert [u.id for u in load_manifest(manifests["test"]["tr"])] == ["tr-test-0", "tr-test-1", "tr-test-2"]

@@ -2,9 +2,8 @@ import unicodedata
 
 import pytest
 
-from speechxfer.errors import InputError
-from speechxfer.text import (PRESETS, TextNormalizer, TextOptions, TextRejected, load_text_options,
-                             text_options_from_dict)
+from speechxfer.errors import InputError, RecipeError
+from speechxfer.text import PRESETS, TextNormalizer, TextOptions, TextRejected, load_text_options
 
 
 def test_turkish_casing_uses_the_locale_table():
@@ -76,18 +75,42 @@ def test_presets():
     assert TextNormalizer(PRESETS["whisper-basic"])("Don't STOP-now") == "don t stop now"
 
 
-def test_options_from_dict_is_strict():
-    options = text_options_from_dict({"locale": "tr", "digits": "drop", "replacements": {"&": "ve"}},
-                                     source="r.yaml")
-    assert options == TextOptions(locale="tr", digits="drop", replacements={"&": "ve"})
-    with pytest.raises(InputError, match=r"r\.yaml: unknown text option 'lower'"):
-        text_options_from_dict({"lower": True}, source="r.yaml")
-    with pytest.raises(InputError, match="'lowercase': wrong type str"):
-        text_options_from_dict({"lowercase": "yes"}, source="r.yaml")
-    with pytest.raises(InputError, match="digits must be one of"):
-        text_options_from_dict({"digits": "spell"}, source="r.yaml")
-    with pytest.raises(InputError, match="unicode_form"):
-        text_options_from_dict({"unicode_form": "NFX"}, source="r.yaml")
+def test_options_files_are_strict_and_errors_name_the_dotted_key_and_the_file(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("text: {locale: tr, digits: drop, replacements: {'&': ve}}\n", encoding="utf-8")
+    assert load_text_options(path) == TextOptions(locale="tr", digits="drop", replacements={"&": "ve"})
+    for content, message in [("text: {lower: true}", "unknown key 'text.lower'"),
+                             ("lower: true", "unknown key 'lower'"),
+                             ("text: {lowercase: 'yes'}", "text.lowercase: expected bool, got str 'yes'"),
+                             ("text: {digits: spell}", "text.digits must be one of keep, drop, reject"),
+                             ("text: {unicode_form: NFX}", "text.unicode_form must be one of"),
+                             ("text: {replacements: {'': x}}", "text.replacements must be a table without an empty"),
+                             ("text: {replacements: {a: 1}}", "text.replacements.a: expected str, got int 1")]:
+        path.write_text(content + "\n", encoding="utf-8")
+        with pytest.raises(RecipeError) as caught:
+            load_text_options(path)
+        assert str(caught.value).startswith(f"{path}: ") and message in str(caught.value), str(caught.value)
+
+
+def test_options_built_in_python_are_held_to_the_same_checks():
+    with pytest.raises(ValueError, match="digits must be one of keep, drop, reject, got str 'spell'"):
+        TextOptions(digits="spell")
+    with pytest.raises(ValueError, match="replacements must be a table without an empty key"):
+        TextOptions(replacements={"": "x"})
+
+
+def test_options_files_that_are_not_utf8_or_repeat_a_key_are_one_line_errors(tmp_path):
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("text:\n  replacements: {'é': e}\n".encode("latin-1"))
+    with pytest.raises(RecipeError) as caught:
+        load_text_options(latin1)
+    assert str(caught.value) == f"{latin1}:2: not UTF-8 text: byte 0xe9 at offset 24 cannot be decoded (save the " \
+                                "file as UTF-8)"
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("text:\n  locale: tr\n  digits: drop\n  locale: az\n", encoding="utf-8")
+    with pytest.raises(RecipeError) as caught:
+        load_text_options(twice)
+    assert caught.value.line == 4 and "duplicate key 'locale' (first on line 2)" in str(caught.value)
 
 
 def test_load_text_options_from_preset_or_yaml(tmp_path):

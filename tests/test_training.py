@@ -367,3 +367,167 @@ def test_training_stops_with_an_error_when_no_batch_has_usable_audio(tmp_path, c
     code = main(["train", str(recipe)])
     err = capsys.readouterr().err
     assert code == 2 and "no training batch has usable audio" in err and "Traceback" not in err
+
+
+# --- from a config (scratch), short utterances first, time budget ----------------------------------------------------
+
+# A tiny seed-like architecture: tapered group-norm conv front-end, pre-layer-norm ("stable") transformer.
+SCRATCH_CONFIG = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+                  "conv_dim": [8, 16, 16], "conv_stride": [5, 4, 4], "conv_kernel": [10, 4, 4], "conv_bias": False,
+                  "feat_extract_norm": "group", "do_stable_layer_norm": True, "num_conv_pos_embeddings": 16,
+                  "num_conv_pos_embedding_groups": 2}
+SHORT_S = 0.9  # the corpus's train utterances last 0.8, 1.0 and 1.2 s
+
+
+def write_scratch_recipe(path: Path, *, manifests: dict[str, Path], output_dir: Path, **train) -> Path:
+    recipe = {"model_config": SCRATCH_CONFIG, "data": {name: str(p) for name, p in manifests.items()},
+              "model": {"mask_time_prob": 0.0},
+              "freezing": {"feature_encoder": False},
+              "train": {"max_updates": 8, "max_batch_s": 2.5, "lr": 2e-3, "min_duration_s": 0.1, "log_every": 1,
+                        "warmup_ratio": 0.25, "hold_ratio": 0.25, "short_first_s": SHORT_S,
+                        "short_first_share": 0.5, **train},
+              "eval": {"every_updates": 2},
+              "output_dir": str(output_dir)}
+    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    return path
+
+
+class BatchSpy:
+    """Records the ids of every training batch train() draws, in order (one batch per update here), and moves a
+    fake clock on by `seconds_per_batch`, so that time budgets can be tested without timing anything."""
+
+    real_batch_stream = training._batch_stream
+
+    def __init__(self, monkeypatch, *, seconds_per_batch: float = 0.0):
+        self.batches: list[list[str]] = []
+        self.now = 0.0
+        self.seconds_per_batch = seconds_per_batch
+
+        def spy(*args, **kwargs):
+            for epoch, position, batch in BatchSpy.real_batch_stream(*args, **kwargs):
+                self.batches.append(list(batch["ids"]))
+                self.now += self.seconds_per_batch
+                yield epoch, position, batch
+
+        monkeypatch.setattr(training, "_batch_stream", spy)
+        if seconds_per_batch:
+            monkeypatch.setattr(training, "time", self)
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+@pytest.fixture(scope="module")
+def scratch_run(tmp_path_factory, corpus):
+    """8 updates from model_config, the first half on short utterances only, uninterrupted."""
+    tmp = tmp_path_factory.mktemp("scratch")
+    monkeypatch = pytest.MonkeyPatch()
+    spy = BatchSpy(monkeypatch)
+    try:
+        recipe = load_recipe(write_scratch_recipe(tmp / "recipe.yaml", manifests=corpus, output_dir=tmp / "out"))
+        result = training.train(recipe)
+    finally:
+        monkeypatch.undo()
+    return recipe, result, spy.batches
+
+
+def test_a_model_config_trains_from_scratch(scratch_run):
+    from transformers import Wav2Vec2ForCTC
+
+    from speechxfer.surgery import build_scratch_model
+
+    recipe, result, _ = scratch_run
+    assert result.updates == 8 and result.stop_reason == "max_updates" and not result.stopped_early
+    out = Path(result.output_dir)
+    trained = Wav2Vec2ForCTC.from_pretrained(out)
+    vocab = Vocabulary.load(out)
+    config = trained.config
+    assert (config.hidden_size, config.num_hidden_layers, list(config.conv_dim)) == (32, 2, [8, 16, 16])
+    assert config.do_stable_layer_norm and config.feat_extract_norm == "group" and config.conv_bias is False
+    assert config.vocab_size == len(vocab) and config.pad_token_id == vocab.blank_id
+    assert config.mask_time_prob == 0.0  # the model section applies on top of model_config
+    # The starting point is the config's random initialisation from the seed, and everything trained from there.
+    initial = build_scratch_model(recipe.model_config, vocab, seed=recipe.train.seed).state_dict()
+    assert torch.equal(initial["lm_head.weight"],
+                       build_scratch_model(recipe.model_config, vocab, seed=recipe.train.seed).lm_head.weight)
+    final = trained.state_dict()
+    for name in ("wav2vec2.feature_extractor.conv_layers.0.conv.weight",
+                 "wav2vec2.encoder.layers.0.attention.q_proj.weight", "lm_head.weight"):
+        assert not torch.allclose(initial[name], final[name]), name
+    resolved = yaml.safe_load((out / "recipe.yaml").read_text(encoding="utf-8"))
+    assert resolved["base"] is None and resolved["model_config"] == SCRATCH_CONFIG
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 8 and all(math.isfinite(x) for x in losses)
+    assert all(r["minutes"] >= 0 for r in records) and [r for r in records if "loss" in r][-1]["audio_h"] > 0
+
+
+def test_short_utterances_first_stage_draws_only_short_ones(scratch_run, corpus):
+    from speechxfer.manifest import load_manifest
+
+    _, _, batches = scratch_run
+    duration_s = {u.id: u.duration_s for u in load_manifest(corpus["train"])}
+    assert len(batches) == 8  # one batch per update
+    # short_first_share 0.5 of 8 updates: the first 4 batches hold only utterances up to SHORT_S seconds
+    assert all(duration_s[i] <= SHORT_S for batch in batches[:4] for i in batch)
+    assert any(duration_s[i] > SHORT_S for batch in batches[4:] for i in batch)
+
+
+def test_resume_inside_the_short_first_stage_reaches_the_uninterrupted_state(tmp_path, corpus, scratch_run,
+                                                                             monkeypatch):
+    _, straight_result, straight_batches = scratch_run
+    out = tmp_path / "out"
+    recipe = load_recipe(write_scratch_recipe(tmp_path / "recipe.yaml", manifests=corpus, output_dir=out))
+    real_evaluate = training.evaluate
+    calls = []
+
+    def crash_at_second_evaluation(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # update 4: last/ holds update 2, inside the short-first stage
+            raise Interrupted
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(training, "evaluate", crash_at_second_evaluation)
+    with pytest.raises(Interrupted):
+        training.train(recipe)
+    monkeypatch.setattr(training, "evaluate", real_evaluate)
+    spy = BatchSpy(monkeypatch)
+    result = training.train(recipe, resume=True)
+    assert result.updates == 8
+    assert spy.batches == straight_batches[2:]  # the same batches from update 3 on, short ones first
+    straight = load_file(Path(straight_result.output_dir) / "last" / "model.safetensors")
+    resumed = load_file(out / "last" / "model.safetensors")
+    assert max((straight[k] - resumed[k]).abs().max().item() for k in straight) <= 1e-6
+
+
+def test_time_budget_stops_the_run_and_counts_over_resumed_runs(tmp_path, corpus, monkeypatch):
+    # A fake clock moving 10 s per batch: a budget of 1 minute is spent after 6 of the 1000 updates allowed.
+    recipe = load_recipe(write_scratch_recipe(tmp_path / "recipe.yaml", manifests=corpus, output_dir=tmp_path / "out",
+                                              max_updates=1000, max_minutes=1.0))
+    BatchSpy(monkeypatch, seconds_per_batch=10.0)
+    result = training.train(recipe)
+    assert (result.updates, result.stop_reason) == (6, "max_minutes")
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["update"] for r in records if "dev_wer" in r] == [2, 4, 6]  # the last update is evaluated too
+    assert records[-1]["minutes"] == pytest.approx(1.0)
+
+    # Interrupted at update 4 (last/ holds update 2 and 20 s), the resumed run has 40 s of budget left.
+    recipe = load_recipe(write_scratch_recipe(tmp_path / "recipe2.yaml", manifests=corpus,
+                                              output_dir=tmp_path / "out2", max_updates=1000, max_minutes=1.0))
+    BatchSpy(monkeypatch, seconds_per_batch=10.0)
+    real_evaluate = training.evaluate
+    calls = []
+
+    def crash_at_second_evaluation(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise Interrupted
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(training, "evaluate", crash_at_second_evaluation)
+    with pytest.raises(Interrupted):
+        training.train(recipe)
+    monkeypatch.setattr(training, "evaluate", real_evaluate)
+    BatchSpy(monkeypatch, seconds_per_batch=10.0)  # a fresh clock from 0, as after a restart
+    result = training.train(recipe, resume=True)
+    assert (result.updates, result.stop_reason) == (6, "max_minutes")
