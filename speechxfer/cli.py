@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 
+from speechxfer.compat import check_transformers_version
 from speechxfer.errors import SpeechxferError
 
 
@@ -458,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        check_transformers_version()
         return int(args.func(args) or 0)
     except SpeechxferError as err:
         print(f"speechxfer {args.command}: error: {err}", file=sys.stderr)

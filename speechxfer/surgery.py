@@ -5,7 +5,6 @@ model folder."""
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -18,9 +17,9 @@ from typing import Any
 import torch
 from anyascii import anyascii
 from transformers import AutoConfig, Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
-from transformers.utils import cached_file
 
 from speechxfer.audio import SAMPLE_RATE_HZ
+from speechxfer.compat import optional_model_file, quiet_load_report
 from speechxfer.errors import InputError
 from speechxfer.vocabulary import Vocabulary
 
@@ -197,17 +196,14 @@ def _load_config(name: str) -> Wav2Vec2Config:
 def _load_weights(name: str, config: Wav2Vec2Config) -> Wav2Vec2ForCTC:
     """Wav2Vec2ForCTC with the source's weights in float32 (its own head, if any, still in place)."""
     # The load report lists the head as missing for SSL-only sources, which is expected; real gaps are checked below.
-    report_logger = logging.getLogger("transformers.modeling_utils")
-    report_logger.addFilter(_drop_load_report)
     try:
-        model, info = Wav2Vec2ForCTC.from_pretrained(name, config=config, use_safetensors=True,
-                                                     dtype=torch.float32, output_loading_info=True)
+        with quiet_load_report():
+            model, info = Wav2Vec2ForCTC.from_pretrained(name, config=config, use_safetensors=True,
+                                                         dtype=torch.float32, output_loading_info=True)
     except (OSError, RuntimeError) as err:
         raise InputError(f"cannot load safetensors weights: {err} (pickled pytorch_model.bin files are never read: "
                          "convert one you trust to model.safetensors in a local folder and use that folder)",
                          path=name) from err
-    finally:
-        report_logger.removeFilter(_drop_load_report)
     missing = sorted(k for k in info["missing_keys"] if not k.startswith(_MAY_BE_MISSING))
     if missing:
         listed = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
@@ -220,10 +216,6 @@ def _load_weights(name: str, config: Wav2Vec2Config) -> Wav2Vec2ForCTC:
     return model
 
 
-def _drop_load_report(record: logging.LogRecord) -> bool:
-    return "LOAD REPORT" not in record.getMessage()
-
-
 def _source_vocabulary(name: str, config: Wav2Vec2Config) -> dict[str, int] | None:
     """token -> row of the source head, from its vocab.json; None when there is none.
 
@@ -231,7 +223,7 @@ def _source_vocabulary(name: str, config: Wav2Vec2Config) -> dict[str, int] | No
     adapter's ("eng"), else the one whose size matches.
     """
     try:
-        path = cached_file(name, "vocab.json", _raise_exceptions_for_missing_entries=False)
+        path = optional_model_file(name, "vocab.json")
     except OSError:
         return None
     if path is None:
