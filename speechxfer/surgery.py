@@ -183,6 +183,8 @@ def _load_config(name: str) -> Wav2Vec2Config:
         raise InputError("a checkpoint must be a model folder or a hub id, not a file", path=name)
     if not path.exists() and (path.is_absolute() or name.startswith(".") or name.count("/") > 1):
         raise InputError("no such checkpoint folder", path=name)
+    if path.is_dir() and not (path / "config.json").is_file():  # transformers 4.x would guess a type from the name
+        raise InputError("no config.json in this checkpoint folder", path=name)
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=False)
     except (OSError, ValueError) as err:
