@@ -26,7 +26,7 @@ TRANSFORMERS_MIN_VERSION = "4.57"
 
 def check_transformers_version(version: str | None = None) -> None:
     """Raise SpeechxferError unless transformers `version` (default: the installed one) is at least
-    TRANSFORMERS_MIN_VERSION. Older releases ignore keywords such as `dtype=` instead of failing."""
+    TRANSFORMERS_MIN_VERSION: older releases lack what speechxfer calls (`from_pretrained(dtype=...)`)."""
     if version is None:
         try:
             version = importlib.metadata.version("transformers")
