@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Iterator
 
+from speechxfer.compat import check_transformers_version
 from speechxfer.errors import SpeechxferError
 
 
@@ -538,6 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        check_transformers_version()
         with messages_to_stderr():
             return int(args.func(args) or 0)
     except SpeechxferError as err:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from transformers import Wav2Vec2ForCTC
 
+from speechxfer.compat import mark_feature_encoder_trainable
 from speechxfer.config import NON_NEGATIVE, Check, check_fields, checked
 from speechxfer.errors import InputError
 
@@ -64,7 +65,7 @@ def apply_freezing(model: Wav2Vec2ForCTC, options: FreezeOptions, *, update: int
     # gradient under gradient checkpointing); transformers has no unfreeze, so thawing sets the flag back by hand.
     encoder = model.wav2vec2.feature_extractor
     if any(p.requires_grad for p in encoder.parameters()):
-        encoder._requires_grad = True
+        mark_feature_encoder_trainable(encoder)
     else:
         model.freeze_feature_encoder()
     return changed

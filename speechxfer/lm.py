@@ -21,11 +21,10 @@ from speechxfer.text import TextRejected, normalized_references
 from speechxfer.transcribe import AudioSegment, Recognizer, TranscribeOptions, emissions
 
 LMPLZ_MISSING = (
-    "KenLM's lmplz is not on PATH. It builds from the kenlm source package: "
-    "`pip download kenlm --no-binary :all: --no-deps`, unpack it, then "
-    "`mkdir build && cd build && cmake .. && make -j lmplz build_binary` (needs cmake, a C++ compiler, Boost "
-    "program_options/system/thread and zlib, e.g. apt-get install cmake g++ libboost-program-options-dev "
-    "libboost-system-dev libboost-thread-dev zlib1g-dev), and put build/bin on PATH.")
+    "KenLM's lmplz is not on PATH. In a speechxfer checkout, `bash scripts/install_kenlm.sh` builds it from the "
+    "kenlm source package on PyPI into /usr/local/bin (PREFIX=DIR: into DIR/bin, then put that on PATH); it needs "
+    "cmake, a C++ compiler, Boost program_options/system/thread/test and zlib (apt-get install cmake g++ "
+    "libboost-program-options-dev libboost-system-dev libboost-thread-dev libboost-test-dev zlib1g-dev).")
 DEFAULT_LM_WEIGHTS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
 DEFAULT_WORD_SCORES = (-1.0, 0.0, 1.0, 2.0)
 

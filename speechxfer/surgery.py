@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -20,9 +19,9 @@ import torch
 from anyascii import anyascii
 from safetensors import SafetensorError
 from transformers import AutoConfig, PretrainedConfig, Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
-from transformers.utils import cached_file
 
 from speechxfer.audio import SAMPLE_RATE_HZ
+from speechxfer.compat import optional_model_file, quiet_load_report
 from speechxfer.errors import InputError
 from speechxfer.vocabulary import Vocabulary
 
@@ -276,6 +275,8 @@ def load_ctc_model(source: str | os.PathLike) -> Wav2Vec2ForCTC:
 
 def _load_config(name: str) -> Wav2Vec2Config:
     """The source's config; InputError unless it names a wav2vec2 checkpoint we can reach."""
+    if Path(name).is_dir() and not (Path(name) / "config.json").is_file():  # transformers 4.x guesses a type from the name
+        raise InputError("no config.json in this checkpoint folder", path=name)
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=False)
     except (OSError, ValueError) as err:
@@ -293,19 +294,16 @@ def _load_weights(name: str, config: Wav2Vec2Config, *, head_required: bool = Fa
     head_required: the CTC head must be among the weights (inference); else it may be missing (it is replaced).
     """
     # The load report lists the head as missing for SSL-only sources, which is expected; real gaps are checked below.
-    report_logger = logging.getLogger("transformers.modeling_utils")
-    report_logger.addFilter(_drop_load_report)
     try:
-        model, info = Wav2Vec2ForCTC.from_pretrained(name, config=config, use_safetensors=True,
-                                                     dtype=torch.float32, output_loading_info=True)
+        with quiet_load_report():
+            model, info = Wav2Vec2ForCTC.from_pretrained(name, config=config, use_safetensors=True,
+                                                         dtype=torch.float32, output_loading_info=True)
     except (OSError, RuntimeError) as err:
         raise InputError(f"cannot load safetensors weights: {_first_line(err)} (pickled pytorch_model.bin files "
                          "are never read: convert one you trust to model.safetensors in a local folder and use that "
                          "folder)", path=name) from err
     except SafetensorError as err:  # a truncated or corrupt model.safetensors
         raise InputError(f"model.safetensors is truncated or not a safetensors file ({err})", path=name) from err
-    finally:
-        report_logger.removeFilter(_drop_load_report)
     may_be_missing = tuple(k for k in _MAY_BE_MISSING if k != _HEAD) if head_required else _MAY_BE_MISSING
     missing = sorted(k for k in info["missing_keys"] if not k.startswith(may_be_missing))
     if missing:
@@ -324,10 +322,6 @@ def _first_line(err: Exception) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
-def _drop_load_report(record: logging.LogRecord) -> bool:
-    return "LOAD REPORT" not in record.getMessage()
-
-
 def _source_vocabulary(name: str, config: Wav2Vec2Config) -> dict[str, int] | None:
     """token -> row of the source head, from its vocab.json; None when there is none.
 
@@ -335,7 +329,7 @@ def _source_vocabulary(name: str, config: Wav2Vec2Config) -> dict[str, int] | No
     adapter's ("eng"), else the one whose size matches.
     """
     try:
-        path = cached_file(name, "vocab.json", _raise_exceptions_for_missing_entries=False)
+        path = optional_model_file(name, "vocab.json")
     except OSError:
         return None
     if path is None:

@@ -25,7 +25,6 @@ from typing import Literal
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -34,6 +33,7 @@ from transformers import Wav2Vec2ForCTC
 from speechxfer.audio import SAMPLE_RATE_HZ
 from speechxfer.batching import DurationBatchSampler, SpeechDataset, collate, filter_utterances, frame_geometry
 from speechxfer.decoding import GreedyDecoder, decode_batch
+from speechxfer.compat import reset_accelerator_state
 from speechxfer.errors import InputError, Problem
 from speechxfer.freezing import apply_freezing, parameter_groups, parameter_table
 from speechxfer.manifest import Utterance, read_jsonl, read_manifest
@@ -99,7 +99,7 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
     cpu_processes = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     # Accelerate keeps its settings (precision, accumulation) in a process-wide singleton; forget those of an earlier
     # train() in this process, keeping the distributed setup.
-    AcceleratorState._reset_state()
+    reset_accelerator_state()
     accelerator = Accelerator(cpu=cpu_processes, mixed_precision=_mixed_precision(opts.mixed_precision),
                               gradient_accumulation_steps=opts.grad_accum_steps,
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])

@@ -1,0 +1,99 @@
+"""Everything that leans on a library's internals or on its version, in one place, so an upgrade breaks one file.
+
+Each function says what it leans on. Libraries are imported inside the functions: the CLI calls
+`check_transformers_version` before any command, and that must not import transformers (an old one may not even
+import) nor slow down `--help`.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+from speechxfer.errors import SpeechxferError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+# from_pretrained(dtype=...) came with 4.56; the suite is run against 4.57.6. Keep equal to pyproject.toml's floor
+# (tests/test_compat.py checks that).
+TRANSFORMERS_MIN_VERSION = "4.57"
+
+
+def check_transformers_version(version: str | None = None) -> None:
+    """Raise SpeechxferError unless transformers `version` (default: the installed one) is at least
+    TRANSFORMERS_MIN_VERSION: older releases lack what speechxfer calls (`from_pretrained(dtype=...)`)."""
+    if version is None:
+        try:
+            version = importlib.metadata.version("transformers")
+        except importlib.metadata.PackageNotFoundError:
+            raise SpeechxferError("transformers is not installed: pip install -e . (or pip install speechxfer)") \
+                from None
+    if _release(version) < _release(TRANSFORMERS_MIN_VERSION):
+        raise SpeechxferError(f"transformers {version} is older than {TRANSFORMERS_MIN_VERSION}, the oldest "
+                              f"speechxfer works with: pip install 'transformers>={TRANSFORMERS_MIN_VERSION}'")
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """The leading release numbers of a version string: "4.57.0.dev0" -> (4, 57, 0); (0,) when there are none."""
+    match = re.match(r"\d+(?:\.\d+)*", version.strip())
+    return tuple(int(part) for part in match.group().split(".")) if match else (0,)
+
+
+def reset_accelerator_state() -> None:
+    """Forget the settings (mixed precision, gradient accumulation) an earlier Accelerator left in this process,
+    keeping the distributed setup, so that a second `train()` in one process gets its own.
+
+    Leans on accelerate's private `AcceleratorState._reset_state()` (accelerate keeps those settings in a
+    process-wide singleton and has no public reset).
+    """
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+
+
+@contextmanager
+def quiet_load_report() -> Iterator[None]:
+    """Drop transformers' report of missing and unused weights while a model loads (the caller checks the
+    `output_loading_info` itself; a missing head is expected when the source has none).
+
+    Leans on the report's logger and text: "<Model> LOAD REPORT" in transformers 5, "Some weights of ..." warnings
+    in 4.x, both logged to `transformers.modeling_utils`.
+    """
+    report_logger = logging.getLogger("transformers.modeling_utils")
+    report_logger.addFilter(_drop_load_report)
+    try:
+        yield
+    finally:
+        report_logger.removeFilter(_drop_load_report)
+
+
+def _drop_load_report(record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    return "LOAD REPORT" not in message and not message.startswith("Some weights of")
+
+
+def optional_model_file(name: str, filename: str) -> str | None:
+    """Local path of `filename` from a model folder or hub id, None when the model has no such file.
+    Raises OSError when the model cannot be reached at all.
+
+    Leans on the private `_raise_exceptions_for_missing_entries` keyword of `transformers.utils.cached_file` (the
+    public path raises for a missing file and for an unreachable model alike).
+    """
+    from transformers.utils import cached_file
+
+    return cached_file(name, filename, _raise_exceptions_for_missing_entries=False)
+
+
+def mark_feature_encoder_trainable(encoder: nn.Module) -> None:
+    """Undo what `freeze_feature_encoder()` does to the conv feature encoder's own flag, after its parameters have
+    been thawed: without the flag, gradient checkpointing would not make the encoder's input require a gradient.
+
+    Leans on the private `_requires_grad` attribute of transformers' `Wav2Vec2FeatureEncoder` (transformers has
+    no unfreeze).
+    """
+    encoder._requires_grad = True

@@ -1,0 +1,102 @@
+import logging
+import tomllib
+from pathlib import Path
+
+import pytest
+from transformers import Wav2Vec2ForCTC
+
+from speechxfer import cli, compat
+from speechxfer.errors import SpeechxferError
+from tiny import make_tiny_checkpoint, tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("version", ["4.45.2", "4.56.1", "3.5.0", "0.0.1.dev0"])
+def test_an_older_transformers_is_refused_with_the_floor_named(version):
+    with pytest.raises(SpeechxferError) as err:
+        compat.check_transformers_version(version)
+    message = str(err.value)
+    assert f"transformers {version} is older than {compat.TRANSFORMERS_MIN_VERSION}" in message
+    assert f"pip install 'transformers>={compat.TRANSFORMERS_MIN_VERSION}'" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("version", [compat.TRANSFORMERS_MIN_VERSION, "4.57.6", "4.57.0.dev0", "4.100.0", "5.24.0"])
+def test_the_floor_and_newer_releases_pass(version):
+    compat.check_transformers_version(version)
+
+
+def test_the_installed_transformers_passes():
+    compat.check_transformers_version()
+
+
+def test_the_cli_stops_on_an_old_transformers_with_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(compat.importlib.metadata, "version", lambda name: "4.45.0")
+    ref = tmp_path / "ref.txt"
+    ref.write_text("a b\n", encoding="utf-8")
+    assert cli.main(["wer", str(ref), str(ref)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (f"speechxfer wer: error: transformers 4.45.0 is older than "
+                            f"{compat.TRANSFORMERS_MIN_VERSION}, the oldest speechxfer works with: "
+                            f"pip install 'transformers>={compat.TRANSFORMERS_MIN_VERSION}'\n")
+
+
+def test_the_floor_is_the_one_pyproject_declares():
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
+    assert f"transformers>={compat.TRANSFORMERS_MIN_VERSION}" in dependencies
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_the_load_report_of_a_headless_source_is_dropped_and_only_while_loading(tmp_path):
+    source = make_tiny_checkpoint(tmp_path / "ssl")  # no CTC head: the report lists lm_head as missing
+    report_logger = logging.getLogger("transformers.modeling_utils")
+    records = _Records()
+    report_logger.addHandler(records)
+    try:
+        Wav2Vec2ForCTC.from_pretrained(source, use_safetensors=True)
+        assert any("lm_head" in m for m in records.messages)  # the report compat drops is still there to drop
+        records.messages.clear()
+        filters = list(report_logger.filters)
+        with compat.quiet_load_report():
+            Wav2Vec2ForCTC.from_pretrained(source, use_safetensors=True)
+            report_logger.warning("an unrelated warning")
+        assert records.messages == ["an unrelated warning"]
+        assert report_logger.filters == filters
+    finally:
+        report_logger.removeHandler(records)
+
+
+def test_optional_model_file_finds_a_file_and_says_none_for_a_missing_one(tmp_path):
+    folder = make_tiny_checkpoint(tmp_path / "ctc", ctc_vocab=["[PAD]", "[UNK]", "|", "a"])
+    assert Path(compat.optional_model_file(str(folder), "vocab.json")) == folder / "vocab.json"
+    assert compat.optional_model_file(str(folder), "no_such_file.json") is None
+
+
+def test_the_feature_encoder_flag_is_the_one_freeze_clears():
+    model = Wav2Vec2ForCTC(tiny_config())
+    encoder = model.wav2vec2.feature_extractor
+    model.freeze_feature_encoder()
+    assert encoder._requires_grad is False
+    compat.mark_feature_encoder_trainable(encoder)
+    assert encoder._requires_grad is True
+
+
+def test_reset_accelerator_state_forgets_the_precision_of_an_earlier_accelerator():
+    from accelerate import Accelerator
+
+    compat.reset_accelerator_state()
+    assert Accelerator(cpu=True, mixed_precision="bf16").mixed_precision == "bf16"
+    # without the reset, accelerate's singleton would hand the second Accelerator bf16 again
+    compat.reset_accelerator_state()
+    assert Accelerator(cpu=True).mixed_precision == "no"
+    compat.reset_accelerator_state()
