@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from speechxfer.atomic import atomic_write
 from speechxfer.audio import audio_duration_s, load_audio
 from speechxfer.decoding import Decoder, Transcript, WordTiming
 from speechxfer.errors import AudioError, InputError, Problem
@@ -460,9 +461,8 @@ class OutputWriter:
         self._tsv.close()
         ids = [s.id for s in order if s.id in self._rows]
         ids += [i for i in self._rows if i not in set(ids)]
-        tmp = self.directory / (TSV_NAME + ".tmp")
-        tmp.write_text("".join(f"{i}\t{self._rows[i]}\n" for i in ids), encoding="utf-8")
-        os.replace(tmp, self.directory / TSV_NAME)
+        with atomic_write(self.directory / TSV_NAME) as f:
+            f.write("".join(f"{i}\t{self._rows[i]}\n" for i in ids))
 
 
 def transcript_to_dict(transcription: Transcription) -> dict:
