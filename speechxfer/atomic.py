@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -53,3 +54,16 @@ def sync_folder(folder: str | os.PathLike, *, files: bool = False) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def follow_umask(folder: str | os.PathLike) -> None:
+    """Give the regular files directly in `folder` the mode that a file created there by name gets (0o666 less the
+    umask): libraries that write through a private temporary file leave 0o600 (safetensors' save_file does)."""
+    folder = Path(folder)
+    probe = folder / f".mode.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+    probe.touch(exist_ok=False)
+    mode = stat.S_IMODE(probe.stat().st_mode)
+    probe.unlink()
+    for entry in folder.iterdir():
+        if entry.is_file() and not entry.is_symlink():
+            os.chmod(entry, mode)

@@ -20,7 +20,7 @@ from anyascii import anyascii
 from transformers import AutoConfig, Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
 from transformers.utils import cached_file
 
-from speechxfer.atomic import atomic_write, sync_folder
+from speechxfer.atomic import atomic_write, follow_umask, sync_folder
 from speechxfer.audio import SAMPLE_RATE_HZ
 from speechxfer.errors import InputError
 from speechxfer.vocabulary import Vocabulary
@@ -173,6 +173,7 @@ def save_model_folder(directory: str | os.PathLike, model: Wav2Vec2ForCTC, vocab
     names = sorted(entry.name for entry in staging.iterdir())
     with atomic_write(staging / _READY_LIST) as f:
         json.dump(names, f)
+    follow_umask(staging)
     sync_folder(staging, files=True)
     os.replace(staging, directory / MODEL_READY)
     finish_model_folder(directory)
