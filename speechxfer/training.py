@@ -80,6 +80,10 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
 
     With resume=True, continue from output_dir/last/ (model, optimizer, sampler position, RNG states, best so
     far) and reach the same state as a run that was never interrupted. Raises InputError for unusable data.
+
+    output_dir must be new, empty, or a speechxfer run (it holds RUN_MARKER), and must not be, hold or lie inside
+    the folder of recipe.base; a run locks it, so a second one is refused. At start, what a kill left half written
+    is completed or deleted (_recover_output_dir), so a killed run can always be resumed.
     """
     opts = recipe.train
     out = Path(recipe.output_dir)
