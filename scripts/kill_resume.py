@@ -60,9 +60,9 @@ POINTS = {
 # polled steps: kill as soon as this appears in the output folder
 POLLED = {"poll-checkpoint": ".last.staging", "poll-model": ".model.staging"}
 # kill points one after the other: the first run, then each resume
-CHAINS = ["last-retired,model-swap", "model-swap,retired-cleanup,checkpoint-complete"]
+CHAINS = ["checkpoint-writing,last-retired", "model-swap,retired-cleanup,checkpoint-complete"]
 DEFAULT_POINTS = ";".join([*POINTS, *POLLED, *CHAINS])
-RECOVERY_WORDS = ("recovered", "deleted", "completed", "restored", "resuming from", "holds no checkpoint")
+RECOVERY_WORDS = ("recovered", "deleted", "completed", "restored", "resuming from", "nothing to resume")
 MODEL_FILES = ("config.json", "vocab.json", "tokenizer_config.json", "special_tokens_map.json",
                "preprocessor_config.json")
 STEP_TIMEOUT_S = 600

@@ -41,7 +41,8 @@ from speechxfer.freezing import apply_freezing, parameter_groups, parameter_tabl
 from speechxfer.manifest import Utterance, read_manifest
 from speechxfer.recipe import Recipe, TrainOptions, resolved_yaml
 from speechxfer.scoring import ScoreReport, score
-from speechxfer.surgery import build_ctc_model, finish_model_folder, needs_attention_mask, save_model_folder
+from speechxfer.surgery import (MODEL_STAGING, build_ctc_model, finish_model_folder, needs_attention_mask,
+                               save_model_folder)
 from speechxfer.text import TextNormalizer, TextRejected
 from speechxfer.vocabulary import Vocabulary, charset_audit
 
@@ -112,7 +113,7 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
             say(line)
     accelerator.wait_for_everyone()
     if resume and not (last / "training_state.pt").is_file():
-        say(f"{out} holds no checkpoint yet (the run stopped before its first evaluation): starting from update 0")
+        say("nothing to resume yet: the run stopped before its first checkpoint; starting from update 0")
         resume = False
     elif not resume and last.exists():
         raise InputError("the output folder already holds a run (last/): pass --resume to continue it, or choose "
@@ -292,6 +293,7 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
     if accelerator.is_main_process:
         log.close()
         plot_curves(out / "metrics.jsonl", out / "curves.png")
+        _unlock_output_dir()
     accelerator.wait_for_everyone()
     return TrainResult(output_dir=str(out), updates=state["update"], best_update=state["best_update"],
                        best_dev_wer=state["best_wer"], test_wer=None if test_report is None else test_report.wer,
@@ -416,10 +418,7 @@ def _lock_output_dir(out: Path) -> None:
     """Create RUN_MARKER in the output folder, which marks it as a speechxfer run, and hold an exclusive lock on it
     for the rest of the process's run; InputError when another run holds it. The operating system drops the lock
     when the process ends, however it ends, so a killed run leaves no stale lock."""
-    global _held_lock
-    if _held_lock is not None:
-        _held_lock.close()
-        _held_lock = None
+    _unlock_output_dir()
     out.mkdir(parents=True, exist_ok=True)
     marker = open(out / RUN_MARKER, "a+", encoding="utf-8")
     try:
@@ -433,7 +432,15 @@ def _lock_output_dir(out: Path) -> None:
     marker.truncate(0)
     marker.write(f"speechxfer train, process {os.getpid()} on {socket.gethostname()}\n")
     marker.flush()
+    global _held_lock
     _held_lock = marker
+
+
+def _unlock_output_dir() -> None:
+    global _held_lock
+    if _held_lock is not None:
+        _held_lock.close()
+        _held_lock = None
 
 
 def _recover_output_dir(out: Path) -> list[str]:
@@ -458,7 +465,9 @@ def _recover_output_dir(out: Path) -> list[str]:
     elif retired.exists():
         shutil.rmtree(retired)
         done.append(f"deleted {retired.name}, a replaced checkpoint")
-    if finish_model_folder(out):
+    if (out / MODEL_STAGING).exists():
+        done.append(f"deleted {MODEL_STAGING}, a best model the run did not finish writing")
+    if finish_model_folder(out):  # also deletes MODEL_STAGING
         done.append("completed the saving of the best model, which the run had begun")
     for temp in out.glob(f".*{TEMP_SUFFIX}"):
         temp.unlink()
