@@ -485,8 +485,9 @@ def _recipe_changes(saved: Path, recipe: Recipe) -> list[str]:
         raise InputError(f"unreadable recipe of the run: {err}", path=saved) from None
     if not isinstance(before, dict):
         raise InputError("the run's recipe is not a mapping of keys to values", path=saved)
-    before = _flatten(before)
-    now = _flatten(yaml.safe_load(resolved_yaml(recipe)))
+    # output_dir is where the run is now: a run folder that was moved is still the same run.
+    before = {k: v for k, v in _flatten(before).items() if k != "output_dir"}
+    now = {k: v for k, v in _flatten(yaml.safe_load(resolved_yaml(recipe))).items() if k != "output_dir"}
     missing = "(not set)"
     return [f"{key}: {before.get(key, missing)} -> {now.get(key, missing)}" for key in sorted(before.keys() | now.keys())
             if before.get(key, missing) != now.get(key, missing)]
