@@ -364,9 +364,10 @@ def _relative(path: Path) -> str:
 
 def _write_json(path: Path, value: object) -> None:
     """Atomic: a temporary file renamed into place, so an interrupted write keeps the previous results."""
-    temp = path.with_suffix(".json.tmp")
-    temp.write_text(json.dumps(value, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-    os.replace(temp, path)
+    from speechxfer.atomic import atomic_write
+
+    with atomic_write(path) as f:
+        f.write(json.dumps(value, ensure_ascii=False, indent=1) + "\n")
 
 
 if __name__ == "__main__":

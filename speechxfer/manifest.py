@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from speechxfer.atomic import atomic_write
 from speechxfer.audio import audio_duration_s, file_problem
 from speechxfer.errors import AudioError, ManifestError, Problem
 
@@ -161,20 +162,13 @@ def write_manifest(path: str | os.PathLike, utterances: Iterable[Utterance]) -> 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     base = Path(os.path.abspath(path.parent))  # as read_manifest resolves: symlinks kept
-    # beside the target so the rename stays on one file system; opened by name so the umask sets its mode
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temp, "w", encoding="utf-8") as f:
-            for u in utterances:
-                row = {"id": u.id, "audio_path": _stored_path(u.audio_path, base), "text": u.text,
-                       "duration_s": u.duration_s, "speaker": u.speaker, "language": u.language}
-                if u.offset_s:
-                    row["offset_s"] = u.offset_s
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        for u in utterances:
+            row = {"id": u.id, "audio_path": _stored_path(u.audio_path, base), "text": u.text,
+                   "duration_s": u.duration_s, "speaker": u.speaker, "language": u.language}
+            if u.offset_s:
+                row["offset_s"] = u.offset_s
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def summarize(utterances: Iterable[Utterance]) -> ManifestSummary:

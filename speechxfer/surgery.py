@@ -7,8 +7,8 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
 import shutil
-import tempfile
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,6 +20,7 @@ from anyascii import anyascii
 from safetensors import SafetensorError
 from transformers import AutoConfig, PretrainedConfig, Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
 
+from speechxfer.atomic import atomic_write, follow_umask, sync_folder
 from speechxfer.audio import SAMPLE_RATE_HZ
 from speechxfer.compat import optional_model_file, quiet_load_report
 from speechxfer.errors import InputError
@@ -37,11 +38,16 @@ _HEAD = "lm_head."
 _MAY_BE_MISSING = (_HEAD, "wav2vec2.masked_spec_embed")
 
 # Files of a Hugging Face model folder: save_model_folder replaces them all (a stale added_tokens.json or weight shard
-# would corrupt the new model); anything else already in the destination folder is carried over.
+# would corrupt the new model); anything else already in the destination folder is left alone.
 _HF_FOLDER_FILES = frozenset({"config.json", "generation_config.json", "preprocessor_config.json", "vocab.json",
                               "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                               "tokenizer.json"})
-_HF_WEIGHT_PREFIXES = ("model.safetensors", "model-", "pytorch_model")
+_HF_WEIGHT_FILE = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?")
+# Folders inside a model folder while save_model_folder replaces its files (see there), and the list of the new
+# files inside the ready one.
+MODEL_STAGING = ".model.staging"
+MODEL_READY = ".model.ready"
+_READY_LIST = ".files.json"
 
 
 @dataclass(frozen=True)
@@ -217,32 +223,58 @@ def save_model_folder(directory: str | os.PathLike, model: Wav2Vec2ForCTC, vocab
     """Write a plain Hugging Face model folder that `transformers.pipeline("automatic-speech-recognition")` loads:
     config.json, model.safetensors, the vocabulary/tokenizer files and preprocessor_config.json.
 
-    The folder is written under a temporary name beside `directory` and renamed into place, so a crash while writing
-    leaves the previous version untouched. Other files and folders already in `directory` (recipe, metrics, `last/`,
-    ...) are carried over into the new one; the previous weights, config and tokenizer files are not.
+    The folder itself never moves, and files of other kinds in it (recipe, metrics, `last/`, ...) are left alone.
+    The new model files are written into `MODEL_STAGING` inside it, which is renamed to `MODEL_READY` once complete
+    (the commit point); then they are moved into place one by one and model files of the previous save that the new
+    one lacks (a stale added_tokens.json or weight shard) are deleted. A crash before the commit point leaves the
+    previous model; one after it leaves a save that `finish_model_folder` completes.
     """
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.new-", dir=directory.parent))
-    try:
-        model.save_pretrained(staging)
-        vocab.save(staging)
-        Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SAMPLE_RATE_HZ, padding_value=0.0, do_normalize=True,
-                                 return_attention_mask=needs_attention_mask(model.config)).save_pretrained(staging)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    # From here on nothing is deleted before the new folder is in place, so a failure loses no file.
-    if directory.exists():
-        retired = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
-        os.replace(directory, retired)
-        for entry in retired.iterdir():
-            if entry.name not in _HF_FOLDER_FILES and not entry.name.startswith(_HF_WEIGHT_PREFIXES):
-                os.replace(entry, staging / entry.name)
-        os.replace(staging, directory)
-        shutil.rmtree(retired)
-    else:
-        os.replace(staging, directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    finish_model_folder(directory)
+    staging = directory / MODEL_STAGING
+    staging.mkdir()
+    model.save_pretrained(staging)
+    vocab.save(staging)
+    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SAMPLE_RATE_HZ, padding_value=0.0, do_normalize=True,
+                             return_attention_mask=needs_attention_mask(model.config)).save_pretrained(staging)
+    names = sorted(entry.name for entry in staging.iterdir())
+    with atomic_write(staging / _READY_LIST) as f:
+        json.dump(names, f)
+    follow_umask(staging)
+    sync_folder(staging, files=True)
+    os.replace(staging, directory / MODEL_READY)
+    finish_model_folder(directory)
+
+
+def finish_model_folder(directory: str | os.PathLike) -> bool:
+    """Complete a `save_model_folder` into `directory` that a crash interrupted after its commit point, and delete
+    the staging folder of one interrupted before it. Returns whether a save was completed. Safe to call again at
+    any point, including after a crash inside this function."""
+    directory = Path(directory)
+    if (directory / MODEL_STAGING).exists():
+        shutil.rmtree(directory / MODEL_STAGING)
+    ready = directory / MODEL_READY
+    if not ready.is_dir():
+        return False
+    if (ready / _READY_LIST).is_file():  # gone only once every file is in place
+        names = set(json.loads((ready / _READY_LIST).read_text(encoding="utf-8")))
+        for name in sorted(names):
+            if (ready / name).exists():
+                os.replace(ready / name, directory / name)
+        for entry in directory.iterdir():
+            if _is_model_file(entry.name) and entry.name not in names and entry.is_file():
+                entry.unlink()
+        sync_folder(directory)
+        (ready / _READY_LIST).unlink()
+    ready.rmdir()
+    sync_folder(directory)
+    return True
+
+
+def _is_model_file(name: str) -> bool:
+    """Whether a file name is one of a Hugging Face model folder's (so replaced by every save)."""
+    return name in _HF_FOLDER_FILES or _HF_WEIGHT_FILE.fullmatch(name) is not None
 
 
 def model_source(source: str | os.PathLike) -> str:

@@ -9,27 +9,32 @@ a run's updates do not depend on how many processes share the work.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import logging
 import os
 import random
 import shutil
+import socket
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import IO, Literal
 
 import numpy as np
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
+from safetensors import SafetensorError
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import Wav2Vec2ForCTC
 
+from speechxfer.atomic import TEMP_SUFFIX, atomic_write, sync_folder
 from speechxfer.audio import SAMPLE_RATE_HZ
 from speechxfer.batching import DurationBatchSampler, SpeechDataset, collate, filter_utterances, frame_geometry
 from speechxfer.decoding import GreedyDecoder, decode_batch
@@ -39,7 +44,8 @@ from speechxfer.freezing import apply_freezing, parameter_groups, parameter_tabl
 from speechxfer.manifest import Utterance, read_jsonl, read_manifest
 from speechxfer.recipe import Recipe, TrainOptions, resolved_yaml
 from speechxfer.scoring import ScoreReport, score
-from speechxfer.surgery import build_ctc_model, build_scratch_model, needs_attention_mask, save_model_folder
+from speechxfer.surgery import (MODEL_STAGING, build_ctc_model, build_scratch_model, finish_model_folder,
+                               needs_attention_mask, save_model_folder)
 from speechxfer.text import TextNormalizer, normalized_references
 from speechxfer.vocabulary import Vocabulary, charset_audit
 
@@ -52,6 +58,12 @@ ADAM_BETAS = (0.9, 0.98)
 ADAM_EPS = 1e-8
 # Share of empty dev hypotheses, after the warm-up, taken as CTC blank collapse.
 BLANK_COLLAPSE_SHARE = 0.9
+# What marks a folder as a speechxfer run: this file, created when a run starts and locked while it trains.
+# train() writes only into an output folder that is new, empty, or holds it (or last/, from runs before it).
+RUN_MARKER = ".speechxfer-run"
+# Beside last/ while _save_last replaces it: the new checkpoint being written, and the previous one being deleted.
+LAST_STAGING = ".last.staging"
+LAST_RETIRED = ".last.retired"
 # With a time budget (train.max_minutes) the schedule is get_lr over this many steps of the share of the run done.
 SCHEDULE_STEPS = 100_000
 
@@ -83,15 +95,15 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
 
     With resume=True, continue from output_dir/last/ (model, optimizer, sampler position, RNG states, best so
     far) and reach the same state as a run that was never interrupted. Raises InputError for unusable data.
+
+    output_dir must be new, empty, or a speechxfer run (it holds RUN_MARKER), and must not be, hold or lie inside
+    the folder of recipe.base; a run locks it, so a second one is refused. At start, what a kill left half written
+    is completed or deleted (_recover_output_dir), so a killed run can always be resumed.
     """
     opts = recipe.train
     out = Path(recipe.output_dir)
     last = out / "last"
-    if resume and not (last / "training_state.pt").is_file():
-        raise InputError("nothing to resume: no last/ checkpoint in the output folder", path=out)
-    if not resume and last.exists():
-        raise InputError("the output folder already holds a run (last/): pass --resume to continue it, or choose "
-                         "another output_dir", path=out)
+    _check_output_dir(recipe, resume=resume)
 
     # Accelerate sets up several CPU processes (gloo) only when told to use the CPU; on one process leave the choice
     # of device (CUDA, MPS, ...) to it. With DDP, layerdrop and frozen layers leave parameters without gradients in
@@ -107,6 +119,23 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
     set_seed(opts.seed, device_specific=True)  # every process draws its own SpecAugment masks and dropout
     if accelerator.mixed_precision != opts.mixed_precision:
         say(f"mixed precision {opts.mixed_precision} is not supported on {accelerator.device}; training in float32")
+
+    # --- the output folder: this run's alone, and whole again after a kill --------------------------------------
+    if accelerator.is_main_process:
+        _lock_output_dir(out)
+        for line in _recover_output_dir(out):
+            say(line)
+    accelerator.wait_for_everyone()
+    if resume and not (last / "training_state.pt").is_file():
+        say("nothing to resume yet: the run stopped before its first checkpoint; starting from update 0")
+        resume = False
+    elif not resume and last.exists():
+        raise InputError("the output folder already holds a run (last/): pass --resume to continue it, or choose "
+                         "another output_dir", path=out)
+    if resume and accelerator.is_main_process:
+        changes = _recipe_changes(out / "recipe.yaml", recipe)
+        if changes:
+            say(f"resuming with a recipe that differs from the run's recipe.yaml in: {'; '.join(changes)}")
 
     # --- data: manifests, normalized targets, vocabulary ------------------------------------------------------
     if recipe.data.prepare is not None and not Path(recipe.data.train).exists():
@@ -197,7 +226,8 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
     # --- outputs that describe the run, written before the first update ---------------------------------------
     log = _MetricsLog(out, accelerator, resume_update=state["update"] if resume else None)
     if accelerator.is_main_process:
-        (out / "recipe.yaml").write_text(resolved_yaml(recipe), encoding="utf-8")
+        with atomic_write(out / "recipe.yaml") as f:
+            f.write(resolved_yaml(recipe))
         audit = charset_audit(normalized_references(splits["train"], normalizer)[0].values(),
                               {name: sorted(refs.items()) for name, refs in (("dev", dev_refs), ("test", test_refs))})
         audit.save(out / "charset_audit.json")
@@ -339,6 +369,7 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
     if accelerator.is_main_process:
         log.close()
         plot_curves(out / "metrics.jsonl", out / "curves.png")
+        _unlock_output_dir()
     accelerator.wait_for_everyone()
     return TrainResult(output_dir=str(out), updates=state["update"], best_update=state["best_update"],
                        best_dev_wer=state["best_wer"], test_wer=None if test_report is None else test_report.wer,
@@ -438,6 +469,126 @@ def _mixed_precision(requested: str) -> str:
     if requested == "bf16" and not torch.cuda.is_bf16_supported():
         return "no"
     return requested
+
+
+def _check_output_dir(recipe: Recipe, *, resume: bool) -> None:
+    """InputError unless output_dir may take this run: it must not be or overlap the source checkpoint's folder,
+    and must be new, empty or a speechxfer run folder (see RUN_MARKER); with resume, a run folder. Reads only."""
+    out = Path(recipe.output_dir).resolve()
+    base = Path(recipe.base).expanduser()
+    if base.exists():
+        base = base.resolve()
+        if out == base or base in out.parents or out in base.parents:
+            where = "is" if out == base else "is inside" if base in out.parents else "holds"
+            raise InputError(f"the output folder {where} the source checkpoint's folder {base}: training would write "
+                             "over the model it starts from; choose another output_dir", path=out)
+    if out.exists() and not out.is_dir():
+        raise InputError("output_dir is a file, not a folder", path=out)
+    entries = sorted(os.listdir(out)) if out.is_dir() else []
+    is_run = (out / RUN_MARKER).is_file() or (out / "last").is_dir() or (out / LAST_STAGING).is_dir()
+    if resume and not is_run:
+        raise InputError("nothing to resume: no speechxfer run in the output folder", path=out)
+    # A folder holding only the manifests of data.prepare is one that `speechxfer prepare` filled for this recipe.
+    if entries and not is_run and not (recipe.data.prepare is not None and entries == ["manifests"]):
+        shown = ", ".join(e + "/" if (out / e).is_dir() else e for e in entries[:5])
+        more = f" and {len(entries) - 5} more" if len(entries) > 5 else ""
+        raise InputError(f"the output folder is not empty and holds no speechxfer run ({shown}{more}): training "
+                         "would overwrite or delete these files; choose a new or empty output_dir", path=out)
+
+
+# The output folder this process holds locked: train() runs once at a time in a process (Accelerate's state is
+# process-wide), so a new run may let go of the lock of an earlier one that ended with an exception.
+_held_lock: IO | None = None
+
+
+def _lock_output_dir(out: Path) -> None:
+    """Create RUN_MARKER in the output folder, which marks it as a speechxfer run, and hold an exclusive lock on it
+    for the rest of the process's run; InputError when another run holds it. The operating system drops the lock
+    when the process ends, however it ends, so a killed run leaves no stale lock."""
+    _unlock_output_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    marker = open(out / RUN_MARKER, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(marker, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        marker.seek(0)
+        holder = marker.read().strip() or "another process"
+        marker.close()
+        raise InputError(f"another speechxfer train is running in this output folder ({holder}): wait for it to end, "
+                         "or choose another output_dir", path=out) from None
+    marker.truncate(0)
+    marker.write(f"speechxfer train, process {os.getpid()} on {socket.gethostname()}\n")
+    marker.flush()
+    global _held_lock
+    _held_lock = marker
+
+
+def _unlock_output_dir() -> None:
+    global _held_lock
+    if _held_lock is not None:
+        _held_lock.close()
+        _held_lock = None
+
+
+def _recover_output_dir(out: Path) -> list[str]:
+    """Finish or clear what a kill left half done in the output folder; returns one line for each thing done.
+
+    The newest complete state wins: a complete LAST_STAGING (it holds training_state.pt) is newer than last/ and
+    takes its place; an incomplete one, a LAST_RETIRED and the temporary files of atomic_write are garbage; a model
+    save past its commit point is completed (surgery.finish_model_folder).
+    """
+    done = []
+    last, staging, retired = out / "last", out / LAST_STAGING, out / LAST_RETIRED
+    if (staging / "training_state.pt").is_file():
+        _commit_last(staging, last)
+        update = _read_checkpoint_file(last / "training_state.pt")["state"]["update"]
+        done.append(f"recovered the checkpoint of update {update} from {staging.name}, complete when the run stopped")
+    elif staging.exists():
+        shutil.rmtree(staging)
+        done.append(f"deleted {staging.name}, a checkpoint the run did not finish writing")
+    if retired.exists() and not last.exists():
+        os.replace(retired, last)  # cannot happen (last/ is retired only once staging is complete); never lose it
+        done.append(f"restored last/ from {retired.name}")
+    elif retired.exists():
+        shutil.rmtree(retired)
+        done.append(f"deleted {retired.name}, a replaced checkpoint")
+    if (out / MODEL_STAGING).exists():
+        done.append(f"deleted {MODEL_STAGING}, a best model the run did not finish writing")
+    if finish_model_folder(out):  # also deletes MODEL_STAGING
+        done.append("completed the saving of the best model, which the run had begun")
+    for temp in out.glob(f".*{TEMP_SUFFIX}"):
+        temp.unlink()
+        done.append(f"deleted {temp.name}, a file the run did not finish writing")
+    return done
+
+
+def _recipe_changes(saved: Path, recipe: Recipe) -> list[str]:
+    """'key: before -> now' for each recipe key whose resolved value differs from the run's recipe.yaml."""
+    if not saved.is_file():
+        return []
+    try:
+        before = yaml.safe_load(saved.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise InputError(f"unreadable recipe of the run: {err}", path=saved) from None
+    if not isinstance(before, dict):
+        raise InputError("the run's recipe is not a mapping of keys to values", path=saved)
+    # output_dir is where the run is now: a run folder that was moved is still the same run.
+    before = {k: v for k, v in _flatten(before).items() if k != "output_dir"}
+    now = {k: v for k, v in _flatten(yaml.safe_load(resolved_yaml(recipe))).items() if k != "output_dir"}
+    missing = "(not set)"
+    return [f"{key}: {before.get(key, missing)} -> {now.get(key, missing)}" for key in sorted(before.keys() | now.keys())
+            if before.get(key, missing) != now.get(key, missing)]
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    """{dotted key: value} of nested mappings."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _prepare_manifests(recipe: Recipe, say) -> None:
@@ -576,7 +727,8 @@ class _MetricsLog:
             kept = [r for r in records if r["update"] <= resume_update]
             wers = [r["dev_wer"] for r in kept if "dev_wer" in r]
             self.last_wer = f"{wers[-1]:.1%}" if wers else None
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        with atomic_write(self.path) as f:  # a kill while rewriting must not lose the records before the checkpoint
+            f.write("".join(json.dumps(r) + "\n" for r in kept))
         self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=resume_update)
 
     def write(self, record: dict) -> None:
@@ -597,34 +749,55 @@ class _MetricsLog:
 
 def _save_last(last: Path, model: Wav2Vec2ForCTC, optimizer, sampler: DurationBatchSampler, vocab: Vocabulary,
                state: dict, accelerator: Accelerator) -> None:
-    """Write last/ (model folder, optimizer, sampler, loop state, each process's RNG states) under a temporary
-    name and rename it into place, so that a crash at any moment leaves a complete last/ behind."""
-    staging = last.with_name(".last.staging")
+    """Write last/ (model folder, optimizer, sampler, loop state, each process's RNG states) into LAST_STAGING and
+    swap it in, so that a kill at any moment leaves last/ or a complete LAST_STAGING (see _recover_output_dir).
+
+    LAST_STAGING is complete once it holds training_state.pt: that file is written last, atomically, after the
+    other processes have written their RNG states.
+    """
+    staging = last.with_name(LAST_STAGING)
     if accelerator.is_main_process:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging.exists():
+            shutil.rmtree(staging)
         staging.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    torch.save(_rng_state(), staging / f"rng_state_{accelerator.process_index}.pt")
+    with atomic_write(staging / f"rng_state_{accelerator.process_index}.pt", binary=True) as f:
+        torch.save(_rng_state(), f)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_model_folder(staging, model, vocab)  # keeps the RNG files already there
         scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
-        torch.save({"state": state, "optimizer": optimizer.state_dict(), "sampler": sampler.state_dict(),
-                    "scaler": scaler}, staging / "training_state.pt")
-        retired = last.with_name(".last.retired")
-        if last.exists():
-            os.replace(last, retired)
-        os.replace(staging, last)
-        shutil.rmtree(retired, ignore_errors=True)
+        with atomic_write(staging / "training_state.pt", binary=True) as f:
+            torch.save({"state": state, "optimizer": optimizer.state_dict(), "sampler": sampler.state_dict(),
+                        "scaler": scaler}, f)
+        _commit_last(staging, last)
     accelerator.wait_for_everyone()
+
+
+def _commit_last(staging: Path, last: Path) -> None:
+    """Put a complete LAST_STAGING in the place of last/. A kill at any point leaves last/ or the complete
+    staging folder (or both), so _recover_output_dir can call this again."""
+    retired = last.with_name(LAST_RETIRED)
+    if retired.exists():  # what a kill during its deletion left behind
+        shutil.rmtree(retired)
+    if last.exists():
+        os.replace(last, retired)  # a folder cannot be renamed onto a non-empty one
+    os.replace(staging, last)
+    sync_folder(last.parent)
+    shutil.rmtree(retired, ignore_errors=True)  # what is left is deleted at the next checkpoint or start
 
 
 def _load_last(last: Path, model: Wav2Vec2ForCTC, optimizer, sampler: DurationBatchSampler) -> dict:
     """Load last/ into the (not yet prepared) model, optimizer and sampler; returns the saved training state."""
-    # weights_only: the file holds tensors and plain containers only (see _rng_state), nothing to unpickle.
-    saved = torch.load(last / "training_state.pt", map_location="cpu", weights_only=True)
+    saved = _read_checkpoint_file(last / "training_state.pt")
     try:
-        model.load_state_dict(Wav2Vec2ForCTC.from_pretrained(last, use_safetensors=True).state_dict())
+        weights = Wav2Vec2ForCTC.from_pretrained(last, use_safetensors=True).state_dict()
+    except SafetensorError as err:
+        raise InputError(f"unreadable weights (truncated or corrupt): {err}", path=last / "model.safetensors") from None
+    except (OSError, ValueError) as err:
+        raise InputError(f"unreadable model folder: {err}", path=last) from None
+    try:
+        model.load_state_dict(weights)
         optimizer.load_state_dict(saved["optimizer"])
     except (RuntimeError, ValueError) as err:
         raise InputError(f"last/ does not fit this recipe's model and vocabulary: {err}", path=last) from None
@@ -633,6 +806,16 @@ def _load_last(last: Path, model: Wav2Vec2ForCTC, optimizer, sampler: DurationBa
     except ValueError as err:
         raise InputError(f"cannot resume: {err}", path=last) from None
     return saved
+
+
+def _read_checkpoint_file(path: Path) -> dict:
+    """torch.load of a file that _save_last wrote; InputError naming the file when it is missing or corrupt."""
+    try:
+        # weights_only: the file holds tensors and plain containers only (see _rng_state), nothing to unpickle.
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a damaged file fails in torch's zip reader or its unpickler, in many ways
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise InputError(f"unreadable checkpoint file (truncated or corrupt?): {reason}", path=path) from None
 
 
 def _rng_state() -> dict:
@@ -649,7 +832,7 @@ def _restore_rng(last: Path, process_index: int) -> None:
     path = last / f"rng_state_{process_index}.pt"
     if not path.is_file():  # resumed with more processes than before: the new ones keep their seeded state
         return
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    saved = _read_checkpoint_file(path)
     version, internal, gauss = saved["python"]
     random.setstate((version, tuple(internal.tolist()), gauss))
     kind, keys, position, has_gauss, cached = saved["numpy"]
@@ -660,4 +843,5 @@ def _restore_rng(last: Path, process_index: int) -> None:
 
 
 def _write_json(path: Path, value: object) -> None:
-    path.write_text(json.dumps(value, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    with atomic_write(path) as f:
+        f.write(json.dumps(value, ensure_ascii=False, indent=2) + "\n")

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from speechxfer.atomic import atomic_write
 from speechxfer.audio import AUDIO_SUFFIXES, audio_duration_s, load_audio
 from speechxfer.batching import frame_geometry
 from speechxfer.decoding import Decoder, Transcript, WordTiming
@@ -512,7 +513,8 @@ class OutputWriter:
             if fmt in texts:
                 path = self.directory / f"{segment.name}.{fmt}"
                 path.parent.mkdir(parents=True, exist_ok=True)
-                _replace_file(path, texts[fmt]())
+                with atomic_write(path) as f:
+                    f.write(texts[fmt]())
         if self._tsv is not None:
             # After the files: a row in the TSV means the files are complete.
             self._rows[segment.id] = transcript.text
@@ -584,18 +586,9 @@ def read_index(path: str | os.PathLike) -> dict[str, str]:
 
 
 def _write_index(path: Path, rows: dict[str, str]) -> None:
-    _replace_file(path, "".join(f"{tsv_escape(i)}\t{tsv_escape(t)}\n" for i, t in rows.items()))
+    with atomic_write(path) as f:
+        f.write("".join(f"{tsv_escape(i)}\t{tsv_escape(t)}\n" for i, t in rows.items()))
 
-
-def _replace_file(path: Path, text: str) -> None:
-    """Write a UTF-8 file through a temporary file beside it and os.replace: readers, and a rerun after a kill,
-    find the old content or the new, never part of it."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8", newline="")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def transcript_to_dict(transcription: Transcription) -> dict:

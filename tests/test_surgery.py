@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import soundfile as sf
 import torch
 from transformers import HubertConfig, HubertModel, Wav2Vec2ForCTC, Wav2Vec2Model, pipeline
 
+from speechxfer import surgery
 from speechxfer.errors import InputError
 from speechxfer.surgery import build_ctc_model, needs_attention_mask, save_model_folder
 from speechxfer.vocabulary import Vocabulary
@@ -197,3 +199,32 @@ def test_bad_sources_raise_input_errors(tmp_path, checkpoints):
     with pytest.raises(InputError, match="safetensors") as err:
         build_ctc_model(pickled, TARGET)
     assert str(pickled) in str(err.value)
+
+
+def test_a_save_interrupted_after_its_commit_point_is_completed(checkpoints, tmp_path, monkeypatch):
+    out = tmp_path / "model"
+    first, _ = build_ctc_model(checkpoints["stable", "ssl"], TARGET, seed=1)
+    save_model_folder(out, first, TARGET)
+    (out / "added_tokens.json").write_text("{}")  # a stale file the next save must delete
+    second, _ = build_ctc_model(checkpoints["stable", "ssl"], TARGET, seed=2)
+    real_replace = surgery.os.replace
+    moved = []
+
+    def killed_after_the_first_move(src, dst):
+        if Path(src).parent.name == surgery.MODEL_READY:
+            if moved:
+                raise KeyboardInterrupt
+            moved.append(src)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(surgery.os, "replace", killed_after_the_first_move)
+    with pytest.raises(KeyboardInterrupt):
+        save_model_folder(out, second, TARGET)
+    monkeypatch.undo()
+    assert (out / surgery.MODEL_READY).is_dir()  # half old, half new files at the top: not a usable model yet
+    assert surgery.finish_model_folder(out) is True
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+    assert not (out / "added_tokens.json").exists()
+    reloaded = Wav2Vec2ForCTC.from_pretrained(out, use_safetensors=True)
+    assert torch.equal(reloaded.lm_head.weight, second.lm_head.weight)
+    assert surgery.finish_model_folder(out) is False

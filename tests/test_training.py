@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -531,3 +534,125 @@ def test_time_budget_stops_the_run_and_counts_over_resumed_runs(tmp_path, corpus
     BatchSpy(monkeypatch, seconds_per_batch=10.0)  # a fresh clock from 0, as after a restart
     result = training.train(recipe, resume=True)
     assert (result.updates, result.stop_reason) == (6, "max_minutes")
+
+
+# --- the output folder: never someone else's files, never the source checkpoint, one run at a time, kills --------
+
+
+def test_a_folder_that_is_not_a_run_is_refused_and_left_alone(tmp_path, corpus, capsys):
+    out = tmp_path / "out"
+    (out / "model-old").mkdir(parents=True)
+    (out / "model-old" / "weights_v1.bin").write_bytes(b"\0" * 16)
+    (out / "model-card-draft.md").write_text("# draft\n")
+    (out / "config.json").write_text("{}\n")
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    recipe = write_recipe(tmp_path / "recipe.yaml", base=tmp_path / "none", manifests=corpus, output_dir=out)
+    code = main(["train", str(recipe)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "holds no speechxfer run (config.json, model-card-draft.md, model-old/)" in err and str(out) in err
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
+    assert (out / "model-card-draft.md").read_text() == "# draft\n"
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "holds"])
+def test_the_source_checkpoint_is_never_the_output_folder(tmp_path, corpus, where):
+    base = make_tiny_checkpoint(tmp_path / "models" / "ssl", arch="stable")
+    out = {"same": base, "inside": base / "run", "holds": tmp_path / "models"}[where]
+    before = {p.name: p.read_bytes() for p in base.iterdir()}
+    recipe = load_recipe(write_recipe(tmp_path / "recipe.yaml", base=base, manifests=corpus, output_dir=out))
+    with pytest.raises(InputError, match="source checkpoint's folder"):
+        training.train(recipe)
+    assert {p.name: p.read_bytes() for p in base.iterdir()} == before
+
+
+def test_a_second_run_on_the_folder_is_refused_until_the_first_dies(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
+                               "from speechxfer import training; from pathlib import Path; "
+                               "training._lock_output_dir(Path(sys.argv[2])); print('locked', flush=True); "
+                               "time.sleep(120)", str(REPO), str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(InputError, match=rf"another speechxfer train is running .*process {holder.pid}"):
+            training._lock_output_dir(out)
+    finally:
+        holder.kill()  # as SIGKILL: no cleanup runs, the OS drops the lock
+        holder.wait()
+    training._lock_output_dir(out)  # no stale lock
+    assert (out / training.RUN_MARKER).is_file()
+
+
+def test_a_kill_between_the_checkpoint_renames_loses_nothing(tmp_path, corpus, stable_run, monkeypatch):
+    """The kill lands after last/ (update 2) was renamed aside and before the new checkpoint (update 4) took its
+    place: resume recovers update 4, and the folders follow the umask."""
+    straight_recipe, straight = stable_run
+    out = tmp_path / "out"
+    recipe = load_recipe(write_recipe(tmp_path / "recipe.yaml", base=Path(straight_recipe.base), manifests=corpus,
+                                      output_dir=out))
+    real_replace = training.os.replace
+
+    def killed_after_retiring_last(src, dst):
+        if Path(src).name == training.LAST_STAGING and (out / training.LAST_RETIRED).exists():
+            raise Interrupted
+        real_replace(src, dst)
+
+    previous_umask = os.umask(0o022)
+    try:
+        monkeypatch.setattr(training.os, "replace", killed_after_retiring_last)
+        with pytest.raises(Interrupted):
+            training.train(recipe)
+        monkeypatch.undo()
+        assert not (out / "last").exists() and (out / training.LAST_RETIRED / "training_state.pt").is_file()
+        result = training.train(recipe, resume=True)
+    finally:
+        os.umask(previous_umask)
+    assert result.updates == 4 and result.best_update == straight.best_update
+    for name in ("last/model.safetensors", "model.safetensors"):
+        straight_weights = load_file(Path(straight.output_dir) / name)
+        weights = load_file(out / name)
+        assert max((straight_weights[k] - weights[k]).abs().max().item() for k in weights) == 0.0, name
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [training.RUN_MARKER]
+    assert stat.S_IMODE(out.stat().st_mode) == stat.S_IMODE((out / "last").stat().st_mode) == 0o755
+    for name in ("model.safetensors", "last/model.safetensors", "last/training_state.pt", "recipe.yaml"):
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o644, name
+
+
+def copy_of_run(stable_run, tmp_path) -> tuple[Path, Path]:
+    """(recipe file, output folder) of a copy of the finished stable run."""
+    recipe, result = stable_run
+    out = tmp_path / "out"
+    shutil.copytree(result.output_dir, out)
+    recipe_file = Path(result.output_dir).parent / "recipe.yaml"
+    return recipe_file, out
+
+
+def test_resume_clears_leftovers_and_names_changed_recipe_keys(tmp_path, stable_run, capsys):
+    recipe_file, out = copy_of_run(stable_run, tmp_path)
+    retired = out / training.LAST_RETIRED  # a kill while deleting the replaced checkpoint
+    shutil.copytree(out / "last", retired)
+    (retired / "model.safetensors").unlink()
+    (out / training.LAST_STAGING).mkdir()  # a kill while writing a checkpoint
+    (out / training.LAST_STAGING / "config.json").write_text("{}")
+    (out / ".recipe.yaml.0123abcd.tmp").write_text("base: x\n")  # a kill inside atomic_write
+    code = main(["train", str(recipe_file), "--resume", "--set", f"output_dir={out}", "--set", "train.lr=5e-4"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert "deleted .last.staging" in printed.out and "deleted .last.retired" in printed.out
+    assert "deleted .recipe.yaml.0123abcd.tmp" in printed.out
+    assert "differs from the run's recipe.yaml in: train.lr: 0.001 -> 0.0005" in printed.out
+    assert "max_updates" not in printed.out and "output_dir:" not in printed.out  # moved, not changed
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [training.RUN_MARKER]
+
+
+@pytest.mark.parametrize("damaged", ["training_state.pt", "model.safetensors"])
+def test_a_damaged_checkpoint_is_one_line_naming_the_file(tmp_path, stable_run, capsys, damaged):
+    recipe_file, out = copy_of_run(stable_run, tmp_path)
+    path = out / "last" / damaged
+    path.write_bytes(path.read_bytes()[:200])
+    code = main(["train", str(recipe_file), "--resume", "--set", f"output_dir={out}"])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("speechxfer train: error:")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err  # besides, transformers' loading bar
+    assert f"{path}: unreadable" in errors[0]
