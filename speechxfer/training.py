@@ -475,8 +475,8 @@ def _check_output_dir(recipe: Recipe, *, resume: bool) -> None:
     """InputError unless output_dir may take this run: it must not be or overlap the source checkpoint's folder,
     and must be new, empty or a speechxfer run folder (see RUN_MARKER); with resume, a run folder. Reads only."""
     out = Path(recipe.output_dir).resolve()
-    base = Path(recipe.base).expanduser()
-    if base.exists():
+    base = None if recipe.base is None else Path(recipe.base).expanduser()  # None: from model_config (scratch)
+    if base is not None and base.exists():
         base = base.resolve()
         if out == base or base in out.parents or out in base.parents:
             where = "is" if out == base else "is inside" if base in out.parents else "holds"

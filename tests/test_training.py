@@ -639,10 +639,11 @@ def test_resume_clears_leftovers_and_names_changed_recipe_keys(tmp_path, stable_
     code = main(["train", str(recipe_file), "--resume", "--set", f"output_dir={out}", "--set", "train.lr=5e-4"])
     printed = capsys.readouterr()
     assert code == 0, printed.err
-    assert "deleted .last.staging" in printed.out and "deleted .last.retired" in printed.out
-    assert "deleted .recipe.yaml.0123abcd.tmp" in printed.out
-    assert "differs from the run's recipe.yaml in: train.lr: 0.001 -> 0.0005" in printed.out
-    assert "max_updates" not in printed.out and "output_dir:" not in printed.out  # moved, not changed
+    # messages go to stderr (through logging)
+    assert "deleted .last.staging" in printed.err and "deleted .last.retired" in printed.err
+    assert "deleted .recipe.yaml.0123abcd.tmp" in printed.err
+    assert "differs from the run's recipe.yaml in: train.lr: 0.001 -> 0.0005" in printed.err
+    assert "max_updates" not in printed.err and "output_dir:" not in printed.err  # moved, not changed
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [training.RUN_MARKER]
 
 
