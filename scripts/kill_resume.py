@@ -62,6 +62,8 @@ POLLED = {"poll-checkpoint": ".last.staging", "poll-model": ".model.staging"}
 # kill points one after the other: the first run, then each resume
 CHAINS = ["checkpoint-writing,last-retired", "model-swap,retired-cleanup,checkpoint-complete"]
 DEFAULT_POINTS = ";".join([*POINTS, *POLLED, *CHAINS])
+# Wall-clock figures of metrics.jsonl records and of the loop state (the time budget counts training seconds).
+TIMING_KEYS = ("audio_s_per_s", "minutes", "elapsed_s")
 RECOVERY_WORDS = ("recovered", "deleted", "completed", "restored", "resuming from", "nothing to resume")
 MODEL_FILES = ("config.json", "vocab.json", "tokenizer_config.json", "special_tokens_map.json",
                "preprocessor_config.json")
@@ -139,7 +141,9 @@ def _kill_and_resume(recipe: Path, out: Path, chain: list[str], reference: Path)
         notes.append(f"killed at {step} ({landed})")
         resume = True
     done = _train(recipe, out, resume=True)
-    recovered = [line.strip() for line in done.stdout.splitlines() if line.strip().startswith(RECOVERY_WORDS)]
+    # train's messages go to stderr (through logging), its results to stdout
+    recovered = [line.strip() for line in (done.stdout + done.stderr).splitlines()
+                 if line.strip().startswith(RECOVERY_WORDS)]
     if done.returncode != 0:
         return "; ".join(notes) + f"; resume failed: {done.stderr.strip().splitlines()[-1:]}", False
     problems = _compare(out, reference)
@@ -192,7 +196,8 @@ def _compare(out: Path, reference: Path) -> list[str]:
     for name in (*MODEL_FILES, "test_report.json"):
         if (reference / name).read_bytes() != (out / name).read_bytes():
             problems.append(f"{name} differs")
-    states = [torch.load(d / "last" / "training_state.pt", weights_only=True)["state"] for d in (reference, out)]
+    states = [_untimed(torch.load(d / "last" / "training_state.pt", weights_only=True)["state"])
+              for d in (reference, out)]
     if states[0] != states[1]:
         problems.append(f"loop state {states[1]} != {states[0]}")
     if _metrics(reference) != _metrics(out):
@@ -207,7 +212,12 @@ def _compare(out: Path, reference: Path) -> list[str]:
 def _metrics(out: Path) -> list[dict]:
     """metrics.jsonl without the timings, which differ from run to run."""
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
-    return [{k: v for k, v in r.items() if k != "audio_s_per_s"} for r in records]
+    return [_untimed(r) for r in records]
+
+
+def _untimed(record: dict) -> dict:
+    """A metrics record or loop state without its wall-clock figures, which differ from run to run."""
+    return {k: v for k, v in record.items() if k not in TIMING_KEYS}
 
 
 def _best_saves(out: Path) -> list[int]:
