@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from tiny import make_tiny_checkpoint, write_tone  # noqa: E402  (test helpers, importable once tests/ is on the path)
 
-from speechxfer.manifest import Utterance, write_manifest  # noqa: E402
+from speechxfer.manifest import Utterance, read_jsonl, write_manifest  # noqa: E402
 
 # One-letter utterances, each letter a tone of its own: a task the tiny model learns in a few updates, so that the
 # dev WER falls and the best model is saved more than once.
@@ -211,8 +211,7 @@ def _compare(out: Path, reference: Path) -> list[str]:
 
 def _metrics(out: Path) -> list[dict]:
     """metrics.jsonl without the timings, which differ from run to run."""
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
-    return [_untimed(r) for r in records]
+    return [_untimed(record) for _, record in read_jsonl(out / "metrics.jsonl")]
 
 
 def _untimed(record: dict) -> dict:

@@ -162,7 +162,7 @@ def write_seed(model_dir: Path, out: Path, *, recipe, manifests: dict[str, dict[
     import torch
     from transformers import Wav2Vec2ForCTC
 
-    from speechxfer.manifest import load_manifest
+    from speechxfer.manifest import load_manifest, read_jsonl
     from speechxfer.surgery import save_model_folder
     from speechxfer.vocabulary import Vocabulary
 
@@ -171,7 +171,7 @@ def write_seed(model_dir: Path, out: Path, *, recipe, manifests: dict[str, dict[
     save_model_folder(out, model, vocab)
     shutil.copyfile(model_dir / "recipe.yaml", out / "recipe.yaml")
 
-    records = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    records = [record for _, record in read_jsonl(model_dir / "metrics.jsonl")]
     losses = [r for r in records if "loss" in r]
     evaluations = [{"update": r["update"], "minutes": r["minutes"], "dev_cer": r["dev_cer"]}
                    for r in records if "dev_cer" in r]

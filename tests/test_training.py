@@ -136,17 +136,15 @@ class Interrupted(Exception):
     pass
 
 
-def test_resume_from_last_reaches_the_uninterrupted_state(tmp_path, corpus, stable_run, monkeypatch):
-    straight_recipe, _ = stable_run
-    out = tmp_path / "out"
-    recipe = load_recipe(write_recipe(tmp_path / "recipe.yaml", base=Path(straight_recipe.base), manifests=corpus,
-                                      output_dir=out))
+def train_until_second_evaluation(recipe, monkeypatch) -> None:
+    """Run train() and stop it with Interrupted as its second dev evaluation starts: last/ then holds the checkpoint
+    of the first evaluation, and the updates after it are lost, as after a kill."""
     real_evaluate = training.evaluate
     calls = []
 
     def crash_at_second_evaluation(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 2:  # update 4: last/ still holds update 2
+        if len(calls) == 2:
             raise Interrupted
         return real_evaluate(*args, **kwargs)
 
@@ -154,6 +152,14 @@ def test_resume_from_last_reaches_the_uninterrupted_state(tmp_path, corpus, stab
     with pytest.raises(Interrupted):
         training.train(recipe)
     monkeypatch.setattr(training, "evaluate", real_evaluate)
+
+
+def test_resume_from_last_reaches_the_uninterrupted_state(tmp_path, corpus, stable_run, monkeypatch):
+    straight_recipe, _ = stable_run
+    out = tmp_path / "out"
+    recipe = load_recipe(write_recipe(tmp_path / "recipe.yaml", base=Path(straight_recipe.base), manifests=corpus,
+                                      output_dir=out))
+    train_until_second_evaluation(recipe, monkeypatch)  # update 4: last/ still holds update 2
     assert torch.load(out / "last" / "training_state.pt", weights_only=True)["state"]["update"] == 2
     with pytest.raises(InputError, match="--resume"):
         training.train(recipe)  # a fresh run would overwrite last/
@@ -339,19 +345,7 @@ def test_resume_with_bad_audio_reaches_the_uninterrupted_state(tmp_path, monkeyp
     training.train(recipes["straight"])
     assert "train: left out" in caplog.text
 
-    real_evaluate = training.evaluate
-    calls = []
-
-    def crash_at_second_evaluation(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise Interrupted
-        return real_evaluate(*args, **kwargs)
-
-    monkeypatch.setattr(training, "evaluate", crash_at_second_evaluation)
-    with pytest.raises(Interrupted):
-        training.train(recipes["resumed"])
-    monkeypatch.setattr(training, "evaluate", real_evaluate)
+    train_until_second_evaluation(recipes["resumed"], monkeypatch)
     caplog.clear()
     assert training.train(recipes["resumed"], resume=True).updates == 6
     assert "train: left out" in caplog.text  # a bad batch skipped after the checkpoint too
@@ -481,19 +475,7 @@ def test_resume_inside_the_short_first_stage_reaches_the_uninterrupted_state(tmp
     _, straight_result, straight_batches = scratch_run
     out = tmp_path / "out"
     recipe = load_recipe(write_scratch_recipe(tmp_path / "recipe.yaml", manifests=corpus, output_dir=out))
-    real_evaluate = training.evaluate
-    calls = []
-
-    def crash_at_second_evaluation(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:  # update 4: last/ holds update 2, inside the short-first stage
-            raise Interrupted
-        return real_evaluate(*args, **kwargs)
-
-    monkeypatch.setattr(training, "evaluate", crash_at_second_evaluation)
-    with pytest.raises(Interrupted):
-        training.train(recipe)
-    monkeypatch.setattr(training, "evaluate", real_evaluate)
+    train_until_second_evaluation(recipe, monkeypatch)  # update 4: last/ holds update 2, inside the short-first stage
     spy = BatchSpy(monkeypatch)
     result = training.train(recipe, resume=True)
     assert result.updates == 8
@@ -518,19 +500,7 @@ def test_time_budget_stops_the_run_and_counts_over_resumed_runs(tmp_path, corpus
     recipe = load_recipe(write_scratch_recipe(tmp_path / "recipe2.yaml", manifests=corpus,
                                               output_dir=tmp_path / "out2", max_updates=1000, max_minutes=1.0))
     BatchSpy(monkeypatch, seconds_per_batch=10.0)
-    real_evaluate = training.evaluate
-    calls = []
-
-    def crash_at_second_evaluation(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise Interrupted
-        return real_evaluate(*args, **kwargs)
-
-    monkeypatch.setattr(training, "evaluate", crash_at_second_evaluation)
-    with pytest.raises(Interrupted):
-        training.train(recipe)
-    monkeypatch.setattr(training, "evaluate", real_evaluate)
+    train_until_second_evaluation(recipe, monkeypatch)
     BatchSpy(monkeypatch, seconds_per_batch=10.0)  # a fresh clock from 0, as after a restart
     result = training.train(recipe, resume=True)
     assert (result.updates, result.stop_reason) == (6, "max_minutes")
