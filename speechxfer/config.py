@@ -234,14 +234,26 @@ def _convert(tp: Any, value: Any, *, key: str, path: str | os.PathLike, cli_keys
         key_type, value_type = args
         return {_convert(key_type, k, key=f"{key}.{k}", path=path, cli_keys=cli_keys):
                 _convert(value_type, v, key=f"{key}.{k}", path=path, cli_keys=cli_keys) for k, v in value.items()}
+    if origin is tuple:  # YAML has no tuples: a list, of any length for tuple[X, ...], else of len(args)
+        any_length = len(args) == 2 and args[1] is Ellipsis
+        if not isinstance(value, list) or not (any_length or len(value) == len(args)):
+            length = "" if any_length else f"{len(args)} "
+            raise RecipeError(f"{key}: expected a list of {length}{_type_name(args[0])} values, got "
+                              f"{_describe(value)}{_origin(key, cli_keys)}", path=path)
+        return tuple(_convert(args[0] if any_length else args[i], v, key=f"{key}[{i}]", path=path, cli_keys=cli_keys)
+                     for i, v in enumerate(value))
     accepted = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}.get(tp)
     if accepted is None:
         raise TypeError(f"field {key} has a type the options reader does not handle: {tp}")
     # bool is an int in Python, but `lr: true` is a mistake, not 1.0
     if not isinstance(value, accepted) or (isinstance(value, bool) and tp is not bool):
-        raise RecipeError(f"{key}: expected {tp.__name__}, got {_describe(value)}{_origin(key, cli_keys)}",
+        raise RecipeError(f"{key}: expected {_type_name(tp)}, got {_describe(value)}{_origin(key, cli_keys)}",
                           path=path)
     return float(value) if tp is float else value
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
 
 
 def _describe(value: Any) -> str:
@@ -249,4 +261,4 @@ def _describe(value: Any) -> str:
 
 
 def _origin(key: str, cli_keys: typing.Collection[str]) -> str:
-    return " (from --set)" if any(key == k or key.startswith(k + ".") for k in cli_keys) else ""
+    return " (from --set)" if any(key == k or key.startswith((k + ".", k + "[")) for k in cli_keys) else ""
