@@ -9,8 +9,9 @@ A run starts from a checkpoint (``base``, fine-tuning) or from a Wav2Vec2 config
 (``model_config``, training from scratch); the ``model`` section sets masking and dropouts on either.
 
 Paths written in a recipe file (``data.*``, ``vocabulary.path``, ``augment.noise.source``,
-``augment.reverb.source``, and ``base`` when it names an existing folder) are relative to the recipe file. ``output_dir`` and every path given with ``--set`` are relative to the working
-directory, because that is where the user typed them.
+``augment.reverb.source``, and ``base`` when it names an existing folder) are relative to the recipe file.
+``output_dir`` and every path given with ``--set`` are relative to the working directory, because that is where the
+user typed them.
 
 Defaults follow published practice for fine-tuning XLS-R with CTC:
 - Hugging Face blog "Fine-tuning XLS-R for Multi-Lingual ASR with Transformers" (von Platen, 2021):
