@@ -121,8 +121,9 @@ def from_mapping(cls: type, raw: Any, *, path: str | os.PathLike, prefix: str = 
                  cli_keys: typing.Collection[str] = ()) -> Any:
     """Build dataclass `cls` from a mapping, checking keys, types and each field's check.
 
-    Nested dataclass fields take nested mappings; `X | None` takes null. Errors are RecipeErrors naming the dotted
-    key (`prefix` + field name) and `path`; keys in `cli_keys` (or under them) are marked as coming from --set.
+    Nested dataclass fields take nested mappings; `X | None` takes null; tuple fields take lists (`[0.9, 1.1]`).
+    Errors are RecipeErrors naming the dotted key (`prefix` + field name) and `path`; keys in `cli_keys` (or under
+    them) are marked as coming from --set.
     """
     where = prefix.rstrip(".") or "the file"
     if not isinstance(raw, dict):
@@ -238,7 +239,7 @@ def _convert(tp: Any, value: Any, *, key: str, path: str | os.PathLike, cli_keys
         any_length = len(args) == 2 and args[1] is Ellipsis
         if not isinstance(value, list) or not (any_length or len(value) == len(args)):
             length = "" if any_length else f"{len(args)} "
-            raise RecipeError(f"{key}: expected a list of {length}{_type_name(args[0])} values, got "
+            raise RecipeError(f"{key}: expected a list of {length}{args[0].__name__} values, got "
                               f"{_describe(value)}{_origin(key, cli_keys)}", path=path)
         return tuple(_convert(args[0] if any_length else args[i], v, key=f"{key}[{i}]", path=path, cli_keys=cli_keys)
                      for i, v in enumerate(value))
@@ -247,13 +248,9 @@ def _convert(tp: Any, value: Any, *, key: str, path: str | os.PathLike, cli_keys
         raise TypeError(f"field {key} has a type the options reader does not handle: {tp}")
     # bool is an int in Python, but `lr: true` is a mistake, not 1.0
     if not isinstance(value, accepted) or (isinstance(value, bool) and tp is not bool):
-        raise RecipeError(f"{key}: expected {_type_name(tp)}, got {_describe(value)}{_origin(key, cli_keys)}",
+        raise RecipeError(f"{key}: expected {tp.__name__}, got {_describe(value)}{_origin(key, cli_keys)}",
                           path=path)
     return float(value) if tp is float else value
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp))
 
 
 def _describe(value: Any) -> str:
