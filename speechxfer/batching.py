@@ -12,6 +12,7 @@ import torch
 from transformers import Wav2Vec2Config
 
 from speechxfer.audio import SAMPLE_RATE_HZ, load_audio
+from speechxfer.augment import AugmentOptions, augment, duration_bounds_s
 from speechxfer.errors import AudioError
 from speechxfer.manifest import Utterance, duration_mismatch
 from speechxfer.text import TextNormalizer, TextRejected
@@ -83,13 +84,15 @@ class DropReport:
 
 
 def filter_utterances(utterances: Iterable[Utterance], *, normalizer: TextNormalizer, vocab: Vocabulary,
-                      config: Wav2Vec2Config, min_duration_s: float,
-                      max_duration_s: float) -> tuple[list[tuple[Utterance, list[int]]], DropReport]:
+                      config: Wav2Vec2Config, min_duration_s: float, max_duration_s: float,
+                      augment_options: AugmentOptions | None = None,
+                      ) -> tuple[list[tuple[Utterance, list[int]]], DropReport]:
     """Normalize and encode each transcript, keeping (utterance, label ids) for those the model can learn from.
 
     Drops, with counts: durations outside [min_duration_s, max_duration_s] or shorter than the model's receptive
     field (no output frame); texts the normalizer rejects or empties; labels that cannot align with CTC, i.e.
-    longer than the output frames once a blank separates each repeat.
+    longer than the output frames once a blank separates each repeat. With `augment_options`, the labels must fit
+    the frames of the shortest audio speed perturbation can make of the utterance (duration_bounds_s).
     """
     kept: list[tuple[Utterance, list[int]]] = []
     counts = {"too_short": 0, "too_long": 0, "label_too_long": 0, "rejected_text": 0}
@@ -97,7 +100,9 @@ def filter_utterances(utterances: Iterable[Utterance], *, normalizer: TextNormal
     for utt in utterances:
         reason = None
         labels: list[int] = []
-        frames = output_frames(config, round(utt.duration_s * SAMPLE_RATE_HZ))
+        shortest_s = utt.duration_s if augment_options is None else duration_bounds_s(
+            utt.duration_s, options=augment_options)[0]
+        frames = output_frames(config, round(shortest_s * SAMPLE_RATE_HZ))
         if utt.duration_s < min_duration_s or frames == 0:
             reason = "too_short"
         elif utt.duration_s > max_duration_s:
@@ -128,19 +133,29 @@ class SpeechDataset(torch.utils.data.Dataset):
     utterance whose audio cannot be used, {"id": str, "problem": Problem} naming its manifest and line: unreadable
     audio (kind unreadable_audio: not audio, corrupt, NaN or infinite samples) or audio shorter than its listed
     duration (duration_mismatch: labels and batches were planned from that duration). The same file gives the same
-    item every time, so skipping it keeps a resumed run equal to an uninterrupted one."""
+    item every time, so skipping it keeps a resumed run equal to an uninterrupted one.
 
-    def __init__(self, examples: list[tuple[Utterance, list[int]]], *, sample_rate_hz: int = SAMPLE_RATE_HZ):
+    With `augment_options` (training only), the audio is augmented before normalization, drawn from (seed, epoch,
+    utterance id): the same in any loader worker and in a resumed run, different in the next epoch."""
+
+    def __init__(self, examples: list[tuple[Utterance, list[int]]], *, sample_rate_hz: int = SAMPLE_RATE_HZ,
+                 augment_options: AugmentOptions | None = None, seed: int = 0, epoch: int = 0):
         self.examples = examples
         self.sample_rate_hz = sample_rate_hz
+        self.augment_options = augment_options
+        self.seed = seed
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.examples)
 
     @property
     def durations_s(self) -> list[float]:
-        """Duration of each item in seconds, for DurationBatchSampler."""
-        return [utt.duration_s for utt, _ in self.examples]
+        """Duration of each item in seconds, for DurationBatchSampler: with speed perturbation, the longest it can
+        come out of augmentation in any epoch, so that a batch planned once fits max_batch_s in every epoch."""
+        if self.augment_options is None:
+            return [utt.duration_s for utt, _ in self.examples]
+        return [duration_bounds_s(utt.duration_s, options=self.augment_options)[1] for utt, _ in self.examples]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         utt, labels = self.examples[index]
@@ -151,6 +166,9 @@ class SpeechDataset(torch.utils.data.Dataset):
             return {"id": utt.id, "problem": utt.problem("unreadable_audio", err.message + f": {utt.audio_path}")}
         if (mismatch := duration_mismatch(utt, len(audio) / self.sample_rate_hz)) is not None:
             return {"id": utt.id, "problem": utt.problem("duration_mismatch", f"{mismatch}: {utt.audio_path}")}
+        if self.augment_options is not None:
+            audio = augment(audio, sample_rate_hz=self.sample_rate_hz, options=self.augment_options, seed=self.seed,
+                            epoch=self.epoch, utterance_id=utt.id)
         # Same formula and epsilon as transformers' Wav2Vec2FeatureExtractor.zero_mean_unit_var_norm.
         normalized = (audio - audio.mean()) / np.sqrt(audio.var() + 1e-7)
         return {"id": utt.id, "input_values": torch.from_numpy(normalized.astype(np.float32)), "labels": labels}

@@ -121,8 +121,9 @@ def from_mapping(cls: type, raw: Any, *, path: str | os.PathLike, prefix: str = 
                  cli_keys: typing.Collection[str] = ()) -> Any:
     """Build dataclass `cls` from a mapping, checking keys, types and each field's check.
 
-    Nested dataclass fields take nested mappings; `X | None` takes null. Errors are RecipeErrors naming the dotted
-    key (`prefix` + field name) and `path`; keys in `cli_keys` (or under them) are marked as coming from --set.
+    Nested dataclass fields take nested mappings; `X | None` takes null; tuple fields take lists (`[0.9, 1.1]`).
+    Errors are RecipeErrors naming the dotted key (`prefix` + field name) and `path`; keys in `cli_keys` (or under
+    them) are marked as coming from --set.
     """
     where = prefix.rstrip(".") or "the file"
     if not isinstance(raw, dict):
@@ -234,6 +235,14 @@ def _convert(tp: Any, value: Any, *, key: str, path: str | os.PathLike, cli_keys
         key_type, value_type = args
         return {_convert(key_type, k, key=f"{key}.{k}", path=path, cli_keys=cli_keys):
                 _convert(value_type, v, key=f"{key}.{k}", path=path, cli_keys=cli_keys) for k, v in value.items()}
+    if origin is tuple:  # YAML has no tuples: a list, of any length for tuple[X, ...], else of len(args)
+        any_length = len(args) == 2 and args[1] is Ellipsis
+        if not isinstance(value, list) or not (any_length or len(value) == len(args)):
+            length = "" if any_length else f"{len(args)} "
+            raise RecipeError(f"{key}: expected a list of {length}{args[0].__name__} values, got "
+                              f"{_describe(value)}{_origin(key, cli_keys)}", path=path)
+        return tuple(_convert(args[0] if any_length else args[i], v, key=f"{key}[{i}]", path=path, cli_keys=cli_keys)
+                     for i, v in enumerate(value))
     accepted = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}.get(tp)
     if accepted is None:
         raise TypeError(f"field {key} has a type the options reader does not handle: {tp}")
@@ -249,4 +258,4 @@ def _describe(value: Any) -> str:
 
 
 def _origin(key: str, cli_keys: typing.Collection[str]) -> str:
-    return " (from --set)" if any(key == k or key.startswith(k + ".") for k in cli_keys) else ""
+    return " (from --set)" if any(key == k or key.startswith((k + ".", k + "[")) for k in cli_keys) else ""

@@ -8,9 +8,10 @@ set, ``output_dir``) is a RecipeError that names the dotted key and the file.
 A run starts from a checkpoint (``base``, fine-tuning) or from a Wav2Vec2 config with random weights
 (``model_config``, training from scratch); the ``model`` section sets masking and dropouts on either.
 
-Paths written in a recipe file (``data.*``, ``vocabulary.path``, and ``base`` when it names an existing folder)
-are relative to the recipe file. ``output_dir`` and every path given with ``--set`` are relative to the working
-directory, because that is where the user typed them.
+Paths written in a recipe file (``data.*``, ``vocabulary.path``, ``augment.noise.source``,
+``augment.reverb.source``, and ``base`` when it names an existing folder) are relative to the recipe file.
+``output_dir`` and every path given with ``--set`` are relative to the working directory, because that is where the
+user typed them.
 
 Defaults follow published practice for fine-tuning XLS-R with CTC:
 - Hugging Face blog "Fine-tuning XLS-R for Multi-Lingual ASR with Transformers" (von Platen, 2021):
@@ -32,6 +33,7 @@ from typing import Any, Literal
 
 import yaml
 
+from speechxfer.augment import AugmentOptions
 from speechxfer.config import (AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, SHARE, Check, check_fields, checked,
                                from_mapping, parse_yaml, read_yaml, set_dotted)
 from speechxfer.errors import InputError, RecipeError
@@ -149,11 +151,14 @@ class Recipe:
     freezing: FreezeOptions = field(default_factory=FreezeOptions)
     train: TrainOptions = field(default_factory=TrainOptions)
     eval: EvalOptions = field(default_factory=EvalOptions)
+    # waveform augmentation of training utterances, drawn anew each epoch; every effect is off unless set here
+    augment: AugmentOptions = field(default_factory=AugmentOptions)
     output_dir: str  # the trained model folder (and last/, metrics, curves)
 
 
 # keys holding paths: in a recipe file relative to the file, from --set relative to the working directory
-_PATH_KEYS = ("data.train", "data.dev", "data.test", "data.prepare.source", "vocabulary.path")
+_PATH_KEYS = ("data.train", "data.dev", "data.test", "data.prepare.source", "vocabulary.path", "augment.noise.source",
+              "augment.reverb.source")
 
 
 def load_recipe(path: str | os.PathLike, *, overrides: typing.Sequence[str] = ()) -> Recipe:

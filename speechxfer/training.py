@@ -36,6 +36,7 @@ from transformers import Wav2Vec2ForCTC
 
 from speechxfer.atomic import TEMP_SUFFIX, atomic_write, sync_folder
 from speechxfer.audio import SAMPLE_RATE_HZ
+from speechxfer.augment import check_sources
 from speechxfer.batching import DurationBatchSampler, SpeechDataset, collate, filter_utterances, frame_geometry
 from speechxfer.decoding import GreedyDecoder, decode_batch
 from speechxfer.compat import reset_accelerator_state
@@ -163,15 +164,25 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
 
     # --- batches: drop what cannot train, then buckets of at most max_batch_s seconds ---------------------------
     examples, dropped = filter_utterances(splits["train"], normalizer=normalizer, vocab=vocab, config=model.config,
-                                          min_duration_s=opts.min_duration_s, max_duration_s=opts.max_duration_s)
+                                          min_duration_s=opts.min_duration_s, max_duration_s=opts.max_duration_s,
+                                          augment_options=recipe.augment)
     say(f"train: {len(examples)} utterances kept; {dropped}")
+    if recipe.augment.enabled:
+        check_sources(recipe.augment)  # a bad noise or impulse-response folder stops the run here, not in a worker
+        say("augment: " + ", ".join(f"{name} p={getattr(recipe.augment, name).probability:g}"
+                                    for name in (f.name for f in dataclasses.fields(recipe.augment))
+                                    if getattr(recipe.augment, name).probability > 0))
     dev_refs = normalized_references(splits["dev"], normalizer)[0]
     test_refs = normalized_references(splits["test"], normalizer)[0]
     for name, refs in (("dev", dev_refs), ("test", test_refs)):
         if len(refs) < len(splits[name]):
             say(f"{name}: {len(refs)} utterances scored; {len(splits[name]) - len(refs)} left out (text rejected or "
                 "empty after normalization)")
-    sampler = DurationBatchSampler([u.duration_s for u, _ in examples], max_batch_s=opts.max_batch_s,
+    # Batches are planned once, from the longest each utterance can come out of speed perturbation, so that they
+    # hold at most max_batch_s of audio in every epoch.
+    train_audio = partial(SpeechDataset, augment_options=recipe.augment if recipe.augment.enabled else None,
+                          seed=opts.seed)
+    sampler = DurationBatchSampler(train_audio(examples).durations_s, max_batch_s=opts.max_batch_s,
                                    shuffle=True, seed=opts.seed, num_replicas=accelerator.num_processes,
                                    rank=accelerator.process_index)
     if len(sampler) == 0:
@@ -180,7 +191,7 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
     short_sampler = None
     if opts.short_first_s is not None and opts.short_first_share > 0:
         short_examples = [(u, labels) for u, labels in examples if u.duration_s <= opts.short_first_s]
-        short_sampler = DurationBatchSampler([u.duration_s for u, _ in short_examples], max_batch_s=opts.max_batch_s,
+        short_sampler = DurationBatchSampler(train_audio(short_examples).durations_s, max_batch_s=opts.max_batch_s,
                                              shuffle=True, seed=opts.seed, num_replicas=accelerator.num_processes,
                                              rank=accelerator.process_index)
         if len(short_sampler) == 0:
@@ -237,10 +248,12 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
     # --- the loop -------------------------------------------------------------------------------------------
     for key in ("elapsed_s", "audio_s", "short_epoch", "short_position"):
         state.setdefault(key, 0)  # absent from checkpoints written before time budgets and short-first stages
-    batches = _batch_stream(sampler, make_loader, examples, epoch=state["epoch"], position=state["position"],
-                            left_out=left_out["train"], everywhere=partial(_everywhere, accelerator))
+    batches = _batch_stream(sampler, make_loader, partial(train_audio, examples), epoch=state["epoch"],
+                            position=state["position"], left_out=left_out["train"],
+                            everywhere=partial(_everywhere, accelerator))
     short_batches = None if short_sampler is None else _batch_stream(
-        short_sampler, make_loader, short_examples, epoch=state["short_epoch"], position=state["short_position"],
+        short_sampler, make_loader, partial(train_audio, short_examples), epoch=state["short_epoch"],
+        position=state["short_position"],
         left_out=left_out["train"], everywhere=partial(_everywhere, accelerator))
     budget_s = None if opts.max_minutes is None else 60 * opts.max_minutes
     # With a time budget the schedule is laid over the share of the run done, in SCHEDULE_STEPS steps.
@@ -630,10 +643,10 @@ def _report_problems(split: str, problems: Sequence[Problem], say) -> None:
         "e.g.:\n" + "\n".join(f"  {p}" for p in problems[:5]))
 
 
-def _loader(examples: list, batches: list[list[int]], *, attention_mask: bool, num_workers: int) -> DataLoader:
+def _loader(dataset: SpeechDataset, batches: list[list[int]], *, attention_mask: bool, num_workers: int) -> DataLoader:
     # Our own generator, so that creating the iterator does not draw from the global RNG: a resumed run must see
     # the same random numbers as an uninterrupted one.
-    return DataLoader(SpeechDataset(examples), batch_sampler=batches, num_workers=num_workers,
+    return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
                       collate_fn=partial(_collate_with_lengths, attention_mask=attention_mask),
                       generator=torch.Generator())
 
@@ -649,9 +662,12 @@ def _collate_with_lengths(items: list[dict], *, attention_mask: bool) -> dict:
     return batch
 
 
-def _batch_stream(sampler: DurationBatchSampler, make_loader, examples: list, *, epoch: int, position: int,
-                  left_out: _LeftOut, everywhere: Callable[[bool], bool]) -> Iterator[tuple[int, int, dict]]:
+def _batch_stream(sampler: DurationBatchSampler, make_loader, make_dataset: Callable[..., SpeechDataset], *,
+                  epoch: int, position: int, left_out: _LeftOut,
+                  everywhere: Callable[[bool], bool]) -> Iterator[tuple[int, int, dict]]:
     """This process's training batches, epoch after epoch, starting after `position` batches of `epoch`.
+
+    The loader is made anew each epoch from make_dataset(epoch=...), so that augmentation draws from the epoch.
 
     Yields (epoch, batches of the epoch consumed so far, batch) so a checkpoint can resume at the next batch
     without loading the audio of the batches before it. The loop keeps this position itself because the
@@ -662,7 +678,8 @@ def _batch_stream(sampler: DurationBatchSampler, make_loader, examples: list, *,
     while True:
         sampler.set_epoch(epoch)
         whole_epoch, yielded = position == 0, False
-        for position, batch in enumerate(make_loader(examples, list(sampler)[position:]), start=position + 1):
+        loader = make_loader(make_dataset(epoch=epoch), list(sampler)[position:])
+        for position, batch in enumerate(loader, start=position + 1):
             batch.pop("num_samples")
             left_out.add(batch.pop("problems"))
             if everywhere(bool(batch["ids"])):
@@ -698,13 +715,13 @@ class _LeftOut:
 
 
 def _eval_batches(utterances: list[Utterance], refs: dict[str, str], vocab: Vocabulary, options: TrainOptions,
-                  accelerator: Accelerator) -> tuple[list, list[list[int]]]:
-    """(examples, this process's batches) for decoding the utterances that have a reference, in length order."""
+                  accelerator: Accelerator) -> tuple[SpeechDataset, list[list[int]]]:
+    """(dataset, this process's batches) for decoding the utterances that have a reference, in length order."""
     kept = [u for u in utterances if u.id in refs]
     # Whole batches round-robin, not the training sampler's sharding: that skips batches smaller than the number
     # of processes, and decoding needs no lockstep between processes.
     batches = list(DurationBatchSampler([u.duration_s for u in kept], max_batch_s=options.max_batch_s, shuffle=False))
-    return ([(u, vocab.encode(refs[u.id])) for u in kept],
+    return (SpeechDataset([(u, vocab.encode(refs[u.id])) for u in kept]),
             batches[accelerator.process_index::accelerator.num_processes])
 
 

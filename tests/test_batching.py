@@ -5,10 +5,12 @@ from __future__ import annotations
 import random
 from functools import partial
 
+import numpy as np
 import pytest
 import torch
 from transformers import Wav2Vec2Model
 
+from speechxfer.augment import AugmentOptions, NoiseOptions, SpeedOptions, TelephoneOptions, speed_factor
 from speechxfer.batching import (DurationBatchSampler, SpeechDataset, collate, filter_utterances, frame_geometry,
                                  output_frames)
 from speechxfer.manifest import Utterance
@@ -242,3 +244,64 @@ def test_unusable_audio_becomes_a_problem_item_naming_manifest_and_line(tmp_path
     assert collate([items[0], items[4]], attention_mask=True)["ids"] == ["ok", "close"]
     with pytest.raises(AudioError, match=f"^{manifest}:2: \\[unreadable_audio\\] nan: "):
         collate(items[:2], attention_mask=True)  # a caller that does not skip gets a clear error
+
+
+def test_labels_must_fit_the_frames_of_the_fastest_speed_perturbation():
+    config = tiny_config()
+    fast = AugmentOptions(speed=SpeedOptions(probability=1.0, factors=(1.0, 1.25)))
+    # 0.125 s: 24 frames as listed, 19 at speed 1.25 (0.1 s); 20 labels fit the first only
+    utterances = [utterance("fits-slow", "ab" * 10, 0.125), utterance("fits-fast", "ab" * 9 + "a", 0.125)]
+    plain, _ = filter_utterances(utterances, normalizer=TextNormalizer(TextOptions()), vocab=VOCAB, config=config,
+                                 min_duration_s=0.0, max_duration_s=20.0)
+    kept, report = filter_utterances(utterances, normalizer=TextNormalizer(TextOptions()), vocab=VOCAB,
+                                     config=config, min_duration_s=0.0, max_duration_s=20.0, augment_options=fast)
+    assert [u.id for u, _ in plain] == ["fits-slow", "fits-fast"]
+    assert [u.id for u, _ in kept] == ["fits-fast"] and report.label_too_long == 1
+
+
+EVERY_EFFECT = AugmentOptions(speed=SpeedOptions(probability=1.0, factors=(0.8, 1.0, 1.25)),
+                              noise=NoiseOptions(probability=0.5), telephone=TelephoneOptions(probability=0.5))
+
+
+def loaded_waves(dataset: SpeechDataset, *, num_workers: int) -> dict[str, np.ndarray]:
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=num_workers, collate_fn=lambda b: b[0])
+    return {item["id"]: item["input_values"].numpy() for item in loader}
+
+
+def test_augmented_items_depend_on_seed_epoch_and_id_only(audio_examples):
+    dataset = partial(SpeechDataset, audio_examples, augment_options=EVERY_EFFECT, seed=7)
+    first = loaded_waves(dataset(epoch=3), num_workers=0)
+    again = loaded_waves(dataset(epoch=3), num_workers=2)  # other processes, other order of reading
+    nxt = loaded_waves(dataset(epoch=4), num_workers=0)
+    plain = loaded_waves(SpeechDataset(audio_examples), num_workers=0)
+    assert first.keys() == again.keys() == nxt.keys() == {"one", "two", "seg"}
+    for uid in first:
+        assert np.array_equal(first[uid], again[uid])
+        assert first[uid].shape != nxt[uid].shape or not np.allclose(first[uid], nxt[uid])
+        # speed perturbation changes the length by the factor drawn for this (seed, epoch, utterance)
+        factor = speed_factor(EVERY_EFFECT, seed=7, epoch=3, utterance_id=uid)
+        assert abs(len(first[uid]) - len(plain[uid]) / factor) <= 2
+    assert any(not np.array_equal(first[uid], plain[uid]) for uid in first)
+
+
+def test_batches_planned_for_speed_perturbation_never_exceed_max_batch_s(tmp_path):
+    rng = random.Random(0)
+    examples = []
+    for i in range(24):
+        duration_s = round(rng.uniform(0.2, 1.0), 2)
+        path = write_tone(tmp_path / f"{i}.wav", duration_s=duration_s, seed=i)
+        examples.append((utterance(f"u{i}", "ab", duration_s, str(path)), VOCAB.encode("ab")))
+    slow = AugmentOptions(speed=SpeedOptions(probability=0.8, factors=(0.8, 0.9, 1.1)))
+    max_batch_s = 2.5
+    sampler = DurationBatchSampler(SpeechDataset(examples, augment_options=slow).durations_s,
+                                   max_batch_s=max_batch_s, seed=1)
+    longest_s, slowed = 0.0, 0
+    for epoch in range(4):
+        dataset = SpeechDataset(examples, augment_options=slow, seed=5, epoch=epoch)
+        sampler.set_epoch(epoch)
+        for batch in sampler:
+            lengths_s = [len(dataset[i]["input_values"]) / 16000 for i in batch]
+            slowed += sum(length_s > examples[i][0].duration_s + 0.01 for i, length_s in zip(batch, lengths_s))
+            longest_s = max(longest_s, len(batch) * max(lengths_s))
+            assert len(batch) * max(lengths_s) <= max_batch_s
+    assert slowed > 0 and longest_s > 0.8 * max_batch_s  # the plan was tested where it matters

@@ -97,6 +97,23 @@ def test_overrides_are_typed_as_yaml_and_paths_are_relative_to_the_working_direc
     assert recipe.freezing.head_only_updates == 10
 
 
+def test_augment_section_reads_lists_as_tuples_and_sources_relative_to_the_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = write(_mkdir(tmp_path / "r"), {**MINIMAL, "augment": {
+        "speed": {"probability": 1, "factors": [0.9, 1, 1.1]},
+        "noise": {"probability": 0.5, "snr_db": [10, 30], "source": "moh"},
+        "reverb": {"probability": 0.2, "source": "rirs.txt"}}})
+    augment = load_recipe(path).augment
+    assert augment.speed.factors == (0.9, 1.0, 1.1) and augment.noise.snr_db == (10.0, 30.0)
+    assert augment.noise.source == str(tmp_path / "r" / "moh")
+    assert augment.reverb.source == str(tmp_path / "r" / "rirs.txt")
+    assert augment.gain.probability == 0 and not load_recipe(write(tmp_path, MINIMAL)).augment.enabled
+    override = load_recipe(path, overrides=["augment.noise.source=noise", "augment.speed.factors=[0.95, 1.05]"])
+    assert override.augment.noise.source == str(tmp_path / "noise") and override.augment.speed.factors == (0.95, 1.05)
+    with pytest.raises(RecipeError, match=r"augment.speed.factors\[0\]: expected float, got str 'x' \(from --set\)"):
+        load_recipe(path, overrides=["augment.speed.factors=[x]"])
+
+
 def test_scientific_notation_in_a_file_is_a_float(tmp_path):
     recipe = load_recipe(write(tmp_path, "base: b\ndata: {train: t.jsonl}\noutput_dir: o\ntrain: {lr: 5e-5}\n"))
     assert recipe.train.lr == 5e-5
@@ -127,6 +144,16 @@ def test_scientific_notation_in_a_file_is_a_float(tmp_path):
     ("train.short_first_s", -1, "train.short_first_s must be > 0"),
     ("train.short_first_share", 1.5, "train.short_first_share must be between 0 and 1"),
     ("model_config", {"hidden_size": 64}, "'base' and 'model_config' exclude each other"),
+    ("augment.nois", {"probability": 0.5}, "unknown key 'augment.nois'"),
+    ("augment.speed.factor", [0.9, 1.1], "unknown key 'augment.speed.factor'"),
+    ("augment.speed.factors", 1.1, "augment.speed.factors: expected a list of float values, got float 1.1"),
+    ("augment.speed.factors", [0.9, "fast"], "augment.speed.factors[1]: expected float, got str 'fast'"),
+    ("augment.speed.factors", [0.9, 0], "augment.speed: factors must be a non-empty list of numbers > 0"),
+    ("augment.noise.snr_db", [10, 20, 30], "augment.noise.snr_db: expected a list of 2 float values, got list"),
+    ("augment.noise.snr_db", [30, 10], "augment.noise: snr_db must be [low, high] with low <= high"),
+    ("augment.noise.colors", ["grey"], "augment.noise: colors must be a non-empty list of white, pink, brown"),
+    ("augment.telephone.probability", 1.5, "augment.telephone: probability must be"),
+    ("augment.reverb.rt60_s", [0, 0.5], "augment.reverb: rt60_s must be > 0 s"),
 ])
 def test_bad_keys_and_values_name_the_dotted_key_and_the_file(tmp_path, dotted, value, message):
     path = write(tmp_path, with_(MINIMAL, dotted, value))

@@ -174,6 +174,67 @@ def test_resume_from_last_reaches_the_uninterrupted_state(tmp_path, corpus, stab
     assert [r["update"] for r in losses if "loss" in r] == [1, 2, 3, 4]  # lost records dropped, none repeated
 
 
+# Every effect on, noise from a folder given relative to the recipe file; speed factors far apart so that the
+# batches planned for the slowest hold fewer utterances than unperturbed ones would.
+EVERY_EFFECT = {"speed": {"probability": 1.0, "factors": [0.8, 1.0, 1.25]},
+                "reverb": {"probability": 0.5}, "noise": {"probability": 0.5, "snr_db": [10, 20], "source": "noise"},
+                "gain": {"probability": 0.5}, "telephone": {"probability": 0.5}}
+
+
+def write_augmented_recipe(folder: Path, *, base: Path, manifests: dict[str, Path], **sections) -> Path:
+    for k in range(2):
+        write_tone(folder / "noise" / f"hum{k}.wav", duration_s=3.0, frequency_hz=50 + 10 * k, seed=100 + k)
+    return write_recipe(folder / "recipe.yaml", base=base, manifests=manifests, output_dir=folder / "out",
+                        augment=EVERY_EFFECT, **sections)
+
+
+@pytest.fixture(scope="module")
+def augmented_run(tmp_path_factory, corpus, stable_run):
+    """stable_run's 4 updates with every augmentation on, uninterrupted."""
+    tmp = tmp_path_factory.mktemp("augmented")
+    recipe = load_recipe(write_augmented_recipe(tmp, base=Path(stable_run[0].base), manifests=corpus))
+    return recipe, training.train(recipe)
+
+
+def test_every_augmentation_on_trains_with_finite_losses(augmented_run, stable_run):
+    recipe, result = augmented_run
+    assert result.updates == 4
+    assert recipe.augment.noise.source == str(Path(recipe.output_dir).parent / "noise")  # relative to the recipe
+    records = [json.loads(line) for line in (Path(recipe.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses)
+    plain = load_file(Path(stable_run[0].output_dir) / "last" / "model.safetensors")
+    augmented = load_file(Path(recipe.output_dir) / "last" / "model.safetensors")
+    assert any(not torch.equal(plain[k], augmented[k]) for k in plain)  # the model heard other audio
+    saved = load_recipe(Path(recipe.output_dir) / "recipe.yaml")
+    assert saved.augment == recipe.augment  # the resolved recipe carries the section
+
+
+def test_resume_of_an_augmented_run_reaches_the_uninterrupted_state(tmp_path, corpus, augmented_run, monkeypatch):
+    straight_recipe, _ = augmented_run
+    recipe = load_recipe(write_augmented_recipe(tmp_path, base=Path(straight_recipe.base), manifests=corpus,
+                                                train={"num_workers": 2}))
+    # 2 loader workers here, none in the uninterrupted run: the audio must not depend on them
+    train_until_second_evaluation(recipe, monkeypatch)  # update 4: last/ still holds update 2
+    result = training.train(recipe, resume=True)
+    assert result.updates == 4
+    straight = load_file(Path(straight_recipe.output_dir) / "last" / "model.safetensors")
+    resumed = load_file(tmp_path / "out" / "last" / "model.safetensors")
+    assert max((straight[k] - resumed[k]).abs().max().item() for k in straight) <= 1e-6
+
+
+def test_a_bad_noise_folder_stops_the_run_before_training_with_one_line(tmp_path, corpus, stable_run, capsys):
+    recipe = write_augmented_recipe(tmp_path, base=Path(stable_run[0].base), manifests=corpus)
+    shutil.rmtree(tmp_path / "noise")
+    (tmp_path / "noise").mkdir()  # empty: no audio file to draw noise from
+    code = main(["train", str(recipe)])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert code == 2 and "Traceback" not in err
+    assert len(lines) == 1 and str(tmp_path / "noise") in lines[0], err
+    assert not (tmp_path / "out" / "last").exists()
+
+
 def test_resume_without_last_is_an_error(tmp_path, corpus):
     recipe = load_recipe(write_recipe(tmp_path / "recipe.yaml", base=tmp_path / "none", manifests=corpus,
                                       output_dir=tmp_path / "out"))
