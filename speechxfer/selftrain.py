@@ -28,6 +28,9 @@ from speechxfer.training import train
 from speechxfer.transcribe import AudioSegment, Recognizer, TranscribeOptions, Transcription, find_audio, transcribe
 
 SUMMARY_NAME = "self_train.json"
+# Before each pseudo-labelled id (the file's name): a file named like a corpus utterance must not take its id (the
+# Asterisk prompt packages of two dialects, say, share their prompt names).
+ID_PREFIX = "pseudo/"
 PSEUDO_LABELS_NAME = "pseudo_labels.jsonl"
 
 logger = logging.getLogger(__name__)
@@ -51,11 +54,11 @@ def pseudo_label(recognizer: Recognizer, segments: Sequence[AudioSegment], *, ou
                  progress: bool = False) -> PseudoLabels:
     """Transcribe `segments` with the teacher and write the transcripts as a pseudo-labelled manifest.
 
-    Each row: id (the segment's name), audio_path, duration_s, offset_s, the normalized text, `pseudo_label:
-    true`, and `confidence` (decoding.Transcript.confidence: greedy, the mean top posterior of the non-blank
-    frames in [0, 1]; with an LM, the beam's score per frame). Left out, counted and listed as Problems: rows below
-    `min_confidence`, empty transcripts, texts the normalizer rejects or empties, and texts with characters
-    outside the model's vocabulary (or its unknown token). The manifest is written atomically once all is done.
+    Each row: id (ID_PREFIX + the segment's name), audio_path, duration_s, offset_s, the normalized text,
+    `pseudo_label: true`, and `confidence` (decoding.Transcript.confidence: greedy, the mean top posterior of the
+    non-blank frames in [0, 1]; with an LM, the beam's score per frame). Left out, counted and listed as Problems:
+    rows below `min_confidence`, empty transcripts, texts the normalizer rejects or empties, and texts with
+    characters outside the model's vocabulary (or its unknown token). The manifest is written atomically once all is done.
     """
     vocabulary = recognizer.vocabulary
     letters = set(vocabulary.tokens) - {vocabulary.blank, vocabulary.unk, vocabulary.delimiter}
@@ -72,12 +75,13 @@ def pseudo_label(recognizer: Recognizer, segments: Sequence[AudioSegment], *, ou
             kind = "low_confidence"
         if kind is not None:
             dropped[kind] += 1
-            problems.append(Problem(segment.path, None, kind, f"{segment.name}: {transcript.text!r} (confidence "
-                                    f"{transcript.confidence:.4g})", segment.name))
+            problems.append(Problem(segment.path, None, kind, f"{transcript.text!r} (confidence "
+                                    f"{transcript.confidence:.4g})", ID_PREFIX + segment.name))
             continue
-        rows.append(Utterance(id=segment.name, audio_path=segment.path, text=text, duration_s=segment.duration_s,
-                              offset_s=segment.offset_s, pseudo_label=True, confidence=transcript.confidence))
-    order = {s.name: i for i, s in enumerate(segments)}  # transcribe yields by length; write in input order
+        rows.append(Utterance(id=ID_PREFIX + segment.name, audio_path=segment.path, text=text,
+                              duration_s=segment.duration_s, offset_s=segment.offset_s, pseudo_label=True,
+                              confidence=transcript.confidence))
+    order = {ID_PREFIX + s.name: i for i, s in enumerate(segments)}  # transcribe yields by length; write in input order
     rows.sort(key=lambda u: order[u.id])
     write_manifest(output, rows)
     return PseudoLabels(Path(output), len(rows), dict(dropped), problems)
@@ -154,8 +158,8 @@ def self_train(recipe: Recipe, *, unlabelled: Sequence[str], rounds: int, min_co
     held_out = {split: read_manifest(path)[0] for split in ("dev", "test")
                 if (path := getattr(recipe.data, split)) is not None and Path(path).exists()}
     # Before any training: unlabelled audio that is also dev or test audio would be refused by the first student.
-    check_held_out([Utterance(id=s.name, audio_path=s.path, text="", duration_s=s.duration_s) for s in segments],
-                   held_out)
+    check_held_out([Utterance(id=ID_PREFIX + s.name, audio_path=s.path, text="", duration_s=s.duration_s,
+                              manifest=s.path) for s in segments], held_out)
     normalizer = TextNormalizer(recipe.text)
     if not done:
         done.append(_train_round(recipe, out, 0))
