@@ -58,7 +58,8 @@ def pseudo_label(recognizer: Recognizer, segments: Sequence[AudioSegment], *, ou
     `pseudo_label: true`, and `confidence` (decoding.Transcript.confidence: greedy, the mean top posterior of the
     non-blank frames in [0, 1]; with an LM, the beam's score per frame). Left out, counted and listed as Problems:
     rows below `min_confidence`, empty transcripts, texts the normalizer rejects or empties, and texts with
-    characters outside the model's vocabulary (or its unknown token). The manifest is written atomically once all is done.
+    characters outside the model's vocabulary (or its unknown token). The manifest is written atomically once all
+    is done.
     """
     vocabulary = recognizer.vocabulary
     letters = set(vocabulary.tokens) - {vocabulary.blank, vocabulary.unk, vocabulary.delimiter}
