@@ -570,12 +570,9 @@ def _add_self_train(subparsers) -> None:
 
 
 def _cmd_self_train(args) -> int:
-    from speechxfer.errors import InputError
     from speechxfer.recipe import load_recipe
     from speechxfer.selftrain import self_train
 
-    if not 0 < args.max_share <= 1:
-        raise InputError(f"--max-share must be in (0, 1], got {args.max_share:g}")
     result = self_train(load_recipe(args.recipe, overrides=args.overrides), unlabelled=args.unlabelled,
                         rounds=args.rounds, min_confidence=args.min_confidence, max_share=args.max_share,
                         beam=_beam_options(args), options=_transcribe_options(args), device=args.device,

@@ -145,7 +145,9 @@ def self_train(recipe: Recipe, *, unlabelled: Sequence[str], rounds: int, min_co
     audio. `beam`, `options`, `device` and `dtype`: how the teacher transcribes (as in `speechxfer transcribe`).
     """
     if rounds < 1:
-        raise InputError(f"rounds must be at least 1, got {rounds}")
+        raise InputError(f"rounds (--rounds) must be at least 1, got {rounds}")
+    if not 0 < max_share <= 1:
+        raise InputError(f"max_share (--max-share) must be in (0, 1], got {max_share:g}")
     if recipe.data.dev is None:
         raise InputError("self-training keeps a round only when dev WER improves: the recipe needs data.dev")
     out = Path(recipe.output_dir)

@@ -221,3 +221,13 @@ def test_self_train_keeps_a_better_student_discards_a_worse_one_and_continues_a_
     summary = json.loads((out / "self_train.json").read_text(encoding="utf-8"))
     assert summary["best_round"] == 1 and summary["stopped"] == second.stopped
     assert "round 2: dev WER 70.00% against 60.00% of round 1: discarded" in caplog.text
+
+
+def test_self_train_command_refuses_what_cannot_work_before_training(tmp_path, corpus, unlabelled, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", base=tmp_path / "none", manifests=corpus, output_dir=tmp_path / "out")
+    for extra, message in ((["--max-share", "1.5"], "max_share (--max-share) must be in (0, 1], got 1.5"),
+                           (["--set", "data.dev=null"], "self-training keeps a round only when dev WER improves: the "
+                                                         "recipe needs data.dev")):
+        assert main(["self-train", str(recipe), "--unlabelled", str(unlabelled), *extra]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == f"speechxfer self-train: error: {message}"
+    assert not (tmp_path / "out").exists()
