@@ -187,12 +187,15 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
     # hold at most max_batch_s of audio in every epoch.
     train_audio = partial(SpeechDataset, augment_options=recipe.augment if recipe.augment.enabled else None,
                           seed=opts.seed)
-    # Pseudo-labelled manifest k is group k + 1, capped at its max_share of each batch's seconds; a cap in the batch
-    # plan (rather than a loss weight) keeps the plan, and so resuming and the global batches, as before.
-    group_of = {entry.manifest: k for k, entry in enumerate(recipe.data.pseudo_labelled, start=1)}
+    # Pseudo-labelled manifest k is group k (labelled utterances: group 0), capped at its max_share of each global
+    # batch's seconds. The cap is part of the batch plan, which the data and seed alone fix, so resuming and the
+    # global batches for any number of processes hold as before; a loss weight would too, but it needs per-utterance
+    # CTC losses computed outside transformers' Wav2Vec2ForCTC.
+    pseudo_labelled = dict(enumerate(recipe.data.pseudo_labelled, start=1))
+    group_of = {entry.manifest: k for k, entry in pseudo_labelled.items()}
     capped = partial(DurationBatchSampler, max_batch_s=opts.max_batch_s, shuffle=True, seed=opts.seed,
                      num_replicas=accelerator.num_processes, rank=accelerator.process_index,
-                     max_share={k: entry.max_share for k, entry in enumerate(recipe.data.pseudo_labelled, start=1)})
+                     max_share={k: entry.max_share for k, entry in pseudo_labelled.items()})
     sampler = capped(train_audio(examples).durations_s, groups=[group_of.get(u.manifest, 0) for u, _ in examples])
     if sampler.num_over_share:
         say(f"pseudo-labelled: {sampler.num_over_share} utterances find no room under their max_share and are left "
