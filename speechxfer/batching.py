@@ -3,7 +3,7 @@ sampling that shards identically across processes."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -211,13 +211,20 @@ class DurationBatchSampler(torch.utils.data.Sampler[list[int]]):
     than processes are skipped by all, so every process takes the same number of steps. An utterance longer than
     `max_batch_s` forms a batch of its own.
 
+    With `groups` (one per index) and `max_share` ({group: share}), the utterances of each capped group hold at
+    most that share of every global batch's seconds (pseudo-labelled manifests, say). A capped utterance that
+    finds no room where its length falls waits for the next batch with room (joining longer utterances adds no
+    padding); those still waiting at the end are left out of the plan, the same ones every epoch
+    (`num_over_share`). The cap lives in the global plan, so it holds whatever the number of processes.
+
     Iterating to the end moves to the next epoch; set_epoch() jumps to one. state_dict() records the epoch and how
     many global batches have been handed out, so a resumed run yields exactly the remaining ones. It counts what the
     DataLoader fetched: with num_workers > 0 that includes prefetched batches.
     """
 
     def __init__(self, durations_s: Sequence[float], *, max_batch_s: float, shuffle: bool = True, seed: int = 0,
-                 num_replicas: int = 1, rank: int = 0):
+                 num_replicas: int = 1, rank: int = 0, groups: Sequence[int] = (),
+                 max_share: Mapping[int, float] | None = None):
         super().__init__()
         if max_batch_s <= 0:
             raise ValueError(f"max_batch_s must be positive, got {max_batch_s}")
@@ -230,16 +237,8 @@ class DurationBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.rank = rank
         self.epoch = 0
         self._position = 0  # global batches of this epoch already handed out (or skipped)
-        self._batches: list[list[int]] = []
-        batch: list[int] = []
-        for index in sorted(range(len(durations_s)), key=lambda i: (durations_s[i], i)):
-            # Ascending order: the newcomer is the longest, so it sets the padded length.
-            if batch and (len(batch) + 1) * durations_s[index] > max_batch_s:
-                self._batches.append(batch)
-                batch = []
-            batch.append(index)
-        if batch:
-            self._batches.append(batch)
+        self._batches, self.num_over_share = _plan_batches(durations_s, max_batch_s=max_batch_s, groups=groups,
+                                                           max_share=max_share or {})
 
     @property
     def num_dropped(self) -> int:
@@ -281,3 +280,49 @@ class DurationBatchSampler(torch.utils.data.Sampler[list[int]]):
             return list(range(len(self._batches)))
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         return torch.randperm(len(self._batches), generator=generator).tolist()
+
+
+def _plan_batches(durations_s: Sequence[float], *, max_batch_s: float, groups: Sequence[int],
+                  max_share: Mapping[int, float]) -> tuple[list[list[int]], int]:
+    """Global batches of DurationBatchSampler, and how many capped utterances found no room in any."""
+    max_share = {group: share for group, share in max_share.items() if share < 1}  # a share of 1 caps nothing
+    if max_share and len(groups) != len(durations_s):
+        raise ValueError(f"{len(groups)} groups for {len(durations_s)} utterances")
+    batches: list[list[int]] = []
+    batch: list[int] = []
+    longest_s = total_s = 0.0
+    group_s: dict[int, float] = {}
+    waiting: list[int] = []  # capped utterances without room yet, shortest first
+
+    def fits(index: int) -> bool:
+        return (len(batch) + 1) * max(longest_s, durations_s[index]) <= max_batch_s
+
+    def add(index: int) -> None:
+        nonlocal longest_s, total_s
+        batch.append(index)
+        longest_s, total_s = max(longest_s, durations_s[index]), total_s + durations_s[index]
+        if max_share:
+            group_s[groups[index]] = group_s.get(groups[index], 0.0) + durations_s[index]
+
+    def admit_waiting() -> None:
+        # A batch only gains room for a capped utterance when it grows, and it only grows here.
+        for index in list(waiting):
+            share, group = max_share[groups[index]], groups[index]
+            if fits(index) and group_s.get(group, 0.0) + durations_s[index] <= share * (total_s + durations_s[index]):
+                waiting.remove(index)
+                add(index)
+
+    for index in sorted(range(len(durations_s)), key=lambda i: (durations_s[i], i)):
+        if max_share and groups[index] in max_share:
+            waiting.append(index)
+        else:
+            # Ascending order: the newcomer is the longest, so it sets the padded length.
+            if batch and not fits(index):
+                batches.append(batch)
+                batch, longest_s, total_s, group_s = [], 0.0, 0.0, {}
+            add(index)
+        if batch:
+            admit_waiting()
+    if batch:
+        batches.append(batch)
+    return batches, len(waiting)

@@ -501,8 +501,94 @@ def _cmd_lm_tune(args) -> int:
     return 0
 
 
+def _add_pseudo_label(subparsers) -> None:
+    p = subparsers.add_parser("pseudo-label", help="transcribe untranscribed audio into a pseudo-labelled manifest",
+                              description="Transcribe audio with a teacher model and write a JSONL manifest whose rows "
+                                          "carry `pseudo_label: true` and the teacher's confidence, for a recipe's "
+                                          "data.pseudo_labelled. Texts are normalized as the model's recipe.yaml "
+                                          "says; rows below --min-confidence, empty ones and ones with characters "
+                                          "outside the model's vocabulary are left out and counted.")
+    p.add_argument("model", metavar="MODEL", help="teacher model folder or hub id")
+    p.add_argument("paths", metavar="AUDIO", nargs="+", help="audio files, folders (searched recursively) or globs")
+    p.add_argument("--output", metavar="OUT.jsonl", required=True, help="manifest to write")
+    p.add_argument("--min-confidence", type=float, default=None, metavar="X",
+                   help="leave out rows below this confidence: greedy, the mean top posterior of the non-blank frames "
+                        "(0-1); with --lm, the beam score per frame (log domain, at most 0 with --word-score 0). "
+                        "Default: keep all")
+    _add_model_arguments(p)
+    _add_beam_arguments(p)
+    p.set_defaults(func=_cmd_pseudo_label)
+
+
+def _cmd_pseudo_label(args) -> int:
+    from speechxfer.errors import InputError
+    from speechxfer.evaluate import model_normalization
+    from speechxfer.selftrain import pseudo_label
+    from speechxfer.text import TextNormalizer, load_text_options
+    from speechxfer.transcribe import find_audio
+
+    options, beam = _transcribe_options(args), _beam_options(args)
+    segments, problems = find_audio(args.paths, recursive=True)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if not segments:
+        raise InputError("no audio to pseudo-label")
+    recognizer = _load_recognizer(args)
+    spec = model_normalization(recognizer.directory)
+    labels = pseudo_label(recognizer, segments, output=args.output, decoder=_decoder(beam, recognizer),
+                          normalizer=None if spec is None else TextNormalizer(load_text_options(spec)),
+                          min_confidence=args.min_confidence, options=options, progress=sys.stderr.isatty())
+    for problem in labels.problems:
+        print(problem, file=sys.stderr)
+    dropped = ", ".join(f"{n} {kind}" for kind, n in sorted(labels.dropped.items()))
+    print(f"{labels.kept} of {len(segments)} files pseudo-labelled -> {labels.manifest}"
+          + (f"; left out {dropped}" if dropped else ""))
+    return 0
+
+
+def _add_self_train(subparsers) -> None:
+    p = subparsers.add_parser("self-train", help="self-training rounds: teacher -> pseudo labels -> student",
+                              description="Train the recipe's model (round 0, the teacher), then for each round "
+                                          "pseudo-label the untranscribed audio with the best model so far and train "
+                                          "a student on the recipe's data plus those labels; a round is kept only if "
+                                          "its dev WER improves. Writes OUTPUT_DIR/round-K/ and "
+                                          "OUTPUT_DIR/self_train.json; a rerun continues after the last finished "
+                                          "round.")
+    p.add_argument("recipe", metavar="RECIPE", help="recipe file (needs data.dev)")
+    p.add_argument("--unlabelled", metavar="DIR", nargs="+", required=True,
+                   help="untranscribed audio: files, folders (searched recursively) or globs; never dev or test audio")
+    p.add_argument("--rounds", type=_whole_number(1), default=1, metavar="K", help="student rounds (default 1)")
+    p.add_argument("--min-confidence", type=float, default=None, metavar="X",
+                   help="leave out pseudo labels below this confidence (see pseudo-label; default: keep all)")
+    p.add_argument("--max-share", type=float, default=0.5, metavar="X",
+                   help="most of each batch's seconds the pseudo-labelled audio may hold (default 0.5)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key (value read as YAML); repeatable")
+    _add_model_arguments(p)
+    _add_beam_arguments(p)
+    p.set_defaults(func=_cmd_self_train)
+
+
+def _cmd_self_train(args) -> int:
+    from speechxfer.recipe import load_recipe
+    from speechxfer.selftrain import self_train
+
+    result = self_train(load_recipe(args.recipe, overrides=args.overrides), unlabelled=args.unlabelled,
+                        rounds=args.rounds, min_confidence=args.min_confidence, max_share=args.max_share,
+                        beam=_beam_options(args), options=_transcribe_options(args), device=args.device,
+                        dtype=args.dtype)
+    for r in result.rounds:
+        print(f"round {r.round}: dev WER {r.dev_wer:.2%}"
+              + ("" if r.test_wer is None else f", test WER {r.test_wer:.2%}")
+              + ("" if r.round == 0 else f", {r.pseudo_labels} pseudo labels, {'kept' if r.kept else 'discarded'}"))
+    if result.stopped:
+        print(f"stopped: {result.stopped}")
+    print(f"best: round {result.best.round}, model {result.best.model}")
+    return 0
+
+
 _SUBCOMMANDS: list = [_add_synth, _add_prepare, _add_train, _add_wer, _add_vocab, _add_transcribe, _add_evaluate,
-                      _add_lm]
+                      _add_lm, _add_pseudo_label, _add_self_train]
 
 
 class _MessageHandler(logging.Handler):

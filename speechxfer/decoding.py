@@ -43,6 +43,13 @@ class Transcript:
 
     text: str  # words joined by single spaces
     words: tuple[WordTiming, ...]
+    # How sure the decoder is of the whole text. Greedy: the mean top posterior over the frames that emit a token
+    # (letters and word delimiters), in [0, 1]; 0 when every frame is blank. Blank frames are left out because
+    # they are mostly silence and pauses, which the model marks blank with near certainty: averaged in, a long
+    # pause would raise the confidence of an utterance whose letters are guesses. Beam search: the best
+    # hypothesis's score (acoustic log posterior + lm_weight x LM log probability + word_score x words) per
+    # frame, a log-domain number (at most 0 when word_score <= 0); -inf when there is no hypothesis.
+    confidence: float = 0.0
 
 
 class DecoderStream(Protocol):
@@ -114,7 +121,8 @@ class GreedyStream:
             text = vocabulary.decode_ctc(ids[frames[0]: frames[-1] + 1])
             if text:
                 words.append(_word_timing(text, frames, probs, frame_s=self._decoder.frame_s))
-        return Transcript(" ".join(w.word for w in words), tuple(words))
+        confidence = float(probs[emitting].mean()) if len(emitting) else 0.0
+        return Transcript(" ".join(w.word for w in words), tuple(words), confidence)
 
 
 def _word_frames(frames: list[int], tokens: list[int], *, delimiter_id: int) -> list[list[int]]:
@@ -214,7 +222,7 @@ class BeamSearchStream:
         flashlight.decode_end()
         hypotheses = flashlight.get_final_hypothesis()
         if not hypotheses:
-            return Transcript("", ())
+            return Transcript("", (), -math.inf)
         best = hypotheses[0]
         _, probs = self._path.arrays()
         delimiter = self._owner.vocabulary.delimiter_id
@@ -223,7 +231,7 @@ class BeamSearchStream:
                    if token == delimiter or 0 <= frame < len(probs)]
         groups = _word_frames([f for f, _ in emitted], [t for _, t in emitted], delimiter_id=delimiter)
         words = tuple(_word_timing(word, g, probs, frame_s=self._owner.frame_s) for word, g in zip(best.words, groups))
-        return Transcript(" ".join(best.words), words)
+        return Transcript(" ".join(best.words), words, float(best.score) / max(1, len(probs)))
 
 
 def make_decoder(vocabulary: Vocabulary, *, frame_s: float, beam: BeamSearchOptions | None = None) -> Decoder:

@@ -7,7 +7,7 @@ import gzip
 import json
 import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +32,10 @@ class Utterance:
     speaker: str | None = None
     language: str | None = None
     offset_s: float = 0.0  # start inside audio_path (Kaldi segments); 0 for whole files
+    # A pseudo label: the text is a model's transcript (speechxfer pseudo-label), not a person's. Training takes
+    # such rows (data.pseudo_labelled); dev and test refuse them (check_held_out).
+    pseudo_label: bool = False
+    confidence: float | None = None  # of a pseudo label: decoding.Transcript.confidence of the teacher
     # Where the row came from, for messages about it; set by read_manifest, never written, not compared.
     manifest: str | None = field(default=None, compare=False, repr=False)
     line: int | None = field(default=None, compare=False, repr=False)
@@ -68,6 +72,8 @@ _FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
     "speaker": ((str, type(None)), False),
     "language": ((str, type(None)), False),
     "offset_s": ((int, float), False),
+    "pseudo_label": ((bool,), False),
+    "confidence": ((int, float, type(None)), False),
 }
 
 
@@ -156,8 +162,8 @@ def load_manifest(path: str | os.PathLike) -> list[Utterance]:
 def write_manifest(path: str | os.PathLike, utterances: Iterable[Utterance]) -> None:
     """Write utterances as JSONL, atomically (a temporary file in the same folder, then rename).
 
-    Audio paths under the manifest's folder are stored relative to it, others absolute; `offset_s` is written
-    only when non-zero.
+    Audio paths under the manifest's folder are stored relative to it, others absolute; `offset_s`,
+    `pseudo_label` and `confidence` are written only when set, so human-labelled rows read as before.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -168,7 +174,35 @@ def write_manifest(path: str | os.PathLike, utterances: Iterable[Utterance]) -> 
                    "duration_s": u.duration_s, "speaker": u.speaker, "language": u.language}
             if u.offset_s:
                 row["offset_s"] = u.offset_s
+            if u.pseudo_label:
+                row["pseudo_label"] = True
+            if u.confidence is not None:
+                row["confidence"] = u.confidence
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def check_held_out(pseudo_labelled: Iterable[Utterance], held_out: dict[str, Sequence[Utterance]]) -> None:
+    """ManifestError unless dev and test (`held_out`: split name -> utterances) are free of pseudo labels: no
+    held-out row marked pseudo_label, and no pseudo-labelled utterance whose id or audio file (symlinks resolved)
+    is also held out, so that a model is never scored on audio its own transcripts trained it on. The error names
+    the offending row's manifest and line, and the held-out row it meets."""
+    by_id: dict[str, tuple[str, Utterance]] = {}
+    by_file: dict[str, tuple[str, Utterance]] = {}
+    for split, utterances in held_out.items():
+        for u in utterances:
+            if u.pseudo_label:
+                raise ManifestError(f"{split} utterance {u.id} is pseudo-labelled (pseudo_label: true): {split} "
+                                    "needs human transcripts", path=u.manifest, line=u.line)
+            by_id.setdefault(u.id, (split, u))
+            by_file.setdefault(os.path.realpath(u.audio_path), (split, u))
+    for u in pseudo_labelled:
+        for what, found in (("id", by_id.get(u.id)), ("audio file", by_file.get(os.path.realpath(u.audio_path)))):
+            if found is not None:
+                split, other = found
+                where = other.manifest if other.line is None else f"{other.manifest}:{other.line}"
+                raise ManifestError(f"pseudo-labelled utterance {u.id}: its {what} is also in the {split} set "
+                                    f"({where}); {split} audio must never be pseudo-labelled for training",
+                                    path=u.manifest, line=u.line)
 
 
 def summarize(utterances: Iterable[Utterance]) -> ManifestSummary:
@@ -195,17 +229,19 @@ def _parse_row(row: object, base: str, manifest: str, number: int) -> Utterance:
             if required:
                 raise ValueError(f"missing field {name!r}")
         # bool is an int in Python but never a valid duration or offset
-        elif not isinstance(row[name], types) or isinstance(row[name], bool):
+        elif not isinstance(row[name], types) or (isinstance(row[name], bool) and bool not in types):
             raise ValueError(f"field {name!r} has type {type(row[name]).__name__}")
-    for name in ("duration_s", "offset_s"):
-        if name in row and not math.isfinite(row[name]):
+    for name in ("duration_s", "offset_s", "confidence"):
+        if row.get(name) is not None and not math.isfinite(row[name]):
             raise ValueError(f"field {name!r} is not finite")
     if not row["id"].strip():
         raise ValueError("empty id")
     audio_path = os.path.normpath(os.path.join(base, os.path.expanduser(row["audio_path"])))
     return Utterance(id=row["id"], audio_path=audio_path, text=row["text"], duration_s=float(row["duration_s"]),
                      speaker=row.get("speaker"), language=row.get("language"),
-                     offset_s=float(row.get("offset_s", 0.0)), manifest=manifest, line=number)
+                     offset_s=float(row.get("offset_s", 0.0)), pseudo_label=row.get("pseudo_label", False),
+                     confidence=None if row.get("confidence") is None else float(row["confidence"]),
+                     manifest=manifest, line=number)
 
 
 def _check_row(u: Utterance, seen: set[str], check_files: bool, check_audio: bool) -> tuple[str, str] | None:

@@ -9,7 +9,8 @@ A run starts from a checkpoint (``base``, fine-tuning) or from a Wav2Vec2 config
 (``model_config``, training from scratch); the ``model`` section sets masking and dropouts on either.
 
 Paths written in a recipe file (``data.*``, ``vocabulary.path``, ``augment.noise.source``,
-``augment.reverb.source``, and ``base`` when it names an existing folder) are relative to the recipe file.
+``augment.reverb.source``, ``data.pseudo_labelled[i].manifest``, and ``base`` when it names an existing folder) are
+relative to the recipe file.
 ``output_dir`` and every path given with ``--set`` are relative to the working directory, because that is where the
 user typed them.
 
@@ -55,10 +56,25 @@ class PrepareOptions:
 
 
 @dataclass(frozen=True, kw_only=True)
+class PseudoLabelledOptions:
+    """A manifest of pseudo-labelled training utterances (`speechxfer pseudo-label`) and its cap in each batch."""
+
+    manifest: str  # JSONL manifest; its rows train whether or not they carry `pseudo_label: true`
+    # The most its utterances may hold of each global batch's seconds of audio (batching.DurationBatchSampler):
+    # at 0.5, at least half of every batch is audio with other transcripts. Utterances that find no room are left
+    # out of the run's batch plan (counted when training starts).
+    max_share: float = checked(0.5, Check(lambda v: 0 < v <= 1, "in (0, 1]"))
+
+    __post_init__ = check_fields
+
+
+@dataclass(frozen=True, kw_only=True)
 class DataOptions:
     """Where the utterances come from."""
 
     train: str | None = None  # JSONL manifest; with `prepare` it defaults to OUTPUT_DIR/manifests/train.jsonl
+    # Training utterances transcribed by a model, each manifest with its cap; never dev or test audio
+    pseudo_labelled: tuple[PseudoLabelledOptions, ...] = ()
     dev: str | None = None  # evaluated every eval.every_updates; picks the best checkpoint
     test: str | None = None  # scored once with the best checkpoint at the end
     prepare: PrepareOptions | None = None  # run when the train manifest does not exist yet
@@ -175,6 +191,7 @@ def load_recipe(path: str | os.PathLike, *, overrides: typing.Sequence[str] = ()
     here = path.resolve().parent
     for key in _PATH_KEYS:
         _resolve_path(raw, key, here)
+    _resolve_pseudo_labelled(raw, here)
     base = raw.get("base")
     if isinstance(base, str) and (here / base).expanduser().exists():
         raw["base"] = str((here / base).expanduser().resolve())
@@ -186,6 +203,8 @@ def load_recipe(path: str | os.PathLike, *, overrides: typing.Sequence[str] = ()
         from_cli.add(key)
         if key in _PATH_KEYS or key == "output_dir":
             _resolve_path(raw, key, Path.cwd())
+        elif key == "data.pseudo_labelled":
+            _resolve_pseudo_labelled(raw, Path.cwd())
         elif key == "base" and isinstance(value, str) and Path(value).expanduser().exists():
             raw["base"] = str(Path(value).expanduser().resolve())
     if isinstance(raw.get("output_dir"), str):
@@ -203,6 +222,15 @@ def load_recipe(path: str | os.PathLike, *, overrides: typing.Sequence[str] = ()
     if data.train is None and data.prepare is None:
         raise RecipeError("missing required key 'data.train' (a manifest), or 'data.prepare' to build one",
                           path=path)
+    manifests = [entry.manifest for entry in data.pseudo_labelled]
+    for i, manifest in enumerate(manifests):
+        for split in ("train", "dev", "test"):
+            if getattr(data, split) == manifest:
+                raise RecipeError(f"data.pseudo_labelled[{i}].manifest is also data.{split} ({manifest})"
+                                  + ("" if split == "train" else f": {split} needs human transcripts"), path=path)
+        if manifests.index(manifest) != i:
+            raise RecipeError(f"data.pseudo_labelled[{i}].manifest repeats data.pseudo_labelled"
+                              f"[{manifests.index(manifest)}] ({manifest})", path=path)
     if data.prepare is not None:
         # Prepared manifests land beside the model so that one output folder holds the whole run.
         manifests = Path(recipe.output_dir) / "manifests"
@@ -244,6 +272,15 @@ def _check_model_config(options: dict[str, Any], *, path: Path) -> None:
         wav2vec2_config(options, prefix="model_config.")
     except InputError as err:
         raise RecipeError(err.message, path=path) from None
+
+
+def _resolve_pseudo_labelled(raw: dict, folder: Path) -> None:
+    """Resolve data.pseudo_labelled[i].manifest against `folder` (a list of mappings, so not a _PATH_KEYS key)."""
+    data = raw.get("data")
+    entries = data.get("pseudo_labelled") if isinstance(data, dict) else None
+    for entry in entries if isinstance(entries, list) else ():
+        if isinstance(entry, dict) and isinstance(entry.get("manifest"), str):
+            entry["manifest"] = str((folder / Path(entry["manifest"]).expanduser()).resolve())
 
 
 def _resolve_path(raw: dict, key: str, folder: Path) -> None:

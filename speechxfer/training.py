@@ -42,7 +42,7 @@ from speechxfer.decoding import GreedyDecoder, decode_batch
 from speechxfer.compat import reset_accelerator_state
 from speechxfer.errors import InputError, Problem
 from speechxfer.freezing import apply_freezing, parameter_groups, parameter_table
-from speechxfer.manifest import Utterance, read_jsonl, read_manifest
+from speechxfer.manifest import Utterance, check_held_out, read_jsonl, read_manifest
 from speechxfer.recipe import Recipe, TrainOptions, resolved_yaml
 from speechxfer.scoring import ScoreReport, score
 from speechxfer.surgery import (MODEL_STAGING, build_ctc_model, build_scratch_model, finish_model_folder,
@@ -163,10 +163,15 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
         say(f"{recipe.base}: {transfer}")
 
     # --- batches: drop what cannot train, then buckets of at most max_batch_s seconds ---------------------------
-    examples, dropped = filter_utterances(splits["train"], normalizer=normalizer, vocab=vocab, config=model.config,
-                                          min_duration_s=opts.min_duration_s, max_duration_s=opts.max_duration_s,
-                                          augment_options=recipe.augment)
+    keep = partial(filter_utterances, normalizer=normalizer, vocab=vocab, config=model.config,
+                   min_duration_s=opts.min_duration_s, max_duration_s=opts.max_duration_s,
+                   augment_options=recipe.augment)
+    examples, dropped = keep(splits["train"])
     say(f"train: {len(examples)} utterances kept; {dropped}")
+    if recipe.data.pseudo_labelled:
+        pseudo_examples, dropped = keep(splits["pseudo_labelled"])
+        say(f"pseudo-labelled: {len(pseudo_examples)} utterances kept; {dropped}")
+        examples += pseudo_examples
     if recipe.augment.enabled:
         check_sources(recipe.augment)  # a bad noise or impulse-response folder stops the run here, not in a worker
         say("augment: " + ", ".join(f"{name} p={getattr(recipe.augment, name).probability:g}"
@@ -182,18 +187,27 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
     # hold at most max_batch_s of audio in every epoch.
     train_audio = partial(SpeechDataset, augment_options=recipe.augment if recipe.augment.enabled else None,
                           seed=opts.seed)
-    sampler = DurationBatchSampler(train_audio(examples).durations_s, max_batch_s=opts.max_batch_s,
-                                   shuffle=True, seed=opts.seed, num_replicas=accelerator.num_processes,
-                                   rank=accelerator.process_index)
+    # Pseudo-labelled manifest k is group k (labelled utterances: group 0), capped at its max_share of each global
+    # batch's seconds. The cap is part of the batch plan, which the data and seed alone fix, so resuming and the
+    # global batches for any number of processes hold as before; a loss weight would too, but it needs per-utterance
+    # CTC losses computed outside transformers' Wav2Vec2ForCTC.
+    pseudo_labelled = dict(enumerate(recipe.data.pseudo_labelled, start=1))
+    group_of = {entry.manifest: k for k, entry in pseudo_labelled.items()}
+    capped = partial(DurationBatchSampler, max_batch_s=opts.max_batch_s, shuffle=True, seed=opts.seed,
+                     num_replicas=accelerator.num_processes, rank=accelerator.process_index,
+                     max_share={k: entry.max_share for k, entry in pseudo_labelled.items()})
+    sampler = capped(train_audio(examples).durations_s, groups=[group_of.get(u.manifest, 0) for u, _ in examples])
+    if sampler.num_over_share:
+        say(f"pseudo-labelled: {sampler.num_over_share} utterances find no room under their max_share and are left "
+            "out of the batches")
     if len(sampler) == 0:
         raise InputError(f"too little training data: {len(examples)} utterances after filtering, not one batch for "
                          f"each of {accelerator.num_processes} processes", path=recipe.data.train)
     short_sampler = None
     if opts.short_first_s is not None and opts.short_first_share > 0:
         short_examples = [(u, labels) for u, labels in examples if u.duration_s <= opts.short_first_s]
-        short_sampler = DurationBatchSampler(train_audio(short_examples).durations_s, max_batch_s=opts.max_batch_s,
-                                             shuffle=True, seed=opts.seed, num_replicas=accelerator.num_processes,
-                                             rank=accelerator.process_index)
+        short_sampler = capped(train_audio(short_examples).durations_s,
+                               groups=[group_of.get(u.manifest, 0) for u, _ in short_examples])
         if len(short_sampler) == 0:
             raise InputError(f"train.short_first_s: {len(short_examples)} training utterances up to "
                              f"{opts.short_first_s:g} s, not one batch for each of {accelerator.num_processes} "
@@ -618,7 +632,9 @@ def _prepare_manifests(recipe: Recipe, say) -> None:
 
 
 def _read_splits(recipe: Recipe, say) -> dict[str, list[Utterance]]:
-    """The utterances of train, dev (the first eval.max_dev_utterances) and test; bad rows skipped and counted."""
+    """The utterances of train, pseudo_labelled (every data.pseudo_labelled manifest), dev (the first
+    eval.max_dev_utterances) and test; bad rows skipped and counted. ManifestError when pseudo labels meet dev or
+    test (manifest.check_held_out)."""
     splits: dict[str, list[Utterance]] = {}
     for name in ("train", "dev", "test"):
         path = getattr(recipe.data, name)
@@ -630,6 +646,13 @@ def _read_splits(recipe: Recipe, say) -> dict[str, list[Utterance]]:
         utterances, problems = read_manifest(path, check_files=True)
         _report_problems(name, problems, say)
         splits[name] = utterances
+    splits["pseudo_labelled"] = []
+    for entry in recipe.data.pseudo_labelled:
+        utterances, problems = read_manifest(entry.manifest, check_files=True)
+        _report_problems(f"pseudo-labelled {entry.manifest}", problems, say)
+        splits["pseudo_labelled"] += utterances
+    check_held_out(splits["pseudo_labelled"] + [u for u in splits["train"] if u.pseudo_label],
+                   {"dev": splits["dev"], "test": splits["test"]})
     if recipe.eval.max_dev_utterances is not None:
         splits["dev"] = splits["dev"][:recipe.eval.max_dev_utterances]
     return splits

@@ -305,3 +305,28 @@ def test_batches_planned_for_speed_perturbation_never_exceed_max_batch_s(tmp_pat
             longest_s = max(longest_s, len(batch) * max(lengths_s))
             assert len(batch) * max(lengths_s) <= max_batch_s
     assert slowed > 0 and longest_s > 0.8 * max_batch_s  # the plan was tested where it matters
+
+
+def test_capped_groups_hold_at_most_their_share_of_every_batch_for_any_process_count():
+    durations = random_durations()
+    groups = [0] * 60 + [1] * 100 + [2] * 40  # labelled, then two pseudo-labelled manifests
+    caps = {1: 0.3, 2: 0.1}
+    sampler = DurationBatchSampler(durations, max_batch_s=20.0, seed=3, groups=groups, max_share=caps)
+    batches = list(sampler)
+    for batch in batches:
+        total_s = sum(durations[i] for i in batch)
+        for group, share in caps.items():
+            assert sum(durations[i] for i in batch if groups[i] == group) <= share * total_s + 1e-9
+        assert len(batch) * max(durations[i] for i in batch) <= 20.0
+    served = sorted(i for b in batches for i in b)
+    assert [i for i in range(200) if groups[i] == 0] == [i for i in served if groups[i] == 0]  # labelled all in
+    assert 0 < sampler.num_over_share == 200 - len(served)  # more pseudo audio than the caps allow, counted
+    assert any(groups[i] == 1 for i in served) and any(groups[i] == 2 for i in served)
+    # The cap is in the global plan: each rank's shares make up the same global batches.
+    shards = [list(DurationBatchSampler(durations, max_batch_s=20.0, seed=3, groups=groups, max_share=caps,
+                                        num_replicas=2, rank=r)) for r in range(2)]
+    assert [sorted(a + b) for a, b in zip(*shards)] == [sorted(b) for b in batches if len(b) >= 2]
+    # Without caps (or with a share of 1) the plan is the plain one.
+    plain = list(DurationBatchSampler(durations, max_batch_s=20.0, seed=3))
+    assert list(DurationBatchSampler(durations, max_batch_s=20.0, seed=3, groups=groups,
+                                     max_share={1: 1.0, 2: 1.0})) == plain

@@ -1,3 +1,4 @@
+import math
 import shutil
 import subprocess
 
@@ -159,3 +160,35 @@ def test_kenlm_binary_with_a_lexicon_decodes_like_its_arpa(tmp_path, arpa):
                                             frame_s=FRAME_S), log_probs[None], torch.tensor([len(log_probs)]))[0].text
              for lm in (binary, arpa)]
     assert texts == ["cat", "cat"]
+
+
+def test_greedy_utterance_confidence_is_the_mean_top_posterior_of_non_blank_frames():
+    decoder = GreedyDecoder(VOCAB, frame_s=FRAME_S)
+    top = 0.9 / (0.9 + 0.06)
+    # Frame 3 is ambiguous ("a" at 0.9 against "t" at 0.5): only emitting frames count, blanks (however sure) not.
+    log_probs = path_log_probs("__ca_t____", ambiguous={3: ("t", 0.5)})
+    transcript = decode_batch(decoder, log_probs[None], torch.tensor([len(log_probs)]))[0]
+    ambiguous_top = 0.9 / (0.9 + 0.5 + 0.05)
+    assert transcript.confidence == pytest.approx((2 * top + ambiguous_top) / 3, rel=1e-5)
+    # More blank frames around the same letters leave it unchanged.
+    longer = path_log_probs("________ca_t__________", ambiguous={9: ("t", 0.5)})
+    assert decode_batch(decoder, longer[None], torch.tensor([len(longer)]))[0].confidence == \
+        pytest.approx(transcript.confidence, rel=1e-5)
+    assert decode_batch(decoder, path_log_probs("____")[None], torch.tensor([4]))[0].confidence == 0.0
+
+
+def test_beam_confidence_is_the_hypothesis_score_per_frame(tmp_path):
+    pytest.importorskip("flashlight.lib.text.decoder")
+    arpa = tmp_path / "lm.arpa"
+    arpa.write_text(ARPA, encoding="utf-8")
+    log_probs = path_log_probs("__cc_a_t__")
+    scores = {}
+    for lm_weight in (0.0, 2.0):
+        decoder = BeamSearchDecoder(VOCAB, BeamSearchOptions(str(arpa), lm_weight=lm_weight), frame_s=FRAME_S)
+        transcript = decode_batch(decoder, log_probs[None], torch.tensor([len(log_probs)]))[0]
+        assert transcript.text == "cat"
+        scores[lm_weight] = transcript.confidence
+    # Without the LM the score is the path's acoustic log posterior: at most 0, about log 0.9 per frame here.
+    assert math.log(0.5) < scores[0.0] < 0
+    # The LM's log probability of "cat" (< 0), weighted, lowers it further, spread over the 10 frames.
+    assert scores[2.0] < scores[0.0]

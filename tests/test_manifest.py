@@ -7,7 +7,8 @@ import pytest
 from tiny import write_tone
 
 from speechxfer.errors import ManifestError
-from speechxfer.manifest import Utterance, load_manifest, read_jsonl, read_manifest, summarize, write_manifest
+from speechxfer.manifest import (Utterance, check_held_out, load_manifest, read_jsonl, read_manifest, summarize,
+                                 write_manifest)
 
 
 def test_round_trip_stores_paths_relative_to_the_manifest_when_under_it(tmp_path):
@@ -72,7 +73,7 @@ def test_every_bad_row_is_reported_with_its_line_and_skipped(tmp_path):
         (11, "unreadable_audio"), (12, "malformed_row"), (13, "malformed_row")]
     assert all(p.path == str(manifest) for p in problems)
     assert str(problems[3]) == f"{manifest}:5: [malformed_row] unknown field(s) durations; known: " \
-                               "id, audio_path, text, duration_s, speaker, language, offset_s"
+                               "id, audio_path, text, duration_s, speaker, language, offset_s, pseudo_label, confidence"
     # without check_audio the files are not looked at
     assert [u.id for u in read_manifest(manifest)[0]] == ["ok", "f", "g", "ok2"]
 
@@ -192,3 +193,45 @@ def test_check_files_stats_and_check_audio_reads_headers(tmp_path):
     assert "NaN or infinite" in problems[2].message
     assert str(problems[3]) == (f"{manifest}:6: [duration_mismatch] short: the manifest lists 2 s, the audio holds "
                                 f"0.001 s: {tmp_path / 'tiny.wav'}")
+
+
+def test_pseudo_label_rows_round_trip_and_old_rows_stay_as_they_were(tmp_path):
+    audio = write_tone(tmp_path / "a.wav")
+    human = Utterance("h", str(audio), "ab", 1.0)
+    pseudo = Utterance("p", str(audio), "ba", 1.0, pseudo_label=True, confidence=0.8125)
+    manifest = tmp_path / "m.jsonl"
+    write_manifest(manifest, [human, pseudo])
+    first, second = (json.loads(line) for line in manifest.read_text(encoding="utf-8").splitlines())
+    assert "pseudo_label" not in first and "confidence" not in first
+    assert (second["pseudo_label"], second["confidence"]) == (True, 0.8125)
+    assert load_manifest(manifest) == [human, pseudo]
+    bad = tmp_path / "bad.jsonl"
+    base = {"id": "x", "audio_path": "a.wav", "text": "t", "duration_s": 1}
+    bad.write_text("\n".join(json.dumps(base | extra) for extra in (
+        {"pseudo_label": 1}, {"confidence": "high"}, {"confidence": True}, {"confidence": None, "id": "ok"})) + "\n"
+        + '{"id": "nan", "audio_path": "a.wav", "text": "t", "duration_s": 1, "confidence": NaN}\n', encoding="utf-8")
+    kept, problems = read_manifest(bad)
+    assert [u.id for u in kept] == ["ok"] and kept[0].confidence is None
+    assert [(p.line, p.kind) for p in problems] == [(1, "malformed_row"), (2, "malformed_row"), (3, "malformed_row"),
+                                                    (5, "malformed_row")]
+
+
+def test_check_held_out_refuses_pseudo_labels_in_dev_and_their_audio_or_ids_in_test(tmp_path):
+    a, b = write_tone(tmp_path / "a.wav"), write_tone(tmp_path / "b.wav", seed=1)
+    (tmp_path / "link.wav").symlink_to(b)
+    dev = tmp_path / "dev.jsonl"
+    write_manifest(dev, [Utterance("d1", str(a), "ab", 1.0), Utterance("d2", str(b), "ab", 1.0, pseudo_label=True)])
+    with pytest.raises(ManifestError, match=r"dev.jsonl:2: dev utterance d2 is pseudo-labelled"):
+        check_held_out([], {"dev": load_manifest(dev)})
+    test = tmp_path / "test.jsonl"
+    write_manifest(test, [Utterance("t1", str(a), "ab", 1.0), Utterance("t2", str(b), "ab", 1.0)])
+    pseudo = tmp_path / "pseudo.jsonl"
+    write_manifest(pseudo, [Utterance("x", str(tmp_path / "c.wav"), "ab", 1.0, pseudo_label=True),
+                            Utterance("y", str(tmp_path / "link.wav"), "ab", 1.0, pseudo_label=True)])
+    with pytest.raises(ManifestError, match=r"pseudo.jsonl:2: pseudo-labelled utterance y: its audio file is also in "
+                                            r"the test set \(.*test.jsonl:2\)"):
+        check_held_out(load_manifest(pseudo), {"test": load_manifest(test)})
+    write_manifest(pseudo, [Utterance("t1", str(tmp_path / "c.wav"), "ab", 1.0)])
+    with pytest.raises(ManifestError, match=r"pseudo.jsonl:1: .* its id is also in the test set"):
+        check_held_out(load_manifest(pseudo), {"test": load_manifest(test)})
+    check_held_out([Utterance("z", str(tmp_path / "c.wav"), "ab", 1.0)], {"test": load_manifest(test)})  # no overlap

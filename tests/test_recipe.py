@@ -288,3 +288,26 @@ def test_sections_built_in_python_are_held_to_the_same_checks():
         TrainOptions(schedule="cosine")
     with pytest.raises(ValueError, match=r"layer_lr_decay must be in \(0, 1\]"):
         FreezeOptions(layer_lr_decay=0)
+
+
+def test_pseudo_labelled_manifests_resolve_against_the_file_and_are_never_dev_or_test(tmp_path, monkeypatch):
+    recipe = with_(MINIMAL, "data.pseudo_labelled", [{"manifest": "pl/a.jsonl", "max_share": 0.25},
+                                                     {"manifest": "pl/b.jsonl"}])
+    recipe["data"]["dev"] = "data/dev.jsonl"
+    path = write(tmp_path, recipe)
+    monkeypatch.chdir(tmp_path.parent)
+    loaded = load_recipe(path)
+    assert [(e.manifest, e.max_share) for e in loaded.data.pseudo_labelled] == [
+        (str(tmp_path / "pl" / "a.jsonl"), 0.25), (str(tmp_path / "pl" / "b.jsonl"), 0.5)]
+    assert load_recipe(write(tmp_path, resolved_yaml(loaded), "resolved.yaml")) == loaded
+    assert load_recipe(path, overrides=["data.pseudo_labelled=[{manifest: x.jsonl}]"]).data.pseudo_labelled[0] \
+        .manifest == str(tmp_path.parent / "x.jsonl")
+    for override, message in (
+            ("data.pseudo_labelled=[{manifest: data/dev.jsonl}]", r"data.pseudo_labelled\[0\].manifest is also data.dev"
+                                                                  r" .*: dev needs human transcripts"),
+            ("data.pseudo_labelled=[{manifest: a}, {manifest: a}]", r"data.pseudo_labelled\[1\].manifest repeats"),
+            ("data.pseudo_labelled=[{manifest: a, max_share: 1.5}]", r"max_share must be in \(0, 1\]"),
+            ("data.pseudo_labelled=[{manifest: a, weight: 2}]", r"unknown key 'data.pseudo_labelled\[0\].weight'")):
+        monkeypatch.chdir(tmp_path)
+        with pytest.raises(RecipeError, match=message):
+            load_recipe(path, overrides=[override])
