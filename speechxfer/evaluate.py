@@ -88,7 +88,9 @@ def describe_left_out(left_out: Sequence[Problem]) -> str:
 def model_normalization(model_dir: str | os.PathLike, *, lang: str | None = None) -> str | None:
     """The model folder's recipe.yaml (whose `text:` section normalized its training targets), if it has one; for
     `lang` of a folder of language adapters, that of the language's own run (model_dir/<lang>/recipe.yaml)."""
-    for recipe in ([Path(model_dir, lang, "recipe.yaml")] if lang is not None else []) + [Path(model_dir, "recipe.yaml")]:
+    candidates = [Path(model_dir, "recipe.yaml")] if lang is None else [Path(model_dir, lang, "recipe.yaml"),
+                                                                         Path(model_dir, "recipe.yaml")]
+    for recipe in candidates:
         if recipe.is_file():
             return os.fspath(recipe)
     return None

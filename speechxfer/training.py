@@ -514,9 +514,9 @@ def _check_output_dir(recipe: Recipe, *, resume: bool) -> None:
                      and os.listdir(out / prepared.parent) == ["manifests"])
     adapters = sorted(out.glob(ADAPTER_FILE.format("*")))
     if adapters and recipe.adapt.method != "adapter":
-        raise InputError(f"the output folder holds language adapters ({', '.join(a.name for a in adapters[:3])}"
-                         f"{', ...' if len(adapters) > 3 else ''}) over its base weights, which a {recipe.adapt.method} "
-                         "run would change under them; choose another output_dir", path=out)
+        shown = ", ".join(a.name for a in adapters[:3]) + (", ..." if len(adapters) > 3 else "")
+        raise InputError(f"the output folder holds language adapters ({shown}) over its base weights, which a "
+                         f"{recipe.adapt.method} run would change under them; choose another output_dir", path=out)
     if entries and not is_run and not only_prepared:
         shown = ", ".join(e + "/" if (out / e).is_dir() else e for e in entries[:5])
         more = f" and {len(entries) - 5} more" if len(entries) > 5 else ""
