@@ -128,9 +128,17 @@ def test_the_adapter_folder_loads_with_target_lang_and_gives_speechxfers_logits(
         ours, frames = recognizer.log_probs([audio])
         assert ours.shape == theirs.shape and int(frames[0]) == theirs.shape[1]
         assert torch.allclose(ours, theirs, atol=1e-4)
+    # the folder as it is, without target_lang: the last trained language, through transformers' own pipeline
+    from transformers import pipeline
+
+    text = pipeline("automatic-speech-recognition", model=str(out), device="cpu")(audio)["text"]
+    recognizer = Recognizer(out, device="cpu", lang="def")
+    ours, _ = recognizer.log_probs([audio])
+    assert text.split() == recognizer.vocabulary.decode_ctc(ours[0].argmax(-1).tolist()).split()
 
 
-def test_two_languages_in_one_folder_each_transcribe_with_their_own_vocabulary(adapter_runs, corpus, capsys):
+def test_two_languages_in_one_folder_each_transcribe_with_their_own_vocabulary(adapter_runs, corpus, capsys,
+                                                                             tmp_path):
     first, second, between = adapter_runs
     out = Path(second.output_dir)
     assert (out / "adapter.abc.safetensors").read_bytes() == between["adapter.abc.safetensors"]
@@ -155,6 +163,16 @@ def test_two_languages_in_one_folder_each_transcribe_with_their_own_vocabulary(a
         recognizer = Recognizer(out, device="cpu", lang=lang)
         log_probs, _ = recognizer.log_probs([load_audio(audio)])
         assert texts[lang] == recognizer.vocabulary.decode_ctc(log_probs[0].argmax(-1).tolist()).strip()
+    # evaluate scores each language against its own run's test set, normalized by that run's recipe
+    from speechxfer.evaluate import model_normalization
+
+    assert model_normalization(out, lang="abc") == str(out / "abc" / "recipe.yaml")
+    for lang, recipe in (("abc", first), ("def", second)):
+        assert main(["evaluate", str(out), recipe.data.test, "--lang", lang, "--device", "cpu",
+                     "--output-dir", str(tmp_path / lang)]) == 0
+        hypotheses = (tmp_path / lang / "hypotheses.jsonl").read_text()
+        assert hypotheses.count("\n") == 2
+    capsys.readouterr()
     assert main(["transcribe", str(out), str(audio), "--lang", "xyz", "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "xyz" in err and "abc, def" in err
@@ -208,6 +226,9 @@ def test_a_lora_runs_merged_model_is_the_base_plus_the_lora_delta(lora_run, base
     config = json.loads((out / "lora" / "adapter_config.json").read_text())
     scale = config["lora_alpha"] / config["r"]
     assert not any("lora" in k or "base_layer" in k for k in merged)  # a plain model folder
+    from transformers import pipeline
+
+    pipeline("automatic-speech-recognition", model=str(out), device="cpu")
     wrapped = {k.removeprefix("base_model.model.").removesuffix(".lora_A.weight") for k in lora if "lora_A" in k}
     assert len(wrapped) == 3 * 2  # q_proj, v_proj and intermediate_dense of 2 layers
     changed_by_lora = 0
