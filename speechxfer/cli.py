@@ -252,6 +252,9 @@ def _add_model_arguments(p) -> None:
 
     defaults = TranscribeOptions()
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps, or auto (default: the best available)")
+    p.add_argument("--lang", default=None, metavar="LANG",
+                   help="for a model with language adapters (adapter.LANG.safetensors), the language to use "
+                        "(default: the one in model.safetensors)")
     p.add_argument("--dtype", choices=tuple(COMPUTE_DTYPES), default="float32",
                    help="precision of matrix products and convolutions (default float32; bfloat16 is faster on "
                         "CPUs with AVX512-BF16 or AMX, float16 on GPUs)")
@@ -287,7 +290,7 @@ def _load_recognizer(args):
     from speechxfer.transcribe import Recognizer
 
     transformers_logging.disable_progress_bar()  # keep stderr for our own progress and problems
-    return Recognizer(args.model, device=args.device, dtype=args.dtype)
+    return Recognizer(args.model, device=args.device, dtype=args.dtype, lang=args.lang)
 
 
 def _transcribe_options(args):
@@ -409,7 +412,7 @@ def _cmd_evaluate(args) -> int:
     options, beam = _transcribe_options(args), _beam_options(args)
     output_folder(args.output_dir)  # a bad output folder stops the command before the model loads
     recognizer = _load_recognizer(args)
-    spec = args.normalize if args.normalize is not None else model_normalization(recognizer.directory)
+    spec = args.normalize if args.normalize is not None else model_normalization(recognizer.directory, lang=args.lang)
     normalizer = None if spec is None else TextNormalizer(load_text_options(spec))
     result = evaluate(recognizer, args.manifest, output_dir=args.output_dir, decoder=_decoder(beam, recognizer),
                       normalizer=normalizer, options=options, progress=sys.stderr.isatty())
@@ -483,7 +486,7 @@ def _cmd_lm_tune(args) -> int:
     lm_weights, word_scores = floats(args.lm_weights, "--lm-weights"), floats(args.word_scores, "--word-scores")
     options = _transcribe_options(args)
     recognizer = _load_recognizer(args)
-    spec = args.normalize if args.normalize is not None else model_normalization(recognizer.directory)
+    spec = args.normalize if args.normalize is not None else model_normalization(recognizer.directory, lang=args.lang)
     result = tune_lm(recognizer, args.manifest, lm_path=args.lm, lexicon_path=args.lexicon, lm_weights=lm_weights,
                      word_scores=word_scores, beam_size=args.beam_size,
                      normalizer=None if spec is None else TextNormalizer(load_text_options(spec)),

@@ -97,3 +97,13 @@ def mark_feature_encoder_trainable(encoder: nn.Module) -> None:
     no unfreeze).
     """
     encoder._requires_grad = True
+
+
+def adapter_weights(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The weights of a Wav2Vec2ForCTC's attention adapters and CTC head, by the names MMS's
+    adapter.<lang>.safetensors files use (what `load_adapter` expects).
+
+    Leans on the private `_get_adapters()` of transformers' Wav2Vec2PreTrainedModel, the list `load_adapter`
+    checks a file against.
+    """
+    return model._get_adapters()

@@ -85,10 +85,15 @@ def describe_left_out(left_out: Sequence[Problem]) -> str:
             + ", ".join(f"{n} {why.get(kind, kind)}" for kind, n in kinds.most_common()) + ")")
 
 
-def model_normalization(model_dir: str | os.PathLike) -> str | None:
-    """The model folder's recipe.yaml (whose `text:` section normalized its training targets), if it has one."""
-    recipe = Path(model_dir, "recipe.yaml")
-    return os.fspath(recipe) if recipe.is_file() else None
+def model_normalization(model_dir: str | os.PathLike, *, lang: str | None = None) -> str | None:
+    """The model folder's recipe.yaml (whose `text:` section normalized its training targets), if it has one; for
+    `lang` of a folder of language adapters, that of the language's own run (model_dir/<lang>/recipe.yaml)."""
+    candidates = [Path(model_dir, "recipe.yaml")] if lang is None else [Path(model_dir, lang, "recipe.yaml"),
+                                                                         Path(model_dir, "recipe.yaml")]
+    for recipe in candidates:
+        if recipe.is_file():
+            return os.fspath(recipe)
+    return None
 
 
 def frequent_substitutions(report: ScoreReport, n: int = 20) -> list[tuple[str, str, int]]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from transformers import Wav2Vec2ForCTC
@@ -27,6 +29,11 @@ class FreezeOptions:
     __post_init__ = check_fields
 
 
+# What adapt.method "adapter" and "lora" add to the model, and train: transformers' attention adapter layers,
+# peft's LoRA matrices (by their module names).
+_ADDED = {"adapter": re.compile(r"(^|\.)adapter_layer\."), "lora": re.compile(r"(^|\.)lora_[AB]\.")}
+
+
 @dataclass(frozen=True)
 class _Part:
     """A component of the model: its table label, its depth for lr decay (-1 below the transformer layers,
@@ -37,9 +44,13 @@ class _Part:
     params: list[tuple[str, torch.nn.Parameter]]
 
 
-def apply_freezing(model: Wav2Vec2ForCTC, options: FreezeOptions, *, update: int) -> bool:
+def apply_freezing(model: Wav2Vec2ForCTC, options: FreezeOptions, *, update: int,
+                   method: Literal["full", "adapter", "lora"] = "full") -> bool:
     """Set requires_grad for the state the run is in at optimizer update `update` (0-based); idempotent.
 
+    method (the recipe's adapt.method): "full" trains what `options` leave trainable; "adapter" only the attention
+    adapters (their own layer norms included) and the head, "lora" only the LoRA matrices and the head, whatever
+    `options` say of the rest (head_only_updates still holds the adapters back at first).
     Returns True when some parameter changed state (e.g. at `update == head_only_updates`, when the encoder thaws).
     Frozen parameters get no gradient, so AdamW leaves them bit-identical (no weight decay either).
     """
@@ -53,13 +64,16 @@ def apply_freezing(model: Wav2Vec2ForCTC, options: FreezeOptions, *, update: int
             frozen = False
         elif head_only:
             frozen = True
+        elif method != "full":
+            frozen = None  # parameter by parameter, below
         elif part.label == "feature encoder":
             frozen = options.feature_encoder
         else:
             frozen = options.bottom_layers > 0 and part.depth < options.bottom_layers
-        for _, param in part.params:
-            if param.requires_grad == frozen:
-                param.requires_grad = not frozen
+        for name, param in part.params:
+            param_frozen = frozen if frozen is not None else _ADDED[method].search(name) is None
+            if param.requires_grad == param_frozen:
+                param.requires_grad = not param_frozen
                 changed = True
     # freeze_feature_encoder() also clears the conv stack's _requires_grad flag (which makes its input require a
     # gradient under gradient checkpointing); transformers has no unfreeze, so thawing sets the flag back by hand.

@@ -40,7 +40,7 @@ from speechxfer.config import (AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, SHARE, Chec
 from speechxfer.errors import InputError, RecipeError
 from speechxfer.freezing import FreezeOptions
 from speechxfer.prepare import FORMATS
-from speechxfer.surgery import wav2vec2_config
+from speechxfer.surgery import AdaptOptions, wav2vec2_config
 from speechxfer.text import TextOptions
 
 
@@ -169,7 +169,17 @@ class Recipe:
     eval: EvalOptions = field(default_factory=EvalOptions)
     # waveform augmentation of training utterances, drawn anew each epoch; every effect is off unless set here
     augment: AugmentOptions = field(default_factory=AugmentOptions)
+    # what trains (every weight, attention adapters, or LoRA) and how the model folder is laid out
+    adapt: AdaptOptions = field(default_factory=AdaptOptions)
     output_dir: str  # the trained model folder (and last/, metrics, curves)
+
+    @property
+    def run_dir(self) -> str:
+        """Where this run's own files go (last/, recipe.yaml, metrics, curves, reports): output_dir, or with
+        adapt.method adapter output_dir/<lang>, so that each language trained into one folder keeps its own."""
+        if self.adapt.method == "adapter":
+            return str(Path(self.output_dir) / self.adapt.lang)
+        return self.output_dir
 
 
 # keys holding paths: in a recipe file relative to the file, from --set relative to the working directory
@@ -218,6 +228,7 @@ def load_recipe(path: str | os.PathLike, *, overrides: typing.Sequence[str] = ()
                           "scratch", path=path)
     if recipe.model_config is not None:
         _check_model_config(recipe.model_config, path=path)
+    _check_adapt(recipe.adapt, from_scratch=recipe.model_config is not None, path=path)
     data = recipe.data
     if data.train is None and data.prepare is None:
         raise RecipeError("missing required key 'data.train' (a manifest), or 'data.prepare' to build one",
@@ -233,7 +244,7 @@ def load_recipe(path: str | os.PathLike, *, overrides: typing.Sequence[str] = ()
                               f"[{manifests.index(manifest)}] ({manifest})", path=path)
     if data.prepare is not None:
         # Prepared manifests land beside the model so that one output folder holds the whole run.
-        manifests = Path(recipe.output_dir) / "manifests"
+        manifests = Path(recipe.run_dir) / "manifests"
         data = dataclasses.replace(data, **{
             split: str(manifests / f"{split}.jsonl")
             for split in ("train", "dev", "test") if getattr(data, split) is None})
@@ -281,6 +292,19 @@ def _resolve_pseudo_labelled(raw: dict, folder: Path) -> None:
     for entry in entries if isinstance(entries, list) else ():
         if isinstance(entry, dict) and isinstance(entry.get("manifest"), str):
             entry["manifest"] = str((folder / Path(entry["manifest"]).expanduser()).resolve())
+
+
+def _check_adapt(adapt: AdaptOptions, *, from_scratch: bool, path: Path) -> None:
+    """RecipeError for adapt options that cannot go together."""
+    if adapt.method != "full" and from_scratch:
+        raise RecipeError(f"adapt.method {adapt.method} adapts a pre-trained base; from model_config (scratch) every "
+                          "weight trains (adapt.method full)", path=path)
+    if adapt.method == "adapter" and adapt.lang is None:
+        raise RecipeError("adapt.method adapter needs adapt.lang, the language code its adapter and vocabulary are "
+                          "saved under (adapter.<lang>.safetensors)", path=path)
+    if adapt.method != "adapter" and (adapt.lang is not None or adapt.init_lang is not None):
+        key = "adapt.lang" if adapt.lang is not None else "adapt.init_lang"
+        raise RecipeError(f"{key} is used only with adapt.method adapter", path=path)
 
 
 def _resolve_path(raw: dict, key: str, folder: Path) -> None:

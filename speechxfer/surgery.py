@@ -1,6 +1,12 @@
 """Model surgery: load a multilingual wav2vec2 checkpoint, give it a CTC head sized from the target vocabulary
-(rows transferred from the source head where the source has one), and save the result as a plain Hugging Face
-model folder."""
+(rows transferred from the source head where the source has one), add what a parameter-efficient method trains
+(MMS-style attention adapters, or LoRA through peft), and save the result as a plain Hugging Face model folder.
+
+Adapter folders follow MMS (facebook/mms-1b-all): model.safetensors holds the base weights once, with one
+language's adapter and head in place (the tokenizer's `target_lang`); `adapter.<lang>.safetensors` holds each
+language's adapter and head; vocab.json holds one vocabulary per language. So
+`Wav2Vec2ForCTC.from_pretrained(folder, target_lang=LANG)` loads any of them.
+"""
 
 from __future__ import annotations
 
@@ -13,18 +19,20 @@ import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from anyascii import anyascii
 from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, PretrainedConfig, Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
 
 from speechxfer.atomic import atomic_write, follow_umask, sync_folder
 from speechxfer.audio import SAMPLE_RATE_HZ
-from speechxfer.compat import optional_model_file, quiet_load_report
+from speechxfer.compat import adapter_weights, optional_model_file, quiet_load_report
+from speechxfer.config import AT_LEAST_ONE, SHARE, Check, check_fields, checked
 from speechxfer.errors import InputError
-from speechxfer.vocabulary import Vocabulary
+from speechxfer.vocabulary import Vocabulary, language_vocabularies
 
 # Source tokens that play the blank / unknown / word-delimiter role in the conventions of HF, fairseq and MMS
 # vocabularies; the blank is taken from the source config's pad_token_id first.
@@ -43,11 +51,59 @@ _HF_FOLDER_FILES = frozenset({"config.json", "generation_config.json", "preproce
                               "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                               "tokenizer.json"})
 _HF_WEIGHT_FILE = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?")
+# MMS's file of one language's adapter and head (transformers' WAV2VEC2_ADAPTER_SAFE_FILE), and the folder of a LoRA
+# run's weights alone, in peft's layout, beside the merged model (not in the model folder's root: transformers would
+# take an adapter_config.json there for a peft model and load its base instead).
+ADAPTER_FILE = "adapter.{}.safetensors"
+LORA_FOLDER = "lora"
+# MMS adapters: the bottleneck width of facebook/mms-1b-all (config.adapter_attn_dim).
+MMS_ADAPTER_DIM = 16
+# Attention and feed-forward projections of every transformer layer (the module names peft matches).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "intermediate_dense", "output_dense")
+_ADAPTER_PARAMS = ".adapter_layer."
+_LORA_PARAMS = ".lora_"
 # Folders inside a model folder while save_model_folder replaces its files (see there), and the list of the new
 # files inside the ready one.
 MODEL_STAGING = ".model.staging"
 MODEL_READY = ".model.ready"
 _READY_LIST = ".files.json"
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoraOptions:
+    """The `adapt.lora:` section of a recipe: low-rank updates W + (alpha / rank) * B A of chosen projections."""
+
+    rank: int = checked(8, AT_LEAST_ONE)  # inner dimension of B A
+    alpha: int = checked(16, AT_LEAST_ONE)  # the update is scaled by alpha / rank
+    dropout: float = checked(0.0, SHARE)  # dropout on the input of A
+    # module names (last part) that get a LoRA update; default: attention and feed-forward projections
+    target_modules: tuple[str, ...] = checked(LORA_TARGETS, Check(lambda v: len(v) > 0, "a non-empty list"))
+
+    __post_init__ = check_fields
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdaptOptions:
+    """The `adapt:` section of a recipe: which weights a fine-tuning run trains and how the model folder is laid out.
+
+    full: every weight the `freezing` section leaves trainable. adapter: only MMS-style attention adapters (each with
+    its own layer norm) and the CTC head; the folder gets `adapter.<lang>.safetensors` beside the base weights, and a
+    second language trained into the same folder adds its adapter beside the first. lora: only LoRA updates of
+    `lora.target_modules` and the CTC head; the folder holds the merged model, and the LoRA weights alone in lora/.
+    """
+
+    method: Literal["full", "adapter", "lora"] = "full"
+    # adapter: the language code of this run's adapter and vocabulary (adapter.<lang>.safetensors, vocab.json key)
+    lang: str | None = checked(None, Check(lambda v: re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", v) is not None,
+                                           "a language code of letters, digits, '-' and '_' (e.g. swh, pt-BR)"))
+    # adapter: the bottleneck width of adapters added to a base without any (a base with adapters keeps its own)
+    adapter_dim: int = checked(MMS_ADAPTER_DIM, AT_LEAST_ONE)
+    # adapter, with a base that has adapters (MMS): the language whose adapter and head rows the new ones start from;
+    # None: the one in the base's model.safetensors
+    init_lang: str | None = None
+    lora: LoraOptions = field(default_factory=LoraOptions)
+
+    __post_init__ = check_fields
 
 
 @dataclass(frozen=True)
@@ -79,29 +135,145 @@ def needs_attention_mask(config: Wav2Vec2Config) -> bool:
 
 
 def build_ctc_model(source: str | os.PathLike, vocab: Vocabulary, *,
-                    config_overrides: Mapping[str, Any] | None = None,
-                    seed: int = 0) -> tuple[Wav2Vec2ForCTC, TransferReport]:
+                    config_overrides: Mapping[str, Any] | None = None, seed: int = 0,
+                    adapt: AdaptOptions = AdaptOptions()) -> tuple[Wav2Vec2ForCTC, TransferReport]:
     """Load a wav2vec2 checkpoint (hub id or local folder) and give it a CTC head for `vocab`.
 
     The source may be self-supervised only (Wav2Vec2Model / Wav2Vec2ForPreTraining) or CTC-fine-tuned with a
     vocab.json; in the latter case the new head's rows are transferred from the old one (see TransferReport).
     Only safetensors weights are read and no remote code runs. `config_overrides` sets config fields such as
     mask_time_prob, layerdrop or dropouts. Rows initialised at random depend only on `seed`.
+    `adapt` adds what its method trains: attention adapters (random, or those of `adapt.init_lang` when the base
+    has adapters: their head rows are the ones transferred) or LoRA updates (B = 0, so the model is still the base).
     Returns the float32 model in train mode and the transfer report. Raises InputError for a missing folder, a
-    non-wav2vec2 checkpoint, missing safetensors weights, or an unknown override.
+    non-wav2vec2 checkpoint, missing safetensors weights, an unknown override, adapter language or LoRA target.
     """
     name = model_source(source)
     config = _load_config(name)
     _set_training_options(config, config_overrides)
+    new_adapters = adapt.method == "adapter" and config.adapter_attn_dim is None
+    if new_adapters:
+        config.adapter_attn_dim = adapt.adapter_dim
 
     # fork_rng keeps the caller's RNG untouched while every random initialisation below follows `seed`.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = _load_weights(name, config)
-        source_vocab = _source_vocabulary(name, config) if "Wav2Vec2ForCTC" in (config.architectures or []) else None
+        model = _load_weights(name, config, new_adapters=new_adapters)
+        source_lang = None
+        if new_adapters:
+            head = {k: v.clone() for k, v in model.lm_head.state_dict().items()}
+            model.init_adapter_layers()  # also re-initialises the head, whose rows the transfer below still needs
+            model.lm_head.load_state_dict(head)
+        elif adapt.init_lang is not None and config.adapter_attn_dim is None:
+            raise InputError(f"adapt.init_lang {adapt.init_lang}: this base has no language adapters", path=name)
+        elif adapt.method == "adapter" and adapt.init_lang is not None:
+            _load_adapter(model, adapt.init_lang, path=name)
+            source_lang = adapt.init_lang
+        source_vocab = (_source_vocabulary(name, model.config, lang=source_lang)
+                        if "Wav2Vec2ForCTC" in (config.architectures or []) else None)
         report = replace_ctc_head(model, vocab, source_vocab=source_vocab)
+        if adapt.method == "lora":
+            add_lora(model, adapt.lora)
     model.train()
     return model, report
+
+
+def add_lora(model: Wav2Vec2ForCTC, options: LoraOptions) -> None:
+    """Wrap every module named in options.target_modules in a peft LoRA layer, in place (the model stays a
+    Wav2Vec2ForCTC); B starts at zero, so the output is unchanged until training. InputError when peft is missing
+    or no module matches."""
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError:
+        raise InputError("adapt.method lora needs the peft library: pip install 'speechxfer[adapt]'") from None
+    config = LoraConfig(r=options.rank, lora_alpha=options.alpha, lora_dropout=options.dropout,
+                        target_modules=list(options.target_modules), bias="none")
+    try:
+        inject_adapter_in_model(config, model)
+    except ValueError as err:  # "Target modules {...} not found in the base model"
+        raise InputError(f"adapt.lora.target_modules: {_first_line(err)}") from None
+
+
+def is_lora_model(model: Wav2Vec2ForCTC) -> bool:
+    """Whether add_lora has wrapped some of the model's modules."""
+    return any(_LORA_PARAMS in name for name, _ in model.named_parameters())
+
+
+def merge_lora(model: Wav2Vec2ForCTC) -> Wav2Vec2ForCTC:
+    """A plain Wav2Vec2ForCTC (no peft layers) whose wrapped weights are W + (alpha / rank) * B A; `model` is left
+    as it is."""
+    from peft.tuners.lora import LoraLayer
+
+    state = model.state_dict()
+    merged = {k.replace(".base_layer.", "."): v for k, v in state.items() if _LORA_PARAMS not in f".{k}"}
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, LoraLayer):
+                merged[f"{name}.weight"] = merged[f"{name}.weight"] + module.get_delta_weight("default")
+    plain = Wav2Vec2ForCTC(model.config)
+    plain.load_state_dict(merged)
+    return plain.to(next(model.parameters()).device)
+
+
+def _save_lora_weights(directory: Path, model: Wav2Vec2ForCTC) -> None:
+    """The LoRA weights and the CTC head alone, as peft's PeftModel.save_pretrained lays them out (adapter_config.json
+    with the head as a module to save), so that peft's PeftModel.from_pretrained loads them onto the base model
+    given a head of the vocabulary's size."""
+    import dataclasses
+
+    from peft import get_peft_model_state_dict
+
+    config = dataclasses.replace(model.peft_config["default"], modules_to_save=["lm_head"],
+                                 base_model_name_or_path=model.config._name_or_path, inference_mode=True)
+    weights = {**get_peft_model_state_dict(model), **{f"lm_head.{k}": v for k, v in model.lm_head.state_dict().items()}}
+    directory.mkdir()
+    config.save_pretrained(directory)
+    save_file({f"base_model.model.{k}": v.detach().contiguous().cpu() for k, v in weights.items()},
+              directory / "adapter_model.safetensors")
+
+
+def load_lora_weights(model: Wav2Vec2ForCTC, directory: str | os.PathLike) -> None:
+    """Set the LoRA weights and the CTC head of a model that add_lora prepared from what _save_lora_weights wrote
+    into `directory`/lora (a run's last/). InputError naming the file when it does not fit."""
+    from peft import set_peft_model_state_dict
+
+    path = Path(directory, LORA_FOLDER, "adapter_model.safetensors")
+    try:
+        weights = {k.removeprefix("base_model.model."): v for k, v in load_file(path).items()}
+    except (OSError, SafetensorError) as err:
+        raise InputError(f"unreadable LoRA weights: {err}", path=path) from None
+    head = {k.removeprefix("lm_head."): weights.pop(k) for k in [k for k in weights if k.startswith("lm_head.")]}
+    try:
+        model.lm_head.load_state_dict(head)
+        result = set_peft_model_state_dict(model, weights)
+    except RuntimeError as err:
+        raise InputError(f"the LoRA weights do not fit this recipe's model: {_first_line(err)}", path=path) from None
+    if result.unexpected_keys:
+        raise InputError(f"the LoRA weights do not fit this recipe's model: {len(result.unexpected_keys)} unexpected "
+                         f"weights, e.g. {result.unexpected_keys[0]}", path=path)
+
+
+def check_adapter_folder(directory: str | os.PathLike, model: Wav2Vec2ForCTC) -> None:
+    """InputError unless a model already in `directory` is one whose adapters `model`'s can join: the same base
+    weights (every weight but adapters and head) and adapter width. Nothing to check in a folder without a model."""
+    directory = Path(directory)
+    if not (directory / "model.safetensors").is_file():
+        return
+    config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    if config.get("adapter_attn_dim") != model.config.adapter_attn_dim:
+        raise InputError(f"the output folder holds a model with adapter_attn_dim {config.get('adapter_attn_dim')}, "
+                         f"not {model.config.adapter_attn_dim}: an adapter joins only a folder of adapters over the "
+                         "same base; choose another output_dir", path=directory)
+    with quiet_load_report():
+        saved = Wav2Vec2ForCTC.from_pretrained(directory, use_safetensors=True).state_dict()
+    own = model.state_dict()
+    for key, value in own.items():
+        if _ADAPTER_PARAMS in f".{key}" or key.startswith(_HEAD) or key == "wav2vec2.masked_spec_embed":
+            continue
+        if key not in saved or not torch.equal(saved[key], value.to(saved[key].device)):
+            raise InputError(f"the output folder holds adapters over another base model (weight {key} differs): "
+                             "an adapter joins only a folder of adapters over the same base; choose another "
+                             "output_dir", path=directory)
 
 
 def build_scratch_model(model_config: Mapping[str, Any], vocab: Vocabulary, *,
@@ -219,9 +391,15 @@ def replace_ctc_head(model: Wav2Vec2ForCTC, vocab: Vocabulary, *,
                           source_vocab_size=len(source_vocab or {}))
 
 
-def save_model_folder(directory: str | os.PathLike, model: Wav2Vec2ForCTC, vocab: Vocabulary) -> None:
+def save_model_folder(directory: str | os.PathLike, model: Wav2Vec2ForCTC, vocab: Vocabulary, *,
+                      lang: str | None = None) -> None:
     """Write a plain Hugging Face model folder that `transformers.pipeline("automatic-speech-recognition")` loads:
     config.json, model.safetensors, the vocabulary/tokenizer files and preprocessor_config.json.
+
+    lang: the model has attention adapters for this language; the folder takes MMS's layout, with
+    adapter.<lang>.safetensors (its adapter and head) and vocab.json keyed by language, this one beside those of
+    the adapters already in the folder (whose files are kept), and this language as the tokenizer's target_lang.
+    A model with LoRA layers (add_lora) is saved merged, with the LoRA weights alone in LORA_FOLDER.
 
     The folder itself never moves, and files of other kinds in it (recipe, metrics, `last/`, ...) are left alone.
     The new model files are written into `MODEL_STAGING` inside it, which is renamed to `MODEL_READY` once complete
@@ -234,8 +412,18 @@ def save_model_folder(directory: str | os.PathLike, model: Wav2Vec2ForCTC, vocab
     finish_model_folder(directory)
     staging = directory / MODEL_STAGING
     staging.mkdir()
-    model.save_pretrained(staging)
-    vocab.save(staging)
+    if is_lora_model(model):
+        merge_lora(model).save_pretrained(staging)
+        _save_lora_weights(staging / LORA_FOLDER, model)
+    else:
+        model.save_pretrained(staging)
+    if lang is not None:
+        save_file({k: v.detach().contiguous().cpu() for k, v in adapter_weights(model).items()},
+                  staging / ADAPTER_FILE.format(lang))
+        others = {code: ids for code, ids in language_vocabularies(directory).items() if code != lang}
+        vocab.save(staging, lang=lang, other_languages=others)
+    else:
+        vocab.save(staging)
     Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SAMPLE_RATE_HZ, padding_value=0.0, do_normalize=True,
                              return_attention_mask=needs_attention_mask(model.config)).save_pretrained(staging)
     names = sorted(entry.name for entry in staging.iterdir())
@@ -261,10 +449,12 @@ def finish_model_folder(directory: str | os.PathLike) -> bool:
         names = set(json.loads((ready / _READY_LIST).read_text(encoding="utf-8")))
         for name in sorted(names):
             if (ready / name).exists():
+                if (directory / name).is_dir():  # LORA_FOLDER: a folder cannot be renamed onto a non-empty one
+                    shutil.rmtree(directory / name)
                 os.replace(ready / name, directory / name)
         for entry in directory.iterdir():
-            if _is_model_file(entry.name) and entry.name not in names and entry.is_file():
-                entry.unlink()
+            if _is_model_file(entry.name) and entry.name not in names:
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
         sync_folder(directory)
         (ready / _READY_LIST).unlink()
     ready.rmdir()
@@ -274,7 +464,7 @@ def finish_model_folder(directory: str | os.PathLike) -> bool:
 
 def _is_model_file(name: str) -> bool:
     """Whether a file name is one of a Hugging Face model folder's (so replaced by every save)."""
-    return name in _HF_FOLDER_FILES or _HF_WEIGHT_FILE.fullmatch(name) is not None
+    return name in _HF_FOLDER_FILES or name == LORA_FOLDER or _HF_WEIGHT_FILE.fullmatch(name) is not None
 
 
 def model_source(source: str | os.PathLike) -> str:
@@ -298,11 +488,28 @@ def model_source(source: str | os.PathLike) -> str:
     return name
 
 
-def load_ctc_model(source: str | os.PathLike) -> Wav2Vec2ForCTC:
+def load_ctc_model(source: str | os.PathLike, *, lang: str | None = None) -> Wav2Vec2ForCTC:
     """A fine-tuned Wav2Vec2ForCTC (local folder, as model_source resolves it, or hub id) in float32 eval mode, for
-    inference: the same checks as build_ctc_model, and the CTC head must be there too."""
+    inference: the same checks as build_ctc_model, and the CTC head must be there too. `lang`: the language whose
+    adapter and head to load from an adapter model's adapter.<lang>.safetensors (None: those in model.safetensors)."""
     name = model_source(source)
-    return _load_weights(name, _load_config(name), head_required=True).eval()
+    config = _load_config(name)
+    if lang is not None and config.adapter_attn_dim is None:
+        raise InputError(f"--lang {lang}: this model has no language adapters", path=name)
+    model = _load_weights(name, config, head_required=True)
+    if lang is not None:
+        _load_adapter(model, lang, path=name)
+    return model.eval()
+
+
+def _load_adapter(model: Wav2Vec2ForCTC, lang: str, *, path: str) -> None:
+    """model.load_adapter(lang) (adapter and head of adapter.<lang>.safetensors); InputError when there is none."""
+    try:
+        model.load_adapter(lang)
+    except (OSError, ValueError) as err:
+        known = sorted(p.name.split(".")[1] for p in Path(path).glob(ADAPTER_FILE.format("*")))
+        listed = f" (it has: {', '.join(known)})" if known else ""
+        raise InputError(f"no usable adapter for language {lang!r}{listed}: {_first_line(err)}", path=path) from None
 
 
 def _load_config(name: str) -> Wav2Vec2Config:
@@ -320,10 +527,12 @@ def _load_config(name: str) -> Wav2Vec2Config:
     return config
 
 
-def _load_weights(name: str, config: Wav2Vec2Config, *, head_required: bool = False) -> Wav2Vec2ForCTC:
+def _load_weights(name: str, config: Wav2Vec2Config, *, head_required: bool = False,
+                  new_adapters: bool = False) -> Wav2Vec2ForCTC:
     """Wav2Vec2ForCTC with the source's weights in float32 (its own head, if any, still in place).
 
     head_required: the CTC head must be among the weights (inference); else it may be missing (it is replaced).
+    new_adapters: config.adapter_attn_dim was set on a base without adapters, whose weights are then missing.
     """
     # The load report lists the head as missing for SSL-only sources, which is expected; real gaps are checked below.
     try:
@@ -337,7 +546,8 @@ def _load_weights(name: str, config: Wav2Vec2Config, *, head_required: bool = Fa
     except SafetensorError as err:  # a truncated or corrupt model.safetensors
         raise InputError(f"model.safetensors is truncated or not a safetensors file ({err})", path=name) from err
     may_be_missing = tuple(k for k in _MAY_BE_MISSING if k != _HEAD) if head_required else _MAY_BE_MISSING
-    missing = sorted(k for k in info["missing_keys"] if not k.startswith(may_be_missing))
+    missing = sorted(k for k in info["missing_keys"] if not k.startswith(may_be_missing)
+                     and not (new_adapters and _ADAPTER_PARAMS in f".{k}"))
     if missing:
         listed = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
         raise InputError(f"the checkpoint lacks {len(missing)} weights of a wav2vec2 CTC model: {listed}", path=name)
@@ -354,11 +564,11 @@ def _first_line(err: Exception) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
-def _source_vocabulary(name: str, config: Wav2Vec2Config) -> dict[str, int] | None:
+def _source_vocabulary(name: str, config: Wav2Vec2Config, *, lang: str | None = None) -> dict[str, int] | None:
     """token -> row of the source head, from its vocab.json; None when there is none.
 
-    MMS keeps one vocabulary per language in vocab.json; the head stored in model.safetensors is the English
-    adapter's ("eng"), else the one whose size matches.
+    MMS keeps one vocabulary per language in vocab.json: `lang`'s when given (its adapter is loaded); else the head
+    stored in model.safetensors is the English adapter's ("eng"), else the one whose size matches.
     """
     try:
         path = optional_model_file(name, "vocab.json")
@@ -371,8 +581,9 @@ def _source_vocabulary(name: str, config: Wav2Vec2Config) -> dict[str, int] | No
     except (OSError, ValueError) as err:
         raise InputError(f"unreadable vocab.json: {err}", path=path) from err
     if table and all(isinstance(v, dict) for v in table.values()):
-        fitting = [lang for lang, t in table.items() if len(t) == config.vocab_size]
-        table = table["eng"] if "eng" in fitting else (table[fitting[0]] if fitting else {})
+        fitting = [code for code, t in table.items() if len(t) == config.vocab_size]
+        table = (table.get(lang, {}) if lang is not None else
+                 table["eng"] if "eng" in fitting else (table[fitting[0]] if fitting else {}))
     return {t: i for t, i in table.items() if isinstance(i, int) and 0 <= i < config.vocab_size} or None
 
 

@@ -45,7 +45,8 @@ from speechxfer.freezing import apply_freezing, parameter_groups, parameter_tabl
 from speechxfer.manifest import Utterance, check_held_out, read_jsonl, read_manifest
 from speechxfer.recipe import Recipe, TrainOptions, resolved_yaml
 from speechxfer.scoring import ScoreReport, score
-from speechxfer.surgery import (MODEL_STAGING, build_ctc_model, build_scratch_model, finish_model_folder,
+from speechxfer.surgery import (ADAPTER_FILE, MODEL_STAGING, build_ctc_model, build_scratch_model,
+                               check_adapter_folder, finish_model_folder, is_lora_model, load_lora_weights,
                                needs_attention_mask, save_model_folder)
 from speechxfer.text import TextNormalizer, normalized_references
 from speechxfer.vocabulary import Vocabulary, charset_audit
@@ -103,7 +104,9 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
     """
     opts = recipe.train
     out = Path(recipe.output_dir)
-    last = out / "last"
+    run = Path(recipe.run_dir)  # this run's own files: out, or out/<lang> for an adapter
+    last = run / "last"
+    lang = recipe.adapt.lang  # set for adapters only: the model folder takes MMS's layout
     _check_output_dir(recipe, resume=resume)
 
     # Accelerate sets up several CPU processes (gloo) only when told to use the CPU; on one process leave the choice
@@ -124,7 +127,7 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
     # --- the output folder: this run's alone, and whole again after a kill --------------------------------------
     if accelerator.is_main_process:
         _lock_output_dir(out)
-        for line in _recover_output_dir(out):
+        for line in _recover_output_dir(out, last):
             say(line)
     accelerator.wait_for_everyone()
     if resume and not (last / "training_state.pt").is_file():
@@ -134,7 +137,7 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
         raise InputError("the output folder already holds a run (last/): pass --resume to continue it, or choose "
                          "another output_dir", path=out)
     if resume and accelerator.is_main_process:
-        changes = _recipe_changes(out / "recipe.yaml", recipe)
+        changes = _recipe_changes(run / "recipe.yaml", recipe)
         if changes:
             say(f"resuming with a recipe that differs from the run's recipe.yaml in: {'; '.join(changes)}")
 
@@ -159,8 +162,11 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
         say(f"from scratch: {model.num_parameters() / 1e6:.2f} M parameters, randomly initialised from model_config")
     else:
         model, transfer = build_ctc_model(recipe.base, vocab, config_overrides=dataclasses.asdict(recipe.model),
-                                          seed=opts.seed)
+                                          seed=opts.seed, adapt=recipe.adapt)
         say(f"{recipe.base}: {transfer}")
+        if lang is not None:
+            check_adapter_folder(out, model)  # the adapters already there must share this run's base weights
+            say(f"adapter for language {lang}: saved as {out / ADAPTER_FILE.format(lang)}")
 
     # --- batches: drop what cannot train, then buckets of at most max_batch_s seconds ---------------------------
     keep = partial(filter_utterances, normalizer=normalizer, vocab=vocab, config=model.config,
@@ -225,7 +231,8 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
     freezing = recipe.freezing
     # DDP registers only parameters that require a gradient when it wraps the model: wrap it in the state after
     # the head-only warm-up, so that parameters thawed later are synchronised too.
-    apply_freezing(model, freezing, update=freezing.head_only_updates)
+    method = recipe.adapt.method
+    apply_freezing(model, freezing, update=freezing.head_only_updates, method=method)
     groups = parameter_groups(model, lr=opts.lr, weight_decay=opts.weight_decay,
                               layer_lr_decay=freezing.layer_lr_decay)
     for group in groups:
@@ -242,20 +249,20 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
     if saved is not None and saved["scaler"] is not None and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(saved["scaler"])
     raw_model = accelerator.unwrap_model(model)
-    apply_freezing(raw_model, freezing, update=state["update"])
+    apply_freezing(raw_model, freezing, update=state["update"], method=method)
     say(parameter_table(raw_model))
     if accelerator.num_processes > 1:
         say(f"{accelerator.num_processes} processes ({accelerator.distributed_type.value}), each taking its share of "
             "every batch")
 
     # --- outputs that describe the run, written before the first update ---------------------------------------
-    log = _MetricsLog(out, accelerator, resume_update=state["update"] if resume else None)
+    log = _MetricsLog(run, accelerator, resume_update=state["update"] if resume else None)
     if accelerator.is_main_process:
-        with atomic_write(out / "recipe.yaml") as f:
+        with atomic_write(run / "recipe.yaml") as f:
             f.write(resolved_yaml(recipe))
         audit = charset_audit(normalized_references(splits["train"], normalizer)[0].values(),
                               {name: sorted(refs.items()) for name, refs in (("dev", dev_refs), ("test", test_refs))})
-        audit.save(out / "charset_audit.json")
+        audit.save(run / "charset_audit.json")
     if resume:
         _restore_rng(last, accelerator.process_index)  # last of all, so nothing above draws from the restored RNG
 
@@ -293,7 +300,7 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
     done = share_done()
     while done < 1:
         update = state["update"]
-        if apply_freezing(raw_model, freezing, update=update):
+        if apply_freezing(raw_model, freezing, update=update, method=method):
             say(f"update {update}: freezing changed\n{parameter_table(raw_model)}")
         lr = get_lr(update if budget_s is None else min(SCHEDULE_STEPS - 1, int(done * SCHEDULE_STEPS)), schedule)
         for group in optimizer.param_groups:
@@ -363,10 +370,10 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
                 if state["best_wer"] is None or report.wer < state["best_wer"]:
                     state.update(best_wer=report.wer, best_update=update, evals_without_gain=0)
                     if accelerator.is_main_process:
-                        save_model_folder(out, raw_model, vocab)
+                        save_model_folder(out, raw_model, vocab, lang=lang)
                 else:
                     state["evals_without_gain"] += 1
-            _save_last(last, raw_model, optimizer, sampler, vocab, state, accelerator)
+            _save_last(last, raw_model, optimizer, sampler, vocab, state, accelerator, lang=lang)
             patience = recipe.eval.patience
             if patience is not None and state["evals_without_gain"] >= patience:
                 say(f"update {update}: no better dev WER in {patience} evaluations; stopping early")
@@ -382,7 +389,7 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
 
     # --- outputs: the best model (or the last one without a dev set), its test score, the curves --------------
     if accelerator.is_main_process and not dev_refs:
-        save_model_folder(out, raw_model, vocab)
+        save_model_folder(out, raw_model, vocab, lang=lang)
     accelerator.wait_for_everyone()
     test_report = None
     if test_refs:
@@ -391,11 +398,11 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
         test_report, _ = evaluate(best, test_loader, vocab, test_refs, accelerator=accelerator, bootstrap=1000,
                                   report_problems=left_out["test"].add)
         if accelerator.is_main_process:
-            _write_json(out / "test_report.json", {"model_update": state["best_update"], **test_report.to_dict()})
+            _write_json(run / "test_report.json", {"model_update": state["best_update"], **test_report.to_dict()})
         say(f"test: WER {test_report.wer:.2%}, CER {test_report.cer:.2%} ({test_report.sentences} utterances)")
     if accelerator.is_main_process:
         log.close()
-        plot_curves(out / "metrics.jsonl", out / "curves.png")
+        plot_curves(run / "metrics.jsonl", run / "curves.png")
         _unlock_output_dir()
     accelerator.wait_for_everyone()
     return TrainResult(output_dir=str(out), updates=state["update"], best_update=state["best_update"],
@@ -516,7 +523,15 @@ def _check_output_dir(recipe: Recipe, *, resume: bool) -> None:
     if resume and not is_run:
         raise InputError("nothing to resume: no speechxfer run in the output folder", path=out)
     # A folder holding only the manifests of data.prepare is one that `speechxfer prepare` filled for this recipe.
-    if entries and not is_run and not (recipe.data.prepare is not None and entries == ["manifests"]):
+    prepared = Path(recipe.run_dir, "manifests").relative_to(recipe.output_dir)
+    only_prepared = (recipe.data.prepare is not None and entries == [prepared.parts[0]]
+                     and os.listdir(out / prepared.parent) == ["manifests"])
+    adapters = sorted(out.glob(ADAPTER_FILE.format("*")))
+    if adapters and recipe.adapt.method != "adapter":
+        shown = ", ".join(a.name for a in adapters[:3]) + (", ..." if len(adapters) > 3 else "")
+        raise InputError(f"the output folder holds language adapters ({shown}) over its base weights, which a "
+                         f"{recipe.adapt.method} run would change under them; choose another output_dir", path=out)
+    if entries and not is_run and not only_prepared:
         shown = ", ".join(e + "/" if (out / e).is_dir() else e for e in entries[:5])
         more = f" and {len(entries) - 5} more" if len(entries) > 5 else ""
         raise InputError(f"the output folder is not empty and holds no speechxfer run ({shown}{more}): training "
@@ -557,7 +572,7 @@ def _unlock_output_dir() -> None:
         _held_lock = None
 
 
-def _recover_output_dir(out: Path) -> list[str]:
+def _recover_output_dir(out: Path, last: Path) -> list[str]:
     """Finish or clear what a kill left half done in the output folder; returns one line for each thing done.
 
     The newest complete state wins: a complete LAST_STAGING (it holds training_state.pt) is newer than last/ and
@@ -565,7 +580,7 @@ def _recover_output_dir(out: Path) -> list[str]:
     save past its commit point is completed (surgery.finish_model_folder).
     """
     done = []
-    last, staging, retired = out / "last", out / LAST_STAGING, out / LAST_RETIRED
+    staging, retired = last.with_name(LAST_STAGING), last.with_name(LAST_RETIRED)
     if (staging / "training_state.pt").is_file():
         _commit_last(staging, last)
         update = _read_checkpoint_file(last / "training_state.pt")["state"]["update"]
@@ -583,7 +598,7 @@ def _recover_output_dir(out: Path) -> list[str]:
         done.append(f"deleted {MODEL_STAGING}, a best model the run did not finish writing")
     if finish_model_folder(out):  # also deletes MODEL_STAGING
         done.append("completed the saving of the best model, which the run had begun")
-    for temp in out.glob(f".*{TEMP_SUFFIX}"):
+    for temp in sorted({*out.glob(f".*{TEMP_SUFFIX}"), *last.parent.glob(f".*{TEMP_SUFFIX}")}):
         temp.unlink()
         done.append(f"deleted {temp.name}, a file the run did not finish writing")
     return done
@@ -788,7 +803,7 @@ class _MetricsLog:
 
 
 def _save_last(last: Path, model: Wav2Vec2ForCTC, optimizer, sampler: DurationBatchSampler, vocab: Vocabulary,
-               state: dict, accelerator: Accelerator) -> None:
+               state: dict, accelerator: Accelerator, *, lang: str | None = None) -> None:
     """Write last/ (model folder, optimizer, sampler, loop state, each process's RNG states) into LAST_STAGING and
     swap it in, so that a kill at any moment leaves last/ or a complete LAST_STAGING (see _recover_output_dir).
 
@@ -805,7 +820,7 @@ def _save_last(last: Path, model: Wav2Vec2ForCTC, optimizer, sampler: DurationBa
         torch.save(_rng_state(), f)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_model_folder(staging, model, vocab)  # keeps the RNG files already there
+        save_model_folder(staging, model, vocab, lang=lang)  # keeps the RNG files already there
         scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
         with atomic_write(staging / "training_state.pt", binary=True) as f:
             torch.save({"state": state, "optimizer": optimizer.state_dict(), "sampler": sampler.state_dict(),
@@ -837,7 +852,14 @@ def _load_last(last: Path, model: Wav2Vec2ForCTC, optimizer, sampler: DurationBa
     except (OSError, ValueError) as err:
         raise InputError(f"unreadable model folder: {err}", path=last) from None
     try:
-        model.load_state_dict(weights)
+        if is_lora_model(model):
+            # last/ holds the merged model: take every weight but those LoRA wraps (frozen, as built from the base),
+            # then the LoRA matrices and head from last/lora/.
+            own = model.state_dict()
+            model.load_state_dict({k: v for k, v in weights.items() if k in own}, strict=False)
+            load_lora_weights(model, last)
+        else:
+            model.load_state_dict(weights)
         optimizer.load_state_dict(saved["optimizer"])
     except (RuntimeError, ValueError) as err:
         raise InputError(f"last/ does not fit this recipe's model and vocabulary: {err}", path=last) from None

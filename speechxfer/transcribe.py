@@ -80,9 +80,14 @@ class Transcription:
 
 
 class Recognizer:
-    """A Wav2Vec2ForCTC model folder (or hub id) loaded for inference, with its vocabulary and input settings."""
+    """A Wav2Vec2ForCTC model folder (or hub id) loaded for inference, with its vocabulary and input settings.
 
-    def __init__(self, model: str | os.PathLike, *, device: str = "auto", dtype: str = "float32"):
+    lang: for a model with language adapters (MMS's layout), the language whose adapter, head and vocabulary to
+    use; None: the one in model.safetensors (the tokenizer's target_lang).
+    """
+
+    def __init__(self, model: str | os.PathLike, *, device: str = "auto", dtype: str = "float32",
+                 lang: str | None = None):
         from transformers import Wav2Vec2FeatureExtractor
 
         # Imported here: they import transformers, which `speechxfer --help` should not wait for.
@@ -96,7 +101,7 @@ class Recognizer:
         self.device = _pick_device(device)
         directory = _model_directory(model)
         self.directory = directory
-        self.model = load_ctc_model(directory)
+        self.model = load_ctc_model(directory, lang=lang)
         try:
             extractor = Wav2Vec2FeatureExtractor.from_pretrained(directory)
         except (OSError, ValueError) as err:
@@ -106,7 +111,7 @@ class Recognizer:
         self.model.to(self.device)
         if self.device.type == "cpu":
             use_blocked_feature_encoder(self.model)
-        self.vocabulary = Vocabulary.load(directory)
+        self.vocabulary = Vocabulary.load(directory, target_lang=lang)
         if len(self.vocabulary) != self.model.config.vocab_size:
             raise InputError(f"vocab.json has {len(self.vocabulary)} tokens but the CTC head has "
                              f"{self.model.config.vocab_size} outputs", path=Path(directory, "vocab.json"))

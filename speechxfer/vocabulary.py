@@ -99,18 +99,24 @@ class Vocabulary:
     def _ids(self) -> dict[str, int]:
         return {t: i for i, t in enumerate(self.tokens)}
 
-    def save(self, directory: str | os.PathLike) -> None:
-        """Write vocab.json, tokenizer_config.json and special_tokens_map.json, as Wav2Vec2CTCTokenizer reads them."""
+    def save(self, directory: str | os.PathLike, *, lang: str | None = None,
+             other_languages: Mapping[str, Mapping[str, int]] | None = None) -> None:
+        """Write vocab.json, tokenizer_config.json and special_tokens_map.json, as Wav2Vec2CTCTokenizer reads them.
+
+        With `lang`, vocab.json holds one vocabulary per language as MMS's does ({lang: {token: id}}: this one
+        beside `other_languages`), and the tokenizer's target_lang is `lang`.
+        """
         from transformers import Wav2Vec2CTCTokenizer
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         vocab_file = directory / "vocab.json"
-        vocab_file.write_text(json.dumps(self._ids, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        table = self._ids if lang is None else {**(other_languages or {}), lang: self._ids}
+        vocab_file.write_text(json.dumps(table, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
         # No bos/eos: they would become extra ids beyond the CTC head; no lowercasing: text.py already did it.
         tokenizer = Wav2Vec2CTCTokenizer(str(vocab_file), unk_token=self.unk, pad_token=self.blank,
                                          word_delimiter_token=self.delimiter, bos_token=None, eos_token=None,
-                                         do_lower_case=False)
+                                         do_lower_case=False, target_lang=lang)
         tokenizer.save_pretrained(directory)
         # transformers 5 no longer writes this file; older releases (and other tools) look for it.
         special = {"pad_token": self.blank, "unk_token": self.unk}
@@ -121,12 +127,18 @@ class Vocabulary:
     def load(cls, directory: str | os.PathLike, *, target_lang: str | None = None) -> Vocabulary:
         """Read vocab.json (ours or any Hugging Face CTC model folder's), with the special tokens its config names.
 
-        target_lang picks one language of a multi-language vocab.json (as MMS checkpoints ship).
+        target_lang picks one language of a multi-language vocab.json (as MMS checkpoints ship); None: the
+        tokenizer's own target_lang (tokenizer_config.json), the language of the adapter in model.safetensors.
         """
         directory = Path(directory)
         vocab_file = directory / "vocab.json"
         vocab = _read_json(vocab_file)
+        config = {}
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):
+            if (directory / name).is_file():
+                config |= {k: v for k, v in _read_json(directory / name).items() if isinstance(v, str)}
         if vocab and all(isinstance(v, dict) for v in vocab.values()):
+            target_lang = target_lang if target_lang is not None else config.get("target_lang")
             if target_lang not in vocab:
                 raise InputError(f"vocab.json holds one vocabulary per language; choose target_lang from "
                                  f"{', '.join(sorted(vocab))}", path=vocab_file)
@@ -135,16 +147,22 @@ class Vocabulary:
             raise InputError("expected a mapping of token to integer id", path=vocab_file)
         if sorted(vocab.values()) != list(range(len(vocab))):
             raise InputError(f"token ids must be 0..{len(vocab) - 1} without gaps", path=vocab_file)
-        config = {}
-        for name in ("special_tokens_map.json", "tokenizer_config.json"):
-            if (directory / name).is_file():
-                config |= {k: v for k, v in _read_json(directory / name).items() if isinstance(v, str)}
         tokens = tuple(sorted(vocab, key=vocab.__getitem__))
         try:
             return cls(tokens, blank=config.get("pad_token", BLANK), unk=config.get("unk_token", UNK),
                        delimiter=config.get("word_delimiter_token", WORD_DELIMITER))
         except ValueError as err:
             raise InputError(str(err), path=vocab_file) from None
+
+
+def language_vocabularies(directory: str | os.PathLike) -> dict[str, dict[str, int]]:
+    """{language: {token: id}} of a folder whose vocab.json holds one vocabulary per language (MMS's layout);
+    empty when the folder has no vocab.json or a single vocabulary."""
+    vocab_file = Path(directory) / "vocab.json"
+    if not vocab_file.is_file():
+        return {}
+    table = _read_json(vocab_file)
+    return table if table and all(isinstance(v, dict) for v in table.values()) else {}
 
 
 def _read_json(path: Path) -> dict:
