@@ -156,7 +156,7 @@ class _Job:
     normalizer: TextNormalizer  # for hypotheses
     options: TranscribeOptions
     progress: bool
-    reported: set[str]  # audio problems already logged (each is logged once, not once per candidate)
+    reported: set[tuple[str | None, str]]  # audio problems already logged (each is logged once, not once per candidate)
 
 
 def _score_candidate(candidate: str, job: _Job, *, languages: Sequence[str] | None, device: str,
@@ -198,18 +198,23 @@ def _zero_shot(candidate: str, recognizer: Recognizer, job: _Job, start: float) 
         raise InputError(f"no character of the dev texts maps onto this model's {len(vocabulary)} tokens (no "
                          "shared letter, base letter or transliteration)", path=recognizer.directory)
     hypotheses = {}
+    failed = 0
     for event in emissions(recognizer, job.segments, options=job.options, progress=job.progress):
         if isinstance(event, Problem):
-            if str(event) not in job.reported:
-                job.reported.add(str(event))
+            if (event.utterance_id, str(event)) not in job.reported:
+                job.reported.add((event.utterance_id, str(event)))
                 logger.warning("%s", event)
             hypotheses[event.utterance_id] = ""
+            failed += 1
             continue
         segment, log_probs = event
         emitted = vocabulary.collapse_ctc(log_probs.argmax(dim=-1).tolist())
         tokens = [" " if i == vocabulary.delimiter_id else vocabulary.tokens[i] for i in emitted
                   if i == vocabulary.delimiter_id or not _is_control(vocabulary.tokens[i], vocabulary)]
         hypotheses[segment.id] = job.normalizer(read_back(tokens))
+    if failed == len(job.segments):  # a CER of 100% would rank it as if it had heard nothing
+        raise InputError("no dev utterance could be transcribed (the audio problems are listed above)",
+                         path=recognizer.directory)
     report = score(job.references, hypotheses, bootstrap=0)
     row = SourceScore(candidate, recognizer.adapter, report.cer, report.sentences, time.perf_counter() - start,
                       read_back.mapped, read_back.characters)

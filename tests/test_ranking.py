@@ -3,6 +3,7 @@ data ranking above a random one, adapter models scored per language, and bad can
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import yaml
 from speechxfer import training
 from speechxfer.cli import main
 from speechxfer.errors import InputError
-from speechxfer.manifest import Utterance, write_manifest
+from speechxfer.manifest import Utterance, load_manifest, write_manifest
 from speechxfer.ranking import format_ranking, rank_sources, read_back_table
 from speechxfer.recipe import load_recipe
 from speechxfer.surgery import find_source_tokens
@@ -122,29 +123,35 @@ def test_a_model_trained_on_target_like_data_ranks_above_a_random_one(corpus, tr
 
 
 def test_the_first_n_usable_dev_utterances_in_manifest_order(corpus, trained, tmp_path):
-    rows = [json.loads(line) for line in corpus["target_dev"].read_text(encoding="utf-8").splitlines()]
-    rows.insert(0, rows[0] | {"id": "punctuation_only", "text": "?!"})  # empty once normalized: not counted
-    dev = tmp_path / "dev.jsonl"
-    dev.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    all_four = rank_sources([trained], corpus["target_dev"], device="cpu")[0]
-    first_two = rank_sources([trained], dev, n=2, device="cpu")[0]
+    target = load_manifest(corpus["target_dev"])
+    punctuation_only = dataclasses.replace(target[0], id="punctuation_only", text="?!")  # empty once normalized
+    utterances = [punctuation_only, *target]
+    write_manifest(tmp_path / "dev.jsonl", utterances)
+    first_two = rank_sources([trained], tmp_path / "dev.jsonl", n=2, device="cpu")[0]
     assert first_two.utterances == 2
-    one_at_a_time = [rank_sources([trained], _only(rows, i, tmp_path), device="cpu")[0] for i in (1, 2)]
-    errors = sum(s.cer * _ref_chars(rows[i]) for s, i in zip(one_at_a_time, (1, 2)))
-    assert first_two.cer == pytest.approx(errors / (_ref_chars(rows[1]) + _ref_chars(rows[2])))
-    assert all_four.utterances == 4
+    alone = []
+    for u in target[:2]:
+        write_manifest(tmp_path / f"{u.id}.jsonl", [u])
+        alone.append(rank_sources([trained], tmp_path / f"{u.id}.jsonl", device="cpu")[0].cer)
+    chars = [len(u.text) for u in target[:2]]
+    assert first_two.cer == pytest.approx((alone[0] * chars[0] + alone[1] * chars[1]) / sum(chars))
+    all_four = rank_sources([trained], corpus["target_dev"], device="cpu")[0]
+    assert all_four.utterances == 4 and all_four.cer < 0.8
+    # The same audio written with the source's "a": reading "a" back as "á" makes both spellings score alike.
+    write_manifest(tmp_path / "plain.jsonl", [dataclasses.replace(u, text=u.text.replace("á", "a")) for u in target])
+    assert rank_sources([trained], tmp_path / "plain.jsonl", device="cpu")[0].cer == all_four.cer
     with pytest.raises(InputError, match="n .--n. must be at least 1"):
-        rank_sources([trained], dev, n=0)
+        rank_sources([trained], tmp_path / "dev.jsonl", n=0)
 
 
-def _only(rows: list[dict], i: int, folder: Path) -> Path:
-    path = folder / f"only{i}.jsonl"
-    path.write_text(json.dumps(rows[i], ensure_ascii=False) + "\n", encoding="utf-8")
-    return path
-
-
-def _ref_chars(row: dict) -> int:
-    return len(row["text"].replace(" ", ""))
+def test_a_candidate_that_transcribes_no_dev_utterance_is_not_scored(corpus, trained, tmp_path, caplog):
+    target = load_manifest(corpus["target_dev"])
+    write_manifest(tmp_path / "dev.jsonl", [dataclasses.replace(u, audio_path=str(tmp_path / f"gone{k}.wav"))
+                                            for k, u in enumerate(target)])
+    scores = rank_sources([trained, trained], tmp_path / "dev.jsonl", device="cpu")
+    assert all(s.cer is None and "no dev utterance could be transcribed" in s.error for s in scores)
+    # each audio problem logged once, not once per candidate
+    assert sum("no such audio file" in r.getMessage() for r in caplog.records) == len(target)
 
 
 def test_an_adapter_model_is_scored_per_language(corpus, tmp_path):
