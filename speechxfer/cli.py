@@ -590,8 +590,64 @@ def _cmd_self_train(args) -> int:
     return 0
 
 
+
+
+def _add_rank_sources(subparsers) -> None:
+    from speechxfer.text import PRESETS
+
+    p = subparsers.add_parser("rank-sources", help="rank candidate source checkpoints by zero-shot CER on dev",
+                              description="Transcribe the first N usable utterances of the dev manifest (in manifest "
+                                          "order) with each candidate's own CTC head (each language of an adapter "
+                                          "model), read its letters back into the target's through the vocabulary "
+                                          "transfer (same letter, base letter, transliteration), and print the "
+                                          "candidates best first. Candidates that cannot be scored are listed last "
+                                          "with the reason.")
+    p.add_argument("candidates", metavar="CANDIDATE", nargs="+", help="model folders or hub ids")
+    p.add_argument("--dev", metavar="DEV_MANIFEST", required=True, help="JSONL manifest of the target's dev split")
+    p.add_argument("--n", type=_whole_number(1), default=50, help="dev utterances to score (default 50)")
+    p.add_argument("--normalize", metavar="PRESET_OR_YAML", default="basic",
+                   help=f"normalize references and hypotheses: a preset ({', '.join(PRESETS)}) or a YAML file with "
+                        "a `text:` section, the target recipe for instance (default basic)")
+    p.add_argument("--languages", metavar="LIST", default=None,
+                   help="comma-separated adapter languages to score in adapter models (default: all they have)")
+    p.add_argument("--json", metavar="FILE", default=None, help="also write the ranking to FILE as JSON")
+    _add_model_arguments(p)
+    p.set_defaults(func=_cmd_rank_sources)
+
+
+def _cmd_rank_sources(args) -> int:
+    import json
+
+    from transformers.utils import logging as transformers_logging
+
+    from speechxfer.atomic import atomic_write
+    from speechxfer.errors import InputError
+    from speechxfer.ranking import format_ranking, rank_sources
+    from speechxfer.text import load_text_options
+
+    languages = None
+    if args.languages is not None:
+        languages = [language.strip() for language in args.languages.split(",") if language.strip()]
+        if not languages:
+            raise InputError(f"--languages takes comma-separated language codes, got {args.languages!r}")
+    # Checked before any model runs, so that a mistyped path does not cost the ranking.
+    if args.json is not None and (os.path.isdir(args.json) or not os.path.isdir(os.path.dirname(args.json) or ".")):
+        raise InputError("--json must name a file in an existing folder", path=args.json)
+    options, text_options = _transcribe_options(args), load_text_options(args.normalize)
+    transformers_logging.disable_progress_bar()  # keep stderr for our own progress and problems
+    scores = rank_sources(args.candidates, args.dev, n=args.n, text_options=text_options, languages=languages,
+                          device=args.device, dtype=args.dtype, options=options, progress=sys.stderr.isatty())
+    print(format_ranking(scores))
+    if args.json is not None:
+        with atomic_write(args.json) as f:
+            json.dump({"dev": args.dev, "n": args.n, "normalize": args.normalize,
+                       "ranking": [s.to_dict() for s in scores]}, f, ensure_ascii=False, indent=1)
+            f.write("\n")
+    return 0 if any(s.cer is not None for s in scores) else 1
+
+
 _SUBCOMMANDS: list = [_add_synth, _add_prepare, _add_train, _add_wer, _add_vocab, _add_transcribe, _add_evaluate,
-                      _add_lm, _add_pseudo_label, _add_self_train]
+                      _add_lm, _add_pseudo_label, _add_self_train, _add_rank_sources]
 
 
 class _MessageHandler(logging.Handler):

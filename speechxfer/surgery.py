@@ -374,7 +374,7 @@ def replace_ctc_head(model: Wav2Vec2ForCTC, vocab: Vocabulary, *,
                 if row in target_special:
                     found = None if target_special[row] is None else ("shared", [target_special[row]])
                 else:
-                    found = _find_source_rows(token, source_vocab)
+                    found = find_source_tokens(token, source_vocab)
                 if found is None:
                     continue
                 how, source_tokens = found
@@ -598,8 +598,12 @@ def _special_tokens(source_vocab: Mapping[str, int], pad_token_id: int | None) -
     }
 
 
-def _find_source_rows(token: str, source_vocab: Mapping[str, int]) -> tuple[str, list[str]] | None:
-    """How a target token maps onto source tokens: ("shared" | "base_letter" | "transliterated", tokens) or None."""
+def find_source_tokens(token: str, source_vocab: Mapping[str, int]) -> tuple[str, list[str]] | None:
+    """How a target token maps onto source tokens: ("shared" | "base_letter" | "transliterated", tokens) or None.
+
+    The one mapping between a target and a source vocabulary: replace_ctc_head copies rows along it, and
+    ranking reads a source's output back into target characters along it.
+    """
     if token in source_vocab:
         return "shared", [token]
     base = "".join(c for c in unicodedata.normalize("NFD", token) if not unicodedata.combining(c))

@@ -41,6 +41,8 @@ _MAX_CUE_CHARS = 42
 _MAX_CUE_S = 7.0
 # Added to the variance before the square root, as transformers' Wav2Vec2FeatureExtractor does.
 _NORM_EPSILON = 1e-7
+# An MMS-style adapter model keeps one file of adapter weights and CTC head per language beside model.safetensors
+# (transformers' WAV2VEC2_ADAPTER_SAFE_FILE), and one vocabulary per language in vocab.json.
 
 
 @dataclass(frozen=True)
@@ -82,8 +84,8 @@ class Transcription:
 class Recognizer:
     """A Wav2Vec2ForCTC model folder (or hub id) loaded for inference, with its vocabulary and input settings.
 
-    lang: for a model with language adapters (MMS's layout), the language whose adapter, head and vocabulary to
-    use; None: the one in model.safetensors (the tokenizer's target_lang).
+    lang: for a model with language adapters (MMS's layout), the language whose adapter weights, CTC head and
+    vocabulary to use (see use_adapter); None: the ones in model.safetensors (the tokenizer's target_lang).
     """
 
     def __init__(self, model: str | os.PathLike, *, device: str = "auto", dtype: str = "float32",
@@ -99,9 +101,9 @@ class Recognizer:
         # softmax in float32 (torch's autocast op lists).
         self.dtype = COMPUTE_DTYPES[dtype]
         self.device = _pick_device(device)
-        directory = _model_directory(model)
+        directory = model_directory(model)
         self.directory = directory
-        self.model = load_ctc_model(directory, lang=lang)
+        self.model = load_ctc_model(directory)
         try:
             extractor = Wav2Vec2FeatureExtractor.from_pretrained(directory)
         except (OSError, ValueError) as err:
@@ -111,10 +113,12 @@ class Recognizer:
         self.model.to(self.device)
         if self.device.type == "cpu":
             use_blocked_feature_encoder(self.model)
-        self.vocabulary = Vocabulary.load(directory, target_lang=lang)
-        if len(self.vocabulary) != self.model.config.vocab_size:
-            raise InputError(f"vocab.json has {len(self.vocabulary)} tokens but the CTC head has "
-                             f"{self.model.config.vocab_size} outputs", path=Path(directory, "vocab.json"))
+        self.lang: str | None = None
+        if lang is None:
+            self.vocabulary = Vocabulary.load(directory)
+            self._check_head()
+        else:
+            self.use_adapter(lang)
         self.sample_rate_hz: int = extractor.sampling_rate
         self.normalize: bool = extractor.do_normalize  # zero mean, unit variance per utterance
         # Group-norm (wav2vec2-base-like) models were trained on zero padding without a mask.
@@ -125,6 +129,37 @@ class Recognizer:
         # The convolutions' receptive field (400 samples, 25 ms, for wav2vec2): shorter audio gives no frame, and
         # torch refuses to run a convolution on it.
         self.min_samples: int = self.geometry.receptive_field
+
+    def use_adapter(self, language: str) -> None:
+        """Switch an MMS-style adapter model (config.adapter_attn_dim set) to `language`: its adapter weights and
+        CTC head from adapter.<language>.safetensors in the model folder, its vocabulary from vocab.json.
+        InputError for a model without adapters, a missing or mismatched adapter file, a language vocab.json lacks."""
+        from speechxfer.surgery import ADAPTER_FILE
+
+        path = Path(self.directory, ADAPTER_FILE.format(language))
+        if getattr(self.model.config, "adapter_attn_dim", None) is None:
+            raise InputError("not an adapter model (its config.json sets no adapter_attn_dim)", path=self.directory)
+        if not path.is_file():
+            known = ", ".join(adapter_languages(self.directory)) or "none"
+            raise InputError(f"no adapter for language {language!r} in this model folder (it has: {known})",
+                             path=path)
+        vocabulary = Vocabulary.load(self.directory, target_lang=language)
+        try:
+            # load_adapter reads the folder the model was loaded from (config._name_or_path): self.directory.
+            self.model.load_adapter(language, use_safetensors=True, local_files_only=True)
+        except (OSError, ValueError, RuntimeError) as err:  # unreadable; not this model's adapter keys or shapes
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise InputError(f"cannot load the adapter: {reason}", path=path) from None
+        self.vocabulary = vocabulary
+        self.lang = language
+        self._check_head()
+
+    def _check_head(self) -> None:
+        if len(self.vocabulary) != self.model.config.vocab_size:
+            raise InputError(f"vocab.json has {len(self.vocabulary)} tokens"
+                             + (f" for language {self.lang!r}" if self.lang else "")
+                             + f" but the CTC head has {self.model.config.vocab_size} outputs",
+                             path=Path(self.directory, "vocab.json"))
 
     @torch.inference_mode()
     def log_probs(self, waveforms: Sequence[np.ndarray], *,
@@ -179,7 +214,17 @@ class _Moments:
         return mean, math.sqrt(max(self.squares / self.count - mean * mean, 0.0) + _NORM_EPSILON)
 
 
-def _model_directory(model: str | os.PathLike) -> str:
+def adapter_languages(directory: str | os.PathLike) -> list[str]:
+    """The languages of the adapter files (adapter.<lang>.safetensors) in a model folder, sorted; [] for none."""
+    from speechxfer.surgery import ADAPTER_FILE
+
+    prefix, suffix = ADAPTER_FILE.split("{}")
+    return sorted(entry.name[len(prefix): -len(suffix)] for entry in Path(directory).iterdir()
+                  if entry.name.startswith(prefix) and entry.name.endswith(suffix)
+                  and len(entry.name) > len(prefix) + len(suffix))
+
+
+def model_directory(model: str | os.PathLike) -> str:
     """A local folder as it is; a hub id (as surgery.model_source tells them apart) is resolved through the local
     hub cache or a download."""
     from speechxfer.surgery import model_source

@@ -86,14 +86,19 @@ class Vocabulary:
 
     def decode_ctc(self, ids: Sequence[int]) -> str:
         """Text of a frame-level CTC path (frames,): collapse repeats, drop blanks, the delimiter becomes a space."""
+        pieces = [" " if i == self.delimiter_id else self.tokens[i] for i in self.collapse_ctc(ids)]
+        return " ".join("".join(pieces).split())
+
+    def collapse_ctc(self, ids: Sequence[int]) -> list[int]:
+        """Token ids a frame-level CTC path (frames,) emits: repeats collapsed, then blanks dropped."""
         self._check(ids)
-        pieces = []
+        emitted = []
         previous = None
         for i in map(int, ids):
             if i != previous and i != self.blank_id:
-                pieces.append(" " if i == self.delimiter_id else self.tokens[i])
+                emitted.append(i)
             previous = i
-        return " ".join("".join(pieces).split())
+        return emitted
 
     @cached_property
     def _ids(self) -> dict[str, int]:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from tiny import make_tiny_checkpoint, write_tone
+from tiny import make_tiny_adapter_checkpoint, make_tiny_checkpoint, write_tone
 
 import speechxfer.transcribe as transcribe_module
 from speechxfer.cli import main
@@ -111,6 +111,32 @@ def test_bfloat16_forward_pass_is_close_to_float32(tmp_path, model_dir):
     assert 0 < difference < 0.05
     with pytest.raises(InputError, match="unknown dtype 'int8'"):
         Recognizer(model_dir, device="cpu", dtype="int8")
+
+
+def test_an_adapter_model_switches_weights_head_and_vocabulary_per_language(tmp_path, model_dir):
+    from safetensors.torch import load_file
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>", "|"]
+    model = make_tiny_adapter_checkpoint(tmp_path / "mms", vocabularies={"eng": [*specials, *"abcd"],
+                                                                        "spa": [*specials, *"abcdñ", "'"]})
+    assert transcribe_module.adapter_languages(model) == ["eng", "spa"]
+    wave = np.asarray(sf.read(varying_noise(tmp_path / "a.wav", duration_s=1.0))[0], dtype=np.float32)
+    recognizer = Recognizer(model, device="cpu", lang="spa")
+    assert recognizer.lang == "spa" and recognizer.vocabulary.tokens[-2:] == ("ñ", "'")
+    spa = recognizer.log_probs([wave])[0]
+    assert spa.shape[-1] == 11
+    weights = load_file(model / "adapter.spa.safetensors")
+    assert all(torch.equal(param, weights[name]) for name, param in recognizer.model._get_adapters().items())
+    recognizer.use_adapter("eng")
+    assert recognizer.log_probs([wave])[0].shape[-1] == 9 and recognizer.vocabulary.tokens[-1] == "d"
+    recognizer.use_adapter("spa")
+    assert torch.equal(recognizer.log_probs([wave])[0], spa)  # back to the same weights, the same output
+    with pytest.raises(InputError, match="no adapter for language 'fra'"):
+        recognizer.use_adapter("fra")
+    default = Recognizer(model, device="cpu")  # the language in model.safetensors, as the tokenizer's target_lang says
+    assert default.lang is None and len(default.vocabulary) == default.model.config.vocab_size
+    with pytest.raises(InputError, match="not an adapter model"):
+        Recognizer(model_dir, device="cpu").use_adapter("eng")
 
 
 def test_windows_stitch_to_the_single_pass_result(tmp_path, local_model_dir, monkeypatch):

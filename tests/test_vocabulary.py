@@ -34,10 +34,11 @@ def test_encode_and_decode_ctc():
     el = vocab.encode("l")[0]
     path = [b, *vocab.encode("ç"), *vocab.encode("ç"), b, b, el, el, b, el, d, d, b, *vocab.encode("ışık"), d]
     assert vocab.decode_ctc(path) == "çll ışık"
+    assert vocab.collapse_ctc(path) == [*vocab.encode("ç"), el, el, d, *vocab.encode("ışık"), d]
     # Label ids are not a CTC path: decode keeps repeated letters.
     assert vocab.decode(vocab.encode("ışık ll ve")) == "ışık ll ve"
     assert vocab.decode_ctc(vocab.encode("ışık ll ve")) == "ışık l ve"
-    for decode in (vocab.decode, vocab.decode_ctc):
+    for decode in (vocab.decode, vocab.decode_ctc, vocab.collapse_ctc):
         with pytest.raises(ValueError, match="outside"):
             decode([len(vocab)])
 

@@ -83,3 +83,35 @@ def make_tiny_checkpoint(directory, *, arch: str = "stable", ctc_vocab: list[str
     Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
                              return_attention_mask=stable).save_pretrained(directory)
     return directory
+
+
+def make_tiny_adapter_checkpoint(directory, *, vocabularies: dict[str, list[str]], seed: int = 0) -> Path:
+    """Save a tiny random MMS-style adapter model: Wav2Vec2ForCTC with attention adapters (adapter_attn_dim), one
+    adapter.<lang>.safetensors per language (adapter layers and CTC head, saved as the MMS adapter fine-tuning
+    guide does), vocab.json with one vocabulary per language (index 0 "<pad>" is the blank), and the first
+    language's adapter also in model.safetensors."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
+
+    torch.manual_seed(seed)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    first = next(iter(vocabularies.values()))
+    config = tiny_config(vocab_size=len(first), pad_token_id=0)
+    config.adapter_attn_dim = 8
+    model = Wav2Vec2ForCTC(config)
+    for language, tokens in reversed(vocabularies.items()):  # the first language's weights stay in the model
+        model.lm_head = torch.nn.Linear(config.hidden_size, len(tokens))
+        model.init_adapter_layers()
+        weights = {name: param.detach().clone().contiguous() for name, param in model._get_adapters().items()}
+        save_file(weights, directory / f"adapter.{language}.safetensors", metadata={"format": "pt"})
+    model.save_pretrained(directory, safe_serialization=True)
+    table = {language: {t: i for i, t in enumerate(tokens)} for language, tokens in vocabularies.items()}
+    (directory / "vocab.json").write_text(json.dumps(table, ensure_ascii=False), encoding="utf-8")
+    Wav2Vec2CTCTokenizer(str(directory / "vocab.json"), unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+                         eos_token="</s>", word_delimiter_token="|",
+                         target_lang=next(iter(vocabularies))).save_pretrained(directory)
+    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
+                             return_attention_mask=True).save_pretrained(directory)
+    return directory
