@@ -105,14 +105,22 @@ def write_arpa(lines: Sequence[str], out_path: str | os.PathLike, *, order: int)
         raise InputError(f"order must be at least 2 (KenLM needs bigrams), got {order}")
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
+    text = "\n".join(lines).encode("utf-8") + b"\n"
     with tempfile.TemporaryDirectory() as tmp, atomic_write(out, binary=True) as arpa:
         # --discount_fallback: the small corpora of low-resource languages lack the counts Kneser-Ney needs.
-        command = [lmplz, "-o", str(order), "--discount_fallback", "-T", tmp]
-        done = subprocess.run(command, input="\n".join(lines).encode("utf-8") + b"\n", stdout=arpa,
-                              stderr=subprocess.PIPE)
+        command = [lmplz, "-o", str(order), "--discount_fallback", "-T", tmp, "-S", f"{_sort_memory_mib(text)}M"]
+        done = subprocess.run(command, input=text, stdout=arpa, stderr=subprocess.PIPE)
         if done.returncode != 0:
             tail = done.stderr.decode("utf-8", "replace").strip().splitlines()[-3:]
             raise SpeechxferError(f"lmplz failed (exit {done.returncode}): {' / '.join(tail)}")
+
+
+def _sort_memory_mib(text: bytes) -> int:
+    """Memory for lmplz's sorting, from the size of its text: by default lmplz takes 80% of physical memory and
+    touches gigabytes of it even for a few lines (10 s for two lines on a 24 GB machine), beside a training that may
+    still hold the machine. Less than the counts need only moves the sorting to disk (-T)."""
+    physical_mib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
+    return max(256, min(64 * len(text) // 2**20, physical_mib // 2))
 
 
 @dataclass(frozen=True)
