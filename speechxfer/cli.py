@@ -315,10 +315,10 @@ def _transcribe_options(args):
     return TranscribeOptions(max_batch_s=args.max_batch_s, chunk_s=args.chunk_s, stride_s=args.stride_s)
 
 
-def _beam_options(args):
+def _beam_options(args, *, model: str | None = None):
     """Beam search options, or None for greedy decoding; built before the model loads, so that bad values stop
-    the command at once. Without --lm (and --no-lm): the model folder's LM with its tuned settings, if it has one;
-    options given on the command line override those."""
+    the command at once. Without --lm (and --no-lm): the LM of the `model` folder with its tuned settings, if it
+    has one; options given on the command line override those."""
     import dataclasses
 
     from speechxfer.decoding import BeamSearchOptions
@@ -329,11 +329,11 @@ def _beam_options(args):
              if value is not None}
     if args.lm is not None:
         return BeamSearchOptions(args.lm, **given)
-    own = None if args.no_lm else load_decoder_settings(args.model)
+    own = None if args.no_lm or model is None else load_decoder_settings(model)
     if own is None:
         return None
     beam = dataclasses.replace(own, **given)
-    print(f"decoding with the model's language model {os.path.join(args.model, LM_FOLDER)} (LM weight "
+    print(f"decoding with the model's language model {os.path.join(model, LM_FOLDER)} (LM weight "
           f"{beam.lm_weight:g}, word score {beam.word_score:g}, beam {beam.beam_size}); --no-lm decodes greedily",
           file=sys.stderr)
     return beam
@@ -378,7 +378,7 @@ def _cmd_transcribe(args) -> int:
     from speechxfer.errors import InputError, Problem
     from speechxfer.transcribe import OutputWriter, find_audio, transcribe, tsv_escape
 
-    options, beam = _transcribe_options(args), _beam_options(args)
+    options, beam = _transcribe_options(args), _beam_options(args, model=args.model)
     writer = None
     if args.output_dir is not None:
         writer = OutputWriter(args.output_dir, [f.strip() for f in args.format.split(",") if f.strip()],
@@ -439,7 +439,7 @@ def _cmd_evaluate(args) -> int:
     from speechxfer.text import TextNormalizer, load_text_options
     from speechxfer.transcribe import output_folder
 
-    options, beam = _transcribe_options(args), _beam_options(args)
+    options, beam = _transcribe_options(args), _beam_options(args, model=args.model)
     output_folder(args.output_dir)  # a bad output folder stops the command before the model loads
     recognizer = _load_recognizer(args)
     spec = args.normalize if args.normalize is not None else model_normalization(recognizer.directory)
