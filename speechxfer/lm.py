@@ -313,11 +313,11 @@ def lm_stage(recipe: Recipe, *, device: str = "auto", progress: bool = False) ->
     if not text.lines:
         raise InputError("no text for the language model: lm.texts and the train transcripts are empty after "
                          "normalization and leaving out the dev and test transcripts", path=recipe.data.train)
+    logger.info(f"lm: {text.held_out_text + text.held_out_train} lines equal to a dev or test transcript left out "
+                f"({text.held_out_text} of lm.texts, {text.held_out_train} train transcripts)")
     with atomic_write(folder / LM_TEXT) as f:
         f.write("".join(line + "\n" for line in text.lines))
     write_arpa(text.lines, folder / LM_FILE, order=options.order)
-    logger.info(f"lm: {text.held_out_text + text.held_out_train} lines equal to a dev or test transcript left out "
-                f"({text.held_out_text} of lm.texts, {text.held_out_train} train transcripts)")
     logger.info(f"lm: {options.order}-gram model from {len(text.lines)} lines ({text.text_lines - text.held_out_text} "
                 f"of lm.texts, {text.train_lines - text.held_out_train} train transcripts) -> {folder / LM_FILE}")
 
@@ -338,7 +338,8 @@ def lm_stage(recipe: Recipe, *, device: str = "auto", progress: bool = False) ->
     settings = {"lm_path": LM_FILE, "lexicon_path": None, "beam_size": beam.beam_size, "lm_weight": beam.lm_weight,
                 "word_score": beam.word_score, "order": options.order,
                 "dev_utterances": None if tune is None else tune.utterances,
-                "dev_wer": None if tune is None else tune.wer, "dev_greedy_wer": None if tune is None else tune.greedy_wer}
+                "dev_wer": None if tune is None else tune.wer,
+                "dev_greedy_wer": None if tune is None else tune.greedy_wer}
 
     with_lm = greedy = None
     test = recipe.data.test

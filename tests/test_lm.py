@@ -110,9 +110,9 @@ def write_lm_run(folder, *, lm: dict | None = None):
     for split, texts in SPLITS.items():
         utterances = []
         for text in texts:
-            audio = write_tone(folder / "audio" / f"u{k}.wav", duration_s=0.8 + 0.2 * (k % 3), frequency_hz=200 + 50 * k,
-                               seed=k)
-            utterances.append(Utterance(f"u{k}", str(audio), text, 0.8 + 0.2 * (k % 3)))
+            duration_s = 0.8 + 0.2 * (k % 3)
+            audio = write_tone(folder / "audio" / f"u{k}.wav", duration_s=duration_s, frequency_hz=200 + 50 * k, seed=k)
+            utterances.append(Utterance(f"u{k}", str(audio), text, duration_s))
             k += 1
         manifests[split] = folder / f"{split}.jsonl"
         write_manifest(manifests[split], utterances)
