@@ -137,21 +137,29 @@ def _add_train(subparsers) -> None:
     p.add_argument("recipe", metavar="RECIPE", help="recipe file, e.g. recipes/common_voice/tr.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe key (value read as YAML), e.g. --set train.lr=1e-4; repeatable")
-    p.add_argument("--resume", action="store_true", help="continue the run in output_dir/last/")
+    p.add_argument("--resume", action="store_true", help="continue the run in output_dir/last/ (a finished run: redo "
+                                                          "the test report and the recipe's LM stage)")
     p.set_defaults(func=_cmd_train)
 
 
 def _cmd_train(args) -> int:
+    from speechxfer.lm import check_lm_stage, lm_stage
     from speechxfer.recipe import load_recipe
     from speechxfer.training import train
 
-    result = train(load_recipe(args.recipe, overrides=args.overrides), resume=args.resume)
+    recipe = load_recipe(args.recipe, overrides=args.overrides)
+    check_lm_stage(recipe)
+    result = train(recipe, resume=args.resume)
     if result.best_dev_wer is not None:
         print(f"best dev WER {result.best_dev_wer:.2%} at update {result.best_update} of {result.updates}"
               + (" (stopped early)" if result.stopped_early else ""))
     if result.test_wer is not None:
-        print(f"test WER {result.test_wer:.2%}, CER {result.test_cer:.2%}")
-    print(f"model: {result.output_dir}")
+        print(f"test WER {result.test_wer:.2%}, CER {result.test_cer:.2%}", flush=True)
+    stage = lm_stage(recipe, progress=sys.stderr.isatty())
+    if stage is not None and stage.test is not None:
+        print(f"test WER with the LM {stage.test.wer:.2%}, CER {stage.test.cer:.2%} (LM weight "
+              f"{stage.beam.lm_weight:g}, word score {stage.beam.word_score:g})")
+    print(f"model: {result.output_dir}" + ("" if stage is None else f" (with its LM in {stage.folder})"))
     return 0
 
 
@@ -267,21 +275,32 @@ def _add_model_arguments(p) -> None:
 
 
 def _add_beam_arguments(p, *, tuning: bool = False) -> None:
-    """Beam search with an n-gram LM; without --lm decoding is greedy (transcribe, evaluate)."""
+    """Beam search with an n-gram LM (transcribe, evaluate: the model folder's own LM by default; lm tune)."""
     from speechxfer.decoding import BeamSearchOptions
 
-    p.add_argument("--lm", metavar="FILE", required=tuning, default=None,
-                   help="n-gram LM (ARPA, or KenLM binary with --lexicon) for beam search" +
-                        ("" if tuning else "; default: greedy decoding"))
+    if tuning:
+        p.add_argument("--lm", metavar="FILE", required=True,
+                       help="n-gram LM (ARPA, or KenLM binary with --lexicon) for beam search")
+    else:
+        choice = p.add_mutually_exclusive_group()
+        choice.add_argument("--lm", metavar="FILE", default=None,
+                            help="n-gram LM (ARPA, or KenLM binary with --lexicon) for beam search; default: the LM "
+                                 "in the model folder's lm/ (a recipe's lm: section puts it there) with its tuned "
+                                 "settings, else greedy decoding")
+        choice.add_argument("--no-lm", action="store_true", help="greedy decoding, even when the model has an LM")
     p.add_argument("--lexicon", metavar="FILE", default=None,
                    help="lines `word<TAB>l e t t e r s`; default: the words of the ARPA file's unigrams")
-    p.add_argument("--beam-size", type=int, default=BeamSearchOptions.beam_size, metavar="N",
-                   help=f"hypotheses kept per frame (default {BeamSearchOptions.beam_size})")
+    # Without --lm these default to the model's tuned values (None: not given), with it to beam search's.
+    p.add_argument("--beam-size", type=int, default=BeamSearchOptions.beam_size if tuning else None, metavar="N",
+                   help=f"hypotheses kept per frame (default {BeamSearchOptions.beam_size}"
+                        + ("" if tuning else ", or the model LM's") + ")")
     if not tuning:
-        p.add_argument("--lm-weight", type=float, default=BeamSearchOptions.lm_weight,
-                       help=f"weight of the LM score (default {BeamSearchOptions.lm_weight:g}; `lm tune` finds one)")
-        p.add_argument("--word-score", type=float, default=BeamSearchOptions.word_score,
-                       help=f"score added per word (default {BeamSearchOptions.word_score:g})")
+        p.add_argument("--lm-weight", type=float, default=None,
+                       help=f"weight of the LM score (default {BeamSearchOptions.lm_weight:g}, or the model LM's "
+                            "tuned one; `lm tune` finds one)")
+        p.add_argument("--word-score", type=float, default=None,
+                       help=f"score added per word (default {BeamSearchOptions.word_score:g}, or the model LM's "
+                            "tuned one)")
 
 
 def _load_recognizer(args):
@@ -299,14 +318,28 @@ def _transcribe_options(args):
     return TranscribeOptions(max_batch_s=args.max_batch_s, chunk_s=args.chunk_s, stride_s=args.stride_s)
 
 
-def _beam_options(args):
+def _beam_options(args, *, model: str | None = None):
     """Beam search options, or None for greedy decoding; built before the model loads, so that bad values stop
-    the command at once."""
-    from speechxfer.decoding import BeamSearchOptions
+    the command at once. Without --lm (and --no-lm): the LM of the `model` folder with its tuned settings, if it
+    has one; options given on the command line override those."""
+    import dataclasses
 
-    if args.lm is None:
+    from speechxfer.decoding import BeamSearchOptions
+    from speechxfer.lm import LM_FOLDER, load_decoder_settings
+
+    given = {name: value for name, value in (("lexicon_path", args.lexicon), ("beam_size", args.beam_size),
+                                             ("lm_weight", args.lm_weight), ("word_score", args.word_score))
+             if value is not None}
+    if args.lm is not None:
+        return BeamSearchOptions(args.lm, **given)
+    own = None if args.no_lm or model is None else load_decoder_settings(model)
+    if own is None:
         return None
-    return BeamSearchOptions(args.lm, args.lexicon, args.beam_size, args.lm_weight, args.word_score)
+    beam = dataclasses.replace(own, **given)
+    print(f"decoding with the model's language model {os.path.join(model, LM_FOLDER)} (LM weight "
+          f"{beam.lm_weight:g}, word score {beam.word_score:g}, beam {beam.beam_size}); --no-lm decodes greedily",
+          file=sys.stderr)
+    return beam
 
 
 def _decoder(beam, recognizer):
@@ -348,7 +381,7 @@ def _cmd_transcribe(args) -> int:
     from speechxfer.errors import InputError, Problem
     from speechxfer.transcribe import OutputWriter, find_audio, transcribe, tsv_escape
 
-    options, beam = _transcribe_options(args), _beam_options(args)
+    options, beam = _transcribe_options(args), _beam_options(args, model=args.model)
     writer = None
     if args.output_dir is not None:
         writer = OutputWriter(args.output_dir, [f.strip() for f in args.format.split(",") if f.strip()],
@@ -409,7 +442,7 @@ def _cmd_evaluate(args) -> int:
     from speechxfer.text import TextNormalizer, load_text_options
     from speechxfer.transcribe import output_folder
 
-    options, beam = _transcribe_options(args), _beam_options(args)
+    options, beam = _transcribe_options(args), _beam_options(args, model=args.model)
     output_folder(args.output_dir)  # a bad output folder stops the command before the model loads
     recognizer = _load_recognizer(args)
     spec = args.normalize if args.normalize is not None else model_normalization(recognizer.directory, lang=args.lang)
@@ -429,7 +462,7 @@ def _cmd_evaluate(args) -> int:
 
 
 def _add_lm(subparsers) -> None:
-    from speechxfer.lm import DEFAULT_LM_WEIGHTS, DEFAULT_WORD_SCORES
+    from speechxfer.decoding import DEFAULT_LM_WEIGHTS, DEFAULT_WORD_SCORES
     from speechxfer.text import PRESETS
 
     p = subparsers.add_parser("lm", help="n-gram language models for beam search: build one, tune its weights",

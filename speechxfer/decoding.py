@@ -25,6 +25,9 @@ from speechxfer.vocabulary import Vocabulary
 
 # Words of an ARPA file that are markers, not words to spell.
 _ARPA_MARKERS = frozenset({"<s>", "</s>", "<unk>"})
+# The grid `lm tune` and a recipe's `lm:` section search by default: LM weights x word scores of BeamSearchOptions.
+DEFAULT_LM_WEIGHTS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
+DEFAULT_WORD_SCORES = (-1.0, 0.0, 1.0, 2.0)
 
 
 @dataclass(frozen=True)
@@ -170,7 +173,7 @@ class BeamSearchDecoder:
     """
 
     def __init__(self, vocabulary: Vocabulary, options: BeamSearchOptions, *, frame_s: float):
-        ctc_decoder = _import_ctc_decoder()
+        ctc_decoder = import_ctc_decoder()
         self.vocabulary = vocabulary
         self.options = options
         self.frame_s = frame_s
@@ -255,7 +258,7 @@ def _quiet_stderr() -> Iterator[None]:
         os.close(saved)
 
 
-def _import_ctc_decoder():
+def import_ctc_decoder():
     try:
         import flashlight.lib.text.decoder  # noqa: F401  (torchaudio's ctc_decoder binds to it lazily)
         from torchaudio.models.decoder import ctc_decoder

@@ -9,8 +9,8 @@ A run starts from a checkpoint (``base``, fine-tuning) or from a Wav2Vec2 config
 (``model_config``, training from scratch); the ``model`` section sets masking and dropouts on either.
 
 Paths written in a recipe file (``data.*``, ``vocabulary.path``, ``augment.noise.source``,
-``augment.reverb.source``, ``data.pseudo_labelled[i].manifest``, and ``base`` when it names an existing folder) are
-relative to the recipe file.
+``augment.reverb.source``, ``data.pseudo_labelled[i].manifest``, ``lm.texts``, and ``base`` when it names an
+existing folder) are relative to the recipe file.
 ``output_dir`` and every path given with ``--set`` are relative to the working directory, because that is where the
 user typed them.
 
@@ -26,6 +26,7 @@ Defaults follow published practice for fine-tuning XLS-R with CTC:
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ import yaml
 from speechxfer.augment import AugmentOptions
 from speechxfer.config import (AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, SHARE, Check, check_fields, checked,
                                from_mapping, parse_yaml, read_yaml, set_dotted)
+from speechxfer.decoding import DEFAULT_LM_WEIGHTS, DEFAULT_WORD_SCORES, BeamSearchOptions
 from speechxfer.errors import InputError, RecipeError
 from speechxfer.freezing import FreezeOptions
 from speechxfer.prepare import FORMATS
@@ -151,6 +153,27 @@ class EvalOptions:
     __post_init__ = check_fields
 
 
+# A tuning grid: checked in the recipe, because a bad value found after training would cost the run's LM stage.
+_GRID = Check(lambda v: len(v) > 0 and all(math.isfinite(x) for x in v), "a list of at least one finite number")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LMOptions:
+    """An n-gram language model built after training (speechxfer.lm.lm_stage): KenLM on the texts below plus the
+    train transcripts, its weight and word score tuned on dev, the test set scored with it, and kept in
+    OUTPUT_DIR/lm/ so that `transcribe` and `evaluate` of the output folder use it by default."""
+
+    # UTF-8 text files, one sentence a line, normalized as the `text` section says. The train transcripts are always
+    # added; a line equal to a dev or test transcript (after normalization) is dropped, so the LM never saw them.
+    texts: tuple[str, ...] = ()
+    order: int = checked(3, Check(lambda v: v >= 2, ">= 2 (KenLM needs bigrams)"))  # n-gram order
+    weights: tuple[float, ...] = checked(DEFAULT_LM_WEIGHTS, _GRID)  # LM weights tried on dev
+    word_scores: tuple[float, ...] = checked(DEFAULT_WORD_SCORES, _GRID)  # word scores tried with each weight
+    beam_size: int = checked(BeamSearchOptions.beam_size, AT_LEAST_ONE)  # hypotheses kept per frame
+
+    __post_init__ = check_fields
+
+
 @dataclass(frozen=True, kw_only=True)
 class Recipe:
     """Everything a training run needs; `resolved_yaml` writes it back out."""
@@ -171,6 +194,7 @@ class Recipe:
     augment: AugmentOptions = field(default_factory=AugmentOptions)
     # what trains (every weight, attention adapters, or LoRA) and how the model folder is laid out
     adapt: AdaptOptions = field(default_factory=AdaptOptions)
+    lm: LMOptions | None = None  # an n-gram LM built after training; None: greedy decoding only
     output_dir: str  # the trained model folder (and last/, metrics, curves)
 
     @property
@@ -184,7 +208,7 @@ class Recipe:
 
 # keys holding paths: in a recipe file relative to the file, from --set relative to the working directory
 _PATH_KEYS = ("data.train", "data.dev", "data.test", "data.prepare.source", "vocabulary.path", "augment.noise.source",
-              "augment.reverb.source")
+              "augment.reverb.source", "lm.texts")
 
 
 def load_recipe(path: str | os.PathLike, *, overrides: typing.Sequence[str] = ()) -> Recipe:
@@ -312,5 +336,10 @@ def _resolve_path(raw: dict, key: str, folder: Path) -> None:
     *parents, last = key.split(".")
     for part in parents:
         node = node.get(part) if isinstance(node, dict) else None
-    if isinstance(node, dict) and isinstance(node.get(last), str):
-        node[last] = str((folder / Path(node[last]).expanduser()).resolve())
+    if not isinstance(node, dict):
+        return
+    value = node.get(last)
+    if isinstance(value, str):
+        node[last] = str((folder / Path(value).expanduser()).resolve())
+    elif isinstance(value, list):  # lm.texts; entries that are not strings are left for from_mapping to refuse
+        node[last] = [str((folder / Path(v).expanduser()).resolve()) if isinstance(v, str) else v for v in value]

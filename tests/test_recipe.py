@@ -114,6 +114,20 @@ def test_augment_section_reads_lists_as_tuples_and_sources_relative_to_the_file(
         load_recipe(path, overrides=["augment.speed.factors=[x]"])
 
 
+def test_lm_section_reads_texts_relative_to_the_file_and_defaults_to_lm_tune_grid(tmp_path, monkeypatch):
+    from speechxfer.decoding import DEFAULT_LM_WEIGHTS, DEFAULT_WORD_SCORES
+
+    monkeypatch.chdir(tmp_path)
+    assert load_recipe(write(tmp_path, MINIMAL)).lm is None  # no section: no LM, greedy only
+    path = write(_mkdir(tmp_path / "r"), {**MINIMAL, "lm": {"texts": ["texts/es.txt", "/abs/x.txt"]}})
+    lm = load_recipe(path).lm
+    assert lm.texts == (str(tmp_path / "r" / "texts" / "es.txt"), "/abs/x.txt") and lm.order == 3
+    assert lm.weights == DEFAULT_LM_WEIGHTS and lm.word_scores == DEFAULT_WORD_SCORES and lm.beam_size == 50
+    assert load_recipe(write(tmp_path, {**MINIMAL, "lm": {}}, "empty.yaml")).lm.texts == ()  # train transcripts only
+    override = load_recipe(path, overrides=["lm.texts=[t.txt]", "lm.weights=[1, 2.5]"]).lm
+    assert override.texts == (str(tmp_path / "t.txt"),) and override.weights == (1.0, 2.5)
+
+
 def test_scientific_notation_in_a_file_is_a_float(tmp_path):
     recipe = load_recipe(write(tmp_path, "base: b\ndata: {train: t.jsonl}\noutput_dir: o\ntrain: {lr: 5e-5}\n"))
     assert recipe.train.lr == 5e-5
@@ -154,6 +168,13 @@ def test_scientific_notation_in_a_file_is_a_float(tmp_path):
     ("augment.noise.colors", ["grey"], "augment.noise: colors must be a non-empty list of white, pink, brown"),
     ("augment.telephone.probability", 1.5, "augment.telephone: probability must be"),
     ("augment.reverb.rt60_s", [0, 0.5], "augment.reverb: rt60_s must be > 0 s"),
+    ("lm.text", ["a.txt"], "unknown key 'lm.text'"),
+    ("lm.texts", "a.txt", "lm.texts: expected a list of str values, got str"),
+    ("lm.texts", [1], "lm.texts[0]: expected str, got int 1"),
+    ("lm.order", 1, "lm.order must be >= 2 (KenLM needs bigrams), got 1"),
+    ("lm.weights", [], "lm.weights must be a list of at least one finite number, got ()"),
+    ("lm.word_scores", [0, float("inf")], "lm.word_scores must be a list of at least one finite number"),
+    ("lm.beam_size", 0, "lm.beam_size must be >= 1"),
 ])
 def test_bad_keys_and_values_name_the_dotted_key_and_the_file(tmp_path, dotted, value, message):
     path = write(tmp_path, with_(MINIMAL, dotted, value))
