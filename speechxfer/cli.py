@@ -563,7 +563,7 @@ def _cmd_pseudo_label(args) -> int:
     from speechxfer.text import TextNormalizer, load_text_options
     from speechxfer.transcribe import find_audio
 
-    options, beam = _transcribe_options(args), _beam_options(args)
+    options, beam = _transcribe_options(args), _beam_options(args, model=args.model)
     segments, problems = find_audio(args.paths, recursive=True)
     for problem in problems:
         print(problem, file=sys.stderr)
