@@ -5,8 +5,9 @@ it (speechxfer.config reads the file and converts it): an unknown key, a value o
 duplicate key, or a missing required field (``base`` or ``model_config``, ``data.train`` unless ``data.prepare`` is
 set, ``output_dir``) is a RecipeError that names the dotted key and the file.
 
-A run starts from a checkpoint (``base``, fine-tuning) or from a Wav2Vec2 config with random weights
-(``model_config``, training from scratch); the ``model`` section sets masking and dropouts on either.
+A run starts from a checkpoint (``base``, fine-tuning; with ``adapt.init_from: auto`` the best of
+``adapt.candidates`` by zero-shot CER on dev, picked when training starts) or from a Wav2Vec2 config with random
+weights (``model_config``, training from scratch); the ``model`` section sets masking and dropouts on either.
 
 Paths written in a recipe file (``data.*``, ``vocabulary.path``, ``augment.noise.source``,
 ``augment.reverb.source``, ``data.pseudo_labelled[i].manifest``, ``lm.texts``, and ``base`` and each of
