@@ -13,7 +13,7 @@ recipe's text file (python scripts/prepare_texts.py --languages es it); without 
     apt-get install asterisk-core-sounds-es-wav asterisk-core-sounds-es asterisk-core-sounds-it-wav \\
         asterisk-core-sounds-it asterisk-moh-opsound-wav
     python scripts/prepare_texts.py --languages es it
-    python scripts/bench_real.py --out runs/bench_real [--seed-v2 runs/seed-v2]     # ~10 min a run on 2 idle cores
+    python scripts/bench_real.py --out runs/bench_real --updates 600 [--seed-v2 runs/seed-v2]   # the README table
     python scripts/bench_real.py --out runs/bench_real --table-only                  # just print what is there
 
 Prints a markdown table (test WER / CER greedy and with the LM, the tuned LM weight and word score) and writes
@@ -89,12 +89,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/bench_real"))
     parser.add_argument("--languages", nargs="+", default=["es", "it"], choices=["es", "it"])
     parser.add_argument("--seed-v2", type=Path, default=None, help="a seed folder for the augment+seed condition")
+    parser.add_argument("--updates", type=int, default=None,
+                        help="train.max_updates of every run (default: the recipe's; the README table used 600)")
     parser.add_argument("--table-only", action="store_true", help="train nothing; tabulate the finished runs")
     args = parser.parse_args(argv)
 
     rows = []
     for lang in args.languages:
         for name, overrides in conditions(args.seed_v2).items():
+            if args.updates is not None:
+                overrides = [*overrides, f"train.max_updates={args.updates}"]
             folder = args.out / f"{lang}-{name.replace('+', '-')}"
             if not args.table_only:
                 try:
