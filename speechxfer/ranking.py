@@ -30,11 +30,10 @@ from speechxfer.errors import InputError, Problem, SpeechxferError
 from speechxfer.manifest import read_manifest
 from speechxfer.recipe import Recipe
 from speechxfer.scoring import score
-from speechxfer.surgery import find_source_tokens
+from speechxfer.surgery import adapter_languages, find_source_tokens
 from speechxfer.text import TextNormalizer, TextOptions, normalized_references
 from speechxfer.training import prepare_run
-from speechxfer.transcribe import (AudioSegment, Recognizer, TranscribeOptions, adapter_languages, emissions,
-                                   model_directory)
+from speechxfer.transcribe import AudioSegment, Recognizer, TranscribeOptions, emissions, model_directory
 from speechxfer.vocabulary import Vocabulary
 
 logger = logging.getLogger(__name__)

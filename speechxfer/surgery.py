@@ -496,18 +496,20 @@ def model_source(source: str | os.PathLike) -> str:
     return name
 
 
-def load_ctc_model(source: str | os.PathLike, *, lang: str | None = None) -> Wav2Vec2ForCTC:
+def load_ctc_model(source: str | os.PathLike) -> Wav2Vec2ForCTC:
     """A fine-tuned Wav2Vec2ForCTC (local folder, as model_source resolves it, or hub id) in float32 eval mode, for
-    inference: the same checks as build_ctc_model, and the CTC head must be there too. `lang`: the language whose
-    adapter and head to load from an adapter model's adapter.<lang>.safetensors (None: those in model.safetensors)."""
+    inference: the same checks as build_ctc_model, and the CTC head must be there too. An adapter model comes with
+    the adapter and head in model.safetensors; transcribe.Recognizer.use_adapter switches language."""
     name = model_source(source)
-    config = _load_config(name)
-    if lang is not None and config.adapter_attn_dim is None:
-        raise InputError(f"--lang {lang}: this model has no language adapters", path=name)
-    model = _load_weights(name, config, head_required=True)
-    if lang is not None:
-        _load_adapter(model, lang, path=name)
-    return model.eval()
+    return _load_weights(name, _load_config(name), head_required=True).eval()
+
+
+def adapter_languages(directory: str | os.PathLike) -> list[str]:
+    """The languages of the adapter files (adapter.<lang>.safetensors) in a model folder, sorted; [] for none."""
+    prefix, suffix = ADAPTER_FILE.split("{}")
+    return sorted(entry.name[len(prefix): -len(suffix)] for entry in Path(directory).iterdir()
+                  if entry.name.startswith(prefix) and entry.name.endswith(suffix)
+                  and len(entry.name) > len(prefix) + len(suffix))
 
 
 def _load_adapter(model: Wav2Vec2ForCTC, lang: str, *, path: str) -> None:
@@ -515,7 +517,7 @@ def _load_adapter(model: Wav2Vec2ForCTC, lang: str, *, path: str) -> None:
     try:
         model.load_adapter(lang)
     except (OSError, ValueError) as err:
-        known = sorted(p.name.split(".")[1] for p in Path(path).glob(ADAPTER_FILE.format("*")))
+        known = adapter_languages(path) if Path(path).is_dir() else []
         listed = f" (it has: {', '.join(known)})" if known else ""
         raise InputError(f"no usable adapter for language {lang!r}{listed}: {_first_line(err)}", path=path) from None
 
