@@ -10,6 +10,7 @@ import io
 import json
 import os
 import re
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -22,6 +23,8 @@ FORMATS = ("commonvoice", "csv", "tsv", "kaldi", "audiofolder", "nemo", "asteris
 COMMONVOICE_SPLITS = ("train", "dev", "test")
 # where Debian's asterisk-core-sounds-<lang>(-wav) packages put the prompts and their transcripts
 ASTERISK_SOUNDS = Path("/usr/share/asterisk/sounds")
+# the codecs Asterisk plays besides WAV, as file suffixes (a sounds folder of these alone cannot be read)
+ASTERISK_CODECS = (".gsm", ".ulaw", ".alaw", ".g722", ".g729", ".sln", ".sln16", ".siren7", ".siren14")
 ASTERISK_DOCS = Path("/usr/share/doc")
 # a span may end this far past the end of its file (rounded timestamps) and still be accepted
 SEGMENT_TOLERANCE_S = 0.05
@@ -555,6 +558,14 @@ def _read_asterisk(source: Path, options: _Options, problems: list[Problem]) -> 
     transcript = _asterisk_transcript(folder, name, language)
     speaker = folder.resolve().name  # the voice, e.g. es_MX_f_Allison behind the es link
     recorded = {wav.relative_to(folder).with_suffix("").as_posix() for wav in folder.rglob("*.wav")}
+    if not recorded:
+        # Debian's asterisk-core-sounds-<lang> (without -wav) and asterisk-prompt-* ship GSM or other telephone
+        # codecs only; without this every transcript line would read as a missing file.
+        codecs = Counter(f.suffix.lower() for f in folder.rglob("*") if f.suffix.lower() in ASTERISK_CODECS)
+        found = ", ".join(f"{n} {suffix}" for suffix, n in codecs.most_common()) or "no audio files"
+        raise InputError(f"no .wav prompts in this Asterisk sounds folder ({found}): install "
+                         "asterisk-core-sounds-<lang>-wav, or convert the files to .wav (e.g. sox x.gsm x.wav)",
+                         path=folder)
     # transcripts name some prompts in another case than their files (letters/O for letters/o.wav)
     by_lowercase = {prompt.lower(): prompt for prompt in recorded}
     rows_by_split: dict[str, list[_Row]] = {}

@@ -269,6 +269,19 @@ def test_asterisk_prompts_split_by_a_stable_hash(tmp_path):
     assert list(prepare("asterisk", folder, tmp_path / "all", split="test").manifests) == ["test"]
 
 
+def test_asterisk_folder_of_gsm_prompts_says_so(tmp_path):
+    folder = tmp_path / "es"
+    (folder / "digits").mkdir(parents=True)
+    for prompt in ("hello", "digits/1"):
+        (folder / f"{prompt}.gsm").write_bytes(b"\xd0" * 33)
+    (folder / "core-sounds-es.txt").write_text("hello: hola\ndigits/1: uno\n", encoding="utf-8")
+    with pytest.raises(InputError, match=r"no \.wav prompts .*\(2 \.gsm\): install asterisk-core-sounds-<lang>-wav"
+                       ) as err:
+        prepare("asterisk", folder, tmp_path / "out")
+    assert str(folder) in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.skipif(not (ASTERISK_SOUNDS / "es").is_dir(), reason="asterisk-core-sounds-es-wav is not installed")
 def test_asterisk_debian_spanish_prompts(tmp_path):
     result = prepare("asterisk", "es", tmp_path / "out")
