@@ -25,6 +25,7 @@ from speechxfer.manifest import read_manifest
 from speechxfer.recipe import Recipe
 from speechxfer.scoring import ScoreReport, score
 from speechxfer.text import TextNormalizer, TextRejected, normalized_references
+from speechxfer.training import run_lock
 from speechxfer.transcribe import AudioSegment, Recognizer, TranscribeOptions, emissions
 
 LMPLZ_MISSING = (
@@ -283,7 +284,8 @@ class LMStage:
 
 
 def lm_stage(recipe: Recipe, *, device: str = "auto", progress: bool = False) -> LMStage | None:
-    """After train(recipe): build the LM of recipe.lm into OUTPUT_DIR/lm/ (lm.arpa, and text.txt that it is built
+    """After train(recipe), with the run folder locked as training locks it (so no second train of the folder starts
+    meanwhile): build the LM of recipe.lm into OUTPUT_DIR/lm/ (lm.arpa, and text.txt that it is built
     from), tune LM weight and word score on dev with the trained model, score the test set with it (adding "lm" to
     test_report.json, whose greedy keys stay as training wrote them), and save the tuned settings in
     lm/decoder.json, which `transcribe` and `evaluate` of the folder then use by default (load_decoder_settings).
@@ -298,6 +300,11 @@ def lm_stage(recipe: Recipe, *, device: str = "auto", progress: bool = False) ->
     if missing is not None:
         logger.warning(f"lm: {missing}: no language model built; the test report is greedy only")
         return None
+    with run_lock(recipe.output_dir):
+        return _lm_stage(recipe, device=device, progress=progress)
+
+
+def _lm_stage(recipe: Recipe, *, device: str, progress: bool) -> LMStage:
     options = recipe.lm
     out = Path(recipe.output_dir)
     folder = out / LM_FOLDER

@@ -8,6 +8,7 @@ a run's updates do not depend on how many processes share the work.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import json
@@ -595,6 +596,17 @@ def _unlock_output_dir() -> None:
     if _held_lock is not None:
         _held_lock.close()
         _held_lock = None
+
+
+@contextlib.contextmanager
+def run_lock(out: str | os.PathLike) -> Iterator[None]:
+    """Hold a finished run's folder locked (as train() holds it while training) for work that writes into it after
+    train() returned, such as the LM stage; InputError when a train of that folder is running."""
+    _lock_output_dir(Path(out))
+    try:
+        yield
+    finally:
+        _unlock_output_dir()
 
 
 def _recover_output_dir(out: Path, last: Path) -> list[str]:

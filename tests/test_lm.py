@@ -1,4 +1,5 @@
 import contextlib
+import fcntl
 import io
 import json
 import shutil
@@ -12,6 +13,7 @@ from speechxfer.errors import InputError, SpeechxferError
 from speechxfer.lm import build_lm, tune_lm
 from speechxfer.manifest import Utterance, write_manifest
 from speechxfer.text import TextNormalizer, TextOptions
+from speechxfer.training import RUN_MARKER
 from speechxfer.transcribe import Recognizer
 from speechxfer.vocabulary import Vocabulary
 
@@ -154,13 +156,22 @@ def lm_run(tmp_path_factory):
     recipe = write_lm_run(folder)
     out = folder / "out"
 
+    locked_while_tuning = []
+
     def killed(*args, **kwargs):
+        with open(out / RUN_MARKER, "a") as marker:  # the stage holds the run lock, as training does
+            try:
+                fcntl.flock(marker, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                locked_while_tuning.append(False)
+            except BlockingIOError:
+                locked_while_tuning.append(True)
         raise KeyboardInterrupt
 
     with pytest.MonkeyPatch.context() as patch, Captured() as first:
         patch.setattr(speechxfer.lm, "tune_lm", killed)
         assert main(["train", str(recipe)]) == 130
     first.lm_files = sorted(path.name for path in (out / "lm").iterdir())
+    first.locked = locked_while_tuning
     greedy_report = json.loads((out / "test_report.json").read_text(encoding="utf-8"))
     metrics = (out / "metrics.jsonl").read_text(encoding="utf-8")
     with Captured() as resumed:
@@ -172,6 +183,7 @@ def lm_run(tmp_path_factory):
 def test_an_interrupted_lm_stage_keeps_the_greedy_report_and_resume_redoes_only_it(lm_run):
     _, out, first, resumed, greedy_report, metrics = lm_run
     assert "interrupted" in first.err
+    assert first.locked == [True]
     assert "lm" not in greedy_report and greedy_report["sentences"] == 2  # the greedy report, written before
     assert first.lm_files == ["lm.arpa", "text.txt"]  # no decoder.json: transcribe/evaluate stayed greedy
     # the resumed run trained no further, and its report keeps every greedy number
