@@ -146,12 +146,14 @@ def plan(manifest: Path, base: Path, *, max_batch_s: float) -> dict:
 
     from speechxfer.batching import DurationBatchSampler, filter_utterances
     from speechxfer.manifest import load_manifest
+    from speechxfer.recipe import TrainOptions
     from speechxfer.text import TextNormalizer
     from speechxfer.vocabulary import Vocabulary
 
     examples, _ = filter_utterances(load_manifest(manifest), normalizer=TextNormalizer(), vocab=Vocabulary.load(base),
-                                    config=Wav2Vec2Config.from_pretrained(base), min_duration_s=0.5,
-                                    max_duration_s=20.0)
+                                    config=Wav2Vec2Config.from_pretrained(base),
+                                    min_duration_s=TrainOptions.min_duration_s,
+                                    max_duration_s=TrainOptions.max_duration_s)
     durations = [u.duration_s for u, _ in examples]
     ours = _padding(durations, list(DurationBatchSampler(durations, max_batch_s=max_batch_s, seed=0)))
     theirs = {}
@@ -178,8 +180,6 @@ def run_path(path: str, *, manifest: Path, base: Path, work: Path, max_batch_s: 
              warmup: int, updates: int) -> dict:
     """Train `warmup` + `updates` updates along `path`; returns the timed updates' audio seconds and wall
     seconds, and the process's peak RSS."""
-    import torch  # noqa: F401  (imported before any timing, by every path alike)
-
     if path.startswith("a"):
         audio_s, wall_s = _run_speechxfer(manifest=manifest, base=base, work=work, max_batch_s=max_batch_s,
                                           warmup=warmup, updates=updates, num_workers=int(path == "a+workers"))
@@ -297,6 +297,7 @@ def _run_limit(*, manifest: Path, base: Path, max_batch_s: float, warmup: int, u
 
     from speechxfer.batching import DurationBatchSampler, SpeechDataset, filter_utterances
     from speechxfer.manifest import load_manifest
+    from speechxfer.recipe import TrainOptions
     from speechxfer.text import TextNormalizer
     from speechxfer.training import ADAM_BETAS, ADAM_EPS
     from speechxfer.vocabulary import Vocabulary
@@ -305,7 +306,8 @@ def _run_limit(*, manifest: Path, base: Path, max_batch_s: float, warmup: int, u
     model.train()
     vocab = Vocabulary.load(base)
     examples, _ = filter_utterances(load_manifest(manifest), normalizer=TextNormalizer(), vocab=vocab,
-                                    config=model.config, min_duration_s=0.5, max_duration_s=20.0)
+                                    config=model.config, min_duration_s=TrainOptions.min_duration_s,
+                                    max_duration_s=TrainOptions.max_duration_s)
     dataset = SpeechDataset(examples)
     # a's first batches (its sampler, seed and epoch), each laid end to end and cut into equal rows
     order = list(DurationBatchSampler(dataset.durations_s, max_batch_s=max_batch_s, seed=0))
