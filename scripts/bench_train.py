@@ -422,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
             seconds[path].append(r["audio_s"] / args.updates)
             peaks[path] = max(peaks.get(path, 0.0), r["peak_rss_mib"])
             print(f"run {repeat + 1} {path:<10} {r['audio_s']:7.1f} s of audio in {r['wall_s']:6.1f} s: "
-                  f"{speeds[path][-1]:6.1f} audio s/s   peak RSS {r['peak_rss_mib']:6.0f} MiB   load "
+                  f"{speeds[path][-1]:6.3g} audio s/s   peak RSS {r['peak_rss_mib']:6.0f} MiB   load "
                   f"{os.getloadavg()[0]:.2f}", flush=True)
 
     print()
@@ -435,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         share = padding[path.partition("+")[0]]["padding"]
         print(f"| {path}: {LABELS[path]} | {statistics.median(seconds[path]):.1f} | {share:.1%} | "
-              f"{median[path]:.1f} | {len(speeds[path])} | {peaks[path]:.0f} |")
+              f"{median[path]:.3g} | {len(speeds[path])} | {peaks[path]:.0f} |")
     print()
     for lever in levers:
         if lever in median and lever[0] in median:
