@@ -688,3 +688,27 @@ def test_a_damaged_checkpoint_is_one_line_naming_the_file(tmp_path, stable_run, 
     errors = [line for line in err.splitlines() if line.startswith("speechxfer train: error:")]
     assert code == 2 and len(errors) == 1 and "Traceback" not in err  # besides, transformers' loading bar
     assert f"{path}: unreadable" in errors[0]
+
+
+def test_bench_train_script_help_and_arguments():
+    """scripts/bench_train.py (the training speed benchmark): --help is instant and names the last line; a bad
+    lever or count is an argparse error (exit 2) before any corpus or model is made."""
+    script = REPO / "scripts" / "bench_train.py"
+    shown = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=30)
+    assert shown.returncode == 0 and "ratio_vs_trainer=X ratio_vs_limit=Y" in shown.stdout
+    for bad, message in ((["--levers", "c+cache,warp"], "unknown lever warp"), (["--updates", "0"], "at least 1")):
+        refused = subprocess.run([sys.executable, str(script), *bad, "--work", "/nonexistent/bench"],
+                                 capture_output=True, text=True, timeout=30)
+        assert refused.returncode == 2 and message in refused.stderr
+    assert not Path("/nonexistent/bench").exists()
+
+
+def test_bench_train_padding_share():
+    """The padding figure of the benchmark: padded seconds are items x the longest item, per batch."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_train", REPO / "scripts" / "bench_train.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    figures = bench._padding([1.0, 2.0, 3.0, 4.0], [[0, 1], [2, 3]])
+    assert figures == {"audio_s": 5.0, "padded_s": 6.0, "padding": pytest.approx(1 / 6), "max_padded_s": 8.0}
