@@ -1,8 +1,9 @@
-"""From utterances to padded training batches: filtering, the dataset, collation, and duration-bucketed batch
-sampling that shards identically across processes."""
+"""From utterances to batches: filtering, the dataset, collation, duration-bucketed training batches that shard
+identically across processes, and the forward passes of evaluation and inference."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -200,6 +201,31 @@ def collate(items: list[dict[str, Any]], *, attention_mask: bool) -> dict[str, A
     if attention_mask:
         batch["attention_mask"] = mask
     return batch
+
+
+def inference_batches(num_samples: Sequence[int], *, padding_free: bool,
+                      max_batch_samples: float = math.inf) -> list[list[int]]:
+    """The forward passes of evaluation and inference (never training): indices, longest first (equal lengths in
+    index order), cut into consecutive batches whose padded size, items x longest in samples, fits
+    `max_batch_samples`; an item longer than that is a batch of its own.
+
+    padding_free: for a model that takes no attention mask (surgery.needs_attention_mask), a batch holds only items
+    of the same length, so none is padded: the group norm of the first convolution would take its statistics over
+    the padding and the transformer would attend to it, and an utterance's result would then depend on the budget
+    and on which other utterances share its batch. Lengths rarely repeat, so this is in practice one item per
+    batch. A model with a mask gets length-sorted padded batches: the mask keeps the padding out of its results,
+    up to float rounding.
+    """
+    batches: list[list[int]] = []
+    for index in sorted(range(len(num_samples)), key=lambda i: (-num_samples[i], i)):
+        if batches:
+            batch = batches[-1]
+            longest = num_samples[batch[0]]  # longest first: the batch's first item sets its padded length
+            if (len(batch) + 1) * longest <= max_batch_samples and not (padding_free and num_samples[index] != longest):
+                batch.append(index)
+                continue
+        batches.append([index])
+    return batches
 
 
 class DurationBatchSampler(torch.utils.data.Sampler[list[int]]):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -41,6 +42,9 @@ LM_TEXT = "text.txt"
 DECODER_SETTINGS = "decoder.json"
 # The test set is scored with the LM by the same bootstrap as training's greedy test report.
 TEST_BOOTSTRAP = 1000
+# When the best LM weight or word score lies on an edge of the tuning grid, the grid grows past that edge by one
+# step (the spacing of the last two values there), at most this many times.
+GRID_EXTENSIONS = 3
 
 logger = logging.getLogger(__name__)
 
@@ -132,10 +136,11 @@ class TuneResult:
     word_score: float
     wer: float
     greedy_wer: float  # the same utterances without the LM
-    grid: list[tuple[float, float, float]]  # (lm weight, word score, WER) in the order tried
+    grid: list[tuple[float, float, float]]  # (lm weight, word score, WER) in the order tried, extensions last
     utterances: int
     problems: list[Problem]
     left_out: list[Problem]  # utterances whose reference the normalizer rejects or empties (not scored)
+    extended: list[str]  # what search_grid said about the grid's edges: each extension, and a best left on an edge
 
 
 def tune_lm(recognizer: Recognizer, manifest_path: str | os.PathLike, *, lm_path: str,
@@ -143,7 +148,8 @@ def tune_lm(recognizer: Recognizer, manifest_path: str | os.PathLike, *, lm_path
             word_scores: Sequence[float] = DEFAULT_WORD_SCORES, beam_size: int = 50,
             normalizer: Callable[[str], str] | None = None, options: TranscribeOptions = TranscribeOptions(),
             max_utterances: int | None = None, progress: bool = False) -> TuneResult:
-    """Grid search of LM weight x word score by dev WER; the model runs once, each point only decodes.
+    """Grid search of LM weight x word score by dev WER (search_grid: the grid grows past an edge that holds the
+    best point); the model runs once, each point only decodes.
 
     Utterances whose audio fails are left out (listed in problems), and so are those whose reference the
     normalizer rejects or empties (listed in left_out; see text.normalized_references). max_utterances: only the
@@ -164,12 +170,72 @@ def tune_lm(recognizer: Recognizer, manifest_path: str | os.PathLike, *, lm_path
         return score(dev.references, dev.decode(decoder), normalizer=normalizer, bootstrap=0).wer
 
     greedy_wer = wer(GreedyDecoder(recognizer.vocabulary, frame_s=recognizer.frame_s))
-    grid = []
-    for beam in points:
-        decoder = BeamSearchDecoder(recognizer.vocabulary, beam, frame_s=recognizer.frame_s)
-        grid.append((beam.lm_weight, beam.word_score, wer(decoder)))
+
+    def beam_wer(lm_weight: float, word_score: float) -> float:
+        beam = BeamSearchOptions(lm_path, lexicon_path, beam_size, lm_weight, word_score)
+        return wer(BeamSearchDecoder(recognizer.vocabulary, beam, frame_s=recognizer.frame_s))
+
+    grid, extended = search_grid(beam_wer, lm_weights=lm_weights, word_scores=word_scores)
     best = min(grid, key=lambda point: point[2])
-    return TuneResult(best[0], best[1], best[2], greedy_wer, grid, len(dev.log_probs), dev.problems, dev.left_out)
+    return TuneResult(best[0], best[1], best[2], greedy_wer, grid, len(dev.log_probs), dev.problems, dev.left_out,
+                      extended)
+
+
+def search_grid(wer: Callable[[float, float], float], *, lm_weights: Sequence[float], word_scores: Sequence[float],
+                extensions: int = GRID_EXTENSIONS) -> tuple[list[tuple[float, float, float]], list[str]]:
+    """WER of every (LM weight, word score) of the grid, in order; then, while the points on an edge of the grid
+    beat all the others, one step past that edge, at most `extensions` times: a step is the spacing of the two
+    outermost values on that side, and the grid stays a full product. LM weights stay at or above 0 (no LM); a
+    value given alone is the caller's choice and is never extended. Returns the points tried, as (lm weight,
+    word score, WER), and a line for each extension and for a best point still on an edge after the last (each
+    also logged).
+    """
+    grid: list[tuple[float, float, float]] = []
+    tried: set[tuple[float, float]] = set()
+    notes: list[str] = []
+
+    def run(weights: Sequence[float], scores: Sequence[float]) -> None:
+        for lm_weight in weights:
+            for word_score in scores:
+                if (lm_weight, word_score) not in tried:
+                    tried.add((lm_weight, word_score))
+                    grid.append((lm_weight, word_score, wer(lm_weight, word_score)))
+
+    def past_edge(axis: int, *, floor: float | None) -> list[float]:
+        """One step past the edge of this axis whose points beat all the others (strictly: a flat WER is no
+        reason to go on), or nothing."""
+        values = sorted({point[axis] for point in grid})
+        if len(values) < 2:
+            return []
+
+        def best_wer(on_edge: bool, edge: float) -> float:
+            return min((point[2] for point in grid if (point[axis] == edge) == on_edge), default=math.inf)
+
+        if best_wer(True, values[-1]) < best_wer(False, values[-1]):
+            return [values[-1] + values[-1] - values[-2]]
+        if (floor is None or values[0] > floor) and best_wer(True, values[0]) < best_wer(False, values[0]):
+            step = values[1] - values[0]
+            return [values[0] - step if floor is None else max(floor, values[0] - step)]
+        return []
+
+    run(lm_weights, word_scores)
+    for done in range(extensions + 1):
+        best = min(grid, key=lambda point: point[2])
+        new = {"LM weight": past_edge(0, floor=0.0), "word score": past_edge(1, floor=None)}
+        if not any(new.values()):
+            break
+        where = " and ".join(f"{name} {value:g}" for name, value in (("LM weight", best[0]), ("word score", best[1]))
+                             if new[name])
+        if done == extensions:
+            notes.append(f"the best point (WER {best[2]:.2%}) still lies on the grid's edge at {where} after "
+                         f"{extensions} extensions: try values past it")
+            logger.warning(f"lm: {notes[-1]}")
+            break
+        tries = ", ".join(f"{name} {v:g}" for name, values in new.items() for v in values)
+        notes.append(f"the best point (WER {best[2]:.2%}) lies on the grid's edge at {where}: trying {tries}")
+        logger.info(f"lm: {notes[-1]}")
+        run(sorted({w for w, _, _ in grid}) + new["LM weight"], sorted({s for _, s, _ in grid}) + new["word score"])
+    return grid, notes
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,8 @@ from transformers import Wav2Vec2ForCTC
 from speechxfer.atomic import TEMP_SUFFIX, atomic_write, sync_folder
 from speechxfer.audio import SAMPLE_RATE_HZ
 from speechxfer.augment import check_sources
-from speechxfer.batching import DurationBatchSampler, SpeechDataset, collate, filter_utterances, frame_geometry
+from speechxfer.batching import (DurationBatchSampler, SpeechDataset, collate, filter_utterances, frame_geometry,
+                                 inference_batches)
 from speechxfer.decoding import GreedyDecoder, decode_batch
 from speechxfer.compat import reset_accelerator_state
 from speechxfer.errors import InputError, Problem
@@ -356,7 +357,8 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
 
         if update % recipe.eval.every_updates == 0 or done >= 1:
             if dev_refs:
-                dev_loader = make_loader(*_eval_batches(splits["dev"], dev_refs, vocab, opts, accelerator))
+                dev_loader = make_loader(*_eval_batches(splits["dev"], dev_refs, vocab, opts, accelerator,
+                                                       padding_free=not attention_mask))
                 report, hyps = evaluate(raw_model, dev_loader, vocab, dev_refs, accelerator=accelerator,
                                         report_problems=left_out["dev"].add)
                 empty_share = sum(not h for h in hyps.values()) / len(hyps)
@@ -396,7 +398,8 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
     test_report = None
     if test_refs:
         best = Wav2Vec2ForCTC.from_pretrained(out, use_safetensors=True).to(accelerator.device)
-        test_loader = make_loader(*_eval_batches(splits["test"], test_refs, vocab, opts, accelerator))
+        test_loader = make_loader(*_eval_batches(splits["test"], test_refs, vocab, opts, accelerator,
+                                                    padding_free=not attention_mask))
         test_report, _ = evaluate(best, test_loader, vocab, test_refs, accelerator=accelerator, bootstrap=1000,
                                   report_problems=left_out["test"].add)
         if accelerator.is_main_process:
@@ -433,10 +436,14 @@ def evaluate(model: Wav2Vec2ForCTC, loader: Iterable[dict], vocab: Vocabulary, r
              report_problems: Callable[[list[Problem]], object] | None = None) -> tuple[ScoreReport, dict[str, str]]:
     """Greedy CTC decoding of this process's batches, gathered from every process and scored against `refs`
     ({utterance id: normalized text}). Utterances the loader left out (unusable audio) are not scored; their
-    Problems go to `report_problems`. Returns the score and {utterance id: hypothesis}."""
+    Problems go to `report_problems`. Returns the score and {utterance id: hypothesis}.
+
+    A model that takes no attention mask sees no padding (batching.inference_batches): a batch planned from
+    listed durations that holds audio of different lengths runs as one forward pass per length."""
     was_training = model.training
     model.eval()
     geometry = frame_geometry(model.config)
+    padding_free = not needs_attention_mask(model.config)
     decoder = GreedyDecoder(vocab, frame_s=geometry.stride / SAMPLE_RATE_HZ)
     hyps: dict[str, str] = {}
     left_out: list[str] = []
@@ -448,13 +455,17 @@ def evaluate(model: Wav2Vec2ForCTC, loader: Iterable[dict], vocab: Vocabulary, r
         ids = batch.pop("ids")
         if not ids:
             continue
-        # Frames past the end of a padded utterance are not part of it.
-        lengths = torch.tensor([geometry.frames(n) for n in batch.pop("num_samples")])
-        batch = {k: v.to(accelerator.device) for k, v in batch.items() if k != "labels"}
-        with accelerator.autocast():
-            logits = model(**batch).logits  # (batch, frames, vocab)
-        transcripts = decode_batch(decoder, logits.float().log_softmax(dim=-1).cpu(), lengths)
-        hyps.update((utterance_id, t.text) for utterance_id, t in zip(ids, transcripts))
+        num_samples = batch.pop("num_samples")
+        for rows in inference_batches(num_samples, padding_free=padding_free):
+            longest = num_samples[rows[0]]
+            inputs = {k: batch[k][rows, :longest].to(accelerator.device)
+                      for k in ("input_values", "attention_mask") if k in batch}
+            with accelerator.autocast():
+                logits = model(**inputs).logits  # (rows, frames, vocab)
+            # Frames past the end of a padded utterance are not part of it.
+            lengths = torch.tensor([geometry.frames(num_samples[row]) for row in rows])
+            transcripts = decode_batch(decoder, logits.float().log_softmax(dim=-1).cpu(), lengths)
+            hyps.update((ids[row], t.text) for row, t in zip(rows, transcripts))
     model.train(was_training)
     hyps = {k: v for part in gather_object([hyps]) for k, v in part.items()}
     left_out = set(gather_object(left_out))
@@ -790,12 +801,15 @@ class _LeftOut:
 
 
 def _eval_batches(utterances: list[Utterance], refs: dict[str, str], vocab: Vocabulary, options: TrainOptions,
-                  accelerator: Accelerator) -> tuple[SpeechDataset, list[list[int]]]:
-    """(dataset, this process's batches) for decoding the utterances that have a reference, in length order."""
+                  accelerator: Accelerator, *, padding_free: bool) -> tuple[SpeechDataset, list[list[int]]]:
+    """(dataset, this process's batches) for decoding the utterances that have a reference, longest first, planned
+    by batching.inference_batches as `transcribe` and `evaluate` plan theirs (padding_free: the model takes no
+    attention mask), so that the greedy WER of the test report is the one `speechxfer evaluate` gives."""
     kept = [u for u in utterances if u.id in refs]
     # Whole batches round-robin, not the training sampler's sharding: that skips batches smaller than the number
     # of processes, and decoding needs no lockstep between processes.
-    batches = list(DurationBatchSampler([u.duration_s for u in kept], max_batch_s=options.max_batch_s, shuffle=False))
+    batches = inference_batches([round(u.duration_s * SAMPLE_RATE_HZ) for u in kept], padding_free=padding_free,
+                                max_batch_samples=options.max_batch_s * SAMPLE_RATE_HZ)
     return (SpeechDataset([(u, vocab.encode(refs[u.id])) for u in kept]),
             batches[accelerator.process_index::accelerator.num_processes])
 

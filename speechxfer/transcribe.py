@@ -1,6 +1,8 @@
 """Speech to text with a CTC model folder: files, folders and manifest utterances, of any length.
 
-Short audio is batched by length up to a budget of padded seconds. Audio longer than `chunk_s` is read in
+Short audio is batched by length up to a budget of padded seconds (batching.inference_batches); for a model that
+takes no attention mask, only audio of the same length shares a batch, so that nothing is padded and each result is
+the same whatever the budget and the company. Audio longer than `chunk_s` is read in
 windows of `chunk_s` with `stride_s` of context on each side; after the forward pass each window keeps the frames
 of its centre and drops those of the context (as the transformers pipeline's chunk_length_s/stride_length_s do),
 so the stitched frames are the ones a single pass would give wherever the model's receptive field fits in the
@@ -25,7 +27,7 @@ from tqdm import tqdm
 
 from speechxfer.atomic import atomic_write
 from speechxfer.audio import AUDIO_SUFFIXES, audio_duration_s, load_audio
-from speechxfer.batching import frame_geometry
+from speechxfer.batching import frame_geometry, inference_batches
 from speechxfer.decoding import Decoder, Transcript, WordTiming
 from speechxfer.errors import AudioError, InputError, Problem
 from speechxfer.feature_encoder import use_blocked_feature_encoder
@@ -121,7 +123,7 @@ class Recognizer:
             self.use_adapter(lang)
         self.sample_rate_hz: int = extractor.sampling_rate
         self.normalize: bool = extractor.do_normalize  # zero mean, unit variance per utterance
-        # Group-norm (wav2vec2-base-like) models were trained on zero padding without a mask.
+        # Group-norm (wav2vec2-base-like) models take no mask: they are given batches without padding.
         self.use_attention_mask: bool = extractor.return_attention_mask
         self.geometry = frame_geometry(self.model.config)  # where each output frame lies in the input samples
         self.samples_per_frame: int = self.geometry.stride
@@ -166,6 +168,8 @@ class Recognizer:
                   stats: Sequence[tuple[float, float]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Log posteriors of a batch of (samples,) float32 waveforms at `sample_rate_hz`.
 
+        Waveforms of different lengths are zero-padded, with a mask when the model takes one
+        (`use_attention_mask`); give a model without one waveforms of the same length only (inference_batches).
         stats: (mean, std) to normalize each waveform with, when the feature extractor normalizes; None: each
         waveform's own. Returns (batch, frames, vocab) float32 on the CPU and (batch,) valid frames per item.
         """
@@ -373,12 +377,16 @@ def _pieces(recognizer: Recognizer, segments: Sequence[AudioSegment], options: T
     if options.chunk_s * recognizer.sample_rate_hz < recognizer.min_samples:
         raise InputError(f"chunk_s (--chunk-s) of {options.chunk_s:g} s is shorter than the model's receptive field "
                          f"({1000 * recognizer.min_samples / recognizer.sample_rate_hz:.3g} ms)")
-    short = sorted((s for s in segments if s.duration_s <= options.chunk_s), key=lambda s: -s.duration_s)
+    short = [s for s in segments if s.duration_s <= options.chunk_s]
     long = [s for s in segments if s.duration_s > options.chunk_s]
     total_s = sum(s.duration_s for s in segments)
+    rate, padding_free = recognizer.sample_rate_hz, not recognizer.use_attention_mask
+    # Planned from the listed durations, before any audio is read; the loaded lengths decide each forward pass.
+    batches = [[short[i] for i in batch] for batch in inference_batches(
+        [round(s.duration_s * rate) for s in short], padding_free=padding_free,
+        max_batch_samples=options.max_batch_s * rate)]
     with tqdm(total=round(total_s, 1), unit="s", desc="audio", disable=not progress, leave=False) as bar, \
             ThreadPoolExecutor(max_workers=1) as loader:
-        batches = _plan_batches(short, options.max_batch_s)
         # Read the next batch while the model runs on this one.
         pending = loader.submit(_load_batch, recognizer, batches[0]) if batches else None
         for i in range(len(batches)):
@@ -386,10 +394,12 @@ def _pieces(recognizer: Recognizer, segments: Sequence[AudioSegment], options: T
             if i + 1 < len(batches):
                 pending = loader.submit(_load_batch, recognizer, batches[i + 1])
             yield from problems
-            if loaded:
-                stats = [moments for _, _, moments in loaded] if recognizer.normalize else None
-                log_probs, frames = recognizer.log_probs([wave for _, wave, _ in loaded], stats=stats)
-                for (segment, _, _), item, n in zip(loaded, log_probs, frames.tolist()):
+            # Audio shorter than its listed duration would be padded in its planned batch: split it off.
+            for rows in inference_batches([len(wave) for _, wave, _ in loaded], padding_free=padding_free):
+                passed = [loaded[row] for row in rows]
+                stats = [moments for _, _, moments in passed] if recognizer.normalize else None
+                log_probs, frames = recognizer.log_probs([wave for _, wave, _ in passed], stats=stats)
+                for (segment, _, _), item, n in zip(passed, log_probs, frames.tolist()):
                     yield segment, item[:n], True
             bar.update(round(sum(s.duration_s for s in batches[i]), 1))
         for segment in long:
@@ -399,17 +409,6 @@ def _pieces(recognizer: Recognizer, segments: Sequence[AudioSegment], options: T
             except AudioError as err:
                 yield Problem(segment.path, None, "unreadable_audio", err.message, segment.id)
             bar.update(round(segment.duration_s, 1))
-
-
-def _plan_batches(segments: Sequence[AudioSegment], max_batch_s: float) -> list[list[AudioSegment]]:
-    """Consecutive groups of segments sorted longest first, each as many as fit the padded-seconds budget."""
-    batches: list[list[AudioSegment]] = []
-    for segment in segments:
-        if batches and (len(batches[-1]) + 1) * batches[-1][0].duration_s <= max_batch_s:
-            batches[-1].append(segment)
-        else:
-            batches.append([segment])
-    return batches
 
 
 def _load_batch(recognizer: Recognizer, batch: Sequence[AudioSegment],

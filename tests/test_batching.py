@@ -1,4 +1,4 @@
-"""Filtering, dataset, collation and the duration-bucketed batch sampler."""
+"""Filtering, dataset, collation, the duration-bucketed batch sampler and inference batches."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from transformers import Wav2Vec2Model
 
 from speechxfer.augment import AugmentOptions, NoiseOptions, SpeedOptions, TelephoneOptions, speed_factor
 from speechxfer.batching import (DurationBatchSampler, SpeechDataset, collate, filter_utterances, frame_geometry,
-                                 output_frames)
+                                 inference_batches, output_frames)
 from speechxfer.manifest import Utterance
 from speechxfer.surgery import build_ctc_model, needs_attention_mask
 from speechxfer.text import TextNormalizer, TextOptions
@@ -330,3 +330,17 @@ def test_capped_groups_hold_at_most_their_share_of_every_batch_for_any_process_c
     plain = list(DurationBatchSampler(durations, max_batch_s=20.0, seed=3))
     assert list(DurationBatchSampler(durations, max_batch_s=20.0, seed=3, groups=groups,
                                      max_share={1: 1.0, 2: 1.0})) == plain
+
+
+def test_inference_batches_pad_only_for_a_model_with_a_mask():
+    samples = [16000, 8000, 16000, 24000, 8000, 12000, 16000]
+    padded = inference_batches(samples, padding_free=False, max_batch_samples=48000)
+    assert padded == [[3, 0], [2, 6, 5], [1, 4]]  # longest first, equal lengths in index order; fits the budget
+    assert all(len(b) * samples[b[0]] <= 48000 for b in padded)
+    free = inference_batches(samples, padding_free=True, max_batch_samples=48000)
+    assert free == [[3], [0, 2, 6], [5], [1, 4]]  # one length per batch: nothing padded
+    assert inference_batches(samples, padding_free=True, max_batch_samples=20000) == [[3], [0], [2], [6], [5], [1, 4]]
+    # without a budget: a batch per length, or all of them padded
+    assert inference_batches(samples, padding_free=True) == [[3], [0, 2, 6], [5], [1, 4]]
+    assert inference_batches(samples, padding_free=False) == [[3, 0, 2, 6, 5, 1, 4]]
+    assert inference_batches([], padding_free=True) == []

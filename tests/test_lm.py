@@ -10,7 +10,7 @@ from tiny import make_tiny_checkpoint, write_tone
 from speechxfer.cli import main
 from speechxfer.decoding import lexicon_from_arpa
 from speechxfer.errors import InputError, SpeechxferError
-from speechxfer.lm import build_lm, tune_lm
+from speechxfer.lm import GRID_EXTENSIONS, build_lm, search_grid, tune_lm
 from speechxfer.manifest import Utterance, write_manifest
 from speechxfer.text import TextNormalizer, TextOptions
 from speechxfer.training import RUN_MARKER
@@ -70,13 +70,51 @@ def test_tune_searches_the_grid_once_per_point(tmp_path, capsys):
     arpa.write_text(ARPA, encoding="utf-8")
     result = tune_lm(Recognizer(model, device="cpu"), tmp_path / "dev.jsonl", lm_path=str(arpa),
                      lm_weights=[0.0, 2.0], word_scores=[-1.0, 3.0], beam_size=10)
-    assert [(w, s) for w, s, _ in result.grid] == [(0.0, -1.0), (0.0, 3.0), (2.0, -1.0), (2.0, 3.0)]
+    # the grid given, in order, then any point past an edge that beats the rest (search_grid)
+    assert [(w, s) for w, s, _ in result.grid][:4] == [(0.0, -1.0), (0.0, 3.0), (2.0, -1.0), (2.0, 3.0)]
+    weights, scores = {w for w, _, _ in result.grid}, {s for _, s, _ in result.grid}
+    assert len(result.grid) == len(weights) * len(scores) and (len(result.grid) > 4) == bool(result.extended)
     assert result.wer == min(wer for _, _, wer in result.grid) and result.utterances == 3
     assert main(["lm", "tune", str(model), str(tmp_path / "dev.jsonl"), "--lm", str(arpa), "--lm-weights", "0,2",
                  "--word-scores=-1,3", "--beam-size", "10", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert f"best: --lm-weight {result.lm_weight:g} --word-score {result.word_score:g} (WER {result.wer:.2%}" in out
-    assert len([line for line in out.splitlines() if line.count("\t") == 2]) == 1 + 4
+    assert len([line for line in out.splitlines() if line.count("\t") == 2]) == 1 + len(result.grid)
+
+
+def test_the_grid_grows_past_an_edge_that_holds_the_best_point(caplog):
+    calls = []
+
+    def bowl(lm_weight, word_score):  # lowest at LM weight 4.6, word score -2.2
+        calls.append((lm_weight, word_score))
+        return ((lm_weight - 4.6) ** 2 + (word_score + 2.2) ** 2) / 100
+
+    caplog.set_level("INFO", logger="speechxfer")
+    grid, notes = search_grid(bowl, lm_weights=[0.0, 0.5, 1.0, 2.0, 3.0], word_scores=[-1.0, 0.0, 1.0])
+    assert [(w, s) for w, s, _ in grid] == calls and len(set(calls)) == len(calls)  # each point once, in order
+    assert calls[:15] == [(w, s) for w in (0.0, 0.5, 1.0, 2.0, 3.0) for s in (-1.0, 0.0, 1.0)]
+    # steps of the outermost spacing (1), while the edge beats the rest: a full product of 8 x 5 points
+    assert sorted({w for w, _ in calls}) == [0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    assert sorted({s for _, s in calls}) == [-3.0, -2.0, -1.0, 0.0, 1.0] and len(calls) == 40
+    assert min(grid, key=lambda point: point[2])[:2] == (5.0, -2.0)  # past both edges of the grid given
+    assert notes == ["the best point (WER 4.00%) lies on the grid's edge at LM weight 3 and word score -1: trying "
+                     "LM weight 4, word score -2",
+                     "the best point (WER 0.40%) lies on the grid's edge at LM weight 4 and word score -2: trying "
+                     "LM weight 5, word score -3",
+                     "the best point (WER 0.20%) lies on the grid's edge at LM weight 5: trying LM weight 6"]
+    assert [r.getMessage() for r in caplog.records] == [f"lm: {note}" for note in notes]
+
+
+def test_the_grid_grows_a_bounded_number_of_times_never_below_lm_weight_0_nor_for_a_flat_wer():
+    grid, notes = search_grid(lambda w, s: 1 / (1 + w), lm_weights=[1.0, 2.0], word_scores=[0.0])
+    assert [w for w, _, _ in grid] == [1.0, 2.0, *(2.0 + k for k in range(1, GRID_EXTENSIONS + 1))]
+    assert len(notes) == GRID_EXTENSIONS + 1  # a word score given alone is the caller's choice: never extended
+    assert notes[-1] == ("the best point (WER 16.67%) still lies on the grid's edge at LM weight 5 after 3 "
+                         "extensions: try values past it")
+    grid, notes = search_grid(lambda w, s: w, lm_weights=[0.3, 1.0], word_scores=[0.0])
+    assert [w for w, _, _ in grid] == [0.3, 1.0, 0.0] and len(notes) == 1  # then 0, the lowest, is the best
+    grid, notes = search_grid(lambda w, s: 0.5, lm_weights=[0.0, 1.0], word_scores=[0.0, 1.0])
+    assert len(grid) == 4 and notes == []  # every point ties: no edge beats the rest
 
 
 def test_tune_leaves_out_references_the_normalizer_rejects(tmp_path):

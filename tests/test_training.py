@@ -23,7 +23,7 @@ from speechxfer import training
 from speechxfer.audio import load_audio
 from speechxfer.cli import main
 from speechxfer.errors import InputError
-from speechxfer.manifest import Utterance, write_manifest
+from speechxfer.manifest import Utterance, load_manifest, write_manifest
 from speechxfer.recipe import TrainOptions, load_recipe
 from speechxfer.surgery import build_ctc_model
 from speechxfer.vocabulary import Vocabulary
@@ -130,6 +130,35 @@ def test_base_architecture_from_a_ctc_checkpoint_with_its_own_vocabulary(tmp_pat
     check_trained_folder(recipe, result, Wav2Vec2ForCTC.from_pretrained(base).wav2vec2)
     config = json.loads((tmp_path / "out" / "preprocessor_config.json").read_text())
     assert config["return_attention_mask"] is False  # group-norm models get no attention mask
+    check_test_report_is_what_evaluate_gives(recipe, result, corpus, tmp_path)
+
+
+def check_test_report_is_what_evaluate_gives(recipe, result, corpus, tmp_path) -> None:
+    """The greedy test report that train() wrote scores the hypotheses `speechxfer evaluate` gives the folder,
+    whatever its --max-batch-s. The test set (1.2 s and 0.8 s) shares one padded batch under max_batch_s 2.5: a
+    model without an attention mask must be given neither padding, in training or in evaluate."""
+    from speechxfer.decoding import GreedyDecoder
+    from speechxfer.evaluate import evaluate
+    from speechxfer.manifest import read_jsonl
+    from speechxfer.scoring import score
+    from speechxfer.text import TextNormalizer, normalized_references
+    from speechxfer.transcribe import Recognizer, TranscribeOptions
+
+    report = json.loads((Path(result.output_dir) / "test_report.json").read_text())
+    assert report["char_hits"] + report["char_substitutions"] + report["char_insertions"] > 0, \
+        "the model emits nothing: the comparison would hold whatever the batches"
+    recognizer = Recognizer(result.output_dir, device="cpu")
+    decoder = GreedyDecoder(recognizer.vocabulary, frame_s=recognizer.frame_s)
+    normalizer = TextNormalizer(recipe.text)
+    refs = normalized_references(load_manifest(corpus["test"]), normalizer)[0]
+    for max_batch_s in (0.1, 100.0):
+        evaluation = evaluate(recognizer, corpus["test"], output_dir=tmp_path / f"eval-{max_batch_s:g}",
+                              decoder=decoder, normalizer=normalizer,
+                              options=TranscribeOptions(max_batch_s=max_batch_s))
+        hyps = {row["id"]: row["text"] for _, row in read_jsonl(evaluation.hypotheses_path)}
+        # Scored as training scores: references normalized, hypotheses as decoded. (evaluate also normalizes the
+        # hypotheses, which turns the "[UNK]" this random model emits into words: a separate matter.)
+        assert {"model_update": report["model_update"], **score(refs, hyps, bootstrap=1000).to_dict()} == report
 
 
 class Interrupted(Exception):
@@ -521,8 +550,6 @@ def test_a_model_config_trains_from_scratch(scratch_run):
 
 
 def test_short_utterances_first_stage_draws_only_short_ones(scratch_run, corpus):
-    from speechxfer.manifest import load_manifest
-
     _, _, batches = scratch_run
     duration_s = {u.id: u.duration_s for u in load_manifest(corpus["train"])}
     assert len(batches) == 8  # one batch per update

@@ -102,6 +102,50 @@ def test_batched_equals_one_at_a_time(tmp_path, model_dir):
         assert alone.transcript.text == together[segment.id].text
 
 
+@pytest.mark.parametrize("arch", ["base", "stable"])
+def test_each_utterance_gets_the_same_log_probs_and_text_whatever_its_batch(tmp_path, arch):
+    """A group-norm model takes no attention mask: its batches hold equal lengths only, never padding. A layer-norm
+    model keeps padded batches, its mask keeping the padding out (up to float rounding)."""
+    model = make_tiny_checkpoint(tmp_path / "model", arch=arch, ctc_vocab=CTC_VOCAB)
+    # two of 1.0 s: the same length, so a mask-less model may still batch them (0.45 s gives 0.4 s of audio)
+    durations = (0.7, 1.3, 1.0, 1.0, 0.45)
+    paths = [str(varying_noise(tmp_path / f"{i}.wav", duration_s=d, seed=i)) for i, d in enumerate(durations)]
+    segments, _ = find_audio(paths)
+    recognizer = Recognizer(model, device="cpu")
+    assert recognizer.use_attention_mask == (arch == "stable")
+    passes: list[list[int]] = []
+    real_log_probs = recognizer.log_probs
+
+    def recorded(waveforms, **kwargs):
+        passes.append([len(w) for w in waveforms])
+        return real_log_probs(waveforms, **kwargs)
+
+    recognizer.log_probs = recorded
+    decoder = GreedyDecoder(recognizer.vocabulary, frame_s=recognizer.frame_s)
+
+    def run(chosen, max_batch_s):
+        options = TranscribeOptions(max_batch_s=max_batch_s)
+        log_probs = {segment.id: lp for segment, lp in emissions(recognizer, chosen, options=options)}
+        texts = {r.segment.id: r.transcript.text for r in transcribe(recognizer, chosen, decoder=decoder,
+                                                                      options=options)}
+        return log_probs, texts
+
+    alone = [run([segment], 0.1) for segment in segments]
+    alone_log_probs = {k: v for lp, _ in alone for k, v in lp.items()}
+    alone_texts = {k: v for _, texts in alone for k, v in texts.items()}
+    for chosen, max_batch_s in ((segments, 100.0), (segments, 2.0), (segments[1::2], 100.0), (segments[2:], 3.0)):
+        log_probs, texts = run(chosen, max_batch_s)
+        for segment in chosen:
+            assert log_probs[segment.id].shape == alone_log_probs[segment.id].shape
+            torch.testing.assert_close(log_probs[segment.id], alone_log_probs[segment.id], rtol=0, atol=1e-5)
+            assert texts[segment.id] == alone_texts[segment.id]
+    assert any(t for t in alone_texts.values()), "the random model should emit something"
+    # what was tested: a padding-free model batched equal lengths together and nothing else; a masked one padded
+    assert any(len(p) > 1 for p in passes)
+    padded = any(len(set(p)) > 1 for p in passes)
+    assert padded == (arch == "stable")
+
+
 def test_bfloat16_forward_pass_is_close_to_float32(tmp_path, model_dir):
     wave = np.asarray(sf.read(varying_noise(tmp_path / "a.wav", duration_s=1.5))[0], dtype=np.float32)
     full = Recognizer(model_dir, device="cpu").log_probs([wave])[0].exp()
