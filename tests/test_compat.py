@@ -91,6 +91,18 @@ def test_the_feature_encoder_flag_is_the_one_freeze_clears():
     assert encoder._requires_grad is True
 
 
+def test_gradient_checkpointing_is_enabled_non_reentrant_without_a_deprecation_warning():
+    import warnings
+
+    model = Wav2Vec2ForCTC(tiny_config())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the deprecated alias of transformers 5 warns
+        compat.enable_gradient_checkpointing(model)
+    layers = model.wav2vec2.encoder.layers
+    assert all(layer.gradient_checkpointing for layer in layers)
+    assert layers[0]._gradient_checkpointing_func.keywords == {"use_reentrant": False}
+
+
 def test_reset_accelerator_state_forgets_the_precision_of_an_earlier_accelerator():
     from accelerate import Accelerator
 
