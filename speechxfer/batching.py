@@ -4,7 +4,7 @@ sampling that shards identically across processes."""
 from __future__ import annotations
 
 import hashlib
-from collections import deque
+import heapq
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -226,9 +226,9 @@ class DurationBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     With `groups` (one per index) and `max_share` ({group: share}), the utterances of each capped group hold at
     most that share of every global batch's seconds (pseudo-labelled manifests, say). A capped utterance that
-    finds no room where it falls in the epoch's order waits for the next batch with room (first come, first
-    admitted); those still waiting at the end are left out of that epoch (`num_over_share`): the last in length
-    order, so mostly the same ones every epoch. The cap lives in the global plan, so it holds whatever the number
+    finds no room where it falls in the epoch's order waits for the next batch with room (the shortest waiting
+    first); those still waiting at the end are left out of that epoch (`num_over_share`): the longest, so mostly
+    the same ones every epoch. The cap lives in the global plan, so it holds whatever the number
     of processes.
 
     Iterating to the end moves to the next epoch; set_epoch() jumps to one. state_dict() records the epoch and how
@@ -350,11 +350,12 @@ def _plan_batches(durations_s: np.ndarray, order: list[int], *, max_batch_s: flo
     batches: list[list[int]] = []
     batch: list[int] = []
     longest_s = total_s = 0.0
-    waiting: dict[int, deque[int]] = {group: deque() for group in sorted(max_share)}  # capped, without room yet
+    # Capped utterances without room yet, per group: heaps of (duration, arrival, index), shortest first.
+    waiting: dict[int, list[tuple[float, int, int]]] = {group: [] for group in sorted(max_share)}
     group_s = dict.fromkeys(waiting, 0.0)  # seconds of each capped group in the batch
-    for index in order:
+    for arrival, index in enumerate(order):
         if waiting and groups[index] in waiting:
-            waiting[groups[index]].append(index)
+            heapq.heappush(waiting[groups[index]], (durations[index], arrival, index))
         else:
             longest = max(longest_s, durations[index])
             if batch and (len(batch) + 1) * longest > max_batch_s:
@@ -365,15 +366,15 @@ def _plan_batches(durations_s: np.ndarray, order: list[int], *, max_batch_s: flo
         if not (waiting and batch):
             continue
         # A batch only gains room for a capped utterance when it grows, and it only grows in this loop. Each group
-        # admits in the order its utterances came and stops at the first without room: in length order, a longer
-        # one would find none either.
+        # admits its shortest waiting utterances while they fit: where the shortest finds no room (length and
+        # share alike), a longer one finds none either.
         for group, queue in waiting.items():
             while queue:
-                duration_s = durations[queue[0]]
+                duration_s = queue[0][0]
                 if ((len(batch) + 1) * max(longest_s, duration_s) > max_batch_s
                         or group_s[group] + duration_s > max_share[group] * (total_s + duration_s)):
                     break
-                batch.append(queue.popleft())
+                batch.append(heapq.heappop(queue)[2])
                 longest_s, total_s = max(longest_s, duration_s), total_s + duration_s
                 group_s[group] += duration_s
     if batch:
