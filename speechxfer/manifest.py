@@ -21,7 +21,7 @@ DURATION_TOLERANCE_S = 0.1
 DURATION_TOLERANCE_SHARE = 0.1
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a million of them are held while training
 class Utterance:
     """One utterance: a (span of an) audio file and its transcript."""
 
@@ -75,6 +75,8 @@ _FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
     "pseudo_label": ((bool,), False),
     "confidence": ((int, float, type(None)), False),
 }
+_REQUIRED = frozenset(name for name, (_, required) in _FIELDS.items() if required)
+_TYPES = {name: frozenset(types) for name, (types, _) in _FIELDS.items()}  # exact types: a bool is no duration
 
 
 def read_manifest(path: str | os.PathLike, *, check_files: bool = False,
@@ -94,9 +96,10 @@ def read_manifest(path: str | os.PathLike, *, check_files: bool = False,
     utterances: list[Utterance] = []
     problems: list[Problem] = []
     seen: set[str] = set()
+    names: dict[str, str] = {}
     for number, row in read_jsonl(path, problems=problems, what="manifest"):
         try:
-            utterance = _parse_row(row, base, path, number)
+            utterance = _parse_row(row, base, path, number, names)
         except ValueError as err:
             problems.append(Problem(path, number, "malformed_row", str(err)))
             continue
@@ -217,8 +220,29 @@ def summarize(utterances: Iterable[Utterance]) -> ManifestSummary:
     return ManifestSummary(count, seconds, len(speakers), "".join(sorted(characters)))
 
 
-def _parse_row(row: object, base: str, manifest: str, number: int) -> Utterance:
-    """One decoded manifest line → Utterance with an absolute path; ValueError saying what is wrong."""
+def _parse_row(row: object, base: str, manifest: str, number: int, names: dict[str, str]) -> Utterance:
+    """One decoded manifest line → Utterance with an absolute path; ValueError saying what is wrong. `names`
+    holds one copy of each speaker and language name, shared by the rows that repeat it."""
+    # A row with known fields of exact types passes in a few C-level steps (a million rows are read before
+    # training); any other is looked at field by field, for the message.
+    if (type(row) is not dict or not _REQUIRED <= row.keys() <= _TYPES.keys()
+            or not all(type(value) in _TYPES[name] for name, value in row.items())):
+        _check_fields(row)
+    for name in ("duration_s", "offset_s", "confidence"):
+        if row.get(name) is not None and not math.isfinite(row[name]):
+            raise ValueError(f"field {name!r} is not finite")
+    if not row["id"].strip():
+        raise ValueError("empty id")
+    speaker, language = row.get("speaker"), row.get("language")
+    return Utterance(row["id"], _absolute(row["audio_path"], base), row["text"], float(row["duration_s"]),
+                     speaker and names.setdefault(speaker, speaker), language and names.setdefault(language, language),
+                     float(row.get("offset_s", 0.0)), row.get("pseudo_label", False),
+                     None if row.get("confidence") is None else float(row["confidence"]), manifest, number)
+
+
+def _check_fields(row: object) -> None:
+    """ValueError naming the first thing wrong with a decoded row's fields: not an object, an unknown or missing
+    field, a field of the wrong type."""
     if not isinstance(row, dict):
         raise ValueError(f"expected a JSON object, got {type(row).__name__}")
     unknown = sorted(set(row) - set(_FIELDS))
@@ -231,17 +255,15 @@ def _parse_row(row: object, base: str, manifest: str, number: int) -> Utterance:
         # bool is an int in Python but never a valid duration or offset
         elif not isinstance(row[name], types) or (isinstance(row[name], bool) and bool not in types):
             raise ValueError(f"field {name!r} has type {type(row[name]).__name__}")
-    for name in ("duration_s", "offset_s", "confidence"):
-        if row.get(name) is not None and not math.isfinite(row[name]):
-            raise ValueError(f"field {name!r} is not finite")
-    if not row["id"].strip():
-        raise ValueError("empty id")
-    audio_path = os.path.normpath(os.path.join(base, os.path.expanduser(row["audio_path"])))
-    return Utterance(id=row["id"], audio_path=audio_path, text=row["text"], duration_s=float(row["duration_s"]),
-                     speaker=row.get("speaker"), language=row.get("language"),
-                     offset_s=float(row.get("offset_s", 0.0)), pseudo_label=row.get("pseudo_label", False),
-                     confidence=None if row.get("confidence") is None else float(row["confidence"]),
-                     manifest=manifest, line=number)
+
+
+def _absolute(audio_path: str, base: str) -> str:
+    """A manifest's audio path made absolute and normal, relative ones against `base` (an absolute, normal folder);
+    a leading ~ is the user's home."""
+    if (audio_path and audio_path[0] not in "~." and audio_path[-1] != "/" and "/." not in audio_path
+            and "//" not in audio_path):  # already normal once joined: skip normpath, a tenth of the reading time
+        return audio_path if audio_path[0] == "/" else (base + audio_path if base == "/" else base + "/" + audio_path)
+    return os.path.normpath(os.path.join(base, os.path.expanduser(audio_path)))
 
 
 def _check_row(u: Utterance, seen: set[str], check_files: bool, check_audio: bool) -> tuple[str, str] | None:

@@ -64,7 +64,7 @@ def test_filter_utterances_drops_each_kind_with_counts():
     kept, report = filter_utterances(utterances, normalizer=normalizer, vocab=VOCAB, config=config,
                                      min_duration_s=0.08, max_duration_s=20.0)
     assert [u.id for u, _ in kept] == ["ok", "fits", "repeats-fit"]
-    assert kept[0][1] == VOCAB.encode("ab cd")
+    assert [labels.tolist() for _, labels in kept] == [VOCAB.encode(t) for t in ("ab cd", "ab" * 9 + "a", "a" * 10)]
     assert (report.too_short, report.too_long, report.rejected_text, report.label_too_long) == (1, 1, 2, 2)
     assert report.total == 6
     assert report.examples == ["short", "long", "digits", "empty", "too-many", "repeats-too-many"]
