@@ -15,11 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile
 import torch
 import yaml
 from safetensors.torch import load_file
 
-from speechxfer import training
+from speechxfer import batching, training
 from speechxfer.audio import load_audio
 from speechxfer.cli import main
 from speechxfer.errors import InputError
@@ -191,6 +192,28 @@ def test_batches_are_re_formed_each_epoch_and_resume_exactly(tmp_path, corpus, s
     spy = BatchSpy(monkeypatch)
     assert training.train(recipes[1], resume=True).updates == 8
     assert spy.batches == straight[2:]  # the rest of epoch 0, then the same re-formed epochs 1 and 2
+
+
+def test_no_audio_file_is_opened_before_the_first_update_but_those_of_its_batch(tmp_path, corpus, stable_run,
+                                                                                  monkeypatch):
+    opened: list[str] = []  # audio files read, in order; None marks each batch handed to an update
+    real_load_audio = batching.load_audio
+    monkeypatch.setattr(batching, "load_audio", lambda path, **kw: opened.append(path) or real_load_audio(path, **kw))
+    real_info = soundfile.info
+    monkeypatch.setattr(soundfile, "info", lambda path, *a, **kw: opened.append(path) or real_info(path, *a, **kw))
+    spy = BatchSpy(monkeypatch)
+    real_stream = training._batch_stream
+
+    def marked(*args, **kwargs):
+        for step in real_stream(*args, **kwargs):
+            opened.append(None)
+            yield step
+    monkeypatch.setattr(training, "_batch_stream", marked)
+    recipe = write_recipe(tmp_path / "recipe.yaml", base=Path(stable_run[0].base), manifests=corpus,
+                          output_dir=tmp_path / "out", train={"max_updates": 1}, eval={"every_updates": 100})
+    training.train(load_recipe(recipe))
+    first = opened[:opened.index(None)]
+    assert sorted(Path(p).stem for p in first) == sorted(spy.batches[0])  # 2 of the 6 train files
 
 
 def test_gradient_checkpointing_gives_the_losses_and_weights_of_a_plain_run(tmp_path, corpus, stable_run,
