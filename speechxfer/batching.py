@@ -16,6 +16,7 @@ from transformers import Wav2Vec2Config
 
 from speechxfer.audio import SAMPLE_RATE_HZ, load_audio
 from speechxfer.augment import AugmentOptions, augment, duration_bounds_s
+from speechxfer.compat import gc_paused
 from speechxfer.errors import AudioError
 from speechxfer.manifest import Utterance, duration_mismatch
 from speechxfer.text import TextNormalizer, TextRejected
@@ -105,13 +106,20 @@ def filter_utterances(utterances: Iterable[Utterance], *, normalizer: TextNormal
     The label ids of a kept utterance are a read-only view into one array that holds all of them (Vocabulary.
     encode_all): a few bytes a character instead of a Python list, for a million utterances.
     """
-    utterances = list(utterances)
+    with gc_paused():
+        return _filter(list(utterances), normalizer=normalizer, vocab=vocab, geometry=frame_geometry(config),
+                       min_duration_s=min_duration_s, max_duration_s=max_duration_s, augment_options=augment_options)
+
+
+def _filter(utterances: list[Utterance], *, normalizer: TextNormalizer, vocab: Vocabulary, geometry: FrameGeometry,
+            min_duration_s: float, max_duration_s: float, augment_options: AugmentOptions | None,
+            ) -> tuple[list[tuple[Utterance, np.ndarray]], DropReport]:
+    """filter_utterances' work, the garbage collector paused."""
     reasons: list[str | None] = [None] * len(utterances)
     texts: list[str] = []  # normalized and not empty, waiting to be encoded
     encoded: list[np.ndarray] = []  # the labels of the texts encoded so far, a block of them each
     lengths: list[int] = []  # labels of each utterance that reached encoding: one per character
     frames_of: list[int] = []  # and its output frames
-    geometry = frame_geometry(config)
     for position, utt in enumerate(utterances):
         shortest_s = utt.duration_s if augment_options is None else duration_bounds_s(
             utt.duration_s, options=augment_options)[0]
@@ -345,7 +353,8 @@ class DurationBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     def _plan(self, epoch: int) -> tuple[list[list[int]], int]:
         if epoch not in self._plans:
-            self._plans = {epoch: self._form_batches(epoch)}  # one epoch at a time: a plan of 1M rows is large
+            with gc_paused():  # a plan of a million rows is a million small lists, none in a cycle
+                self._plans = {epoch: self._form_batches(epoch)}  # one epoch at a time: a plan of 1M rows is large
         return self._plans[epoch]
 
     def _form_batches(self, epoch: int) -> tuple[list[list[int]], int]:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from speechxfer.atomic import atomic_write
 from speechxfer.audio import audio_duration_s, file_problem
+from speechxfer.compat import gc_paused
 from speechxfer.errors import AudioError, ManifestError, Problem
 
 # A listed duration may exceed the audio by this much (seconds, or this share of it, whichever is larger) before
@@ -95,20 +96,21 @@ def read_manifest(path: str | os.PathLike, *, check_files: bool = False,
     utterances: list[Utterance] = []
     problems: list[Problem] = []
     seen: set[str] = set()
-    names: dict[str, str] = {}
-    layouts: set[tuple] = set()
-    for number, row in read_jsonl(path, problems=problems, what="manifest"):
-        try:
-            utterance = _parse_row(row, base, path, number, names, layouts)
-        except ValueError as err:
-            problems.append(Problem(path, number, "malformed_row", str(err)))
-            continue
-        problem = _check_row(utterance, seen, check_files or check_audio, check_audio)
-        if problem is not None:
-            problems.append(utterance.problem(*problem))
-            continue
-        seen.add(utterance.id)
-        utterances.append(utterance)
+    names: dict[str, str] = {}  # one copy of each speaker and language name, shared by its rows
+    layouts: set[tuple] = set()  # field names and value types of the rows whose fields passed their checks
+    with gc_paused():
+        for number, row in read_jsonl(path, problems=problems, what="manifest"):
+            try:
+                utterance = _parse_row(row, base, path, number, names, layouts)
+            except ValueError as err:
+                problems.append(Problem(path, number, "malformed_row", str(err)))
+                continue
+            problem = _check_row(utterance, seen, check_files or check_audio, check_audio)
+            if problem is not None:
+                problems.append(utterance.problem(*problem))
+                continue
+            seen.add(utterance.id)
+            utterances.append(utterance)
     return utterances, problems
 
 

@@ -1,3 +1,4 @@
+import gc
 import logging
 import tomllib
 from pathlib import Path
@@ -112,3 +113,22 @@ def test_reset_accelerator_state_forgets_the_precision_of_an_earlier_accelerator
     compat.reset_accelerator_state()
     assert Accelerator(cpu=True).mixed_precision == "no"
     compat.reset_accelerator_state()
+
+
+def test_gc_paused_restores_the_collector_as_it_found_it_even_after_an_error():
+    assert gc.isenabled()
+    with pytest.raises(KeyError):
+        with compat.gc_paused():
+            assert not gc.isenabled()
+            with compat.gc_paused():  # nested: the inner one leaves it paused
+                pass
+            assert not gc.isenabled()
+            raise KeyError
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with compat.gc_paused():
+            pass
+        assert not gc.isenabled()  # paused by the caller: not switched on behind its back
+    finally:
+        gc.enable()
