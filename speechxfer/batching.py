@@ -353,8 +353,9 @@ class DurationBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     def _plan(self, epoch: int) -> tuple[list[list[int]], int]:
         if epoch not in self._plans:
-            with gc_paused():  # a plan of a million rows is a million small lists, none in a cycle
-                self._plans = {epoch: self._form_batches(epoch)}  # one epoch at a time: a plan of 1M rows is large
+            # One epoch at a time: a plan of a million rows is large (many small lists, none in a cycle).
+            with gc_paused():
+                self._plans = {epoch: self._form_batches(epoch)}
         return self._plans[epoch]
 
     def _form_batches(self, epoch: int) -> tuple[list[list[int]], int]:
