@@ -13,6 +13,7 @@ from pathlib import Path
 
 from speechxfer.atomic import atomic_write
 from speechxfer.audio import audio_duration_s, file_problem
+from speechxfer.compat import gc_paused
 from speechxfer.errors import AudioError, ManifestError, Problem
 
 # A listed duration may exceed the audio by this much (seconds, or this share of it, whichever is larger) before
@@ -21,7 +22,7 @@ DURATION_TOLERANCE_S = 0.1
 DURATION_TOLERANCE_SHARE = 0.1
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a million of them are held while training
 class Utterance:
     """One utterance: a (span of an) audio file and its transcript."""
 
@@ -75,6 +76,7 @@ _FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
     "pseudo_label": ((bool,), False),
     "confidence": ((int, float, type(None)), False),
 }
+_DECODER = json.JSONDecoder()
 
 
 def read_manifest(path: str | os.PathLike, *, check_files: bool = False,
@@ -94,18 +96,21 @@ def read_manifest(path: str | os.PathLike, *, check_files: bool = False,
     utterances: list[Utterance] = []
     problems: list[Problem] = []
     seen: set[str] = set()
-    for number, row in read_jsonl(path, problems=problems, what="manifest"):
-        try:
-            utterance = _parse_row(row, base, path, number)
-        except ValueError as err:
-            problems.append(Problem(path, number, "malformed_row", str(err)))
-            continue
-        problem = _check_row(utterance, seen, check_files or check_audio, check_audio)
-        if problem is not None:
-            problems.append(utterance.problem(*problem))
-            continue
-        seen.add(utterance.id)
-        utterances.append(utterance)
+    names: dict[str, str] = {}  # one copy of each speaker and language name, shared by its rows
+    layouts: set[tuple] = set()  # field names and value types of the rows whose fields passed their checks
+    with gc_paused():
+        for number, row in read_jsonl(path, problems=problems, what="manifest"):
+            try:
+                utterance = _parse_row(row, base, path, number, names, layouts)
+            except ValueError as err:
+                problems.append(Problem(path, number, "malformed_row", str(err)))
+                continue
+            problem = _check_row(utterance, seen, check_files or check_audio, check_audio)
+            if problem is not None:
+                problems.append(utterance.problem(*problem))
+                continue
+            seen.add(utterance.id)
+            utterances.append(utterance)
     return utterances, problems
 
 
@@ -127,7 +132,13 @@ def read_jsonl(path: str | os.PathLike, *, problems: list[Problem] | None = None
                 if not raw.strip():
                     continue
                 try:
-                    value = json.loads(raw.rstrip(b"\r\n").decode("utf-8"))  # an error column counts on this line
+                    text = raw.rstrip(b"\r\n").decode("utf-8")
+                    try:
+                        value, end = _DECODER.raw_decode(text)  # json.loads less its wrappers (whitespace scans)
+                    except json.JSONDecodeError:
+                        end = -1
+                    if end != len(text):  # not one value alone on the line: json.loads says what is wrong, with
+                        value = json.loads(text)  # the column on this line, or allows the spaces around it
                 except (UnicodeDecodeError, json.JSONDecodeError) as err:
                     message = (f"not UTF-8 ({err.reason})" if isinstance(err, UnicodeDecodeError)
                                else f"not valid JSON: {err.msg} (column {err.colno})")
@@ -217,8 +228,33 @@ def summarize(utterances: Iterable[Utterance]) -> ManifestSummary:
     return ManifestSummary(count, seconds, len(speakers), "".join(sorted(characters)))
 
 
-def _parse_row(row: object, base: str, manifest: str, number: int) -> Utterance:
-    """One decoded manifest line → Utterance with an absolute path; ValueError saying what is wrong."""
+def _parse_row(row: object, base: str, manifest: str, number: int, names: dict[str, str],
+               layouts: set[tuple]) -> Utterance:
+    """One decoded manifest line → Utterance with an absolute path; ValueError saying what is wrong. `names`
+    holds one copy of each speaker and language name, shared by the rows that repeat it; `layouts`, the field
+    names and value types of the rows whose fields passed _check_fields."""
+    # The field checks depend on the names and types alone, which a manifest's rows share: a million rows are
+    # read before training, a handful of layouts checked.
+    if type(row) is not dict or (layout := (tuple(row), tuple(map(type, row.values())))) not in layouts:
+        _check_fields(row)
+        layouts.add(layout)
+    duration_s, offset_s, confidence = row["duration_s"], row.get("offset_s", 0.0), row.get("confidence")
+    if not math.isfinite(duration_s + offset_s + (confidence or 0.0)):  # one test for the three
+        for name, value in (("duration_s", duration_s), ("offset_s", offset_s), ("confidence", confidence)):
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"field {name!r} is not finite")
+    if not row["id"].strip():
+        raise ValueError("empty id")
+    speaker, language = row.get("speaker"), row.get("language")
+    return Utterance(row["id"], _absolute(row["audio_path"], base), row["text"], float(duration_s),
+                     speaker and names.setdefault(speaker, speaker), language and names.setdefault(language, language),
+                     float(offset_s), row.get("pseudo_label", False), None if confidence is None else float(confidence),
+                     manifest, number)
+
+
+def _check_fields(row: object) -> None:
+    """ValueError naming the first thing wrong with a decoded row's fields: not an object, an unknown or missing
+    field, a field of the wrong type."""
     if not isinstance(row, dict):
         raise ValueError(f"expected a JSON object, got {type(row).__name__}")
     unknown = sorted(set(row) - set(_FIELDS))
@@ -231,17 +267,15 @@ def _parse_row(row: object, base: str, manifest: str, number: int) -> Utterance:
         # bool is an int in Python but never a valid duration or offset
         elif not isinstance(row[name], types) or (isinstance(row[name], bool) and bool not in types):
             raise ValueError(f"field {name!r} has type {type(row[name]).__name__}")
-    for name in ("duration_s", "offset_s", "confidence"):
-        if row.get(name) is not None and not math.isfinite(row[name]):
-            raise ValueError(f"field {name!r} is not finite")
-    if not row["id"].strip():
-        raise ValueError("empty id")
-    audio_path = os.path.normpath(os.path.join(base, os.path.expanduser(row["audio_path"])))
-    return Utterance(id=row["id"], audio_path=audio_path, text=row["text"], duration_s=float(row["duration_s"]),
-                     speaker=row.get("speaker"), language=row.get("language"),
-                     offset_s=float(row.get("offset_s", 0.0)), pseudo_label=row.get("pseudo_label", False),
-                     confidence=None if row.get("confidence") is None else float(row["confidence"]),
-                     manifest=manifest, line=number)
+
+
+def _absolute(audio_path: str, base: str) -> str:
+    """A manifest's audio path made absolute and normal, relative ones against `base` (an absolute, normal folder);
+    a leading ~ is the user's home."""
+    if (audio_path and audio_path[0] not in "~." and audio_path[-1] != "/" and "/." not in audio_path
+            and "//" not in audio_path):  # already normal once joined: no normpath (Python code in 3.11)
+        return audio_path if audio_path[0] == "/" else (base + audio_path if base == "/" else base + "/" + audio_path)
+    return os.path.normpath(os.path.join(base, os.path.expanduser(audio_path)))
 
 
 def _check_row(u: Utterance, seen: set[str], check_files: bool, check_audio: bool) -> tuple[str, str] | None:

@@ -122,6 +122,10 @@ class TrainOptions:
     # seconds of audio per batch, all processes together (each takes its share)
     max_batch_s: float = checked(200.0, POSITIVE)
     grad_accum_steps: int = checked(1, AT_LEAST_ONE)
+    # Keep only each transformer layer's input and recompute the rest in the backward pass (transformers' gradient
+    # checkpointing): far less memory for long batches, for about one more forward pass of compute per update.
+    # The loss and gradients stay the same.
+    gradient_checkpointing: bool = False
     clip_norm: float | None = checked(1.0, POSITIVE)  # max global gradient norm; None disables clipping
     weight_decay: float = checked(0.0, NON_NEGATIVE)
     schedule: Literal["tri_stage", "linear"] = "tri_stage"

@@ -89,6 +89,11 @@ class TextNormalizer:
     def _strip_punctuation(self, text: str) -> str:
         # Removed characters become spaces, so "one,two" stays two words; a kept character survives only with
         # word characters on both sides, so "l'home" keeps its apostrophe and "'quoted'" loses both.
+        if text.replace(" ", "").isalpha():  # letters and spaces only, the common case: decided in C
+            return text
+        marks = {c for c in set(text) if unicodedata.category(c)[0] in "PS"}
+        if marks.isdisjoint(self._keep):  # no character to look around: each mark becomes a space
+            return text.translate({ord(c): " " for c in marks})
         out = []
         for i, c in enumerate(text):
             if unicodedata.category(c)[0] not in "PS":

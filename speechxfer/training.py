@@ -41,7 +41,7 @@ from speechxfer.augment import check_sources
 from speechxfer.batching import (DurationBatchSampler, SpeechDataset, collate, filter_utterances, frame_geometry,
                                  inference_batches)
 from speechxfer.decoding import GreedyDecoder, decode_batch
-from speechxfer.compat import reset_accelerator_state
+from speechxfer.compat import enable_gradient_checkpointing, reset_accelerator_state
 from speechxfer.errors import InputError, Problem
 from speechxfer.freezing import apply_freezing, parameter_groups, parameter_table
 from speechxfer.manifest import Utterance, check_held_out, read_jsonl, read_manifest
@@ -170,6 +170,8 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
         if lang is not None:
             check_adapter_folder(out, model)  # the adapters already there must share this run's base weights
             say(f"adapter for language {lang}: saved as {out / ADAPTER_FILE.format(lang)}")
+    if opts.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
 
     # --- batches: drop what cannot train, then buckets of at most max_batch_s seconds ---------------------------
     keep = partial(filter_utterances, normalizer=normalizer, vocab=vocab, config=model.config,
@@ -192,12 +194,12 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
         if len(refs) < len(splits[name]):
             say(f"{name}: {len(refs)} utterances scored; {len(splits[name]) - len(refs)} left out (text rejected or "
                 "empty after normalization)")
-    # Batches are planned once, from the longest each utterance can come out of speed perturbation, so that they
-    # hold at most max_batch_s of audio in every epoch.
+    # Batches are re-formed each epoch from the seed and the epoch (DurationBatchSampler), planned from the longest
+    # each utterance can come out of speed perturbation, so that they hold at most max_batch_s of audio in any epoch.
     train_audio = partial(SpeechDataset, augment_options=recipe.augment if recipe.augment.enabled else None,
                           seed=opts.seed)
     # Pseudo-labelled manifest k is group k (labelled utterances: group 0), capped at its max_share of each global
-    # batch's seconds. The cap is part of the batch plan, which the data and seed alone fix, so resuming and the
+    # batch's seconds. The cap is part of the batch plan, which the data, seed and epoch alone fix, so resuming and the
     # global batches for any number of processes hold as before; a loss weight would too, but it needs per-utterance
     # CTC losses computed outside transformers' Wav2Vec2ForCTC.
     pseudo_labelled = dict(enumerate(recipe.data.pseudo_labelled, start=1))
@@ -208,7 +210,7 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
     sampler = capped(train_audio(examples).durations_s, groups=[group_of.get(u.manifest, 0) for u, _ in examples])
     if sampler.num_over_share:
         say(f"pseudo-labelled: {sampler.num_over_share} utterances find no room under their max_share and are left "
-            "out of the batches")
+            "out of the first epoch's batches (about as many of each epoch's)")
     if len(sampler) == 0:
         raise InputError(f"too little training data: {len(examples)} utterances after filtering, not one batch for "
                          f"each of {accelerator.num_processes} processes", path=recipe.data.train)

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+import numpy as np
+
 from speechxfer.errors import InputError, Problem
 from speechxfer.manifest import read_manifest
 from speechxfer.text import TextNormalizer, TextRejected
@@ -69,9 +71,24 @@ class Vocabulary:
 
     def encode(self, text: str) -> list[int]:
         """Ids of a normalized text, one per character: " " becomes the delimiter, unknown characters unk."""
-        ids = self._ids
-        unk = self.unk_id
-        return [ids[self.delimiter] if c == " " else ids.get(c, unk) for c in text]
+        return self.encode_all([text]).tolist()
+
+    def encode_all(self, texts: Iterable[str]) -> np.ndarray:
+        """The ids `encode` gives each text, of all texts end to end: (total characters,), in the smallest signed
+        integer type that holds every id (a million transcripts' labels in a few bytes a character)."""
+        # One code point per character (a lone surrogate, which JSON can spell, stays one); past the table: unk.
+        codes = np.frombuffer("".join(texts).encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        table = self._code_ids
+        return table[np.minimum(codes, len(table) - 1)]
+
+    @cached_property
+    def _code_ids(self) -> np.ndarray:
+        """encode_all's table, code point -> id: the one-character tokens, " " the delimiter, unk elsewhere (the
+        last entry, for every code point beyond)."""
+        chars = {ord(t): i for i, t in enumerate(self.tokens) if len(t) == 1} | {ord(" "): self.delimiter_id}
+        table = np.full(max(chars) + 2, self.unk_id, dtype=np.min_scalar_type(-len(self.tokens)))
+        table[list(chars)] = list(chars.values())
+        return table
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of label ids (not a CTC path: repeats stay); blanks (padding) are dropped, the delimiter is a space."""

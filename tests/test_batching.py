@@ -64,7 +64,7 @@ def test_filter_utterances_drops_each_kind_with_counts():
     kept, report = filter_utterances(utterances, normalizer=normalizer, vocab=VOCAB, config=config,
                                      min_duration_s=0.08, max_duration_s=20.0)
     assert [u.id for u, _ in kept] == ["ok", "fits", "repeats-fit"]
-    assert kept[0][1] == VOCAB.encode("ab cd")
+    assert [labels.tolist() for _, labels in kept] == [VOCAB.encode(t) for t in ("ab cd", "ab" * 9 + "a", "a" * 10)]
     assert (report.too_short, report.too_long, report.rejected_text, report.label_too_long) == (1, 1, 2, 2)
     assert report.total == 6
     assert report.examples == ["short", "long", "digits", "empty", "too-many", "repeats-too-many"]
@@ -131,51 +131,84 @@ def random_durations(n: int = 200, seed: int = 0) -> list[float]:
     return [round(rng.uniform(0.5, 8.0), 2) for _ in range(n)]
 
 
-def test_sampler_covers_every_index_once_within_budget():
-    durations = random_durations()
-    sampler = DurationBatchSampler(durations, max_batch_s=20.0, seed=3)
-    batches = list(sampler)
-    assert len(batches) == len(sampler)
-    assert sorted(i for b in batches for i in b) == list(range(len(durations)))
-    for batch in batches:
-        assert len(batch) * max(durations[i] for i in batch) <= 20.0
-    # Length buckets: a batch holds neighbours in duration order, so padding stays small.
-    assert sum(max(durations[i] for i in b) * len(b) for b in batches) < 1.25 * sum(durations)
+def padding_share(batches: list[list[int]], durations: list[float]) -> float:
+    """Share of the padded seconds (batch size x longest) that is padding."""
+    padded_s = sum(len(b) * max(durations[i] for i in b) for b in batches)
+    return 1 - sum(durations[i] for b in batches for i in b) / padded_s
 
 
-def test_sampler_is_deterministic_per_seed_and_epoch():
+def together(batches: list[list[int]]) -> set[frozenset[int]]:
+    """Every pair of indices that share a batch."""
+    return {frozenset((a, b)) for batch in batches for k, a in enumerate(batch) for b in batch[k + 1:]}
+
+
+def test_sampler_covers_every_index_once_within_budget_in_every_epoch():
     durations = random_durations()
-    epoch0 = list(DurationBatchSampler(durations, max_batch_s=20.0, seed=3))
-    assert list(DurationBatchSampler(durations, max_batch_s=20.0, seed=3)) == epoch0
-    assert list(DurationBatchSampler(durations, max_batch_s=20.0, seed=4)) != epoch0
     sampler = DurationBatchSampler(durations, max_batch_s=20.0, seed=3)
-    sampler.set_epoch(1)
-    epoch1 = list(sampler)
-    assert epoch1 != epoch0 and sorted(epoch1) == sorted(epoch0)  # same buckets, new order
-    # Running through an epoch moves on to the next one by itself.
+    for epoch in range(3):
+        assert sampler.epoch == epoch  # running through an epoch moves on to the next one
+        expected = len(sampler)
+        batches = list(sampler)
+        assert len(batches) == expected
+        assert sorted(i for b in batches for i in b) == list(range(len(durations)))
+        for batch in batches:
+            assert len(batch) * max(durations[i] for i in batch) <= 20.0
+
+
+def test_batches_are_re_formed_each_epoch_from_seed_and_epoch():
+    durations = random_durations()
     sampler = DurationBatchSampler(durations, max_batch_s=20.0, seed=3)
-    assert (list(sampler), list(sampler), sampler.epoch) == (epoch0, epoch1, 2)
-    unshuffled = list(DurationBatchSampler(durations, max_batch_s=20.0, shuffle=False))
-    assert [max(durations[i] for i in b) for b in unshuffled] == sorted(max(durations[i] for i in b)
-                                                                     for b in unshuffled)
+    epochs = [list(sampler) for _ in range(3)]
+    # Which utterances share a batch changes from epoch to epoch, not only the order of the batches.
+    assert len({frozenset(map(frozenset, batches)) for batches in epochs}) == 3
+    assert len(together(epochs[0]) & together(epochs[1])) < 0.5 * len(together(epochs[0]))
+    # The same seed and epoch give the same batches in any sampler; another seed, other ones.
+    again = DurationBatchSampler(durations, max_batch_s=20.0, seed=3)
+    again.set_epoch(2)
+    assert list(again) == epochs[2] and again.global_batches(1) == epochs[1]
+    assert list(DurationBatchSampler(durations, max_batch_s=20.0, seed=4)) != epochs[0]
+
+
+def test_unshuffled_batches_are_the_length_ordered_plan_of_every_epoch():
+    durations = random_durations()
+    sampler = DurationBatchSampler(durations, max_batch_s=20.0, shuffle=False)
+    plain = list(sampler)
+    assert list(sampler) == plain and sampler.epoch == 2
+    assert [durations[i] for b in plain for i in b] == sorted(durations)  # length order, cut in pieces
+
+
+def test_re_formed_batches_keep_padding_small_on_common_voice_like_lengths():
+    rng = np.random.default_rng(0)
+    durations = np.clip(rng.lognormal(np.log(4.5), 0.35, 3000), 1.0, 15.0).round(2).tolist()
+    plain = DurationBatchSampler(durations, max_batch_s=60.0, shuffle=False).global_batches()
+    sampler = DurationBatchSampler(durations, max_batch_s=60.0, seed=0)
+    first, second = sampler.global_batches(0), sampler.global_batches(1)
+    assert padding_share(plain, durations) < 0.01 and padding_share(first, durations) < 0.025
+    assert len(first) <= 1.02 * len(plain)  # about as many updates per epoch
+    assert len(together(first) & together(second)) < 0.25 * len(together(first))
 
 
 @pytest.mark.parametrize("replicas", [2, 3])
-def test_rank_shards_make_up_the_single_process_batches(replicas):
+def test_rank_shards_make_up_the_single_process_batches_in_every_epoch(replicas):
     durations = random_durations() + [19.0]  # a batch of one: too small to share, skipped by every rank
-    single = list(DurationBatchSampler(durations, max_batch_s=20.0, seed=5))
+    single = DurationBatchSampler(durations, max_batch_s=20.0, seed=5)
     shards = [DurationBatchSampler(durations, max_batch_s=20.0, seed=5, num_replicas=replicas, rank=r)
               for r in range(replicas)]
-    per_rank = [list(s) for s in shards]
-    assert len({len(batches) for batches in per_rank}) == 1 and len(per_rank[0]) == len(shards[0])
-    shared = [b for b in single if len(b) >= replicas]
-    assert len(shared) < len(single) and shards[0].num_dropped == len(durations) - sum(map(len, shared))
-    for global_batch, parts in zip(shared, zip(*per_rank), strict=True):
-        assert sorted(i for part in parts for i in part) == sorted(global_batch)
-        assert all(parts)
+    for _ in range(3):
+        global_batches = single.global_batches()
+        assert all(shard.global_batches() == global_batches for shard in shards)
+        shared = [b for b in global_batches if len(b) >= replicas]
+        assert len(shared) < len(global_batches)
+        assert shards[0].num_dropped == len(durations) - sum(map(len, shared))
+        assert all(len(shard) == len(shared) for shard in shards)
+        per_rank = [list(shard) for shard in shards]
+        assert list(single) == global_batches
+        for global_batch, parts in zip(shared, zip(*per_rank, strict=True), strict=True):
+            assert sorted(i for part in parts for i in part) == sorted(global_batch)
+            assert all(parts)
 
 
-def test_sampler_resumes_mid_epoch():
+def test_sampler_resumes_mid_epoch_and_refuses_other_data():
     durations = random_durations()
     uninterrupted = DurationBatchSampler(durations, max_batch_s=20.0, seed=7)
     uninterrupted.set_epoch(2)
@@ -189,8 +222,16 @@ def test_sampler_resumes_mid_epoch():
     resumed.load_state_dict(state)
     resumed.set_epoch(2)  # a training loop calls this again after resuming: it must keep the position
     assert head + list(resumed) + list(resumed) == expected
+    for other in (DurationBatchSampler(durations[:50], max_batch_s=20.0, seed=7),
+                  DurationBatchSampler(durations, max_batch_s=21.0, seed=7)):
+        with pytest.raises(ValueError, match="the data or max_batch_s changed"):
+            other.load_state_dict(state)
+    # A state saved before batches were re-formed each epoch counts the batches of the length-ordered plan.
+    plain = DurationBatchSampler(durations, max_batch_s=20.0, shuffle=False).global_batches()
+    resumed.load_state_dict({"epoch": 2, "position": 5, "num_batches": len(plain)})
+    assert list(resumed) == expected[5:len(uninterrupted.global_batches(2))]
     with pytest.raises(ValueError, match="the data or max_batch_s changed"):
-        DurationBatchSampler(durations[:50], max_batch_s=20.0).load_state_dict(state)
+        resumed.load_state_dict({"epoch": 2, "position": 5, "num_batches": len(plain) + 1})
 
 
 def test_an_utterance_over_the_budget_gets_a_batch_of_its_own():
@@ -312,20 +353,22 @@ def test_capped_groups_hold_at_most_their_share_of_every_batch_for_any_process_c
     groups = [0] * 60 + [1] * 100 + [2] * 40  # labelled, then two pseudo-labelled manifests
     caps = {1: 0.3, 2: 0.1}
     sampler = DurationBatchSampler(durations, max_batch_s=20.0, seed=3, groups=groups, max_share=caps)
-    batches = list(sampler)
-    for batch in batches:
-        total_s = sum(durations[i] for i in batch)
-        for group, share in caps.items():
-            assert sum(durations[i] for i in batch if groups[i] == group) <= share * total_s + 1e-9
-        assert len(batch) * max(durations[i] for i in batch) <= 20.0
-    served = sorted(i for b in batches for i in b)
-    assert [i for i in range(200) if groups[i] == 0] == [i for i in served if groups[i] == 0]  # labelled all in
-    assert 0 < sampler.num_over_share == 200 - len(served)  # more pseudo audio than the caps allow, counted
-    assert any(groups[i] == 1 for i in served) and any(groups[i] == 2 for i in served)
-    # The cap is in the global plan: each rank's shares make up the same global batches.
-    shards = [list(DurationBatchSampler(durations, max_batch_s=20.0, seed=3, groups=groups, max_share=caps,
-                                        num_replicas=2, rank=r)) for r in range(2)]
-    assert [sorted(a + b) for a, b in zip(*shards)] == [sorted(b) for b in batches if len(b) >= 2]
+    shards = [DurationBatchSampler(durations, max_batch_s=20.0, seed=3, groups=groups, max_share=caps,
+                                   num_replicas=2, rank=r) for r in range(2)]
+    for _ in range(3):
+        num_over_share = sampler.num_over_share
+        batches = list(sampler)
+        for batch in batches:
+            total_s = sum(durations[i] for i in batch)
+            for group, share in caps.items():
+                assert sum(durations[i] for i in batch if groups[i] == group) <= share * total_s + 1e-9
+            assert len(batch) * max(durations[i] for i in batch) <= 20.0
+        served = sorted(i for b in batches for i in b)
+        assert [i for i in range(200) if groups[i] == 0] == [i for i in served if groups[i] == 0]  # labelled all in
+        assert 0 < num_over_share == 200 - len(served)  # more pseudo audio than the caps allow, counted
+        assert any(groups[i] == 1 for i in served) and any(groups[i] == 2 for i in served)
+        # The cap is in the global plan: each rank's shares make up the same global batches.
+        assert [sorted(a + b) for a, b in zip(*map(list, shards))] == [sorted(b) for b in batches if len(b) >= 2]
     # Without caps (or with a share of 1) the plan is the plain one.
     plain = list(DurationBatchSampler(durations, max_batch_s=20.0, seed=3))
     assert list(DurationBatchSampler(durations, max_batch_s=20.0, seed=3, groups=groups,

@@ -1,3 +1,4 @@
+import gc
 import logging
 import tomllib
 from pathlib import Path
@@ -91,6 +92,18 @@ def test_the_feature_encoder_flag_is_the_one_freeze_clears():
     assert encoder._requires_grad is True
 
 
+def test_gradient_checkpointing_is_enabled_non_reentrant_without_a_deprecation_warning():
+    import warnings
+
+    model = Wav2Vec2ForCTC(tiny_config())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the deprecated alias of transformers 5 warns
+        compat.enable_gradient_checkpointing(model)
+    layers = model.wav2vec2.encoder.layers
+    assert all(layer.gradient_checkpointing for layer in layers)
+    assert layers[0]._gradient_checkpointing_func.keywords == {"use_reentrant": False}
+
+
 def test_reset_accelerator_state_forgets_the_precision_of_an_earlier_accelerator():
     from accelerate import Accelerator
 
@@ -100,3 +113,22 @@ def test_reset_accelerator_state_forgets_the_precision_of_an_earlier_accelerator
     compat.reset_accelerator_state()
     assert Accelerator(cpu=True).mixed_precision == "no"
     compat.reset_accelerator_state()
+
+
+def test_gc_paused_restores_the_collector_as_it_found_it_even_after_an_error():
+    assert gc.isenabled()
+    with pytest.raises(KeyError):
+        with compat.gc_paused():
+            assert not gc.isenabled()
+            with compat.gc_paused():  # nested: the inner one leaves it paused
+                pass
+            assert not gc.isenabled()
+            raise KeyError
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with compat.gc_paused():
+            pass
+        assert not gc.isenabled()  # paused by the caller: not switched on behind its back
+    finally:
+        gc.enable()

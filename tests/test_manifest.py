@@ -43,6 +43,20 @@ def test_relative_paths_resolve_against_the_manifest_folder_not_the_cwd(tmp_path
     assert (x.speaker, x.language, x.offset_s, y.duration_s) == (None, None, 0.0, 2.5)
 
 
+def test_audio_paths_come_back_absolute_and_normal_whatever_their_spelling(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    spellings = ["a.wav", "clips/b.wav", "./c.wav", "clips/../d.wav", "clips//e.wav", "clips/./f.wav", ".hidden.wav",
+                 "~/g.wav", "/abs/h.wav", "//abs/i.wav", "/abs/../j.wav", "clips/k..wav", "clips.d/l.wav"]
+    manifest = tmp_path / "data" / "m.jsonl"
+    manifest.parent.mkdir()
+    manifest.write_text("".join(json.dumps({"id": str(k), "audio_path": p, "text": "t", "duration_s": 1}) + "\n"
+                                for k, p in enumerate(spellings)), encoding="utf-8")
+    folder = str(manifest.parent)
+    assert [u.audio_path for u in load_manifest(manifest)] == [
+        os.path.normpath(os.path.join(folder, os.path.expanduser(p))) for p in spellings]
+    assert load_manifest(manifest)[7].audio_path == str(tmp_path / "home" / "g.wav")
+
+
 def test_every_bad_row_is_reported_with_its_line_and_skipped(tmp_path):
     write_tone(tmp_path / "ok.wav", duration_s=0.1)
     (tmp_path / "zero.wav").write_bytes(b"")

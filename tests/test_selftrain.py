@@ -151,7 +151,8 @@ def test_a_pseudo_labelled_manifest_trains_under_its_batch_share(tmp_path, teach
     durations, kwargs = samplers[0]  # the training sampler (dev and test ones come later)
     groups = kwargs["groups"]
     assert kwargs["max_share"] == {1: 0.4} and groups.count(1) == len(load_manifest(pseudo)) and groups.count(0) == 4
-    planned = Recording(durations, **kwargs)._batches
+    sampler = Recording(durations, **kwargs)
+    planned = [batch for epoch in range(4) for batch in sampler.global_batches(epoch)]  # re-formed each epoch
     assert any(groups[i] == 1 for batch in planned for i in batch)  # pseudo labels do train
     for batch in planned:
         assert sum(durations[i] for i in batch if groups[i] == 1) <= 0.4 * sum(durations[i] for i in batch) + 1e-9

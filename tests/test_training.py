@@ -15,11 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile
 import torch
 import yaml
 from safetensors.torch import load_file
 
-from speechxfer import training
+from speechxfer import batching, training
 from speechxfer.audio import load_audio
 from speechxfer.cli import main
 from speechxfer.errors import InputError
@@ -201,6 +202,73 @@ def test_resume_from_last_reaches_the_uninterrupted_state(tmp_path, corpus, stab
     assert max((straight[k] - resumed[k]).abs().max().item() for k in straight) <= 1e-6
     losses = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["update"] for r in losses if "loss" in r] == [1, 2, 3, 4]  # lost records dropped, none repeated
+
+
+def test_batches_are_re_formed_each_epoch_and_resume_exactly(tmp_path, corpus, stable_run, monkeypatch):
+    base = Path(stable_run[0].base)
+    recipes = [load_recipe(write_recipe(tmp_path / f"{name}.yaml", base=base, manifests=corpus,
+                                        output_dir=tmp_path / name, train={"max_updates": 8}))
+               for name in ("straight", "resumed")]
+    spy = BatchSpy(monkeypatch)
+    training.train(recipes[0])
+    straight = list(spy.batches)  # the spy goes on recording in the runs below
+    # 6 utterances of 0.8-1.2 s, at most 2.5 s a batch: 3 batches of 2 an epoch, each epoch every utterance once
+    epochs = [straight[:3], straight[3:6]]
+    assert all(sorted(i for batch in epoch for i in batch) == [f"u{k}" for k in range(6)] for epoch in epochs)
+    assert {frozenset(b) for b in epochs[0]} != {frozenset(b) for b in epochs[1]}  # other pairs, not other order
+
+    train_until_second_evaluation(recipes[1], monkeypatch)  # update 4: last/ holds update 2, inside epoch 0
+    spy = BatchSpy(monkeypatch)
+    assert training.train(recipes[1], resume=True).updates == 8
+    assert spy.batches == straight[2:]  # the rest of epoch 0, then the same re-formed epochs 1 and 2
+
+
+def test_no_audio_file_is_opened_before_the_first_update_but_those_of_its_batch(tmp_path, corpus, stable_run,
+                                                                                  monkeypatch):
+    opened: list[str] = []  # audio files read, in order; None marks each batch handed to an update
+    real_load_audio = batching.load_audio
+    monkeypatch.setattr(batching, "load_audio", lambda path, **kw: opened.append(path) or real_load_audio(path, **kw))
+    real_info = soundfile.info
+    monkeypatch.setattr(soundfile, "info", lambda path, *a, **kw: opened.append(path) or real_info(path, *a, **kw))
+    spy = BatchSpy(monkeypatch)
+    real_stream = training._batch_stream
+
+    def marked(*args, **kwargs):
+        for step in real_stream(*args, **kwargs):
+            opened.append(None)
+            yield step
+    monkeypatch.setattr(training, "_batch_stream", marked)
+    recipe = write_recipe(tmp_path / "recipe.yaml", base=Path(stable_run[0].base), manifests=corpus,
+                          output_dir=tmp_path / "out", train={"max_updates": 1}, eval={"every_updates": 100})
+    training.train(load_recipe(recipe))
+    first = opened[:opened.index(None)]
+    assert sorted(Path(p).stem for p in first) == sorted(spy.batches[0])  # 2 of the 6 train files
+
+
+def test_gradient_checkpointing_gives_the_losses_and_weights_of_a_plain_run(tmp_path, corpus, stable_run,
+                                                                           monkeypatch):
+    plain_recipe, _ = stable_run
+    recipe = load_recipe(write_recipe(tmp_path / "recipe.yaml", base=Path(plain_recipe.base), manifests=corpus,
+                                      output_dir=tmp_path / "out", train={"gradient_checkpointing": True}))
+    checkpointed = []
+    real_enable = training.enable_gradient_checkpointing
+
+    def enable(model):
+        real_enable(model)
+        checkpointed.append(model)
+
+    monkeypatch.setattr(training, "enable_gradient_checkpointing", enable)
+    assert training.train(recipe).updates == 4
+    assert all(layer.gradient_checkpointing for layer in checkpointed[0].wav2vec2.encoder.layers)
+
+    def losses(run_dir: str) -> list[float]:
+        records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in records if "loss" in r]
+
+    assert losses(recipe.output_dir) == pytest.approx(losses(plain_recipe.output_dir), rel=1e-5)
+    plain = load_file(Path(plain_recipe.output_dir) / "last" / "model.safetensors")
+    recomputed = load_file(tmp_path / "out" / "last" / "model.safetensors")
+    assert max((plain[k] - recomputed[k]).abs().max().item() for k in plain) <= 1e-6
 
 
 # Every effect on, noise from a folder given relative to the recipe file; speed factors far apart so that the

@@ -43,6 +43,16 @@ def test_encode_and_decode_ctc():
             decode([len(vocab)])
 
 
+def test_encode_all_gives_each_texts_ids_end_to_end_in_a_small_integer_type():
+    vocab = Vocabulary.from_texts(TRAIN)
+    # unknown characters below and above the table's last code point, and a lone surrogate (JSON can spell one)
+    texts = ["çay ve x", "", "ışık\ud800 😀", "Ω"]
+    ids = vocab.encode_all(texts)
+    assert ids.tolist() == [i for text in texts for i in vocab.encode(text)]
+    assert vocab.encode("x😀\ud800") == [vocab.unk_id] * 3 and vocab.encode("ç ç")[1] == vocab.delimiter_id
+    assert ids.dtype.itemsize == 1 and vocab.encode_all([]).tolist() == []
+
+
 def test_saved_vocabulary_loads_in_transformers(tmp_path):
     from transformers import Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2Processor
 
