@@ -31,7 +31,7 @@ from speechxfer.compat import quiet_quantization_advice
 from speechxfer.errors import InputError, SpeechxferError
 from speechxfer.evaluate import model_normalization
 from speechxfer.lm import LM_FOLDER
-from speechxfer.transcribe import EXPORTED_MODEL_FILE, Recognizer
+from speechxfer.transcribe import EXPORTED_MODEL_FILE, ExportedModel, Recognizer
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +85,8 @@ def export_model(model: str | os.PathLike, output_dir: str | os.PathLike, *, qua
         raise InputError("the output folder exists and is not empty (export writes a new folder)", path=target)
     started = time.perf_counter()
     source = Recognizer(model, device="cpu", lang=lang)
+    if isinstance(source.model, ExportedModel):
+        raise InputError("this folder is an export already; export the model folder it came from", path=model)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".export", dir=target.parent))
     try:

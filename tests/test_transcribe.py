@@ -311,9 +311,15 @@ def test_two_processes_write_what_one_writes(tmp_path, model_dir):
     for i, duration_s in enumerate((0.6, 1.9, 1.2, 0.9, 1.4, 4.0)):  # 4.0 s: in windows, below
         varying_noise(audio / f"{i}.wav", duration_s=duration_s, seed=20 + i)
     options = ["--device", "cpu", "--max-batch-s", "2.5", "--chunk-s", "1.5", "--stride-s", "0.3"]
-    assert main(["transcribe", str(model_dir), str(audio), "--output-dir", str(tmp_path / "one"), *options]) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as torchrun's processes run (OMP_NUM_THREADS=1): the same sums in the same order
+    try:
+        assert main(["transcribe", str(model_dir), str(audio), "--output-dir", str(tmp_path / "one"), *options]) == 0
+    finally:
+        torch.set_num_threads(threads)
     repo = Path(__file__).resolve().parents[1]
-    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
+    path = os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))  # this tree's speechxfer
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "-m", "speechxfer", "transcribe", str(model_dir), str(audio), "--output-dir",
                            str(tmp_path / "two"), *options], env=env, capture_output=True, text=True, timeout=300)
