@@ -144,11 +144,13 @@ def _add_train(subparsers) -> None:
 
 def _cmd_train(args) -> int:
     from speechxfer.lm import check_lm_stage, lm_stage
+    from speechxfer.ranking import resolve_init_from
     from speechxfer.recipe import load_recipe
     from speechxfer.training import train
 
     recipe = load_recipe(args.recipe, overrides=args.overrides)
     check_lm_stage(recipe)
+    recipe = resolve_init_from(recipe, resume=args.resume, progress=sys.stderr.isatty())
     result = train(recipe, resume=args.resume)
     if result.best_dev_wer is not None:
         print(f"best dev WER {result.best_dev_wer:.2%} at update {result.best_update} of {result.updates}"
@@ -606,7 +608,7 @@ def _cmd_pseudo_label(args) -> int:
     from speechxfer.text import TextNormalizer, load_text_options
     from speechxfer.transcribe import find_audio
 
-    options, beam = _transcribe_options(args), _beam_options(args)
+    options, beam = _transcribe_options(args), _beam_options(args, model=args.model)
     segments, problems = find_audio(args.paths, recursive=True)
     for problem in problems:
         print(problem, file=sys.stderr)
@@ -692,13 +694,10 @@ def _add_rank_sources(subparsers) -> None:
 
 
 def _cmd_rank_sources(args) -> int:
-    import json
-
     from transformers.utils import logging as transformers_logging
 
-    from speechxfer.atomic import atomic_write
     from speechxfer.errors import InputError
-    from speechxfer.ranking import format_ranking, rank_sources
+    from speechxfer.ranking import format_ranking, rank_sources, write_ranking
     from speechxfer.text import load_text_options
 
     languages = None
@@ -715,10 +714,7 @@ def _cmd_rank_sources(args) -> int:
                           device=args.device, dtype=args.dtype, options=options, progress=sys.stderr.isatty())
     print(format_ranking(scores))
     if args.json is not None:
-        with atomic_write(args.json) as f:
-            json.dump({"dev": args.dev, "n": args.n, "normalize": args.normalize,
-                       "ranking": [s.to_dict() for s in scores]}, f, ensure_ascii=False, indent=1)
-            f.write("\n")
+        write_ranking(args.json, scores, dev=args.dev, n=args.n, normalize=args.normalize)
     return 0 if any(s.cer is not None for s in scores) else 1
 
 

@@ -6,28 +6,39 @@ starts a target character's CTC row from a source token (the same letter, its ba
 transliteration), a candidate's emission of that token (or token sequence) reads as that target character. A
 source that already writes the target's letters, or letters the transfer maps onto them, scores a low CER, and its
 head rows are the ones fine-tuning starts from.
+
+A recipe's `adapt.init_from: auto` runs the same ranking before training (resolve_init_from) and starts from the
+top row.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+import yaml
+
+from speechxfer.atomic import atomic_write
 from speechxfer.errors import InputError, Problem, SpeechxferError
 from speechxfer.manifest import read_manifest
+from speechxfer.recipe import Recipe
 from speechxfer.scoring import score
-from speechxfer.surgery import find_source_tokens
+from speechxfer.surgery import adapter_languages, find_source_tokens
 from speechxfer.text import TextNormalizer, TextOptions, normalized_references
-from speechxfer.transcribe import (AudioSegment, Recognizer, TranscribeOptions, adapter_languages, emissions,
-                                   model_directory)
+from speechxfer.training import prepare_run
+from speechxfer.transcribe import AudioSegment, Recognizer, TranscribeOptions, emissions, model_directory
 from speechxfer.vocabulary import Vocabulary
 
 logger = logging.getLogger(__name__)
+
+RANKING_FILE = "source_ranking.json"  # in a run folder: the ranking that adapt.init_from auto started from
 
 # Which relation a source token reads back through when several target characters map onto it: the same letter
 # first, then a base letter (é and è both start from e), then a transliteration; among equals the character
@@ -246,3 +257,92 @@ def _not_scored(candidate: str, language: str | None, error: str) -> str:
     where = candidate + (f" [{language}]" if language else "")
     reason = error[len(candidate) + 2:] if error.startswith(candidate + ": ") else error
     return f"{where}: not scored: {reason}"
+
+
+def write_ranking(path: str | os.PathLike, scores: Sequence[SourceScore], *, dev: str | os.PathLike, n: int,
+                  normalize: str | Mapping) -> None:
+    """The ranking as JSON (atomically): the dev manifest, n, how texts were normalized (a preset or YAML file, or
+    the text options themselves), and the rows best first (SourceScore fields)."""
+    with atomic_write(path) as f:
+        json.dump({"dev": os.fspath(dev), "n": n, "normalize": normalize, "ranking": [s.to_dict() for s in scores]},
+                  f, ensure_ascii=False, indent=1)
+        f.write("\n")
+
+
+def resolve_init_from(recipe: Recipe, *, resume: bool = False, device: str = "auto",
+                      progress: bool = False) -> Recipe:
+    """The recipe with adapt.init_from auto resolved, any other recipe as it is: rank adapt.candidates (or base
+    alone) on the first adapt.rank_utterances of data.dev, normalized by the recipe's text section, log the table,
+    save it as RUN/source_ranking.json (RUN: recipe.run_dir), and return the recipe with base and adapt.init_lang
+    set to the top row's candidate and adapter language (None for a model with one head). train() then writes them
+    to RUN/recipe.yaml.
+
+    Before ranking, training.prepare_run checks, marks and locks the output folder as train() does and builds
+    data.prepare's manifests, so a folder that train() would refuse costs no ranking. With resume, nothing is ranked
+    again: the pick is the run's own (base and adapt.init_lang of RUN/recipe.yaml, or the top row of
+    RUN/source_ranking.json when the run stopped before writing that). InputError when data.dev does not exist, when
+    no candidate could be scored, and in a run of several processes that has no pick yet (ranking in each process
+    would be wasted work, and a near tie might not pick the same source everywhere).
+    """
+    adapt = recipe.adapt
+    if adapt.init_from != "auto":
+        return recipe
+    run = Path(recipe.run_dir)
+    picked = _saved_pick(run) if resume else None
+    if picked is not None:
+        base, lang, where = picked
+        logger.info("adapt.init_from auto: resuming from %s%s, the pick of the run's %s (not ranked again)", base,
+                    f" [{lang}]" if lang else "", where)
+        return _with_pick(recipe, base, lang)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise InputError("adapt.init_from auto ranks the candidates in a single process: run `speechxfer "
+                         "rank-sources` and set base (and adapt.init_lang) from its top row, or start the run on one "
+                         "process and resume it on several", path=run)
+    prepare_run(recipe)
+    dev = recipe.data.dev
+    if not Path(dev).is_file():
+        why = " (data.prepare found no dev split in the corpus)" if recipe.data.prepare is not None else ""
+        raise InputError(f"adapt.init_from auto ranks the candidates on data.dev, which does not exist{why}", path=dev)
+    candidates = adapt.candidates or (recipe.base,)
+    logger.info("adapt.init_from auto: ranking %d candidate(s) on the first %d utterances of %s", len(candidates),
+                adapt.rank_utterances, dev)
+    scores = rank_sources(candidates, dev, n=adapt.rank_utterances, text_options=recipe.text, device=device,
+                          progress=progress)
+    logger.info("%s", format_ranking(scores))
+    run.mkdir(parents=True, exist_ok=True)
+    write_ranking(run / RANKING_FILE, scores, dev=dev, n=adapt.rank_utterances,
+                  normalize=dataclasses.asdict(recipe.text))
+    best = scores[0]
+    if best.cer is None:
+        raise InputError("adapt.init_from auto: no candidate could be scored (the reasons are listed above)",
+                         path=run / RANKING_FILE)
+    logger.info("adapt.init_from auto: starting from %s%s (zero-shot CER %.2f%%)", best.candidate,
+                f" [{best.language}]" if best.language else "", 100 * best.cer)
+    return _with_pick(recipe, best.candidate, best.language)
+
+
+def _with_pick(recipe: Recipe, base: str, lang: str | None) -> Recipe:
+    return dataclasses.replace(recipe, base=base, adapt=dataclasses.replace(recipe.adapt, init_lang=lang))
+
+
+def _saved_pick(run: Path) -> tuple[str, str | None, str] | None:
+    """(base, init_lang, file name) that a run picked, from its recipe.yaml or else its ranking; None when neither
+    is there yet."""
+    saved, ranking = run / "recipe.yaml", run / RANKING_FILE
+    if saved.is_file():
+        try:
+            raw = yaml.safe_load(saved.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+            raise InputError(f"unreadable recipe of the run: {err}", path=saved) from None
+        if not (isinstance(raw, dict) and isinstance(raw.get("base"), str) and isinstance(raw.get("adapt"), dict)):
+            raise InputError("the run's recipe names no base to resume from", path=saved)
+        return raw["base"], raw["adapt"].get("init_lang"), saved.name
+    if ranking.is_file():
+        try:
+            rows = json.loads(ranking.read_text(encoding="utf-8"))["ranking"]
+            best = rows[0]
+            if best["cer"] is not None:
+                return best["candidate"], best["language"], ranking.name
+        except (OSError, ValueError, LookupError, TypeError) as err:
+            raise InputError(f"unreadable ranking of the run: {err!r}", path=ranking) from None
+    return None

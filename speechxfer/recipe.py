@@ -5,12 +5,13 @@ it (speechxfer.config reads the file and converts it): an unknown key, a value o
 duplicate key, or a missing required field (``base`` or ``model_config``, ``data.train`` unless ``data.prepare`` is
 set, ``output_dir``) is a RecipeError that names the dotted key and the file.
 
-A run starts from a checkpoint (``base``, fine-tuning) or from a Wav2Vec2 config with random weights
-(``model_config``, training from scratch); the ``model`` section sets masking and dropouts on either.
+A run starts from a checkpoint (``base``, fine-tuning; with ``adapt.init_from: auto`` the best of
+``adapt.candidates`` by zero-shot CER on dev, picked when training starts) or from a Wav2Vec2 config with random
+weights (``model_config``, training from scratch); the ``model`` section sets masking and dropouts on either.
 
 Paths written in a recipe file (``data.*``, ``vocabulary.path``, ``augment.noise.source``,
-``augment.reverb.source``, ``data.pseudo_labelled[i].manifest``, ``lm.texts``, and ``base`` when it names an
-existing folder) are relative to the recipe file.
+``augment.reverb.source``, ``data.pseudo_labelled[i].manifest``, ``lm.texts``, and ``base`` and each of
+``adapt.candidates`` when it names an existing folder) are relative to the recipe file.
 ``output_dir`` and every path given with ``--set`` are relative to the working directory, because that is where the
 user typed them.
 
@@ -209,6 +210,8 @@ class Recipe:
 # keys holding paths: in a recipe file relative to the file, from --set relative to the working directory
 _PATH_KEYS = ("data.train", "data.dev", "data.test", "data.prepare.source", "vocabulary.path", "augment.noise.source",
               "augment.reverb.source", "lm.texts")
+# keys naming checkpoints: resolved like paths when they name an existing folder, else hub ids
+_CHECKPOINT_KEYS = ("base", "adapt.candidates")
 
 
 def load_recipe(path: str | os.PathLike, *, overrides: typing.Sequence[str] = ()) -> Recipe:
@@ -226,9 +229,7 @@ def load_recipe(path: str | os.PathLike, *, overrides: typing.Sequence[str] = ()
     for key in _PATH_KEYS:
         _resolve_path(raw, key, here)
     _resolve_pseudo_labelled(raw, here)
-    base = raw.get("base")
-    if isinstance(base, str) and (here / base).expanduser().exists():
-        raw["base"] = str((here / base).expanduser().resolve())
+    _resolve_checkpoints(raw, here)
 
     from_cli: set[str] = set()
     for item in overrides:
@@ -239,13 +240,17 @@ def load_recipe(path: str | os.PathLike, *, overrides: typing.Sequence[str] = ()
             _resolve_path(raw, key, Path.cwd())
         elif key == "data.pseudo_labelled":
             _resolve_pseudo_labelled(raw, Path.cwd())
-        elif key == "base" and isinstance(value, str) and Path(value).expanduser().exists():
-            raw["base"] = str(Path(value).expanduser().resolve())
+        elif key in _CHECKPOINT_KEYS:
+            _resolve_checkpoints(raw, Path.cwd(), keys=(key,))
     if isinstance(raw.get("output_dir"), str):
         raw["output_dir"] = str(Path(raw["output_dir"]).expanduser().resolve())
 
     recipe = from_mapping(Recipe, raw, path=path, cli_keys=from_cli)
-    if (recipe.base is None) == (recipe.model_config is None):
+    auto = recipe.adapt.init_from == "auto"
+    if auto and recipe.model_config is not None:
+        raise RecipeError("adapt.init_from auto picks a checkpoint to fine-tune; model_config trains from scratch",
+                          path=path)
+    if (recipe.base is None) == (recipe.model_config is None) and not (auto and recipe.base is None):
         raise RecipeError("missing required key 'base' (a checkpoint to fine-tune), or 'model_config' to train from "
                           "scratch" if recipe.base is None else
                           "'base' and 'model_config' exclude each other: fine-tune base, or train model_config from "
@@ -253,6 +258,7 @@ def load_recipe(path: str | os.PathLike, *, overrides: typing.Sequence[str] = ()
     if recipe.model_config is not None:
         _check_model_config(recipe.model_config, path=path)
     _check_adapt(recipe.adapt, from_scratch=recipe.model_config is not None, path=path)
+    _check_init_from(recipe, path=path)
     data = recipe.data
     if data.train is None and data.prepare is None:
         raise RecipeError("missing required key 'data.train' (a manifest), or 'data.prepare' to build one",
@@ -326,9 +332,45 @@ def _check_adapt(adapt: AdaptOptions, *, from_scratch: bool, path: Path) -> None
     if adapt.method == "adapter" and adapt.lang is None:
         raise RecipeError("adapt.method adapter needs adapt.lang, the language code its adapter and vocabulary are "
                           "saved under (adapter.<lang>.safetensors)", path=path)
-    if adapt.method != "adapter" and (adapt.lang is not None or adapt.init_lang is not None):
-        key = "adapt.lang" if adapt.lang is not None else "adapt.init_lang"
-        raise RecipeError(f"{key} is used only with adapt.method adapter", path=path)
+    if adapt.method != "adapter" and adapt.lang is not None:
+        raise RecipeError("adapt.lang is used only with adapt.method adapter", path=path)
+    if adapt.init_lang is not None and from_scratch:
+        raise RecipeError("adapt.init_lang picks a language of the base's adapters; model_config has none",
+                          path=path)
+
+
+def _check_init_from(recipe: Recipe, *, path: Path) -> None:
+    """RecipeError for adapt.init_from auto without what it ranks or ranks on, and for candidates it would not
+    rank. A run's resolved recipe.yaml names the pick as base, which is therefore one of the candidates."""
+    adapt = recipe.adapt
+    if adapt.init_from != "auto":
+        if adapt.candidates:
+            raise RecipeError("adapt.candidates is used only with adapt.init_from auto", path=path)
+        return
+    if not adapt.candidates and recipe.base is None:
+        raise RecipeError("adapt.init_from auto needs adapt.candidates, the checkpoints to rank (or base alone, to "
+                          "rank the languages of an adapter model)", path=path)
+    if adapt.candidates and recipe.base is not None and recipe.base not in adapt.candidates:
+        raise RecipeError(f"base {recipe.base} is not one of adapt.candidates: with adapt.init_from auto the ranking "
+                          "picks base among them; leave base out, or list it there", path=path)
+    if recipe.data.dev is None and recipe.data.prepare is None:
+        raise RecipeError("adapt.init_from auto ranks the candidates on data.dev: set data.dev (a manifest of the "
+                          "target language)", path=path)
+
+
+def _resolve_checkpoints(raw: dict, folder: Path, keys: typing.Sequence[str] = _CHECKPOINT_KEYS) -> None:
+    """base, and each entry of adapt.candidates, made absolute against `folder` when it names an existing path;
+    anything else is a hub id (or a typo that surgery.model_source names) and stays as written."""
+    def resolved(value: object) -> object:
+        if isinstance(value, str) and (folder / Path(value).expanduser()).exists():
+            return str((folder / Path(value).expanduser()).resolve())
+        return value
+
+    if "base" in keys and "base" in raw:
+        raw["base"] = resolved(raw["base"])
+    adapt = raw.get("adapt")
+    if "adapt.candidates" in keys and isinstance(adapt, dict) and isinstance(adapt.get("candidates"), list):
+        adapt["candidates"] = [resolved(c) for c in adapt["candidates"]]
 
 
 def _resolve_path(raw: dict, key: str, folder: Path) -> None:

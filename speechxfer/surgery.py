@@ -98,9 +98,16 @@ class AdaptOptions:
                                            "a language code of letters, digits, '-' and '_' (e.g. swh, pt-BR)"))
     # adapter: the bottleneck width of adapters added to a base without any (a base with adapters keeps its own)
     adapter_dim: int = checked(MMS_ADAPTER_DIM, AT_LEAST_ONE)
-    # adapter, with a base that has adapters (MMS): the language whose adapter and head rows the new ones start from;
-    # None: the one in the base's model.safetensors
+    # A base with adapters (MMS): the language whose adapter and head rows the run starts from (its adapter is loaded
+    # into the base for every method); None: the one in the base's model.safetensors
     init_lang: str | None = None
+    # base: start from `base` (and init_lang) as written. auto: rank `candidates` by zero-shot CER on the first
+    # rank_utterances of data.dev (ranking.resolve_init_from, as `speechxfer rank-sources` does) and start from the
+    # best: its checkpoint becomes `base` and its adapter language `init_lang` in the run's recipe.yaml
+    init_from: Literal["base", "auto"] = "base"
+    # auto: model folders or hub ids to rank; none given: `base` alone (the languages of an adapter model)
+    candidates: tuple[str, ...] = ()
+    rank_utterances: int = checked(50, AT_LEAST_ONE)  # auto: dev utterances each candidate is scored on
     lora: LoraOptions = field(default_factory=LoraOptions)
 
     __post_init__ = check_fields
@@ -143,8 +150,9 @@ def build_ctc_model(source: str | os.PathLike, vocab: Vocabulary, *,
     vocab.json; in the latter case the new head's rows are transferred from the old one (see TransferReport).
     Only safetensors weights are read and no remote code runs. `config_overrides` sets config fields such as
     mask_time_prob, layerdrop or dropouts. Rows initialised at random depend only on `seed`.
-    `adapt` adds what its method trains: attention adapters (random, or those of `adapt.init_lang` when the base
-    has adapters: their head rows are the ones transferred) or LoRA updates (B = 0, so the model is still the base).
+    `adapt` adds what its method trains: attention adapters (random when the base has none) or LoRA updates (B = 0,
+    so the model is still the base). With a base that has adapters, `adapt.init_lang` loads that language's adapter
+    (whatever the method), and its head rows are the ones transferred.
     Returns the float32 model in train mode and the transfer report. Raises InputError for a missing folder, a
     non-wav2vec2 checkpoint, missing safetensors weights, an unknown override, adapter language or LoRA target.
     """
@@ -166,7 +174,7 @@ def build_ctc_model(source: str | os.PathLike, vocab: Vocabulary, *,
             model.lm_head.load_state_dict(head)
         elif adapt.init_lang is not None and config.adapter_attn_dim is None:
             raise InputError(f"adapt.init_lang {adapt.init_lang}: this base has no language adapters", path=name)
-        elif adapt.method == "adapter" and adapt.init_lang is not None:
+        elif adapt.init_lang is not None:
             _load_adapter(model, adapt.init_lang, path=name)
             source_lang = adapt.init_lang
         source_vocab = (_source_vocabulary(name, model.config, lang=source_lang)
@@ -488,18 +496,20 @@ def model_source(source: str | os.PathLike) -> str:
     return name
 
 
-def load_ctc_model(source: str | os.PathLike, *, lang: str | None = None) -> Wav2Vec2ForCTC:
+def load_ctc_model(source: str | os.PathLike) -> Wav2Vec2ForCTC:
     """A fine-tuned Wav2Vec2ForCTC (local folder, as model_source resolves it, or hub id) in float32 eval mode, for
-    inference: the same checks as build_ctc_model, and the CTC head must be there too. `lang`: the language whose
-    adapter and head to load from an adapter model's adapter.<lang>.safetensors (None: those in model.safetensors)."""
+    inference: the same checks as build_ctc_model, and the CTC head must be there too. An adapter model comes with
+    the adapter and head in model.safetensors; transcribe.Recognizer.use_adapter switches language."""
     name = model_source(source)
-    config = _load_config(name)
-    if lang is not None and config.adapter_attn_dim is None:
-        raise InputError(f"--lang {lang}: this model has no language adapters", path=name)
-    model = _load_weights(name, config, head_required=True)
-    if lang is not None:
-        _load_adapter(model, lang, path=name)
-    return model.eval()
+    return _load_weights(name, _load_config(name), head_required=True).eval()
+
+
+def adapter_languages(directory: str | os.PathLike) -> list[str]:
+    """The languages of the adapter files (adapter.<lang>.safetensors) in a model folder, sorted; [] for none."""
+    prefix, suffix = ADAPTER_FILE.split("{}")
+    return sorted(entry.name[len(prefix): -len(suffix)] for entry in Path(directory).iterdir()
+                  if entry.name.startswith(prefix) and entry.name.endswith(suffix)
+                  and len(entry.name) > len(prefix) + len(suffix))
 
 
 def _load_adapter(model: Wav2Vec2ForCTC, lang: str, *, path: str) -> None:
@@ -507,7 +517,7 @@ def _load_adapter(model: Wav2Vec2ForCTC, lang: str, *, path: str) -> None:
     try:
         model.load_adapter(lang)
     except (OSError, ValueError) as err:
-        known = sorted(p.name.split(".")[1] for p in Path(path).glob(ADAPTER_FILE.format("*")))
+        known = adapter_languages(path) if Path(path).is_dir() else []
         listed = f" (it has: {', '.join(known)})" if known else ""
         raise InputError(f"no usable adapter for language {lang!r}{listed}: {_first_line(err)}", path=path) from None
 

@@ -107,6 +107,8 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
     run = Path(recipe.run_dir)  # this run's own files: out, or out/<lang> for an adapter
     last = run / "last"
     lang = recipe.adapt.lang  # set for adapters only: the model folder takes MMS's layout
+    if recipe.base is None and recipe.model_config is None:
+        raise InputError("adapt.init_from auto: no base picked yet (ranking.resolve_init_from picks it)")
     _check_output_dir(recipe, resume=resume)
 
     # Accelerate sets up several CPU processes (gloo) only when told to use the CPU; on one process leave the choice
@@ -133,9 +135,8 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
     if resume and not (last / "training_state.pt").is_file():
         say("nothing to resume yet: the run stopped before its first checkpoint; starting from update 0")
         resume = False
-    elif not resume and last.exists():
-        raise InputError("the output folder already holds a run (last/): pass --resume to continue it, or choose "
-                         "another output_dir", path=out)
+    elif not resume:
+        _refuse_a_second_run(out, last)
     if resume and accelerator.is_main_process:
         changes = _recipe_changes(run / "recipe.yaml", recipe)
         if changes:
@@ -505,12 +506,36 @@ def _mixed_precision(requested: str) -> str:
     return requested
 
 
+def prepare_run(recipe: Recipe) -> None:
+    """What train() does first, for work that must land in the run folder before it (ranking.resolve_init_from):
+    check output_dir as a fresh run's (InputError as train() gives), mark it as a speechxfer run and lock it for
+    this process (train() takes the lock over), complete or clear what a kill left, and build data.prepare's
+    manifests when they are not there yet. One process only."""
+    out = Path(recipe.output_dir)
+    _check_output_dir(recipe, resume=False)
+    _lock_output_dir(out)
+    for line in _recover_output_dir(out, Path(recipe.run_dir) / "last"):
+        logger.info("%s", line)
+    _refuse_a_second_run(out, Path(recipe.run_dir) / "last")
+    if recipe.data.prepare is not None and not Path(recipe.data.train).exists():
+        _prepare_manifests(recipe, partial(logger.info, "%s"))
+
+
+def _refuse_a_second_run(out: Path, last: Path) -> None:
+    if last.exists():
+        raise InputError("the output folder already holds a run (last/): pass --resume to continue it, or choose "
+                         "another output_dir", path=out)
+
+
 def _check_output_dir(recipe: Recipe, *, resume: bool) -> None:
     """InputError unless output_dir may take this run: it must not be or overlap the source checkpoint's folder,
     and must be new, empty or a speechxfer run folder (see RUN_MARKER); with resume, a run folder. Reads only."""
     out = Path(recipe.output_dir).resolve()
-    base = None if recipe.base is None else Path(recipe.base).expanduser()  # None: from model_config (scratch)
-    if base is not None and base.exists():
+    # base is None from model_config (scratch); adapt.init_from auto's candidates are each one that may become base
+    for source in filter(None, (recipe.base, *recipe.adapt.candidates)):
+        base = Path(source).expanduser()
+        if not base.exists():
+            continue
         base = base.resolve()
         if out == base or base in out.parents or out in base.parents:
             where = "is" if out == base else "is inside" if base in out.parents else "holds"

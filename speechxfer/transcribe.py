@@ -151,7 +151,7 @@ class Recognizer:
         """Switch an MMS-style adapter model (config.adapter_attn_dim set) to `language`: its adapter weights and
         CTC head from adapter.<language>.safetensors in the model folder, its vocabulary from vocab.json.
         InputError for a model without adapters, a missing or mismatched adapter file, a language vocab.json lacks."""
-        from speechxfer.surgery import ADAPTER_FILE
+        from speechxfer.surgery import ADAPTER_FILE, adapter_languages
 
         path = Path(self.directory, ADAPTER_FILE.format(language))
         if isinstance(self.model, ExportedModel):
@@ -277,15 +277,6 @@ class _Moments:
         mean = self.total / self.count
         return mean, math.sqrt(max(self.squares / self.count - mean * mean, 0.0) + _NORM_EPSILON)
 
-
-def adapter_languages(directory: str | os.PathLike) -> list[str]:
-    """The languages of the adapter files (adapter.<lang>.safetensors) in a model folder, sorted; [] for none."""
-    from speechxfer.surgery import ADAPTER_FILE
-
-    prefix, suffix = ADAPTER_FILE.split("{}")
-    return sorted(entry.name[len(prefix): -len(suffix)] for entry in Path(directory).iterdir()
-                  if entry.name.startswith(prefix) and entry.name.endswith(suffix)
-                  and len(entry.name) > len(prefix) + len(suffix))
 
 
 def model_directory(model: str | os.PathLike) -> str:

@@ -196,13 +196,16 @@ def test_an_adapter_over_another_base_is_refused(adapter_runs, corpus, tmp_path)
     assert not (Path(first.output_dir) / "adapter.ghi.safetensors").exists()
 
 
-def test_an_mms_base_starts_from_the_adapter_and_head_rows_of_init_lang(adapter_runs, tmp_path):
+@pytest.mark.parametrize("method", [{"method": "adapter", "lang": "new"}, {"method": "full"},
+                                    {"method": "lora", "lora": LoraOptions(target_modules=("q_proj",))}],
+                         ids=["adapter", "full", "lora"])
+def test_an_mms_base_starts_from_the_adapter_and_head_rows_of_init_lang(adapter_runs, tmp_path, method):
     """The folder of two languages is an MMS-like base: a run starting from "def" starts from def's adapter, and
-    the new head's rows come from def's head."""
+    the new head's rows come from def's head, whatever trains."""
     _, second, _ = adapter_runs
     mms = Path(second.output_dir)
     vocab = Vocabulary.from_texts(["de fd"])
-    model, report = build_ctc_model(mms, vocab, adapt=AdaptOptions(method="adapter", lang="new", init_lang="def"))
+    model, report = build_ctc_model(mms, vocab, adapt=AdaptOptions(**method, init_lang="def"))
     assert report.shared == len(vocab)
     source = load_file(mms / "adapter.def.safetensors")
     own = model.state_dict()
@@ -211,7 +214,7 @@ def test_an_mms_base_starts_from_the_adapter_and_head_rows_of_init_lang(adapter_
     source_vocab = json.loads((mms / "vocab.json").read_text())["def"]
     assert torch.equal(own["lm_head.weight"][vocab.tokens.index("e")], source["lm_head.weight"][source_vocab["e"]])
     with pytest.raises(InputError, match="no usable adapter for language 'zzz'"):
-        build_ctc_model(mms, vocab, adapt=AdaptOptions(method="adapter", lang="new", init_lang="zzz"))
+        build_ctc_model(mms, vocab, adapt=AdaptOptions(**method, init_lang="zzz"))
 
 
 def test_a_lora_runs_merged_model_is_the_base_plus_the_lora_delta(lora_run, base):

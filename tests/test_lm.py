@@ -245,6 +245,21 @@ def test_transcribe_and_evaluate_of_the_folder_use_its_lm_unless_told_otherwise(
     assert refused.value.code == 2 and "--lm: not allowed with argument --no-lm" in capsys.readouterr().err
 
 
+@needs_lmplz
+def test_pseudo_label_uses_the_teachers_lm_unless_told_otherwise(lm_run, tmp_path, capsys):
+    recipe, out, _, _, _, _ = lm_run
+    lexicon = set((out / "lm" / "text.txt").read_text(encoding="utf-8").split())
+    audio = str(recipe.parent / "audio")
+    assert main(["pseudo-label", str(out), audio, "--output", str(tmp_path / "lm.jsonl"), "--device", "cpu"]) == 0
+    assert "decoding with the model's language model" in capsys.readouterr().err
+    texts = [json.loads(line)["text"] for line in (tmp_path / "lm.jsonl").open()]
+    assert set(" ".join(texts).split()) <= lexicon  # beam search spells only the LM's words (the tiny teacher may
+    # leave every row empty: those are dropped)
+    assert main(["pseudo-label", str(out), audio, "--output", str(tmp_path / "greedy.jsonl"), "--device", "cpu",
+                 "--no-lm"]) == 0
+    assert "language model" not in capsys.readouterr().err
+
+
 def test_without_lmplz_training_reports_greedy_only_and_says_how_to_get_it(tmp_path, monkeypatch, capsys):
     recipe = write_lm_run(tmp_path)
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))

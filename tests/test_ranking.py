@@ -10,13 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 import yaml
 
 from speechxfer import training
 from speechxfer.cli import main
-from speechxfer.errors import InputError
+from speechxfer.errors import InputError, RecipeError
 from speechxfer.manifest import Utterance, load_manifest, write_manifest
-from speechxfer.ranking import format_ranking, rank_sources, read_back_table
+from speechxfer.ranking import format_ranking, rank_sources, read_back_table, resolve_init_from
 from speechxfer.recipe import load_recipe
 from speechxfer.surgery import find_source_tokens
 from speechxfer.vocabulary import Vocabulary
@@ -202,3 +203,81 @@ def test_cli_refuses_a_json_path_in_a_missing_folder_before_any_model_runs(corpu
 def test_cli_exits_1_when_no_candidate_could_be_scored(corpus, tmp_path, capsys):
     code = main(["rank-sources", str(tmp_path / "missing"), "--dev", str(corpus["target_dev"])])
     assert code == 1 and "not scored" in capsys.readouterr().out
+
+
+def write_auto_recipe(path: Path, *, dev: Path, output_dir: Path, **adapt) -> Path:
+    """A recipe of one update on the target's dev utterances, its source picked by adapt.init_from auto."""
+    recipe = {"data": {"train": str(dev), "dev": str(dev)}, "model": {"mask_time_prob": 0.0},
+              "train": {"max_updates": 1, "max_batch_s": 8, "min_duration_s": 0.1, "log_every": 1},
+              "eval": {"every_updates": 1000}, "adapt": {"init_from": "auto", **adapt}, "output_dir": str(output_dir)}
+    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    return path
+
+
+def test_init_from_auto_trains_from_the_best_candidate_and_resume_does_not_rank_again(corpus, trained, random_source,
+                                                                                     tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    recipe = write_auto_recipe(tmp_path / "recipe.yaml", dev=corpus["target_dev"], output_dir=out,
+                               candidates=[str(random_source), str(trained)], rank_utterances=3)
+    assert main(["train", str(recipe)]) == 0
+    saved = yaml.safe_load((out / "recipe.yaml").read_text(encoding="utf-8"))
+    assert saved["base"] == str(trained) and saved["adapt"]["init_lang"] is None
+    assert saved["adapt"]["candidates"] == [str(random_source), str(trained)]
+    ranking = json.loads((out / "source_ranking.json").read_text(encoding="utf-8"))
+    assert [r["candidate"] for r in ranking["ranking"]] == [str(trained), str(random_source)]
+    assert ranking["n"] == 3 and ranking["ranking"][0]["utterances"] == 3
+    assert ranking["dev"] == str(corpus["target_dev"])
+    assert load_recipe(out / "recipe.yaml").base == str(trained)  # the resolved recipe reads back
+
+    def no_ranking(*args, **kwargs):
+        raise AssertionError("ranked again")
+
+    monkeypatch.setattr("speechxfer.ranking.rank_sources", no_ranking)
+    assert main(["train", str(recipe), "--resume", "--set", "train.max_updates=2"]) == 0
+    saved = yaml.safe_load((out / "recipe.yaml").read_text(encoding="utf-8"))
+    assert saved["base"] == str(trained) and saved["train"]["max_updates"] == 2
+    assert torch.load(out / "last" / "training_state.pt", weights_only=True)["state"]["update"] == 2
+
+
+def test_a_run_stopped_before_training_resumes_from_its_saved_ranking(corpus, trained, random_source, tmp_path,
+                                                                     monkeypatch):
+    recipe = load_recipe(write_auto_recipe(tmp_path / "recipe.yaml", dev=corpus["target_dev"],
+                                           output_dir=tmp_path / "out", candidates=[str(random_source), str(trained)],
+                                           rank_utterances=2))
+    picked = resolve_init_from(recipe, device="cpu")
+    assert (picked.base, picked.adapt.init_lang) == (str(trained), None)
+    assert (tmp_path / "out" / ".speechxfer-run").is_file()  # marked, so train() takes the folder over
+    monkeypatch.setattr("speechxfer.ranking.rank_sources", None)  # ranking again would fail
+    assert resolve_init_from(recipe, resume=True) == picked
+    plain = dataclasses.replace(recipe, adapt=dataclasses.replace(recipe.adapt, init_from="base", candidates=()))
+    assert resolve_init_from(plain) is plain
+
+
+def test_init_from_auto_over_an_adapter_model_picks_its_best_language_for_a_full_run(corpus, tmp_path):
+    model = make_tiny_adapter_checkpoint(tmp_path / "mms", vocabularies={
+        "eng": [*MMS_SPECIALS, *"abcd"], "lat": [*MMS_SPECIALS, *"áb"]})
+    out = tmp_path / "out"
+    recipe = write_auto_recipe(tmp_path / "recipe.yaml", dev=corpus["target_dev"], output_dir=out)
+    assert main(["train", str(recipe), "--set", f"base={model}"]) == 0
+    ranking = json.loads((out / "source_ranking.json").read_text(encoding="utf-8"))["ranking"]
+    assert sorted(r["language"] for r in ranking) == ["eng", "lat"] and ranking[0]["cer"] is not None
+    saved = yaml.safe_load((out / "recipe.yaml").read_text(encoding="utf-8"))
+    assert (saved["base"], saved["adapt"]["init_lang"]) == (str(model), ranking[0]["language"])
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"adapt": {"init_from": "best"}}, "adapt.init_from must be one of"),
+    ({"adapt": {"init_from": "auto"}}, "adapt.init_from auto needs adapt.candidates"),
+    ({"adapt": {"candidates": ["x/y"]}, "base": "x/y"}, "adapt.candidates is used only with adapt.init_from auto"),
+    ({"adapt": {"init_from": "auto", "candidates": ["x/y"]}, "base": "x/z"}, "base x/z is not one of adapt.candidates"),
+    ({"adapt": {"init_from": "auto", "candidates": ["x/y"], "rank_utterances": 0}}, "adapt.rank_utterances must be"),
+    ({"adapt": {"init_from": "auto", "candidates": ["x/y"]}, "data": {"train": "t.jsonl"}}, "set data.dev"),
+    ({"adapt": {"init_from": "auto", "candidates": ["x/y"]}, "model_config": {"hidden_size": 32}},
+     "model_config trains from scratch"),
+])
+def test_bad_init_from_settings_name_the_key(tmp_path, change, message):
+    recipe = {"data": {"train": "t.jsonl", "dev": "d.jsonl"}, "output_dir": str(tmp_path / "out"), **change}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    with pytest.raises(RecipeError, match=message) as caught:
+        load_recipe(tmp_path / "recipe.yaml")
+    assert caught.value.path == str(tmp_path / "recipe.yaml")

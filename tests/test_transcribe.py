@@ -8,6 +8,7 @@ import soundfile as sf
 import torch
 from tiny import make_tiny_adapter_checkpoint, make_tiny_checkpoint, write_tone
 
+import speechxfer.surgery as surgery
 import speechxfer.transcribe as transcribe_module
 from speechxfer.cli import main
 from speechxfer.decoding import GreedyDecoder
@@ -119,7 +120,7 @@ def test_an_adapter_model_switches_weights_head_and_vocabulary_per_language(tmp_
     specials = ["<pad>", "<s>", "</s>", "<unk>", "|"]
     model = make_tiny_adapter_checkpoint(tmp_path / "mms", vocabularies={"eng": [*specials, *"abcd"],
                                                                         "spa": [*specials, *"abcdñ", "'"]})
-    assert transcribe_module.adapter_languages(model) == ["eng", "spa"]
+    assert surgery.adapter_languages(model) == ["eng", "spa"]
     wave = np.asarray(sf.read(varying_noise(tmp_path / "a.wav", duration_s=1.0))[0], dtype=np.float32)
     recognizer = Recognizer(model, device="cpu", lang="spa")
     assert recognizer.lang == "spa" and recognizer.vocabulary.tokens[-2:] == ("ñ", "'")
