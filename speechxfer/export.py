@@ -135,7 +135,9 @@ def _write_graph(source: Recognizer, path: Path, *, quantize: str | None, lang: 
     # trace would fix to the trace input's length.
     from speechxfer.surgery import load_ctc_model
 
-    network = load_ctc_model(source.directory, lang=lang)
+    network = load_ctc_model(source.directory)
+    if lang is not None:
+        network.load_adapter(lang, use_safetensors=True, local_files_only=True)  # checked by the source Recognizer
     takes_mask = source.use_attention_mask
     rate = source.sample_rate_hz
     lengths = torch.tensor([round(seconds * rate) for seconds in _TRACE_S])
