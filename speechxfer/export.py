@@ -6,10 +6,13 @@ vocabulary and tokenizer files, preprocessor_config.json, and its recipe.yaml an
 evaluation normalizes and decodes as with the source. EXPORT_RECORD says where it came from and how closely its
 output matches the source's on a check input.
 
-Why onnxruntime, and int8 on the matrix products only (measured with scripts/bench_transcribe.py and on single
-batches, see the README's export section): on an AVX2 CPU, onnxruntime's float32 run of XLS-R-300M is faster than
-torch's, dynamic int8 on the MatMul nodes faster again; quantizing the convolutions too (onnxruntime's ConvInteger)
-made it slower than float32. torch.ao's quantize_dynamic is deprecated in favour of torchao.
+Why onnxruntime with int8 on the matrix products (scripts/bench_transcribe.py's folder case, XLS-R-300M shape,
+12 files, 1 thread, 2-core AVX2 CPU without VNNI, medians of 3 alternating runs; see the README's export section):
+the float32 transformers pipeline 53.8 s, speechxfer float32 35.9 s, torch's dynamic int8 (quantize_dynamic on
+nn.Linear, applied at load) 29.9 s, onnxruntime float32 41.7 s, onnxruntime int8 26.3 s, the only one at 2x the
+pipeline. Per forward pass torch's int8 and onnxruntime's are alike; torch pays ~5 s to quantize at every load
+(and torch.ao.quantization is deprecated), the exported int8 graph loads quantized and is a file other runtimes
+deploy. Quantizing the convolutions too (onnxruntime's ConvInteger) made it slower than float32.
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from speechxfer.atomic import atomic_write
+from speechxfer.atomic import atomic_write, follow_umask, sync_folder
 from speechxfer.compat import quiet_quantization_advice
 from speechxfer.errors import InputError, SpeechxferError
 from speechxfer.evaluate import model_normalization
@@ -88,7 +91,9 @@ def export_model(model: str | os.PathLike, output_dir: str | os.PathLike, *, qua
     if isinstance(source.model, ExportedModel):
         raise InputError("this folder is an export already; export the model folder it came from", path=model)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".export", dir=target.parent))
+    # Created by name, so that the umask sets its mode (a tempfile.mkdtemp folder would stay private, 0o700).
+    staging = target.parent / f".{target.name}.{secrets.token_hex(4)}.export"
+    staging.mkdir()
     try:
         _write_graph(source, staging / EXPORTED_MODEL_FILE, quantize=quantize, lang=lang)
         _copy_settings(source, staging)
@@ -106,6 +111,8 @@ def export_model(model: str | os.PathLike, output_dir: str | os.PathLike, *, qua
                    "check_input_s": list(_CHECK_S)}
         with atomic_write(staging / EXPORT_RECORD) as f:
             f.write(json.dumps(record, indent=1) + "\n")
+        follow_umask(staging)
+        sync_folder(staging, files=True)  # the files reach the disk before the folder's name does
         if target.exists():
             target.rmdir()  # empty, checked above
         staging.rename(target)

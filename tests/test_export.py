@@ -8,6 +8,7 @@ from tiny import make_tiny_checkpoint
 from speechxfer.cli import main
 from speechxfer.errors import InputError
 from speechxfer.export import EXPORT_RECORD, FLOAT32_TOLERANCE, export_model
+from speechxfer.scoring import score
 from speechxfer.transcribe import EXPORTED_MODEL_FILE, Recognizer
 
 pytest.importorskip("onnxruntime")
@@ -16,6 +17,8 @@ CTC_VOCAB = ["[PAD]", "[UNK]", "|", *"abcdefghij"]
 # int8 weights and per-batch int8 activations move a random tiny model's log posteriors by up to ~0.1; a frame
 # whose two best tokens lie closer than that may change its best token.
 INT8_TOLERANCE = 0.5
+# Characters of the int8 export's transcripts that differ from the float32 model's (sclite character error rate).
+INT8_TRANSCRIPT_CER = 0.10
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +41,8 @@ def test_export_writes_a_folder_the_recognizer_runs_like_the_model(tmp_path, mod
     assert {p.name for p in fp32.directory.iterdir()} >= {EXPORTED_MODEL_FILE, EXPORT_RECORD, "config.json",
                                                          "vocab.json", "preprocessor_config.json", "recipe.yaml"}
     assert not list(fp32.directory.parent.glob(".*.export"))  # the staging folder is gone
+    (tmp_path / "probe").mkdir()  # the mode a folder made by name gets under this umask
+    assert fp32.directory.stat().st_mode == (tmp_path / "probe").stat().st_mode
     record = json.loads((int8.directory / EXPORT_RECORD).read_text())
     assert record["quantize"] == "int8" and record["max_log_prob_difference"] == int8.max_log_prob_difference
     assert fp32.max_log_prob_difference <= FLOAT32_TOLERANCE and fp32.frames_agreeing == 1.0
@@ -68,11 +73,12 @@ def test_exported_transcripts_equal_the_models(tmp_path, models, capsys):
     assert texts["model"].count("\n") == 4
     assert any(line.split("\t")[1] for line in texts["model"].splitlines()), "the random model emits nothing"
     assert texts["onnx"] == texts["model"]
-    # The tiny random model's frames are often near ties; int8 may change a few characters, not the transcript.
-    ours = [line.split("\t")[1] for line in texts["model"].splitlines()]
-    theirs = [line.split("\t")[1] for line in texts["int8"].splitlines()]
-    changed = sum(a != b for a, b in zip(ours, theirs))
-    assert changed <= 1, (ours, theirs)
+    # The tiny random model's frames are often near ties, and its transcripts are one long "word" of letter salad:
+    # int8 changes a few characters of it (4.5% measured), which the tolerance bounds.
+    ours = {line.split("\t")[0]: line.split("\t")[1] for line in texts["model"].splitlines()}
+    theirs = {line.split("\t")[0]: line.split("\t")[1] for line in texts["int8"].splitlines()}
+    assert theirs.keys() == ours.keys()
+    assert score(ours, theirs, bootstrap=0).cer <= INT8_TRANSCRIPT_CER
 
 
 def test_export_refuses_a_full_folder_and_exported_models_refuse_other_settings(tmp_path, models, capsys):
