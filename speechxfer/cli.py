@@ -497,12 +497,12 @@ def _add_export(subparsers) -> None:
 
 
 def _cmd_export(args) -> int:
+    from transformers.utils import logging as transformers_logging
+
     from speechxfer.export import export_model
 
-    result = export_model(args.model, args.output_dir, quantize=args.quantize, lang=args.lang)
-    print(f"{result.directory}: {result.model_bytes / 2**20:.1f} MiB, {args.quantize or 'float32'}; log posteriors "
-          f"within {result.max_log_prob_difference:.3g} of the model's, best token the same in "
-          f"{100 * result.frames_agreeing:.1f}% of the check frames")
+    transformers_logging.disable_progress_bar()
+    export_model(args.model, args.output_dir, quantize=args.quantize, lang=args.lang)  # it logs what it wrote
     return 0
 
 

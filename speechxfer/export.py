@@ -23,6 +23,7 @@ import os
 import secrets
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -154,7 +155,12 @@ def _write_graph(source: Recognizer, path: Path, *, quantize: str | None, lang: 
     if takes_mask:
         inputs["attention_mask"] = {0: "batch", 1: "samples"}
     graph = path.with_suffix(".float32.onnx") if quantize else path
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # The tracer warns that the model's Python conditions on tensor shapes are fixed to the trace input's, and
+        # that advanced indexing is wrong for negative indices; export_model's check, on other lengths than the
+        # trace's, is what tells whether the graph generalizes.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message="Exporting aten::index operator")
         # The TorchScript exporter (dynamo=False): torch's newer one needs onnxscript, one more dependency, for the
         # same graph of this model.
         torch.onnx.export(_Logits(network, takes_mask=takes_mask), (waves, mask) if takes_mask else (waves,),
