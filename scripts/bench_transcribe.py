@@ -12,6 +12,7 @@ the long file < 2 GiB and within 20% of the 3-minute file's.
   python scripts/bench_transcribe.py --shape xls-r-300m --files 40 --cases folder   # a random XLS-R-300M
   python scripts/bench_transcribe.py --quick              # 40 files, 5-minute long file
   python scripts/bench_transcribe.py --model DIR --device cuda
+  python scripts/bench_transcribe.py --shape xls-r-300m --cases folder --exported onnx,int8   # + exported models
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from speechxfer.export import EXPORT_RECORD, export_model
 from speechxfer.scoring import score
 from speechxfer.transcribe import COMPUTE_DTYPES, TranscribeOptions
 
@@ -196,6 +198,9 @@ def main() -> None:
     parser.add_argument("--cases", default="folder,long,ref", help="which of folder,long,ref to run")
     parser.add_argument("--repeat", type=int, default=1,
                         help="runs of the folder case, tools alternating; its wall time is the median")
+    parser.add_argument("--exported", default="",
+                        help="also run speechxfer on the model exported (`speechxfer export`, made once in --workdir) "
+                             "as each of these: onnx (float32), int8")
     parser.add_argument("--run-case", nargs=2, metavar=("TOOL", "DATA"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run_case:
@@ -212,17 +217,25 @@ def main() -> None:
         if not (model / "model.safetensors").is_file():
             make_model(model, args.shape)
     data = make_data(args.workdir, files=args.files, long_min=args.long_min, ref_min=args.ref_min)
+    models = {"speechxfer": model}  # tool label -> model folder it runs
+    for kind in [k.strip() for k in args.exported.split(",") if k.strip()]:
+        folder = args.workdir / f"{model.name}-{kind}"
+        if not (folder / EXPORT_RECORD).is_file():
+            export_model(model, folder, quantize=None if kind == "onnx" else kind)
+        models[f"speechxfer {kind}"] = folder
     results: dict[tuple[str, str], dict] = {}  # (case, tool label) -> measurements
     print(f"model {model}, device {args.device}, dtype {args.dtype}, {os.cpu_count()} CPUs", flush=True)
     sizes = [int(b) for b in args.batch_size.split(",")]
     for case in [c.strip() for c in args.cases.split(",") if c.strip()]:
         # the folder case tries every pipeline batch size; the long files use the first
-        runs = [("speechxfer", sizes[0])] + [("pipeline", b) for b in (sizes if case == "folder" else sizes[:1])]
+        runs = [(label, sizes[0]) for label in models]
+        runs += [("pipeline", b) for b in (sizes if case == "folder" else sizes[:1])]
         runs *= args.repeat if case == "folder" else 1
         walls: dict[str, list[float]] = {}
         for tool, batch_size in runs:
-            label = tool if tool == "speechxfer" else f"pipeline bs={batch_size}"
-            command = [sys.executable, __file__, "--run-case", tool, str(data[case]), "--model", str(model),
+            label = tool if tool in models else f"pipeline bs={batch_size}"
+            command = [sys.executable, __file__, "--run-case", tool.split()[0], str(data[case]),
+                       "--model", str(models.get(tool, model)),
                        "--device", args.device, "--batch-size", str(batch_size),
                        "--max-batch-s", str(args.max_batch_s), "--dtype", args.dtype]
             env = os.environ | {"BENCH_OUT": str(args.workdir / f"out-{case}"), "TQDM_DISABLE": "1"}
@@ -248,11 +261,19 @@ def main() -> None:
               f"{r['audio_s'] / r['wall_s']:.1f} | {r['peak_rss_mib']:.0f} |")
     print()
     for (case, label), r in results.items():
-        if case == "folder" and label != "speechxfer":
-            ratio = r["wall_s"] / results["folder", "speechxfer"]["wall_s"]
-            print(f"folder throughput speechxfer / {label}: {ratio:.2f}x (target >= 2x)")
+        if case == "folder" and label not in models:
+            for ours in [o for o in models if ("folder", o) in results]:
+                ratio = r["wall_s"] / results["folder", ours]["wall_s"]
+                print(f"folder throughput {ours} / {label}: {ratio:.2f}x (target >= 2x)")
     for (case, label), r in results.items():
-        if label != "speechxfer" and (case, "speechxfer") in results:
+        if label in models and label != "speechxfer" and (case, "speechxfer") in results:
+            ours = results[case, "speechxfer"]["texts"]
+            changed = sum(ours.get(name) != text for name, text in r["texts"].items())
+            apart = score(ours, r["texts"], allow_missing=True, bootstrap=0).cer if any(ours.values()) else 0
+            print(f"{case} {label}: {changed} of {len(r['texts'])} transcripts differ from float32 speechxfer's "
+                  f"(character difference {apart:.2%})")
+    for (case, label), r in results.items():
+        if label not in models and (case, "speechxfer") in results:
             ours = results[case, "speechxfer"]["texts"]
             same = sum(ours.get(name) == text for name, text in r["texts"].items())
             # The pipeline normalizes each window on its own and stitches by its own rule; how far apart is that?

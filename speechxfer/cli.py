@@ -305,13 +305,14 @@ def _add_beam_arguments(p, *, tuning: bool = False) -> None:
                             "tuned one)")
 
 
-def _load_recognizer(args):
+def _load_recognizer(args, ranks=None):
     from transformers.utils import logging as transformers_logging
 
     from speechxfer.transcribe import Recognizer
 
     transformers_logging.disable_progress_bar()  # keep stderr for our own progress and problems
-    return Recognizer(args.model, device=args.device, dtype=args.dtype, lang=args.lang)
+    device = args.device if ranks is None else ranks.device(args.device)
+    return Recognizer(args.model, device=device, dtype=args.dtype, lang=args.lang)
 
 
 def _transcribe_options(args):
@@ -363,8 +364,10 @@ def _add_transcribe(subparsers) -> None:
                                           "each file finishes (in both fields backslash, tab, newline and carriage "
                                           "return are written \\\\, \\t, \\n, \\r, as in transcripts.tsv); with "
                                           "--output-dir also writes one file per format. A rerun into the same "
-                                          "--output-dir skips the files whose outputs are all there.")
-    p.add_argument("model", metavar="MODEL", help="model folder or hub id")
+                                          "--output-dir skips the files whose outputs are all there. Under `torchrun "
+                                          "--nproc_per_node N` (several machines: a shared --output-dir) each process "
+                                          "transcribes its share and rank 0 writes the merged transcripts.tsv.")
+    p.add_argument("model", metavar="MODEL", help="model folder, hub id, or folder written by `speechxfer export`")
     p.add_argument("paths", metavar="PATH", nargs="+", help="audio files, folders or glob patterns")
     p.add_argument("--recursive", action="store_true", help="search folders (and ** globs) recursively")
     p.add_argument("--output-dir", metavar="DIR", default=None,
@@ -381,13 +384,14 @@ def _add_transcribe(subparsers) -> None:
 
 def _cmd_transcribe(args) -> int:
     from speechxfer.errors import InputError, Problem
-    from speechxfer.transcribe import OutputWriter, find_audio, transcribe, tsv_escape
+    from speechxfer.transcribe import OutputWriter, Ranks, find_audio, transcribe, tsv_escape
 
     options, beam = _transcribe_options(args), _beam_options(args, model=args.model)
+    ranks = Ranks.from_environment()
     writer = None
     if args.output_dir is not None:
         writer = OutputWriter(args.output_dir, [f.strip() for f in args.format.split(",") if f.strip()],
-                              overwrite=args.overwrite)
+                              overwrite=args.overwrite, ranks=ranks)
     segments, problems = find_audio(args.paths, recursive=args.recursive)
     for problem in problems:
         print(problem, file=sys.stderr)
@@ -398,13 +402,14 @@ def _cmd_transcribe(args) -> int:
     if skipped:
         print(f"{skipped} of {len(segments)} files already transcribed in {args.output_dir}, skipped "
               "(--overwrite transcribes them again)", file=sys.stderr)
-    done = 0
+    done = attempted = 0
     try:
         if todo:
-            recognizer = _load_recognizer(args)
+            recognizer = _load_recognizer(args, ranks)
             decoder = _decoder(beam, recognizer)
             for result in transcribe(recognizer, todo, decoder=decoder, options=options,
-                                     progress=sys.stderr.isatty()):
+                                     progress=sys.stderr.isatty(), ranks=ranks):
+                attempted += 1
                 if isinstance(result, Problem):
                     print(result, file=sys.stderr)
                     continue
@@ -415,6 +420,10 @@ def _cmd_transcribe(args) -> int:
     finally:
         if writer is not None:
             writer.close(segments)
+    if ranks.world_size > 1:
+        print(f"process {ranks.rank} of {ranks.world_size}: transcribed {done} of the {attempted} inputs of its "
+              f"share", file=sys.stderr)
+        return 0 if done or not attempted else 1  # a share may be empty
     print(f"transcribed {done} of {len(todo) + len(problems)} inputs"
           + (f" ({skipped} done before)" if skipped else ""), file=sys.stderr)
     return 0 if done or skipped else 1
@@ -426,8 +435,9 @@ def _add_evaluate(subparsers) -> None:
     p = subparsers.add_parser("evaluate", help="transcribe a manifest and report WER/CER",
                               description="Transcribe every utterance of a JSONL manifest, write hypotheses.jsonl "
                                           "(which `speechxfer wer MANIFEST` scores to the same numbers), score.json, "
-                                          "per_utterance.tsv and report.md.")
-    p.add_argument("model", metavar="MODEL", help="model folder or hub id")
+                                          "per_utterance.tsv and report.md. Under `torchrun --nproc_per_node N` each "
+                                          "process transcribes its share and rank 0 scores.")
+    p.add_argument("model", metavar="MODEL", help="model folder, hub id, or folder written by `speechxfer export`")
     p.add_argument("manifest", metavar="MANIFEST", help="JSONL manifest with reference texts")
     p.add_argument("--output-dir", metavar="DIR", default="evaluation", help="where to write (default ./evaluation)")
     p.add_argument("--normalize", metavar="PRESET_OR_YAML", default=None,
@@ -442,15 +452,18 @@ def _cmd_evaluate(args) -> int:
     from speechxfer.evaluate import describe_left_out, evaluate, model_normalization
     from speechxfer.scoring import format_report
     from speechxfer.text import TextNormalizer, load_text_options
-    from speechxfer.transcribe import output_folder
+    from speechxfer.transcribe import Ranks, output_folder
 
     options, beam = _transcribe_options(args), _beam_options(args, model=args.model)
     output_folder(args.output_dir)  # a bad output folder stops the command before the model loads
-    recognizer = _load_recognizer(args)
+    ranks = Ranks.from_environment()
+    recognizer = _load_recognizer(args, ranks)
     spec = args.normalize if args.normalize is not None else model_normalization(recognizer.directory, lang=args.lang)
     normalizer = None if spec is None else TextNormalizer(load_text_options(spec))
     result = evaluate(recognizer, args.manifest, output_dir=args.output_dir, decoder=_decoder(beam, recognizer),
-                      normalizer=normalizer, options=options, progress=sys.stderr.isatty())
+                      normalizer=normalizer, options=options, progress=sys.stderr.isatty(), ranks=ranks)
+    if result is None:  # a process other than rank 0, which reports
+        return 0
     for problem in result.problems + result.left_out:
         print(problem, file=sys.stderr)
     print(f"normalization: {spec or 'none'}")
@@ -460,6 +473,36 @@ def _cmd_evaluate(args) -> int:
     for ref, hyp, count in result.substitutions[:5]:
         print(f"  {count:>4}  {ref} -> {hyp}")
     print(f"hypotheses: {result.hypotheses_path}; report: {result.output_dir / 'report.md'}")
+    return 0
+
+
+def _add_export(subparsers) -> None:
+    from speechxfer.export import QUANTIZATIONS
+
+    p = subparsers.add_parser("export", help="export a model for CPU inference (ONNX, optionally int8)",
+                              description="Write the model's network as ONNX for onnxruntime (the export extra), with "
+                                          "its vocabulary, settings, recipe and LM, into a new folder that "
+                                          "`transcribe` and `evaluate` take in place of the model folder. The export "
+                                          "is checked against the model; export.json records how closely it matches.")
+    p.add_argument("model", metavar="MODEL", help="model folder or hub id")
+    p.add_argument("output_dir", metavar="OUT", help="new (or empty) folder to write")
+    p.add_argument("--format", choices=("onnx",), default="onnx", help="the only format: onnx")
+    p.add_argument("--quantize", choices=QUANTIZATIONS, default=None,
+                   help="int8: matrix-product weights in int8, activations quantized per batch (faster on a CPU; "
+                        "check the WER with `speechxfer evaluate`)")
+    p.add_argument("--lang", default=None, metavar="LANG",
+                   help="for a model with language adapters, the language to export (default: the one in "
+                        "model.safetensors)")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args) -> int:
+    from transformers.utils import logging as transformers_logging
+
+    from speechxfer.export import export_model
+
+    transformers_logging.disable_progress_bar()
+    export_model(args.model, args.output_dir, quantize=args.quantize, lang=args.lang)  # it logs what it wrote
     return 0
 
 
@@ -676,7 +719,7 @@ def _cmd_rank_sources(args) -> int:
 
 
 _SUBCOMMANDS: list = [_add_synth, _add_prepare, _add_train, _add_wer, _add_vocab, _add_transcribe, _add_evaluate,
-                      _add_lm, _add_pseudo_label, _add_self_train, _add_rank_sources]
+                      _add_export, _add_lm, _add_pseudo_label, _add_self_train, _add_rank_sources]
 
 
 class _MessageHandler(logging.Handler):

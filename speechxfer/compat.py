@@ -79,6 +79,28 @@ def _drop_load_report(record: logging.LogRecord) -> bool:
     return "LOAD REPORT" not in message and not message.startswith("Some weights of")
 
 
+@contextmanager
+def quiet_quantization_advice() -> Iterator[None]:
+    """Drop onnxruntime's advice to pre-process a graph before quantize_dynamic while the block runs.
+
+    Leans on its text ("Please consider ... pre-processing") and on its logging through the root logger, which would
+    otherwise also give the root logger a stderr handler (logging.basicConfig) for good.
+    """
+    root = logging.getLogger()
+    quiet = logging.NullHandler()
+    root.addHandler(quiet)
+    root.addFilter(_drop_quantization_advice)
+    try:
+        yield
+    finally:
+        root.removeFilter(_drop_quantization_advice)
+        root.removeHandler(quiet)
+
+
+def _drop_quantization_advice(record: logging.LogRecord) -> bool:
+    return not (record.getMessage().startswith("Please consider") and "pre-process" in record.getMessage())
+
+
 def optional_model_file(name: str, filename: str) -> str | None:
     """Local path of `filename` from a model folder or hub id, None when the model has no such file.
     Raises OSError when the model cannot be reached at all.

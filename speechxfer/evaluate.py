@@ -3,6 +3,7 @@ per-utterance rows, the most frequent substitutions and a short report.md."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections import Counter
@@ -11,13 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from speechxfer.decoding import BeamSearchDecoder, Decoder
+from speechxfer.atomic import atomic_write
 from speechxfer.errors import InputError, Problem
-from speechxfer.manifest import read_manifest
+from speechxfer.manifest import Utterance, read_jsonl, read_manifest
 from speechxfer.scoring import (ScoreReport, format_report, render_alignment, score, worst_utterances,
                                 write_per_utterance_tsv)
 from speechxfer.text import normalized_references
-from speechxfer.transcribe import (AudioSegment, Recognizer, TranscribeOptions, Transcription, output_folder,
-                                   transcribe)
+from speechxfer.transcribe import (AudioSegment, Ranks, Recognizer, TranscribeOptions, Transcription,
+                                   output_folder, transcribe)
 
 HYPOTHESES_NAME = "hypotheses.jsonl"
 
@@ -37,12 +39,15 @@ class Evaluation:
 def evaluate(recognizer: Recognizer, manifest_path: str | os.PathLike, *, output_dir: str | os.PathLike,
              decoder: Decoder, normalizer: Callable[[str], str] | None = None,
              options: TranscribeOptions = TranscribeOptions(), bootstrap: int = 1000, seed: int = 0,
-             progress: bool = False) -> Evaluation:
+             progress: bool = False, ranks: Ranks = Ranks()) -> Evaluation | None:
     """Transcribe every usable utterance of the manifest and score it against the manifest's texts.
 
     Writes under output_dir: hypotheses.jsonl (as each batch finishes), score.json, per_utterance.tsv and
     report.md. An utterance whose audio cannot be read gets an empty hypothesis and is listed as a problem; one
     whose reference the normalizer rejects or empties is left out (see text.normalized_references).
+
+    With several `ranks` every process transcribes its share into hypotheses.jsonl.rankN; rank 0 merges them
+    (in manifest order) once all have finished, scores and returns the Evaluation, the others return None.
     """
     output = output_folder(output_dir)
     utterances, problems = read_manifest(manifest_path)
@@ -54,16 +59,25 @@ def evaluate(recognizer: Recognizer, manifest_path: str | os.PathLike, *, output
     segments = [AudioSegment(u.id, u.audio_path, u.duration_s, u.offset_s, name=u.id) for u in utterances]
     hypotheses: dict[str, str] = {}
     hypotheses_path = output / HYPOTHESES_NAME
-    with open(hypotheses_path, "w", encoding="utf-8") as f:
-        for result in transcribe(recognizer, segments, decoder=decoder, options=options, progress=progress):
+    own_path = hypotheses_path if ranks.world_size == 1 else output / f"{HYPOTHESES_NAME}.rank{ranks.rank}"
+    failures: list[Problem] = []  # utterances whose audio failed
+    with open(own_path, "w", encoding="utf-8") as f:
+        for result in transcribe(recognizer, segments, decoder=decoder, options=options, progress=progress,
+                                 ranks=ranks):
             if isinstance(result, Transcription):
                 utterance_id, text = result.segment.id, result.transcript.text
             else:
-                problems.append(result)
+                failures.append(result)
                 utterance_id, text = result.utterance_id, ""
             hypotheses[utterance_id] = text
             f.write(json.dumps({"id": utterance_id, "text": text}, ensure_ascii=False) + "\n")
             f.flush()
+    if ranks.world_size > 1:
+        merged = _merge_ranks(output, ranks, utterances, failures)
+        if merged is None:
+            return None
+        hypotheses, failures = merged
+    problems += failures
     references = {u.id: u.text for u in utterances}
     report = score(references, hypotheses, normalizer=normalizer, bootstrap=bootstrap, seed=seed)
     substitutions = frequent_substitutions(report)
@@ -75,6 +89,31 @@ def evaluate(recognizer: Recognizer, manifest_path: str | os.PathLike, *, output
         format_markdown(evaluation, model=recognizer.directory, manifest=os.fspath(manifest_path),
                         decoder=describe_decoder(decoder)), encoding="utf-8")
     return evaluation
+
+
+def _merge_ranks(output: Path, ranks: Ranks, utterances: Sequence[Utterance], failures: list[Problem],
+                 ) -> tuple[dict[str, str], list[Problem]] | None:
+    """Every process's hypotheses and audio failures, once all have finished: on rank 0, merged into
+    hypotheses.jsonl in manifest order and returned; None on the other ranks."""
+    with atomic_write(output / f"problems.rank{ranks.rank}.jsonl") as f:
+        f.writelines(json.dumps(dataclasses.asdict(p), ensure_ascii=False) + "\n" for p in failures)
+    ranks.barrier()
+    if ranks.rank != 0:
+        return None
+    hypotheses: dict[str, str] = {}
+    failures = []
+    for rank in range(ranks.world_size):
+        for name in (f"{HYPOTHESES_NAME}.rank{rank}", f"problems.rank{rank}.jsonl"):
+            records = [record for _, record in read_jsonl(output / name)]
+            if name.startswith(HYPOTHESES_NAME):
+                hypotheses |= {record["id"]: record["text"] for record in records}
+            else:
+                failures += [Problem(**record) for record in records]
+            (output / name).unlink()
+    hypotheses = {u.id: hypotheses[u.id] for u in utterances if u.id in hypotheses}
+    with atomic_write(output / HYPOTHESES_NAME) as f:
+        f.writelines(json.dumps({"id": i, "text": t}, ensure_ascii=False) + "\n" for i, t in hypotheses.items())
+    return hypotheses, failures
 
 
 def describe_left_out(left_out: Sequence[Problem]) -> str:

@@ -38,6 +38,9 @@ OUTPUT_FORMATS = ("txt", "json", "srt", "vtt", "tsv")
 # this project's CPU) and recent GPUs; float16 suits GPUs.
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TSV_NAME = "transcripts.tsv"
+# An exported model folder (`speechxfer export`) holds the network as ONNX, run by onnxruntime on the CPU, beside
+# the model folder's config, vocabulary and feature extractor settings.
+EXPORTED_MODEL_FILE = "model.onnx"
 # Subtitle cues: at most this many characters or seconds, so a cue fits on two short lines.
 _MAX_CUE_CHARS = 42
 _MAX_CUE_S = 7.0
@@ -102,19 +105,33 @@ class Recognizer:
         # Weights stay float32; matrix products and convolutions run in `dtype` under autocast, norms and
         # softmax in float32 (torch's autocast op lists).
         self.dtype = COMPUTE_DTYPES[dtype]
-        self.device = _pick_device(device)
         directory = model_directory(model)
         self.directory = directory
-        self.model = load_ctc_model(directory)
+        self.model: torch.nn.Module | ExportedModel
+        if Path(directory, EXPORTED_MODEL_FILE).is_file():
+            self.model = ExportedModel(directory)
+            # Its weights and precision were fixed by the export; so was its language for an adapter model.
+            refused = [f"--{name} {value}" for name, value, default in
+                       (("dtype", dtype, "float32"), ("lang", lang, None)) if value != default]
+            if device not in ("auto", "cpu"):
+                refused.append(f"--device {device}")
+            if refused:
+                raise InputError(f"{', '.join(refused)}: an exported model runs as it was exported, on the CPU",
+                                 path=directory)
+            self.device = torch.device("cpu")
+        else:
+            self.device = _pick_device(device)
+            self.model = load_ctc_model(directory)
         try:
             extractor = Wav2Vec2FeatureExtractor.from_pretrained(directory)
         except (OSError, ValueError) as err:
             reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise InputError(f"cannot read the feature extractor settings (preprocessor_config.json): {reason}",
                              path=directory) from None
-        self.model.to(self.device)
-        if self.device.type == "cpu":
-            use_blocked_feature_encoder(self.model)
+        if isinstance(self.model, torch.nn.Module):
+            self.model.to(self.device)
+            if self.device.type == "cpu":
+                use_blocked_feature_encoder(self.model)
         self.lang: str | None = None
         if lang is None:
             self.vocabulary = Vocabulary.load(directory)
@@ -139,6 +156,9 @@ class Recognizer:
         from speechxfer.surgery import ADAPTER_FILE, adapter_languages
 
         path = Path(self.directory, ADAPTER_FILE.format(language))
+        if isinstance(self.model, ExportedModel):
+            raise InputError("an exported model holds the one language it was exported with (speechxfer export "
+                             "--lang)", path=self.directory)
         if getattr(self.model.config, "adapter_attn_dim", None) is None:
             raise InputError("not an adapter model (its config.json sets no adapter_attn_dim)", path=self.directory)
         if not path.is_file():
@@ -187,10 +207,54 @@ class Recognizer:
         mask = None
         if self.use_attention_mask:
             mask = (torch.arange(batch.shape[1])[None, :] < lengths[:, None]).long().to(self.device)
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            logits = self.model(batch.to(self.device), attention_mask=mask).logits
+        if isinstance(self.model, ExportedModel):
+            logits = self.model(batch, attention_mask=mask)
+        else:
+            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+                logits = self.model(batch.to(self.device), attention_mask=mask).logits
         frames = torch.tensor([self.geometry.frames(n) for n in lengths.tolist()])
         return logits.float().log_softmax(dim=-1).cpu(), frames
+
+
+class ExportedModel:
+    """The network of an exported model folder (EXPORTED_MODEL_FILE) in an onnxruntime session on the CPU: logits
+    of a batch, as the Wav2Vec2ForCTC it was exported from gives them (to float rounding, or to int8 quantization's
+    error when export quantized it). `config` is the folder's config.json, for the frame geometry."""
+
+    def __init__(self, directory: str | os.PathLike):
+        from transformers import Wav2Vec2Config
+
+        try:
+            import onnxruntime
+        except ImportError:
+            raise InputError("an exported model needs onnxruntime: pip install 'speechxfer[export]'",
+                             path=directory) from None
+        path = Path(directory, EXPORTED_MODEL_FILE)
+        try:
+            self.config = Wav2Vec2Config.from_pretrained(directory)
+        except (OSError, ValueError) as err:
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise InputError(f"cannot read config.json: {reason}", path=directory) from None
+        settings = onnxruntime.SessionOptions()
+        # As many threads as torch uses (OMP_NUM_THREADS; torchrun sets 1 per process), not onnxruntime's
+        # default of every core, so that processes sharing a machine do not oversubscribe it.
+        settings.intra_op_num_threads = torch.get_num_threads()
+        settings.inter_op_num_threads = 1
+        try:
+            self.session = onnxruntime.InferenceSession(os.fspath(path), settings,
+                                                        providers=["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime raises its own exception types for unreadable or invalid graphs
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise InputError(f"cannot load the exported model: {reason}", path=path) from None
+        self.takes_mask = "attention_mask" in {i.name for i in self.session.get_inputs()}
+
+    def __call__(self, input_values: torch.Tensor, *, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(batch, samples) float32 and its (batch, samples) mask -> (batch, frames, vocab) float32 logits."""
+        feed = {"input_values": input_values.numpy()}
+        if self.takes_mask:
+            feed["attention_mask"] = (attention_mask if attention_mask is not None
+                                      else torch.ones_like(input_values, dtype=torch.long)).numpy()
+        return torch.from_numpy(self.session.run(["logits"], feed)[0])
 
 
 class _Moments:
@@ -258,6 +322,62 @@ def _pick_device(device: str) -> torch.device:
     if chosen.type == "mps" and not torch.backends.mps.is_available():
         raise InputError(f"device {device!r}: MPS is not available on this machine (try cpu or auto)")
     return chosen
+
+
+# --- several processes ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among those of a `torchrun` launch (one process without one). Every process reads the
+    same inputs and plans the same batches; each runs its share (see `share`) and writes its own outputs into the
+    shared output folder, and rank 0 merges what is shared (transcripts.tsv, hypotheses.jsonl)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0  # the process's number on its machine: its GPU
+
+    @classmethod
+    def from_environment(cls) -> Ranks:
+        """torchrun's RANK, WORLD_SIZE and LOCAL_RANK; with more than one process, joins their gloo process group
+        (for barriers only: no tensor crosses it, so gloo serves CPU and GPU runs alike)."""
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size == 1:
+            return cls()
+        import datetime
+
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            # The barrier at the end waits for the slowest process, which may take hours on a long file; a process
+            # that fails ends them all (torchrun), so no shorter timeout is needed.
+            dist.init_process_group("gloo", timeout=datetime.timedelta(days=1))
+        return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+    def barrier(self) -> None:
+        """Wait until every process gets here."""
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def device(self, device: str) -> str:
+        """The device this process runs on: `auto` with several processes on a machine with GPUs means its own."""
+        if device == "auto" and self.world_size > 1 and torch.cuda.is_available():
+            return f"cuda:{self.local_rank % torch.cuda.device_count()}"
+        return device
+
+    def share(self, seconds: Sequence[float]) -> list[int]:
+        """Indices of the units of work (of these lengths) this process runs, in order: longest first, each to
+        the process with the fewest seconds so far (the lowest rank on a tie), so that processes finish together."""
+        loads = [0.0] * self.world_size
+        mine = []
+        for i in sorted(range(len(seconds)), key=lambda i: (-seconds[i], i)):
+            rank = min(range(self.world_size), key=lambda r: (loads[r], r))
+            loads[rank] += seconds[i]
+            if rank == self.rank:
+                mine.append(i)
+        return sorted(mine)
 
 
 # --- finding audio ----------------------------------------------------------------------------------------
@@ -328,15 +448,16 @@ def _renamed(segment: AudioSegment, name: str) -> AudioSegment:
 
 
 def transcribe(recognizer: Recognizer, segments: Sequence[AudioSegment], *, decoder: Decoder,
-               options: TranscribeOptions = TranscribeOptions(), progress: bool = False,
+               options: TranscribeOptions = TranscribeOptions(), progress: bool = False, ranks: Ranks = Ranks(),
                ) -> Iterator[Transcription | Problem]:
     """Transcribe segments, yielding each result as soon as its batch (or its last window) is done.
 
     Order: short segments longest first, then long ones. Audio that fails to load is yielded as a Problem and
-    the run goes on.
+    the run goes on. With several `ranks`, every process is given the same segments and transcribes its share of
+    the batches, which are the batches one process would run (so each result is the same).
     """
     stream = None
-    for event in _pieces(recognizer, segments, options, progress):
+    for event in _pieces(recognizer, segments, options, progress, ranks):
         if isinstance(event, Problem):
             stream = None  # a long file failed half-way: drop what it had decoded
             yield event
@@ -356,7 +477,7 @@ def emissions(recognizer: Recognizer, segments: Sequence[AudioSegment], *,
     """Each segment's (frames, vocab) log posteriors, long ones stitched from their windows; for decoding the
     same audio many times (LM tuning)."""
     pieces: list[torch.Tensor] = []
-    for event in _pieces(recognizer, segments, options, progress):
+    for event in _pieces(recognizer, segments, options, progress, Ranks()):
         if isinstance(event, Problem):
             pieces = []
             yield event
@@ -369,7 +490,7 @@ def emissions(recognizer: Recognizer, segments: Sequence[AudioSegment], *,
 
 
 def _pieces(recognizer: Recognizer, segments: Sequence[AudioSegment], options: TranscribeOptions,
-            progress: bool) -> Iterator[tuple[AudioSegment, torch.Tensor, bool] | Problem]:
+            progress: bool, ranks: Ranks) -> Iterator[tuple[AudioSegment, torch.Tensor, bool] | Problem]:
     """(segment, (frames, vocab) log posteriors, whether it is the segment's last piece), or a Problem.
 
     A long segment's pieces come consecutively and in order, never interleaved with another segment's.
@@ -379,12 +500,16 @@ def _pieces(recognizer: Recognizer, segments: Sequence[AudioSegment], options: T
                          f"({1000 * recognizer.min_samples / recognizer.sample_rate_hz:.3g} ms)")
     short = [s for s in segments if s.duration_s <= options.chunk_s]
     long = [s for s in segments if s.duration_s > options.chunk_s]
-    total_s = sum(s.duration_s for s in segments)
     rate, padding_free = recognizer.sample_rate_hz, not recognizer.use_attention_mask
     # Planned from the listed durations, before any audio is read; the loaded lengths decide each forward pass.
     batches = [[short[i] for i in batch] for batch in inference_batches(
         [round(s.duration_s * rate) for s in short], padding_free=padding_free,
         max_batch_samples=options.max_batch_s * rate)]
+    if ranks.world_size > 1:
+        units = batches + [[s] for s in long]
+        mine = ranks.share([sum(s.duration_s for s in unit) for unit in units])
+        batches, long = [units[i] for i in mine if i < len(batches)], [units[i][0] for i in mine if i >= len(batches)]
+    total_s = sum(s.duration_s for s in long) + sum(s.duration_s for batch in batches for s in batch)
     with tqdm(total=round(total_s, 1), unit="s", desc="audio", disable=not progress, leave=False) as bar, \
             ThreadPoolExecutor(max_workers=1) as loader:
         # Read the next batch while the model runs on this one.
@@ -514,9 +639,14 @@ class OutputWriter:
     `overwrite`), and transcripts.tsv keeps the rows of earlier runs. Each file is written whole or not at all;
     the TSV grows by one appended row per file (a kill loses at most the row being written) and `close` rewrites
     it, atomically, with its rows in input order.
+
+    With several `ranks`, each process appends its rows to its own part file (transcripts.tsv.rankN, read back
+    like the TSV by the next run should this one be killed), and `close` (called by every process) has rank 0
+    merge the parts into transcripts.tsv once all have finished.
     """
 
-    def __init__(self, directory: str | os.PathLike, formats: Sequence[str], *, overwrite: bool = False):
+    def __init__(self, directory: str | os.PathLike, formats: Sequence[str], *, overwrite: bool = False,
+                 ranks: Ranks = Ranks()):
         unknown = [f for f in formats if f not in OUTPUT_FORMATS]
         if unknown:
             raise InputError(f"unknown output format(s) {', '.join(unknown)} (choose from "
@@ -524,13 +654,42 @@ class OutputWriter:
         self.directory = output_folder(directory)
         self.formats = tuple(formats)
         self.overwrite = overwrite
+        self.ranks = ranks
         self._index = self.directory / TSV_NAME if "tsv" in formats else None
         self._rows: dict[str, str] = {}
         self._tsv = None
         if self._index is not None:
-            self._rows = read_index(self._index)
-            _write_index(self._index, self._rows)  # without a row a kill left unfinished, before appending
-            self._tsv = open(self._index, "a", encoding="utf-8", newline="")
+            self._rows = self._read_rows()
+            if ranks.world_size == 1:
+                self._merge()  # without a row a kill left unfinished, before appending
+                rows = self._index
+            else:
+                rows = self._part(ranks.rank)
+                _write_index(rows, read_index(rows))  # this process's own part, likewise
+            self._tsv = open(rows, "a", encoding="utf-8", newline="")
+
+    def _part(self, rank: int) -> Path:
+        return self._index.with_name(f"{TSV_NAME}.rank{rank}")
+
+    def _parts(self) -> list[Path]:
+        """The part files of the processes of this or an earlier run, in rank order."""
+        found = [(path, path.name[len(f"{TSV_NAME}.rank"):]) for path in self.directory.glob(f"{TSV_NAME}.rank*")]
+        return [path for path, rank in sorted((f for f in found if f[1].isdigit()), key=lambda f: int(f[1]))]
+
+    def _read_rows(self) -> dict[str, str]:
+        rows = read_index(self._index)
+        for part in self._parts():
+            rows.update(read_index(part))
+        return rows
+
+    def _merge(self, order: Sequence[str] = ()) -> None:
+        """Rewrite transcripts.tsv with every row written so far (ids in `order` first), then drop the parts."""
+        rows = self._read_rows()
+        ids = [i for i in order if i in rows]
+        ids += [i for i in rows if i not in set(ids)]
+        _write_index(self._index, {i: rows[i] for i in ids})
+        for part in self._parts():
+            part.unlink()
 
     def finished(self, segment: AudioSegment) -> bool:
         """Whether every requested output of this segment is there: its files, and its row in the TSV."""
@@ -538,8 +697,11 @@ class OutputWriter:
         return files and (self._index is None or segment.id in self._rows)
 
     def unfinished(self, segments: Sequence[AudioSegment]) -> list[AudioSegment]:
-        """The segments still to transcribe: all of them with `overwrite`, else those not `finished`."""
-        return list(segments) if self.overwrite else [s for s in segments if not self.finished(s)]
+        """The segments still to transcribe: all of them with `overwrite`, else those not `finished`. With several
+        ranks every process must call it, before any writes: all get the same list."""
+        todo = list(segments) if self.overwrite else [s for s in segments if not self.finished(s)]
+        self.ranks.barrier()  # no process writes an output before every one has looked
+        return todo
 
     def write(self, transcription: Transcription) -> None:
         segment, transcript = transcription.segment, transcription.transcript
@@ -562,14 +724,15 @@ class OutputWriter:
             self._tsv.flush()
 
     def close(self, order: Sequence[AudioSegment] = ()) -> None:
-        """Close the TSV, rewritten with its rows in the order of `order` (rows of other ids follow)."""
+        """Close the TSV, rewritten with its rows in the order of `order` (rows of other ids follow). With several
+        ranks, waits for every process, and rank 0 merges the parts."""
         if self._tsv is None:
             return
         self._tsv.close()
         self._tsv = None
-        ids = [s.id for s in order if s.id in self._rows]
-        ids += [i for i in self._rows if i not in set(ids)]
-        _write_index(self._index, {i: self._rows[i] for i in ids})
+        self.ranks.barrier()
+        if self.ranks.rank == 0:
+            self._merge([s.id for s in order])
 
 
 def output_folder(directory: str | os.PathLike) -> Path:
