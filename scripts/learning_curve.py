@@ -266,7 +266,7 @@ def write_report(grid: Grid, results: dict, report_dir: Path) -> None:
     lines = [
         "# Learning curves: transfer from the seed vs. the transformers recipe vs. from scratch",
         "",
-        "Test WER (CER in brackets), in %, on held-out synthetic speech of the target language, against minutes "
+        f"Test WER (CER in brackets), in %, on the held-out test split of `{grid.corpus}`, against minutes "
         "of training data. Every run has the same compute budget: "
         f"{grid.budget_updates} updates of up to {grid.max_batch_s:g} s of audio, the same vocabulary, dev and "
         f"test set (greedy CTC decoding of the model with the best dev WER, evaluated {EVALUATIONS_PER_CELL} "
