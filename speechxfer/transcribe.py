@@ -46,8 +46,6 @@ _MAX_CUE_CHARS = 42
 _MAX_CUE_S = 7.0
 # Added to the variance before the square root, as transformers' Wav2Vec2FeatureExtractor does.
 _NORM_EPSILON = 1e-7
-# An MMS-style adapter model keeps one file of adapter weights and CTC head per language beside model.safetensors
-# (transformers' WAV2VEC2_ADAPTER_SAFE_FILE), and one vocabulary per language in vocab.json.
 
 
 @dataclass(frozen=True)
