@@ -6,6 +6,12 @@ import os
 from dataclasses import dataclass
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of a library's error message (its type's name when it has none): the rest (advice, URLs)
+    would break the one-line report."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
 class SpeechxferError(Exception):
     """Base of every error the CLI reports as one line (exit code 2) instead of a traceback."""
 

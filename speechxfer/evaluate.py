@@ -103,13 +103,11 @@ def _merge_ranks(output: Path, ranks: Ranks, utterances: Sequence[Utterance], fa
     hypotheses: dict[str, str] = {}
     failures = []
     for rank in range(ranks.world_size):
-        for name in (f"{HYPOTHESES_NAME}.rank{rank}", f"problems.rank{rank}.jsonl"):
-            records = [record for _, record in read_jsonl(output / name)]
-            if name.startswith(HYPOTHESES_NAME):
-                hypotheses |= {record["id"]: record["text"] for record in records}
-            else:
-                failures += [Problem(**record) for record in records]
-            (output / name).unlink()
+        part, part_failures = output / f"{HYPOTHESES_NAME}.rank{rank}", output / f"problems.rank{rank}.jsonl"
+        hypotheses |= {record["id"]: record["text"] for _, record in read_jsonl(part)}
+        failures += [Problem(**record) for _, record in read_jsonl(part_failures)]
+        part.unlink()
+        part_failures.unlink()
     hypotheses = {u.id: hypotheses[u.id] for u in utterances if u.id in hypotheses}
     with atomic_write(output / HYPOTHESES_NAME) as f:
         f.writelines(json.dumps({"id": i, "text": t}, ensure_ascii=False) + "\n" for i, t in hypotheses.items())

@@ -31,7 +31,7 @@ from speechxfer.atomic import atomic_write, follow_umask, sync_folder
 from speechxfer.audio import SAMPLE_RATE_HZ
 from speechxfer.compat import adapter_weights, optional_model_file, quiet_load_report
 from speechxfer.config import AT_LEAST_ONE, SHARE, Check, check_fields, checked
-from speechxfer.errors import InputError
+from speechxfer.errors import InputError, first_line
 from speechxfer.vocabulary import Vocabulary, language_vocabularies
 
 # Source tokens that play the blank / unknown / word-delimiter role in the conventions of HF, fairseq and MMS
@@ -199,7 +199,7 @@ def add_lora(model: Wav2Vec2ForCTC, options: LoraOptions) -> None:
     try:
         inject_adapter_in_model(config, model)
     except ValueError as err:  # "Target modules {...} not found in the base model"
-        raise InputError(f"adapt.lora.target_modules: {_first_line(err)}") from None
+        raise InputError(f"adapt.lora.target_modules: {first_line(err)}") from None
 
 
 def is_lora_model(model: Wav2Vec2ForCTC) -> bool:
@@ -255,7 +255,7 @@ def load_lora_weights(model: Wav2Vec2ForCTC, directory: str | os.PathLike) -> No
         model.lm_head.load_state_dict(head)
         result = set_peft_model_state_dict(model, weights)
     except RuntimeError as err:
-        raise InputError(f"the LoRA weights do not fit this recipe's model: {_first_line(err)}", path=path) from None
+        raise InputError(f"the LoRA weights do not fit this recipe's model: {first_line(err)}", path=path) from None
     if result.unexpected_keys:
         raise InputError(f"the LoRA weights do not fit this recipe's model: {len(result.unexpected_keys)} unexpected "
                          f"weights, e.g. {result.unexpected_keys[0]}", path=path)
@@ -519,7 +519,7 @@ def _load_adapter(model: Wav2Vec2ForCTC, lang: str, *, path: str) -> None:
     except (OSError, ValueError) as err:
         known = adapter_languages(path) if Path(path).is_dir() else []
         listed = f" (it has: {', '.join(known)})" if known else ""
-        raise InputError(f"no usable adapter for language {lang!r}{listed}: {_first_line(err)}", path=path) from None
+        raise InputError(f"no usable adapter for language {lang!r}{listed}: {first_line(err)}", path=path) from None
 
 
 def _load_config(name: str) -> Wav2Vec2Config:
@@ -530,7 +530,7 @@ def _load_config(name: str) -> Wav2Vec2Config:
         config = AutoConfig.from_pretrained(name, trust_remote_code=False)
     except (OSError, ValueError) as err:
         where = "folder" if Path(name).is_dir() else "hub id (offline, misspelt, or gated?)"
-        raise InputError(f"cannot read the checkpoint's config.json from this {where}: {_first_line(err)}",
+        raise InputError(f"cannot read the checkpoint's config.json from this {where}: {first_line(err)}",
                          path=name) from err
     if not isinstance(config, Wav2Vec2Config):
         raise InputError(f"a {config.model_type!r} checkpoint, not wav2vec2", path=name)
@@ -550,7 +550,7 @@ def _load_weights(name: str, config: Wav2Vec2Config, *, head_required: bool = Fa
             model, info = Wav2Vec2ForCTC.from_pretrained(name, config=config, use_safetensors=True,
                                                          dtype=torch.float32, output_loading_info=True)
     except (OSError, RuntimeError) as err:
-        raise InputError(f"cannot load safetensors weights: {_first_line(err)} (pickled pytorch_model.bin files "
+        raise InputError(f"cannot load safetensors weights: {first_line(err)} (pickled pytorch_model.bin files "
                          "are never read: convert one you trust to model.safetensors in a local folder and use that "
                          "folder)", path=name) from err
     except SafetensorError as err:  # a truncated or corrupt model.safetensors
@@ -567,11 +567,6 @@ def _load_weights(name: str, config: Wav2Vec2Config, *, head_required: bool = Fa
         with torch.no_grad():
             model.wav2vec2.masked_spec_embed.uniform_()
     return model
-
-
-def _first_line(err: Exception) -> str:
-    """The first line of a library's error message: the rest (advice, URLs) would break the one-line report."""
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def _source_vocabulary(name: str, config: Wav2Vec2Config, *, lang: str | None = None) -> dict[str, int] | None:

@@ -29,7 +29,7 @@ from speechxfer.atomic import atomic_write
 from speechxfer.audio import AUDIO_SUFFIXES, audio_duration_s, load_audio
 from speechxfer.batching import frame_geometry, inference_batches
 from speechxfer.decoding import Decoder, Transcript, WordTiming
-from speechxfer.errors import AudioError, InputError, Problem
+from speechxfer.errors import AudioError, InputError, Problem, first_line
 from speechxfer.feature_encoder import use_blocked_feature_encoder
 from speechxfer.vocabulary import Vocabulary
 
@@ -123,7 +123,7 @@ class Recognizer:
         try:
             extractor = Wav2Vec2FeatureExtractor.from_pretrained(directory)
         except (OSError, ValueError) as err:
-            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            reason = first_line(err)
             raise InputError(f"cannot read the feature extractor settings (preprocessor_config.json): {reason}",
                              path=directory) from None
         if isinstance(self.model, torch.nn.Module):
@@ -168,7 +168,7 @@ class Recognizer:
             # load_adapter reads the folder the model was loaded from (config._name_or_path): self.directory.
             self.model.load_adapter(language, use_safetensors=True, local_files_only=True)
         except (OSError, ValueError, RuntimeError) as err:  # unreadable; not this model's adapter keys or shapes
-            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            reason = first_line(err)
             raise InputError(f"cannot load the adapter: {reason}", path=path) from None
         self.vocabulary = vocabulary
         self.lang = language
@@ -231,7 +231,7 @@ class ExportedModel:
         try:
             self.config = Wav2Vec2Config.from_pretrained(directory)
         except (OSError, ValueError) as err:
-            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            reason = first_line(err)
             raise InputError(f"cannot read config.json: {reason}", path=directory) from None
         settings = onnxruntime.SessionOptions()
         # As many threads as torch uses (OMP_NUM_THREADS; torchrun sets 1 per process), not onnxruntime's
@@ -242,7 +242,7 @@ class ExportedModel:
             self.session = onnxruntime.InferenceSession(os.fspath(path), settings,
                                                         providers=["CPUExecutionProvider"])
         except Exception as err:  # onnxruntime raises its own exception types for unreadable or invalid graphs
-            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            reason = first_line(err)
             raise InputError(f"cannot load the exported model: {reason}", path=path) from None
         self.takes_mask = "attention_mask" in {i.name for i in self.session.get_inputs()}
 
@@ -294,7 +294,7 @@ def model_directory(model: str | os.PathLike) -> str:
     try:
         return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt"])
     except Exception as err:  # hub errors come in many types (offline, not found, gated, bad id)
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        reason = first_line(err)
         raise InputError(f"no such model folder, and not a hub model that can be fetched: {reason}",
                          path=model) from None
 
@@ -684,7 +684,8 @@ class OutputWriter:
         """Rewrite transcripts.tsv with every row written so far (ids in `order` first), then drop the parts."""
         rows = self._read_rows()
         ids = [i for i in order if i in rows]
-        ids += [i for i in rows if i not in set(ids)]
+        ordered = set(ids)  # once: a set built per row would make a large folder's merge quadratic
+        ids += [i for i in rows if i not in ordered]
         _write_index(self._index, {i: rows[i] for i in ids})
         for part in self._parts():
             part.unlink()
