@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from speechxfer.errors import SpeechxferError
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
     from transformers import PreTrainedModel
 
@@ -150,6 +151,18 @@ def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def fused_optimizer_supported(device: torch.device) -> bool:
+    """Whether torch has fused optimizer kernels (`torch.optim.AdamW(fused=True)`) for `device`'s type: CPU and
+    CUDA among others since torch 2.4.
+
+    Leans on the private `torch.utils._foreach_utils._get_fused_kernels_supported_devices()`, the list the
+    optimizers check `fused=True` against (torch has no public one).
+    """
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    return device.type in _get_fused_kernels_supported_devices()
 
 
 def adapter_weights(model: nn.Module) -> dict[str, nn.Parameter]:

@@ -41,7 +41,7 @@ from speechxfer.augment import check_sources
 from speechxfer.batching import (DurationBatchSampler, SpeechDataset, collate, filter_utterances, frame_geometry,
                                  inference_batches)
 from speechxfer.decoding import GreedyDecoder, decode_batch
-from speechxfer.compat import enable_gradient_checkpointing, reset_accelerator_state
+from speechxfer.compat import enable_gradient_checkpointing, fused_optimizer_supported, reset_accelerator_state
 from speechxfer.errors import InputError, Problem
 from speechxfer.freezing import apply_freezing, parameter_groups, parameter_table
 from speechxfer.manifest import Utterance, check_held_out, read_jsonl, read_manifest
@@ -242,7 +242,7 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
                               layer_lr_decay=freezing.layer_lr_decay)
     for group in groups:
         group["lr_factor"] = group["lr"] / opts.lr  # layer-wise decay; the schedule scales every group alike
-    optimizer = torch.optim.AdamW(groups, lr=opts.lr, betas=ADAM_BETAS, eps=ADAM_EPS)
+    optimizer = adamw(groups, lr=opts.lr, device=accelerator.device)
 
     state = {"update": 0, "epoch": 0, "position": 0, "best_wer": None, "best_update": None, "evals_without_gain": 0,
              "blank_collapse_warned": False}
@@ -256,6 +256,16 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
     raw_model = accelerator.unwrap_model(model)
     apply_freezing(raw_model, freezing, update=state["update"], method=method)
     say(parameter_table(raw_model))
+    feature_cache = None
+    if (opts.feature_cache_mib > 0 and attention_mask and not recipe.augment.enabled
+            and not _FeatureCache.trainable(raw_model)):
+        if len({u.id for u, _ in examples}) == len(examples):
+            feature_cache = _FeatureCache(raw_model, max_bytes=opts.feature_cache_mib * 2**20,
+                                          autocast=accelerator.autocast)
+            say(f"feature encoder frozen, no augmentation: its output of each training utterance is computed once "
+                f"and kept (up to {opts.feature_cache_mib:g} MiB, train.feature_cache_mib)")
+        else:
+            say("feature encoder output not cached: training utterance ids repeat across manifests")
     if accelerator.num_processes > 1:
         say(f"{accelerator.num_processes} processes ({accelerator.distributed_type.value}), each taking its share of "
             "every batch")
@@ -307,6 +317,10 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
         update = state["update"]
         if apply_freezing(raw_model, freezing, update=update, method=method):
             say(f"update {update}: freezing changed\n{parameter_table(raw_model)}")
+            if feature_cache is not None and _FeatureCache.trainable(raw_model):
+                say(f"update {update}: the feature encoder trains from here on; its cached output is dropped "
+                    f"({feature_cache.summary()})")
+                feature_cache = None
         lr = get_lr(update if budget_s is None else min(SCHEDULE_STEPS - 1, int(done * SCHEDULE_STEPS)), schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_factor"]
@@ -325,7 +339,8 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
                 state["epoch"], state["position"], batch = next(batches)
             batch_ids = batch.pop("ids")
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            with accelerator.accumulate(model):
+            features = contextlib.nullcontext() if feature_cache is None else feature_cache.feeding(batch_ids, batch)
+            with accelerator.accumulate(model), features:
                 loss = model(**batch).loss
                 # DDP averages gradients over processes; weighing each by its share of the global batch makes the
                 # update the same as one process's even when the shares differ by an utterance.
@@ -386,6 +401,8 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
                 stopped_early = True
                 break
     progress.close()
+    if feature_cache is not None:
+        say(f"feature encoder cache: {feature_cache.summary()}")
     left_out_count = int(accelerator.reduce(torch.tensor(len(left_out["train"].problems), device=accelerator.device),
                                             reduction="sum"))
     if left_out_count:
@@ -415,6 +432,14 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
     return TrainResult(output_dir=str(out), updates=state["update"], best_update=state["best_update"],
                        best_dev_wer=state["best_wer"], test_wer=None if test_report is None else test_report.wer,
                        test_cer=None if test_report is None else test_report.cer, stop_reason=stop_reason)
+
+
+def adamw(groups: list[dict], *, lr: float, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with fairseq's betas and eps over parameter groups (freezing.parameter_groups), on torch's fused kernel
+    where torch has one for `device`: one pass over each group's tensors instead of about ten small operations per
+    tensor. The result equals the per-tensor optimizer's up to float rounding (tests/test_training.py)."""
+    return torch.optim.AdamW(groups, lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS,
+                             fused=True if fused_optimizer_supported(device) else None)
 
 
 def get_lr(update: int, options: TrainOptions) -> float:
@@ -814,6 +839,67 @@ def _eval_batches(utterances: list[Utterance], refs: dict[str, str], vocab: Voca
                                 max_batch_samples=options.max_batch_s * SAMPLE_RATE_HZ)
     return (SpeechDataset([(u, vocab.encode(refs[u.id])) for u in kept]),
             batches[accelerator.process_index::accelerator.num_processes])
+
+
+class _FeatureCache:
+    """The frozen conv feature encoder's output for each training utterance, computed once and fed to the rest of
+    the model in later epochs in place of the encoder's forward pass (train.feature_cache_mib).
+
+    Exact only where an utterance's frames do not depend on the rest of its batch: a layer-norm encoder (the models
+    that take an attention mask, surgery.needs_attention_mask) normalizes each frame on its own, so an utterance's
+    frames computed alone are those of the padded batch (up to float rounding), and the padded frames are masked
+    out. A group-norm encoder normalizes each channel over the whole padded row, so the padding moves every frame.
+    Every utterance is computed alone, cached or not, so a run's losses depend neither on what fits in max_bytes
+    nor on where it was resumed (the cache starts empty). Tensors are kept on the CPU.
+    """
+
+    def __init__(self, model: Wav2Vec2ForCTC, *, max_bytes: float,
+                 autocast: Callable[[], contextlib.AbstractContextManager]):
+        self.encoder = model.wav2vec2.feature_extractor
+        self.max_bytes = max_bytes
+        self.autocast = autocast  # the forward pass's precision (accelerate's), so features match the uncached ones
+        self.features: dict[str, torch.Tensor] = {}  # utterance id -> (channels, frames)
+        self.bytes = 0
+        self.lookups = 0
+        self.hits = 0
+
+    @staticmethod
+    def trainable(model: Wav2Vec2ForCTC) -> bool:
+        """Whether any parameter of the model's feature encoder trains (at the current freezing state)."""
+        return any(p.requires_grad for p in model.wav2vec2.feature_extractor.parameters())
+
+    def summary(self) -> str:
+        return (f"{len(self.features)} utterances, {self.bytes / 2**20:.0f} MiB; {self.hits} of {self.lookups} "
+                "lookups reused")
+
+    @contextlib.contextmanager
+    def feeding(self, ids: list[str], batch: dict[str, torch.Tensor]) -> Iterator[None]:
+        """Within this context, the encoder's forward returns the batch's features (batch, channels, frames),
+        zero past the end of each utterance: batch["attention_mask"] gives each one's samples."""
+        input_values = batch["input_values"]
+        parts = []
+        for row, (utterance_id, num_samples) in enumerate(zip(ids, batch["attention_mask"].sum(-1).tolist())):
+            self.lookups += 1
+            part = self.features.get(utterance_id)
+            if part is not None:
+                self.hits += 1
+            else:
+                with torch.no_grad(), self.autocast():
+                    part = self.encoder(input_values[row:row + 1, :num_samples])[0].cpu()
+                if self.bytes + part.nbytes <= self.max_bytes:
+                    self.features[utterance_id] = part
+                    self.bytes += part.nbytes
+            parts.append(part)
+        features = torch.zeros(len(parts), parts[0].shape[0], max(part.shape[1] for part in parts),
+                               dtype=parts[0].dtype, device=input_values.device)
+        for row, part in enumerate(parts):
+            features[row, :, :part.shape[1]] = part
+        # An instance attribute shadows the class's forward for the model's call inside this context only.
+        self.encoder.forward = lambda input_values: features
+        try:
+            yield
+        finally:
+            del self.encoder.forward
 
 
 class _MetricsLog:
