@@ -271,6 +271,119 @@ def test_gradient_checkpointing_gives_the_losses_and_weights_of_a_plain_run(tmp_
     assert max((plain[k] - recomputed[k]).abs().max().item() for k in plain) <= 1e-6
 
 
+def test_fused_adamw_gives_the_weights_of_the_per_tensor_one():
+    """training.adamw takes torch's fused kernel on the CPU; five updates over parameter groups with layer-wise
+    learning rates and weight decay (one frozen group) land within 1e-6 of the per-tensor optimizer's weights."""
+    from transformers import Wav2Vec2ForCTC
+
+    from speechxfer.freezing import parameter_groups
+    from tiny import tiny_config
+
+    torch.manual_seed(0)
+    models = [Wav2Vec2ForCTC(tiny_config())]
+    models.append(Wav2Vec2ForCTC(tiny_config()))
+    models[1].load_state_dict(models[0].state_dict())
+    for model in models:
+        model.freeze_feature_encoder()
+    fused, plain = (parameter_groups(model, lr=1e-3, weight_decay=0.01, layer_lr_decay=0.5) for model in models)
+    fused = training.adamw(fused, lr=1e-3, device=torch.device("cpu"))
+    plain = torch.optim.AdamW(plain, lr=1e-3, betas=training.ADAM_BETAS, eps=training.ADAM_EPS, foreach=False)
+    assert fused.defaults["fused"] is True
+    params = [[p for p in model.parameters()] for model in models]
+    for _ in range(5):
+        for fused_p, plain_p in zip(*params):
+            if fused_p.requires_grad:
+                fused_p.grad = torch.randn_like(fused_p)
+                plain_p.grad = fused_p.grad.clone()
+        fused.step()
+        plain.step()
+    before = Wav2Vec2ForCTC(tiny_config()).state_dict()
+    after = [model.state_dict() for model in models]
+    assert max((after[0][k] - after[1][k]).abs().max().item() for k in before) <= 1e-6
+    moved = [k for k in before if not torch.equal(after[0][k], after[1][k])]
+    assert moved, "the two optimizers round alike: the comparison would hold for any optimizer"
+    encoder = models[0].wav2vec2.feature_extractor.state_dict()
+    assert all(torch.equal(v, models[1].wav2vec2.feature_extractor.state_dict()[k]) for k, v in encoder.items())
+
+
+class EncoderSpy:
+    """Counts the conv feature encoder's forward passes in training mode (dev and test decoding left out)."""
+
+    def __init__(self, monkeypatch):
+        from transformers.models.wav2vec2 import modeling_wav2vec2
+
+        self.calls = 0
+        real = modeling_wav2vec2.Wav2Vec2FeatureEncoder.forward
+
+        def counted(encoder, input_values):
+            self.calls += encoder.training
+            return real(encoder, input_values)
+
+        monkeypatch.setattr(modeling_wav2vec2.Wav2Vec2FeatureEncoder, "forward", counted)
+
+
+def training_losses(run_dir) -> list[float]:
+    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r]
+
+
+@pytest.mark.parametrize("freezing", [{}, {"feature_encoder": False, "head_only_updates": 4}],
+                         ids=["frozen", "thawed-at-4"])
+def test_the_feature_encoder_cache_gives_the_losses_of_the_uncached_run(tmp_path, corpus, stable_run, monkeypatch,
+                                                                         caplog, freezing):
+    """A layer-norm model without augmentation: the frozen encoder runs once per training utterance (6), not once
+    per batch (8 updates of 2 utterances, 3 batches an epoch), and the losses and weights are those of a run with
+    train.feature_cache_mib 0. With a schedule that thaws the encoder at update 4, the cache serves the updates
+    before it and is dropped there. (The resume tests run stable_run's recipe, cache on.)"""
+    base = Path(stable_run[0].base)
+    runs = {}
+    for name, cache_mib in (("uncached", 0), ("cached", 64)):
+        spy = EncoderSpy(monkeypatch)
+        recipe = load_recipe(write_recipe(tmp_path / f"{name}.yaml", base=base, manifests=corpus,
+                                          output_dir=tmp_path / name, freezing=freezing,
+                                          train={"max_updates": 8, "feature_cache_mib": cache_mib},
+                                          eval={"every_updates": 8}))
+        with caplog.at_level(logging.INFO, logger="speechxfer"):
+            training.train(recipe)
+        runs[name] = spy.calls
+    said = [r.getMessage() for r in caplog.records if r.name == "speechxfer.training"]
+    if freezing:
+        assert runs == {"uncached": 8, "cached": 6 + 4}  # updates 1-4 (8 lookups, 2 reused), then once a batch
+        assert any(m.startswith("update 4: the feature encoder trains from here on; its cached output is dropped")
+                   for m in said)
+    else:
+        assert runs == {"uncached": 8, "cached": 6}
+        assert "feature encoder cache: 6 utterances, 0 MiB; 10 of 16 lookups reused" in said
+    assert training_losses(tmp_path / "cached") == pytest.approx(training_losses(tmp_path / "uncached"), rel=1e-5)
+    cached = load_file(tmp_path / "cached" / "last" / "model.safetensors")
+    uncached = load_file(tmp_path / "uncached" / "last" / "model.safetensors")
+    # An utterance's frames computed alone and in a padded batch differ by float rounding (~1e-7); once the encoder
+    # trains, AdamW's division by the root of tiny squared gradients grows that to ~2e-6 in 4 updates: 0.2% of one
+    # update's step (lr 1e-3).
+    assert max((cached[k] - uncached[k]).abs().max().item() for k in cached) <= (1e-5 if freezing else 1e-6)
+
+
+@pytest.mark.parametrize("why", ["augmentation", "group norm"])
+def test_no_feature_encoder_cache_where_the_encoder_output_changes(tmp_path, corpus, stable_run, monkeypatch,
+                                                                   caplog, why):
+    """With augmentation each epoch's audio differs; a group-norm encoder's frames depend on the batch's padding:
+    the encoder runs on every batch (4 updates), and no cache is announced."""
+    base = Path(stable_run[0].base)
+    sections = {"train": {"max_updates": 4}, "eval": {"every_updates": 4}}
+    if why == "augmentation":
+        sections["augment"] = {"gain": {"probability": 1.0}}
+    else:
+        base = make_tiny_checkpoint(tmp_path / "base", arch="base")
+    spy = EncoderSpy(monkeypatch)
+    recipe = load_recipe(write_recipe(tmp_path / "recipe.yaml", base=base, manifests=corpus,
+                                      output_dir=tmp_path / "out", **sections))
+    with caplog.at_level(logging.INFO, logger="speechxfer"):
+        training.train(recipe)
+    assert spy.calls == 4
+    assert not [r for r in caplog.records if "feature encoder cache" in r.getMessage()
+                or "computed once" in r.getMessage()]
+
+
 # Every effect on, noise from a folder given relative to the recipe file; speed factors far apart so that the
 # batches planned for the slowest hold fewer utterances than unperturbed ones would.
 EVERY_EFFECT = {"speed": {"probability": 1.0, "factors": [0.8, 1.0, 1.25]},
