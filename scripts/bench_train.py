@@ -4,8 +4,9 @@ Trainer fed as run_speech_recognition_ctc.py feeds it, and by the bare training 
 On the same model, the same corpus (synthetic speech, 1-15 s, median about 5 s), the same optimiser (AdamW with
 speechxfer's betas and eps, linear schedule with 10% warm-up, gradient clipping at 1.0, feature encoder frozen):
   a        `speechxfer.training.train` (batches of at most --max-batch-s padded seconds, planned by duration,
-           audio decoded by the loader; fused AdamW; a layer-norm encoder's output cached from the second epoch
-           on); timed from its own metrics.jsonl (cumulative audio_h and minutes).
+           audio decoded by the loader; fused AdamW; the frozen encoder's output cached from the second epoch
+           on; a group-norm encoder such as the seed's run on each utterance alone, as training runs it); timed
+           from its own metrics.jsonl (cumulative audio_h and minutes).
   b        transformers `Trainer` as examples/pytorch/speech-recognition/run_speech_recognition_ctc.py runs it:
            audio decoded and normalized by Wav2Vec2FeatureExtractor once before training (as its dataset.map),
            padding CTC collator (processor.pad, labels padded with -100), fixed per_device_train_batch_size,
@@ -19,9 +20,9 @@ the fused kernel), a+nocache (train.feature_cache_mib=0), c+cache (the frozen fe
 once and reused), c+plain (per-tensor AdamW), c+eager (eager attention instead of SDPA), c+bf16 (bf16 autocast).
 
 a's cache serves from the second epoch on: to time it, make --warmup at least one epoch's updates (the plan line
-says how many), e.g. --utterances 100 --warmup 25. It applies to layer-norm feature encoders only (the seed's is
-group-norm): --shape seed-layernorm is the seed with layer-norm conv layers (new norms at their initial values,
-the rest of its weights kept), the smallest model the cache applies to.
+says how many), e.g. --utterances 100 --warmup 25. --shape seed-layernorm is the seed with layer-norm conv
+layers (new norms at their initial values, the rest of its weights kept): a model that takes an attention mask,
+whose encoder runs on padded batches where nothing is cached.
 
 Each run is a fresh process: --warmup updates, then --updates timed ones; paths alternate (a, b, c, a, b, c, ...)
 and each path's figure is the median over --repeat runs. Prints one line per run, then the table (audio seconds

@@ -142,8 +142,8 @@ class TrainOptions:
     max_duration_s: float = checked(20.0, POSITIVE)  # longer training utterances are dropped (and counted)
     num_workers: int = checked(0, NON_NEGATIVE)  # data-loader processes decoding audio
     # Memory (MiB, host) for the frozen conv feature encoder's output of each training utterance, computed once and
-    # reused in later epochs. Only without augmentation, while the encoder is frozen, and for layer-norm encoders
-    # (XLS-R, large-lv60; see training._FeatureCache). The losses are those of the uncached run; 0: off.
+    # reused in later epochs. Only without augmentation and while the encoder is frozen (see training._EncoderFeed).
+    # The losses are those of the uncached run; 0: off.
     feature_cache_mib: float = checked(2048.0, NON_NEGATIVE)
     log_every: int = checked(10, AT_LEAST_ONE)  # updates between progress/metrics lines
 

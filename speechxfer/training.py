@@ -228,8 +228,10 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
     duration_s = {u.id: u.duration_s for u, _ in examples}
     attention_mask = needs_attention_mask(model.config)
     # Batches are moved to the device by hand and never passed to accelerator.prepare: the sampler already gives
-    # each process its share, and accelerate would shard them a second time.
+    # each process its share, and accelerate would shard them a second time. Training batches always carry the
+    # mask: a model that takes none at inference still trains with it (see _EncoderFeed).
     make_loader = partial(_loader, attention_mask=attention_mask, num_workers=opts.num_workers)
+    make_train_loader = partial(_loader, attention_mask=True, num_workers=opts.num_workers)
     left_out = {name: _LeftOut(name) for name in ("train", "dev", "test")}
 
     # --- optimizer: AdamW over every parameter (frozen ones get no gradient, so no update and no decay) --------
@@ -256,16 +258,21 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
     raw_model = accelerator.unwrap_model(model)
     apply_freezing(raw_model, freezing, update=state["update"], method=method)
     say(parameter_table(raw_model))
-    feature_cache = None
-    if (opts.feature_cache_mib > 0 and attention_mask and not recipe.augment.enabled
-            and not _FeatureCache.trainable(raw_model)):
-        if len({u.id for u, _ in examples}) == len(examples):
-            feature_cache = _FeatureCache(raw_model, max_bytes=opts.feature_cache_mib * 2**20,
-                                          autocast=accelerator.autocast)
-            say(f"feature encoder frozen, no augmentation: its output of each training utterance is computed once "
-                f"and kept (up to {opts.feature_cache_mib:g} MiB, train.feature_cache_mib)")
-        else:
-            say("feature encoder output not cached: training utterance ids repeat across manifests")
+    unique_ids = len({u.id for u, _ in examples}) == len(examples)
+    cacheable = opts.feature_cache_mib > 0 and not recipe.augment.enabled and not _EncoderFeed.trainable(raw_model)
+    feed = None
+    if not attention_mask or cacheable:
+        feed = _EncoderFeed(raw_model, max_bytes=opts.feature_cache_mib * 2**20 if cacheable and unique_ids else 0,
+                            autocast=accelerator.autocast)
+    if not attention_mask:
+        say("the model takes no attention mask (group-norm feature encoder) and is decoded one utterance at a time: "
+            "its feature encoder runs on each training utterance alone and the rest of the model gets the mask, so "
+            "padding changes nothing it learns from")
+    if cacheable and not unique_ids:
+        say("feature encoder output not cached: training utterance ids repeat across manifests")
+    elif feed is not None and feed.max_bytes:
+        say(f"feature encoder frozen, no augmentation: its output of each training utterance is computed once "
+            f"and kept (up to {opts.feature_cache_mib:g} MiB, train.feature_cache_mib)")
     if accelerator.num_processes > 1:
         say(f"{accelerator.num_processes} processes ({accelerator.distributed_type.value}), each taking its share of "
             "every batch")
@@ -284,11 +291,11 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
     # --- the loop -------------------------------------------------------------------------------------------
     for key in ("elapsed_s", "audio_s", "short_epoch", "short_position"):
         state.setdefault(key, 0)  # absent from checkpoints written before time budgets and short-first stages
-    batches = _batch_stream(sampler, make_loader, partial(train_audio, examples), epoch=state["epoch"],
+    batches = _batch_stream(sampler, make_train_loader, partial(train_audio, examples), epoch=state["epoch"],
                             position=state["position"], left_out=left_out["train"],
                             everywhere=partial(_everywhere, accelerator))
     short_batches = None if short_sampler is None else _batch_stream(
-        short_sampler, make_loader, partial(train_audio, short_examples), epoch=state["short_epoch"],
+        short_sampler, make_train_loader, partial(train_audio, short_examples), epoch=state["short_epoch"],
         position=state["short_position"],
         left_out=left_out["train"], everywhere=partial(_everywhere, accelerator))
     budget_s = None if opts.max_minutes is None else 60 * opts.max_minutes
@@ -317,10 +324,10 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
         update = state["update"]
         if apply_freezing(raw_model, freezing, update=update, method=method):
             say(f"update {update}: freezing changed\n{parameter_table(raw_model)}")
-            if feature_cache is not None and _FeatureCache.trainable(raw_model):
+            if feed is not None and feed.max_bytes and _EncoderFeed.trainable(raw_model):
                 say(f"update {update}: the feature encoder trains from here on; its cached output is dropped "
-                    f"({feature_cache.summary()})")
-                feature_cache = None
+                    f"({feed.summary()})")
+                feed = feed.without_cache() if not attention_mask else None
         lr = get_lr(update if budget_s is None else min(SCHEDULE_STEPS - 1, int(done * SCHEDULE_STEPS)), schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_factor"]
@@ -339,7 +346,7 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
                 state["epoch"], state["position"], batch = next(batches)
             batch_ids = batch.pop("ids")
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            features = contextlib.nullcontext() if feature_cache is None else feature_cache.feeding(batch_ids, batch)
+            features = contextlib.nullcontext() if feed is None else feed.feeding(batch_ids, batch)
             with accelerator.accumulate(model), features:
                 loss = model(**batch).loss
                 # DDP averages gradients over processes; weighing each by its share of the global batch makes the
@@ -401,8 +408,8 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
                 stopped_early = True
                 break
     progress.close()
-    if feature_cache is not None:
-        say(f"feature encoder cache: {feature_cache.summary()}")
+    if feed is not None and feed.max_bytes:
+        say(f"feature encoder cache: {feed.summary()}")
     left_out_count = int(accelerator.reduce(torch.tensor(len(left_out["train"].problems), device=accelerator.device),
                                             reduction="sum"))
     if left_out_count:
@@ -841,16 +848,20 @@ def _eval_batches(utterances: list[Utterance], refs: dict[str, str], vocab: Voca
             batches[accelerator.process_index::accelerator.num_processes])
 
 
-class _FeatureCache:
-    """The frozen conv feature encoder's output for each training utterance, computed once and fed to the rest of
-    the model in later epochs in place of the encoder's forward pass (train.feature_cache_mib).
+class _EncoderFeed:
+    """Runs the conv feature encoder on each training utterance alone and feeds the padded result to the rest of
+    the model in place of the encoder's forward pass over the padded batch; with max_bytes, keeps a frozen
+    encoder's output per utterance and reuses it in later epochs (train.feature_cache_mib).
 
-    Exact only where an utterance's frames do not depend on the rest of its batch: a layer-norm encoder (the models
-    that take an attention mask, surgery.needs_attention_mask) normalizes each frame on its own, so an utterance's
-    frames computed alone are those of the padded batch (up to float rounding), and the padded frames are masked
-    out. A group-norm encoder normalizes each channel over the whole padded row, so the padding moves every frame.
-    Every utterance is computed alone, cached or not, so a run's losses depend neither on what fits in max_bytes
-    nor on where it was resumed (the cache starts empty). Tensors are kept on the CPU.
+    Two uses. A model without an attention mask (group-norm encoder: the seed, wav2vec2-base) normalizes each
+    channel over the whole padded row, so in a padded batch the padding moves every frame of every shorter
+    utterance, while `transcribe` decodes such a model one utterance at a time (batching.inference_batches): fed
+    this way, with the mask given to the rest of the model (attention and CTC lengths), it learns from the frames
+    it is later decoded from. A layer-norm encoder normalizes each frame on its own, so its frames computed alone
+    are those of the padded batch (up to float rounding): the feed only serves the cache there. Every utterance is
+    computed alone, cached or not, so a run's losses depend neither on what fits in max_bytes nor on where it was
+    resumed (the cache starts empty). Cached tensors are kept on the CPU; a trainable encoder is run with its
+    gradient and nothing is cached.
     """
 
     def __init__(self, model: Wav2Vec2ForCTC, *, max_bytes: float,
@@ -868,6 +879,12 @@ class _FeatureCache:
         """Whether any parameter of the model's feature encoder trains (at the current freezing state)."""
         return any(p.requires_grad for p in model.wav2vec2.feature_extractor.parameters())
 
+    def without_cache(self) -> _EncoderFeed:
+        """The same feed with its cache emptied and off (the encoder has thawed)."""
+        self.features.clear()
+        self.max_bytes = self.bytes = 0
+        return self
+
     def summary(self) -> str:
         return (f"{len(self.features)} utterances, {self.bytes / 2**20:.0f} MiB; {self.hits} of {self.lookups} "
                 "lookups reused")
@@ -877,23 +894,25 @@ class _FeatureCache:
         """Within this context, the encoder's forward returns the batch's features (batch, channels, frames),
         zero past the end of each utterance: batch["attention_mask"] gives each one's samples."""
         input_values = batch["input_values"]
+        trainable = any(p.requires_grad for p in self.encoder.parameters())
         parts = []
         for row, (utterance_id, num_samples) in enumerate(zip(ids, batch["attention_mask"].sum(-1).tolist())):
             self.lookups += 1
             part = self.features.get(utterance_id)
             if part is not None:
                 self.hits += 1
+            elif trainable:
+                with self.autocast():
+                    part = self.encoder(input_values[row:row + 1, :num_samples])[0]
             else:
                 with torch.no_grad(), self.autocast():
                     part = self.encoder(input_values[row:row + 1, :num_samples])[0].cpu()
                 if self.bytes + part.nbytes <= self.max_bytes:
                     self.features[utterance_id] = part
                     self.bytes += part.nbytes
-            parts.append(part)
-        features = torch.zeros(len(parts), parts[0].shape[0], max(part.shape[1] for part in parts),
-                               dtype=parts[0].dtype, device=input_values.device)
-        for row, part in enumerate(parts):
-            features[row, :, :part.shape[1]] = part
+            parts.append(part.to(input_values.device))
+        # (frames, channels) rows padded with zeros, back to (batch, channels, frames)
+        features = torch.nn.utils.rnn.pad_sequence([part.T for part in parts], batch_first=True).transpose(1, 2)
         # An instance attribute shadows the class's forward for the model's call inside this context only.
         self.encoder.forward = lambda input_values: features
         try:

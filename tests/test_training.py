@@ -3,6 +3,7 @@ resuming, a shipped recipe, and the 1- vs 2-process check."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -363,25 +364,61 @@ def test_the_feature_encoder_cache_gives_the_losses_of_the_uncached_run(tmp_path
     assert max((cached[k] - uncached[k]).abs().max().item() for k in cached) <= (1e-5 if freezing else 1e-6)
 
 
-@pytest.mark.parametrize("why", ["augmentation", "group norm"])
-def test_no_feature_encoder_cache_where_the_encoder_output_changes(tmp_path, corpus, stable_run, monkeypatch,
-                                                                   caplog, why):
-    """With augmentation each epoch's audio differs; a group-norm encoder's frames depend on the batch's padding:
-    the encoder runs on every batch (4 updates), and no cache is announced."""
-    base = Path(stable_run[0].base)
-    sections = {"train": {"max_updates": 4}, "eval": {"every_updates": 4}}
-    if why == "augmentation":
-        sections["augment"] = {"gain": {"probability": 1.0}}
-    else:
-        base = make_tiny_checkpoint(tmp_path / "base", arch="base")
+def test_no_feature_encoder_cache_with_augmentation(tmp_path, corpus, stable_run, monkeypatch, caplog):
+    """With augmentation each epoch's audio differs: a layer-norm model's encoder runs on every batch (4 updates),
+    and no cache is announced."""
     spy = EncoderSpy(monkeypatch)
-    recipe = load_recipe(write_recipe(tmp_path / "recipe.yaml", base=base, manifests=corpus,
-                                      output_dir=tmp_path / "out", **sections))
+    recipe = load_recipe(write_recipe(tmp_path / "recipe.yaml", base=Path(stable_run[0].base), manifests=corpus,
+                                      output_dir=tmp_path / "out", train={"max_updates": 4},
+                                      eval={"every_updates": 4}, augment={"gain": {"probability": 1.0}}))
     with caplog.at_level(logging.INFO, logger="speechxfer"):
         training.train(recipe)
     assert spy.calls == 4
     assert not [r for r in caplog.records if "feature encoder cache" in r.getMessage()
                 or "computed once" in r.getMessage()]
+
+
+def test_the_encoder_feed_gives_each_utterance_the_frames_it_has_alone(tmp_path):
+    """A group-norm model normalizes over the padded row, so in a padded batch a short utterance's logits are not
+    those it gets alone (as transcribe decodes it); fed by _EncoderFeed with the mask, they are."""
+    model = build_ctc_model(str(make_tiny_checkpoint(tmp_path / "base", arch="base")),
+                            Vocabulary.from_texts(["abc"]))[0].eval()
+    generator = torch.Generator().manual_seed(0)
+    lengths = [16000, 9000]
+    input_values = torch.zeros(2, max(lengths))
+    mask = torch.zeros(2, max(lengths), dtype=torch.long)
+    for row, n in enumerate(lengths):
+        input_values[row, :n] = torch.randn(n, generator=generator)
+        mask[row, :n] = 1
+    with torch.no_grad():
+        alone = [model(input_values[row:row + 1, :n]).logits[0] for row, n in enumerate(lengths)]
+        padded = model(input_values).logits
+        feed = training._EncoderFeed(model, max_bytes=0, autocast=contextlib.nullcontext)
+        with feed.feeding(["long", "short"], {"input_values": input_values, "attention_mask": mask}):
+            fed = model(input_values=input_values, attention_mask=mask).logits
+    short = alone[1].shape[0]
+    assert (padded[1, :short] - alone[1]).abs().max() > 1e-3  # what training saw before
+    for row, logits in enumerate(alone):
+        torch.testing.assert_close(fed[row, :logits.shape[0]], logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("augment", [False, True], ids=["cached", "augmented"])
+def test_a_group_norm_model_trains_on_each_utterance_alone(tmp_path, corpus, monkeypatch, caplog, augment):
+    """A model without an attention mask runs its encoder once per utterance (2 a batch): 8 times in 4 updates with
+    augmentation; without, once per training utterance (6) and then from the cache."""
+    sections = {"train": {"max_updates": 4}, "eval": {"every_updates": 4}}
+    if augment:
+        sections["augment"] = {"gain": {"probability": 1.0}}
+    spy = EncoderSpy(monkeypatch)
+    recipe = load_recipe(write_recipe(tmp_path / "recipe.yaml", base=make_tiny_checkpoint(tmp_path / "base",
+                                                                                           arch="base"),
+                                      manifests=corpus, output_dir=tmp_path / "out", **sections))
+    with caplog.at_level(logging.INFO, logger="speechxfer"):
+        training.train(recipe)
+    said = [r.getMessage() for r in caplog.records if r.name == "speechxfer.training"]
+    assert any(m.startswith("the model takes no attention mask") for m in said)
+    assert spy.calls == (8 if augment else 6)
+    assert any("feature encoder cache" in m for m in said) is not augment
 
 
 # Every effect on, noise from a folder given relative to the recipe file; speed factors far apart so that the
