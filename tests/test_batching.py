@@ -83,7 +83,7 @@ def audio_examples(tmp_path):
 
 def test_dataset_items_are_normalized_audio_with_labels(audio_examples):
     dataset = SpeechDataset(audio_examples)
-    assert len(dataset) == 3 and dataset.durations_s == [0.5, 0.8, 0.25]
+    assert len(dataset) == 3 and dataset.durations_s.tolist() == [0.5, 0.8, 0.25]
     for index, expected_samples in enumerate((8000, 12800, 4000)):
         item = dataset[index]
         assert item["id"] == audio_examples[index][0].id
