@@ -3,9 +3,10 @@
 Writes a manifest of --rows generated rows (durations drawn like Common Voice clips, short random texts; every row
 names the same short audio file, so that the one stat per row that training makes finds a file, and nothing is
 opened), then times the steps train() takes on it, in this process:
-  read:   manifest.read_manifest(path, check_files=True), as train() reads a split
+  read:   manifest.read_manifest_table(path, check_files=True), as train() reads its train split (columns)
   filter: batching.filter_utterances (normalize, encode, CTC fit against the conv layout of XLS-R)
-  plan:   DurationBatchSampler: the first epoch's batches, as train() plans them before the first update
+  plan:   DurationBatchSampler over SpeechDataset(kept).durations_s: the first epoch's batches, as train() plans
+          them before the first update
 Prints each step's wall and CPU seconds (the machine may be shared: CPU time is what the steps cost) and the
 process's peak RSS (imports included), then the targets: < 10 s and < 1 GiB.
 
@@ -26,8 +27,8 @@ from pathlib import Path
 import numpy as np
 from transformers import Wav2Vec2Config
 
-from speechxfer.batching import DurationBatchSampler, filter_utterances
-from speechxfer.manifest import read_manifest
+from speechxfer.batching import DurationBatchSampler, SpeechDataset, filter_utterances
+from speechxfer.manifest import read_manifest_table
 from speechxfer.text import TextNormalizer
 from speechxfer.vocabulary import Vocabulary
 
@@ -68,7 +69,7 @@ def main() -> None:
             steps.append((name, time.perf_counter() - wall, time.process_time() - cpu))
             return result
 
-        utterances, problems = timed("read", lambda: read_manifest(manifest, check_files=True))
+        utterances, problems = timed("read", lambda: read_manifest_table(manifest, check_files=True))
         assert not problems, problems[:3]
         vocab = Vocabulary.from_texts([" ".join(LETTERS)])
         kept, dropped = timed("filter", lambda: filter_utterances(
@@ -76,7 +77,7 @@ def main() -> None:
             max_duration_s=20.0))
 
         def plan() -> int:
-            sampler = DurationBatchSampler([u.duration_s for u, _ in kept], max_batch_s=args.max_batch_s,
+            sampler = DurationBatchSampler(SpeechDataset(kept).durations_s, max_batch_s=args.max_batch_s,
                                            seed=args.seed)
             return len(sampler)  # the epoch's batches are formed when first asked for
 
@@ -86,9 +87,13 @@ def main() -> None:
     print(f"{args.rows} rows: {len(kept)} kept ({dropped}); {num_batches} batches of at most {args.max_batch_s:g} s")
     for name, wall, cpu in steps:
         print(f"  {name:<7} {wall:6.2f} s wall  {cpu:6.2f} s CPU")
-    print(f"  total   {sum(s[1] for s in steps):6.2f} s wall  {sum(s[2] for s in steps):6.2f} s CPU (target < 10 s)")
+    wall_s, cpu_s = sum(s[1] for s in steps), sum(s[2] for s in steps)
+    print(f"  total   {wall_s:6.2f} s wall  {cpu_s:6.2f} s CPU (target < 10 s)")
     print(f"peak RSS {peak_mib:.0f} MiB: {imported_mib:.0f} MiB before reading (imports, torch's most of it), "
           f"{peak_mib - imported_mib:.0f} MiB more for the rows (target < 1024 MiB)")
+    met = wall_s < 10 and peak_mib < 1024
+    print(f"targets {'met' if met else 'NOT met'}: {wall_s:.2f} s wall {'<' if wall_s < 10 else '>='} 10 s, "
+          f"{peak_mib:.0f} MiB {'<' if peak_mib < 1024 else '>='} 1024 MiB")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from speechxfer.audio import SAMPLE_RATE_HZ, load_audio
 from speechxfer.augment import AugmentOptions, augment, duration_bounds_s
 from speechxfer.compat import gc_paused
 from speechxfer.errors import AudioError
-from speechxfer.manifest import Utterance, duration_mismatch
+from speechxfer.manifest import Utterance, UtteranceTable, duration_mismatch
 from speechxfer.text import TextNormalizer, TextRejected
 from speechxfer.vocabulary import Vocabulary
 
@@ -93,10 +93,58 @@ class DropReport:
                 f"{self.rejected_text} with rejected text; e.g. {', '.join(self.examples)}")
 
 
-def filter_utterances(utterances: Iterable[Utterance], *, normalizer: TextNormalizer, vocab: Vocabulary,
+class Examples(Sequence[tuple[Utterance, np.ndarray]]):
+    """What filter_utterances keeps: item k is (utterance, its label ids: a read-only view into one array that
+    holds all of them). Columns serve those that look at every item: `durations_s` (float64 (items,)) and `rows`
+    (int64 (items,): each item's position in the utterances filtered); an item's Utterance is only fetched (from
+    an UtteranceTable: built) when asked for."""
+
+    def __init__(self, utterances: Sequence[Utterance], rows: np.ndarray, labels: np.ndarray, starts: np.ndarray,
+                 ends: np.ndarray, durations_s: np.ndarray):
+        self.utterances = utterances
+        self.rows = rows
+        self._labels = labels  # read-only, shared: item k's labels are labels[starts[k]:ends[k]]
+        self._starts = starts
+        self._ends = ends
+        self.durations_s = durations_s
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[k] for k in range(*index.indices(len(self)))]
+        index = range(len(self))[index]  # IndexError past the end; negative from the end
+        return self.utterances[self.rows[index]], self._labels[self._starts[index]:self._ends[index]]
+
+    def __iter__(self) -> Iterator[tuple[Utterance, np.ndarray]]:
+        return map(self.__getitem__, range(len(self)))
+
+    @classmethod
+    def concat(cls, parts: Sequence[Examples]) -> Examples:
+        """The items of `parts`, one after another, over their utterances joined (UtteranceTable.concat when
+        every part's are a table)."""
+        tables = [part.utterances for part in parts]
+        utterances = (UtteranceTable.concat(tables) if all(isinstance(t, UtteranceTable) for t in tables)
+                      else [u for t in tables for u in t])
+        row_offsets = np.cumsum([0] + [len(t) for t in tables])
+        label_offsets = np.cumsum([0] + [len(part._labels) for part in parts])
+        labels = np.concatenate([part._labels for part in parts])
+        labels.flags.writeable = False
+        join = np.concatenate
+        return cls(utterances, join([p.rows + k for p, k in zip(parts, row_offsets)]), labels,
+                   join([p._starts + k for p, k in zip(parts, label_offsets)]),
+                   join([p._ends + k for p, k in zip(parts, label_offsets)]), join([p.durations_s for p in parts]))
+
+    def select(self, mask: np.ndarray) -> Examples:
+        """The items where `mask` (bool (items,)) holds, in order, their labels in the same array."""
+        return Examples(self.utterances, self.rows[mask], self._labels, self._starts[mask], self._ends[mask],
+                        self.durations_s[mask])
+
+
+def filter_utterances(utterances: Sequence[Utterance], *, normalizer: TextNormalizer, vocab: Vocabulary,
                       config: Wav2Vec2Config, min_duration_s: float, max_duration_s: float,
-                      augment_options: AugmentOptions | None = None,
-                      ) -> tuple[list[tuple[Utterance, np.ndarray]], DropReport]:
+                      augment_options: AugmentOptions | None = None) -> tuple[Examples, DropReport]:
     """Normalize and encode each transcript, keeping (utterance, label ids) for those the model can learn from.
 
     Drops, with counts: durations outside [min_duration_s, max_duration_s] or shorter than the model's receptive
@@ -104,72 +152,68 @@ def filter_utterances(utterances: Iterable[Utterance], *, normalizer: TextNormal
     longer than the output frames once a blank separates each repeat. With `augment_options`, the labels must fit
     the frames of the shortest audio speed perturbation can make of the utterance (duration_bounds_s).
 
-    The label ids of a kept utterance are a read-only view into one array that holds all of them (Vocabulary.
-    encode_all): a few bytes a character instead of a Python list, for a million utterances.
+    `utterances`: a list, or an UtteranceTable (manifest.read_manifest_table), whose columns are read without
+    building its rows. The label ids of the kept utterances lie end to end in one array (Vocabulary.encode_all):
+    a few bytes a character instead of a Python list, for a million utterances.
     """
     with gc_paused():
-        return _filter(list(utterances), normalizer=normalizer, vocab=vocab, geometry=frame_geometry(config),
-                       min_duration_s=min_duration_s, max_duration_s=max_duration_s, augment_options=augment_options)
-
-
-def _filter(utterances: list[Utterance], *, normalizer: TextNormalizer, vocab: Vocabulary, geometry: FrameGeometry,
-            min_duration_s: float, max_duration_s: float, augment_options: AugmentOptions | None,
-            ) -> tuple[list[tuple[Utterance, np.ndarray]], DropReport]:
-    """filter_utterances' work, the garbage collector paused."""
-    reasons: list[str | None] = [None] * len(utterances)
-    texts: list[str] = []  # normalized and not empty, waiting to be encoded
-    encoded: list[np.ndarray] = []  # the labels of the texts encoded so far, a block of them each
-    lengths: list[int] = []  # labels of each utterance that reached encoding: one per character
-    frames_of: list[int] = []  # and its output frames
-    for position, utt in enumerate(utterances):
-        shortest_s = utt.duration_s if augment_options is None else duration_bounds_s(
-            utt.duration_s, options=augment_options)[0]
-        frames = geometry.frames(round(shortest_s * SAMPLE_RATE_HZ))
-        if utt.duration_s < min_duration_s or frames == 0:
-            reasons[position] = "too_short"
-        elif utt.duration_s > max_duration_s:
-            reasons[position] = "too_long"
+        if isinstance(utterances, UtteranceTable):
+            durations_s, texts = utterances.durations_s, utterances.texts
         else:
-            try:
-                text = normalizer(utt.text)
-            except TextRejected:
-                text = ""
-            if text:
-                texts.append(text)
-                lengths.append(len(text))
-                frames_of.append(frames)
-                if len(texts) == _ENCODE_BLOCK:  # a block at a time: the temporary arrays stay small
-                    encoded.append(vocab.encode_all(texts))
-                    texts.clear()
-            else:
-                reasons[position] = "rejected_text"
-    encoded.append(vocab.encode_all(texts))
+            durations_s = np.array([u.duration_s for u in utterances], dtype=np.float64)
+            texts = [u.text for u in utterances]
+        return _filter(utterances, durations_s, texts, normalizer=normalizer, vocab=vocab,
+                       geometry=frame_geometry(config), min_duration_s=min_duration_s,
+                       max_duration_s=max_duration_s, augment_options=augment_options)
+
+
+def _filter(utterances: Sequence[Utterance], durations_s: np.ndarray, texts: Sequence[str], *,
+            normalizer: TextNormalizer, vocab: Vocabulary, geometry: FrameGeometry, min_duration_s: float,
+            max_duration_s: float, augment_options: AugmentOptions | None) -> tuple[Examples, DropReport]:
+    """filter_utterances' work on the utterances' columns, the garbage collector paused."""
+    shortest_s = durations_s if augment_options is None else duration_bounds_s(durations_s,
+                                                                               options=augment_options)[0]
+    # geometry.frames of each, in arrays: np.rint rounds halves to even, as round() does
+    frames = np.maximum(0, (np.rint(shortest_s * SAMPLE_RATE_HZ).astype(np.int64) - geometry.receptive_field)
+                        // geometry.stride + 1)
+    too_short = (durations_s < min_duration_s) | (frames == 0)
+    too_long = ~too_short & (durations_s > max_duration_s)
+    rejected = np.zeros(len(durations_s), dtype=bool)
+    candidates = np.flatnonzero(~(too_short | too_long)).tolist()
+    encoded: list[np.ndarray] = []  # the labels of the texts encoded so far, a block of them each
+    lengths: list[int] = []  # labels of each candidate whose text survived normalization: one per character
+    block: list[str] = []  # normalized and not empty, waiting to be encoded
+    for position in candidates:
+        try:
+            text = normalizer(texts[position])
+        except TextRejected:
+            text = ""
+        if text:
+            block.append(text)
+            lengths.append(len(text))
+            if len(block) == _ENCODE_BLOCK:  # a block at a time: the temporary arrays stay small
+                encoded.append(vocab.encode_all(block))
+                block.clear()
+        else:
+            rejected[position] = True
+    encoded.append(vocab.encode_all(block))
     labels = np.concatenate(encoded)
     starts = np.zeros(len(lengths) + 1, dtype=np.int64)  # text k's labels: labels[starts[k]:starts[k + 1]]
     np.cumsum(lengths, out=starts[1:])
     labels.flags.writeable = False  # shared by every kept utterance's view
+    encoded_rows = np.asarray(candidates, dtype=np.int64)[~rejected[candidates]]
     # CTC needs a blank between two equal labels: count the equal neighbours (j, j + 1) inside each text.
     equal = np.flatnonzero(labels[1:] == labels[:-1])
     repeats = np.searchsorted(equal, starts[1:] - 1) - np.searchsorted(equal, starts[:-1])
-    fits = (np.diff(starts) + repeats <= np.asarray(frames_of, dtype=np.int64)).tolist()
-    kept: list[tuple[Utterance, np.ndarray]] = []
-    counts = dict.fromkeys(("too_short", "too_long", "label_too_long", "rejected_text"), 0)
-    examples: list[str] = []
-    k = 0  # the utterances that reached encoding, counted
-    bounds = starts.tolist()
-    for position, utt in enumerate(utterances):
-        reason = reasons[position]
-        if reason is None:
-            if fits[k]:
-                kept.append((utt, labels[bounds[k]:bounds[k + 1]]))
-            else:
-                reason = "label_too_long"
-            k += 1
-        if reason is not None:
-            counts[reason] += 1
-            if len(examples) < _MAX_EXAMPLES:
-                examples.append(utt.id)
-    return kept, DropReport(**counts, examples=examples)
+    fits = np.diff(starts) + repeats <= frames[encoded_rows]
+    label_too_long = np.zeros(len(durations_s), dtype=bool)
+    label_too_long[encoded_rows[~fits]] = True
+    examples = Examples(utterances, encoded_rows, labels, starts[:-1], starts[1:], durations_s[encoded_rows]).select(fits)
+    reasons = {"too_short": too_short, "too_long": too_long, "label_too_long": label_too_long,
+               "rejected_text": rejected}
+    dropped = np.flatnonzero(too_short | too_long | label_too_long | rejected)[:_MAX_EXAMPLES].tolist()
+    return examples, DropReport(**{reason: int(mask.sum()) for reason, mask in reasons.items()},
+                                examples=[utterances[position].id for position in dropped])
 
 
 class SpeechDataset(torch.utils.data.Dataset):
@@ -183,7 +227,7 @@ class SpeechDataset(torch.utils.data.Dataset):
     With `augment_options` (training only), the audio is augmented before normalization, drawn from (seed, epoch,
     utterance id): the same in any loader worker and in a resumed run, different in the next epoch."""
 
-    def __init__(self, examples: list[tuple[Utterance, list[int]]], *, sample_rate_hz: int = SAMPLE_RATE_HZ,
+    def __init__(self, examples: Sequence[tuple[Utterance, Sequence[int]]], *, sample_rate_hz: int = SAMPLE_RATE_HZ,
                  augment_options: AugmentOptions | None = None, seed: int = 0, epoch: int = 0):
         self.examples = examples
         self.sample_rate_hz = sample_rate_hz
@@ -195,12 +239,15 @@ class SpeechDataset(torch.utils.data.Dataset):
         return len(self.examples)
 
     @property
-    def durations_s(self) -> list[float]:
-        """Duration of each item in seconds, for DurationBatchSampler: with speed perturbation, the longest it can
-        come out of augmentation in any epoch, so that batches planned from them fit max_batch_s in every epoch."""
+    def durations_s(self) -> np.ndarray:
+        """Duration of each item in seconds (float64 (items,)), for DurationBatchSampler: with speed perturbation,
+        the longest it can come out of augmentation in any epoch, so that batches planned from them fit max_batch_s
+        in every epoch."""
+        durations_s = (self.examples.durations_s if isinstance(self.examples, Examples)
+                       else np.array([utt.duration_s for utt, _ in self.examples], dtype=np.float64))
         if self.augment_options is None:
-            return [utt.duration_s for utt, _ in self.examples]
-        return [duration_bounds_s(utt.duration_s, options=self.augment_options)[1] for utt, _ in self.examples]
+            return durations_s
+        return duration_bounds_s(durations_s, options=self.augment_options)[1]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         utt, labels = self.examples[index]
@@ -369,7 +416,7 @@ class DurationBatchSampler(torch.utils.data.Sampler[list[int]]):
         if "data" in state:
             same = state["data"] == self._data_digest()
         else:  # from before batches were re-formed each epoch: it counts the batches of the plain plan
-            same = state["num_batches"] == len(_plan_batches(self.durations_s, self._by_length.tolist(),
+            same = state["num_batches"] == len(_plan_batches(self.durations_s, self._by_length,
                                                              max_batch_s=self.max_batch_s, groups=self.groups,
                                                              max_share=self.max_share)[0])
         if not same:
@@ -388,7 +435,7 @@ class DurationBatchSampler(torch.utils.data.Sampler[list[int]]):
         plan = partial(_plan_batches, self.durations_s, max_batch_s=self.max_batch_s, groups=self.groups,
                        max_share=self.max_share)
         if not self.shuffle:
-            return plan(self._by_length.tolist())
+            return plan(self._by_length)
         # SeedSequence takes non-negative integers: a negative seed maps to its two's complement.
         rng = np.random.default_rng([self.seed % 2 ** 64, epoch])
         # Places in length order counted in batches' worth of audio, not in seconds: a move of REFORM_BATCHES mixes
@@ -396,7 +443,7 @@ class DurationBatchSampler(torch.utils.data.Sampler[list[int]]):
         place = np.empty(len(self.durations_s))
         place[self._by_length] = np.cumsum(self.durations_s[self._by_length]) / self.max_batch_s
         place += rng.uniform(-REFORM_BATCHES, REFORM_BATCHES, len(place))
-        batches, num_over_share = plan(np.argsort(place, kind="stable").tolist())
+        batches, num_over_share = plan(np.argsort(place, kind="stable"))
         return [batches[i] for i in rng.permutation(len(batches)).tolist()], num_over_share
 
     def _data_digest(self) -> str:
@@ -407,11 +454,15 @@ class DurationBatchSampler(torch.utils.data.Sampler[list[int]]):
         return digest.hexdigest()
 
 
-def _plan_batches(durations_s: np.ndarray, order: list[int], *, max_batch_s: float, groups: Sequence[int],
+def _plan_batches(durations_s: np.ndarray, order: np.ndarray, *, max_batch_s: float, groups: Sequence[int],
                   max_share: Mapping[int, float]) -> tuple[list[list[int]], int]:
-    """`order` cut greedily into global batches of DurationBatchSampler, and how many capped utterances found no
-    room in any. One pass in plain Python over floats: it runs once per epoch, on a million utterances too."""
+    """`order` (indices) cut greedily into global batches of DurationBatchSampler, and how many capped utterances
+    found no room in any. It runs once per epoch, on a million utterances too: without caps in arrays
+    (_cut_batches), with them in one pass of plain Python over floats."""
+    if not max_share:
+        return _cut_batches(durations_s, order, max_batch_s=max_batch_s), 0
     durations = durations_s.tolist()
+    order = order.tolist()
     batches: list[list[int]] = []
     batch: list[int] = []
     longest_s = total_s = 0.0
@@ -445,3 +496,28 @@ def _plan_batches(durations_s: np.ndarray, order: list[int], *, max_batch_s: flo
     if batch:
         batches.append(batch)
     return batches, sum(map(len, waiting.values()))
+
+
+def _cut_batches(durations_s: np.ndarray, order: np.ndarray, *, max_batch_s: float) -> list[list[int]]:
+    """`order` cut greedily, as _plan_batches cuts it without caps: a batch takes the next utterance while its
+    items + 1 times the longest, that one included, fit max_batch_s; its first utterance whatever its length.
+
+    One batch at a time, in arrays: (k + 1) x the longest of the first k + 1 never shrinks as k grows, so the
+    utterances that fit are a prefix of those that follow, found in a window of them (doubled until the batch
+    ends inside it)."""
+    if len(order) == 0:
+        return []
+    durations = durations_s[order]
+    ends: list[int] = []
+    start, window = 0, 64
+    while start < len(order):
+        while True:
+            longest = np.maximum.accumulate(durations[start:start + window])
+            size = max(1, int(np.count_nonzero(np.arange(1, len(longest) + 1) * longest <= max_batch_s)))
+            if size < len(longest) or start + len(longest) == len(order):
+                break
+            window *= 2
+        start += size
+        ends.append(start)
+        window = max(64, 2 * size)
+    return [batch.tolist() for batch in np.split(order, ends[:-1])]

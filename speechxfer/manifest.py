@@ -11,6 +11,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from speechxfer.atomic import atomic_write
 from speechxfer.audio import audio_duration_s, file_problem
 from speechxfer.compat import gc_paused
@@ -77,6 +79,7 @@ _FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
     "confidence": ((int, float, type(None)), False),
 }
 _DECODER = json.JSONDecoder()
+_LINE_ENDS = frozenset(("\n", "\r\n", ""))  # what commonly follows a value on its line (others: json.loads)
 
 
 def read_manifest(path: str | os.PathLike, *, check_files: bool = False,
@@ -91,27 +94,133 @@ def read_manifest(path: str | os.PathLike, *, check_files: bool = False,
     span (see duration_mismatch). Other decoding problems surface later, from speechxfer.audio. Raises
     ManifestError only when the manifest itself cannot be read.
     """
+    table, problems = _read_table(path, check_files=check_files, check_audio=check_audio)
+    return list(table), problems
+
+
+def read_manifest_table(path: str | os.PathLike, *, check_files: bool = False
+                        ) -> tuple[UtteranceTable, list[Problem]]:
+    """read_manifest's rows and problems, the rows held in columns (UtteranceTable): how training reads a split of
+    a million rows."""
+    return _read_table(path, check_files=check_files, check_audio=False)
+
+
+class UtteranceTable(Sequence[Utterance]):
+    """Utterances held in columns, as read_manifest_table reads them: a million rows cost a few hundred bytes each
+    and no Python object of their own. `table[i]` builds row i's Utterance (equal to the one read_manifest gives)
+    when a caller needs one; a column serves those that look at one field of every row.
+
+    Columns: `ids`, `texts`, `speakers`, `languages` (lists of str, the last two with None); `durations_s`,
+    `offsets_s`, `confidences` (float64 arrays (rows,), NaN where a row has no confidence); `pseudo_labels` (bool
+    array); `lines` (int64 array: the row's line in its manifest); `sources` (int32 array: index into `manifests`,
+    the files the rows were read from)."""
+
+    def __init__(self, *, ids: list[str], audio_paths: list[str], texts: list[str], durations_s: np.ndarray,
+                 speakers: list[str | None], languages: list[str | None], offsets_s: np.ndarray,
+                 pseudo_labels: np.ndarray, confidences: np.ndarray, lines: np.ndarray, sources: np.ndarray,
+                 manifests: tuple[str, ...]):
+        self.ids = ids
+        # As the manifest spells them when relative and normal (joined to their manifest's folder on demand: no
+        # second string a row), else absolute.
+        self._audio_paths = audio_paths
+        self.texts = texts
+        self.durations_s = durations_s
+        self.speakers = speakers
+        self.languages = languages
+        self.offsets_s = offsets_s
+        self.pseudo_labels = pseudo_labels
+        self.confidences = confidences
+        self.lines = lines
+        self.sources = sources
+        self.manifests = manifests
+        self._folders = tuple(os.path.dirname(os.path.abspath(m)) for m in manifests)
+
+    @classmethod
+    def concat(cls, tables: Sequence[UtteranceTable]) -> UtteranceTable:
+        """The rows of `tables`, one after another (ids are not checked for repeats across them)."""
+        starts = np.cumsum([0] + [len(t.manifests) for t in tables])
+        arrays = {name: np.concatenate([getattr(t, name) for t in tables] or [np.empty(0, dtype)])
+                  for name, dtype in (("durations_s", np.float64), ("offsets_s", np.float64),
+                                      ("pseudo_labels", bool), ("confidences", np.float64), ("lines", np.int64))}
+        return cls(ids=[i for t in tables for i in t.ids], audio_paths=[p for t in tables for p in t._audio_paths],
+                   texts=[x for t in tables for x in t.texts], speakers=[x for t in tables for x in t.speakers],
+                   languages=[x for t in tables for x in t.languages],
+                   sources=np.concatenate([t.sources + start for t, start in zip(tables, starts.tolist())]
+                                          or [np.empty(0, np.int32)]).astype(np.int32),
+                   manifests=tuple(m for t in tables for m in t.manifests), **arrays)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        confidence = float(self.confidences[index])
+        return Utterance(self.ids[index], self.audio_path(index), self.texts[index], float(self.durations_s[index]),
+                         self.speakers[index], self.languages[index], float(self.offsets_s[index]),
+                         bool(self.pseudo_labels[index]), None if math.isnan(confidence) else confidence,
+                         self.manifests[self.sources[index]], int(self.lines[index]))
+
+    def __iter__(self) -> Iterator[Utterance]:
+        return map(self.__getitem__, range(len(self)))
+
+    def audio_path(self, index: int) -> str:
+        """Row `index`'s audio path, absolute."""
+        return _joined(self._folders[self.sources[index]], self._audio_paths[index])
+
+
+# Rows read_manifest_table gathers before it turns their numbers into arrays: each row's Python floats live only
+# that long.
+_TABLE_BLOCK = 1 << 16
+
+
+def _read_table(path: str | os.PathLike, *, check_files: bool, check_audio: bool
+                ) -> tuple[UtteranceTable, list[Problem]]:
+    """read_manifest's work, into columns."""
     path = os.fspath(path)
-    base = os.path.dirname(os.path.abspath(path))
-    utterances: list[Utterance] = []
+    folder = os.path.dirname(os.path.abspath(path))
     problems: list[Problem] = []
     seen: set[str] = set()
     names: dict[str, str] = {}  # one copy of each speaker and language name, shared by its rows
     layouts: set[tuple] = set()  # field names and value types of the rows whose fields passed their checks
+    block: list[tuple] = []  # rows kept, as _parse_row gives them, not yet in `columns`
+    columns: list[list] = [[] for _ in range(10)]  # _parse_row's fields and the line, each a list of blocks' parts
+    check_files = check_files or check_audio
+
+    def flush() -> None:
+        for column, values in zip(columns, zip(*block)):
+            column.append(values)
+        block.clear()
+
     with gc_paused():
         for number, row in read_jsonl(path, problems=problems, what="manifest"):
             try:
-                utterance = _parse_row(row, base, path, number, names, layouts)
+                values = _parse_row(row, folder, names, layouts)
             except ValueError as err:
                 problems.append(Problem(path, number, "malformed_row", str(err)))
                 continue
-            problem = _check_row(utterance, seen, check_files or check_audio, check_audio)
+            problem = _check_row(values, folder, seen, check_files)
+            if problem is None and check_audio:
+                problem = _check_audio(Utterance(values[0], _joined(folder, values[1]), *values[2:]))
             if problem is not None:
-                problems.append(utterance.problem(*problem))
+                problems.append(Problem(path, number, problem[0], f"{values[0]}: {problem[1]}", values[0]))
                 continue
-            seen.add(utterance.id)
-            utterances.append(utterance)
-    return utterances, problems
+            seen.add(values[0])
+            block.append((*values, number))
+            if len(block) == _TABLE_BLOCK:
+                flush()
+        flush()
+    # The strings as lists (one object each already), the numbers as arrays.
+    ids, audio_paths, texts, speakers, languages = ([value for part in columns[k] for value in part]
+                                                    for k in (0, 1, 2, 4, 5))
+    durations_s, offsets_s, pseudo_labels, confidences, lines = (
+        np.concatenate([np.asarray(part, dtype=dtype) for part in column] or [np.empty(0, dtype)])
+        for column, dtype in ((columns[3], np.float64), (columns[6], np.float64), (columns[7], bool),
+                              (columns[8], np.float64), (columns[9], np.int64)))  # a confidence of None: NaN
+    return UtteranceTable(ids=ids, audio_paths=audio_paths, texts=texts, durations_s=durations_s,
+                          speakers=speakers, languages=languages, offsets_s=offsets_s,
+                          pseudo_labels=pseudo_labels, confidences=confidences, lines=lines,
+                          sources=np.zeros(len(ids), dtype=np.int32), manifests=(path,)), problems
 
 
 def read_jsonl(path: str | os.PathLike, *, problems: list[Problem] | None = None,
@@ -129,16 +238,18 @@ def read_jsonl(path: str | os.PathLike, *, problems: list[Problem] | None = None
             for number, raw in enumerate(f, start=1):
                 if number == 1:
                     raw = raw.removeprefix(codecs.BOM_UTF8)
-                if not raw.strip():
+                if raw.isspace() or not raw:  # as `not raw.strip()`, without a copy (empty: a lone BOM)
                     continue
                 try:
-                    text = raw.rstrip(b"\r\n").decode("utf-8")
+                    text = raw.decode("utf-8")
                     try:
                         value, end = _DECODER.raw_decode(text)  # json.loads less its wrappers (whitespace scans)
+                        alone = text[end:] in _LINE_ENDS
                     except json.JSONDecodeError:
-                        end = -1
-                    if end != len(text):  # not one value alone on the line: json.loads says what is wrong, with
-                        value = json.loads(text)  # the column on this line, or allows the spaces around it
+                        alone = False
+                    if not alone:  # not one value alone on the line: json.loads says what is wrong, with the
+                        # column on this line, or allows the spaces around it
+                        value = json.loads(text.rstrip("\r\n"))
                 except (UnicodeDecodeError, json.JSONDecodeError) as err:
                     message = (f"not UTF-8 ({err.reason})" if isinstance(err, UnicodeDecodeError)
                                else f"not valid JSON: {err.msg} (column {err.colno})")
@@ -181,7 +292,7 @@ def write_manifest(path: str | os.PathLike, utterances: Iterable[Utterance]) -> 
     base = Path(os.path.abspath(path.parent))  # as read_manifest resolves: symlinks kept
     with atomic_write(path) as f:
         for u in utterances:
-            row = {"id": u.id, "audio_path": _stored_path(u.audio_path, base), "text": u.text,
+            row = {"id": u.id, "audio_path": _relative_or_absolute(u.audio_path, base), "text": u.text,
                    "duration_s": u.duration_s, "speaker": u.speaker, "language": u.language}
             if u.offset_s:
                 row["offset_s"] = u.offset_s
@@ -228,11 +339,11 @@ def summarize(utterances: Iterable[Utterance]) -> ManifestSummary:
     return ManifestSummary(count, seconds, len(speakers), "".join(sorted(characters)))
 
 
-def _parse_row(row: object, base: str, manifest: str, number: int, names: dict[str, str],
-               layouts: set[tuple]) -> Utterance:
-    """One decoded manifest line → Utterance with an absolute path; ValueError saying what is wrong. `names`
-    holds one copy of each speaker and language name, shared by the rows that repeat it; `layouts`, the field
-    names and value types of the rows whose fields passed _check_fields."""
+def _parse_row(row: object, folder: str, names: dict[str, str], layouts: set[tuple]) -> tuple:
+    """One decoded manifest line → Utterance's fields from id to confidence, the audio path as _stored_path gives
+    it; ValueError saying what is wrong. `names` holds one copy of each speaker and language name, shared by the
+    rows that repeat it; `layouts`, the field names and value types of the rows whose fields passed
+    _check_fields."""
     # The field checks depend on the names and types alone, which a manifest's rows share: a million rows are
     # read before training, a handful of layouts checked.
     if type(row) is not dict or (layout := (tuple(row), tuple(map(type, row.values())))) not in layouts:
@@ -246,10 +357,9 @@ def _parse_row(row: object, base: str, manifest: str, number: int, names: dict[s
     if not row["id"].strip():
         raise ValueError("empty id")
     speaker, language = row.get("speaker"), row.get("language")
-    return Utterance(row["id"], _absolute(row["audio_path"], base), row["text"], float(duration_s),
-                     speaker and names.setdefault(speaker, speaker), language and names.setdefault(language, language),
-                     float(offset_s), row.get("pseudo_label", False), None if confidence is None else float(confidence),
-                     manifest, number)
+    return (row["id"], _stored_path(row["audio_path"], folder), row["text"], float(duration_s),
+            speaker and names.setdefault(speaker, speaker), language and names.setdefault(language, language),
+            float(offset_s), row.get("pseudo_label", False), None if confidence is None else float(confidence))
 
 
 def _check_fields(row: object) -> None:
@@ -269,38 +379,53 @@ def _check_fields(row: object) -> None:
             raise ValueError(f"field {name!r} has type {type(row[name]).__name__}")
 
 
-def _absolute(audio_path: str, base: str) -> str:
-    """A manifest's audio path made absolute and normal, relative ones against `base` (an absolute, normal folder);
-    a leading ~ is the user's home."""
+def _stored_path(audio_path: str, folder: str) -> str:
+    """A manifest's audio path as an UtteranceTable holds it: unchanged when relative and already normal once
+    joined to `folder` (the manifest's folder, absolute and normal), else absolute and normal, a leading ~ the
+    user's home. _joined makes it absolute."""
     if (audio_path and audio_path[0] not in "~." and audio_path[-1] != "/" and "/." not in audio_path
-            and "//" not in audio_path):  # already normal once joined: no normpath (Python code in 3.11)
-        return audio_path if audio_path[0] == "/" else (base + audio_path if base == "/" else base + "/" + audio_path)
-    return os.path.normpath(os.path.join(base, os.path.expanduser(audio_path)))
+            and "//" not in audio_path):  # normal once joined: no normpath (Python code in 3.11)
+        return audio_path
+    return os.path.normpath(os.path.join(folder, os.path.expanduser(audio_path)))
 
 
-def _check_row(u: Utterance, seen: set[str], check_files: bool, check_audio: bool) -> tuple[str, str] | None:
-    """(kind, message) of the first thing wrong with a parsed row, or None."""
-    if u.id in seen:
+def _joined(folder: str, stored_path: str) -> str:
+    """The absolute path of a path _stored_path gave for a manifest in `folder`."""
+    if stored_path[0] == "/":
+        return stored_path
+    return folder + stored_path if folder == "/" else folder + "/" + stored_path
+
+
+def _check_row(values: tuple, folder: str, seen: set[str], check_files: bool) -> tuple[str, str] | None:
+    """(kind, message) of the first thing wrong with a row _parse_row gave, or None; with `check_files`, one stat
+    of its audio file."""
+    utterance_id, audio_path, text, duration_s, offset_s = values[0], values[1], values[2], values[3], values[6]
+    if utterance_id in seen:
         return "duplicate_id", "id appears earlier in the manifest"
-    if not u.text.strip():
+    if not text or text.isspace():  # as `not text.strip()`, without a copy
         return "empty_text", "empty transcript"
-    if u.duration_s <= 0:
-        return "zero_length", f"duration_s is {u.duration_s:g}"
-    if u.offset_s < 0:
-        return "malformed_row", f"offset_s is negative ({u.offset_s:g})"
-    if check_files and (problem := file_problem(u.audio_path)) is not None:
-        return problem[0], f"{problem[1]}: {u.audio_path}"
-    if check_audio:
-        try:
-            audio_s = audio_duration_s(u.audio_path, check_finite=True)
-        except AudioError as err:
-            return "unreadable_audio", f"{err.message}: {u.audio_path}"
-        if (mismatch := duration_mismatch(u, audio_s - u.offset_s)) is not None:
-            return "duration_mismatch", f"{mismatch}: {u.audio_path}"
+    if duration_s <= 0:
+        return "zero_length", f"duration_s is {duration_s:g}"
+    if offset_s < 0:
+        return "malformed_row", f"offset_s is negative ({offset_s:g})"
+    if check_files and (problem := file_problem(audio_path := _joined(folder, audio_path))) is not None:
+        return problem[0], f"{problem[1]}: {audio_path}"
     return None
 
 
-def _stored_path(audio_path: str, base: Path) -> str:
+def _check_audio(u: Utterance) -> tuple[str, str] | None:
+    """(kind, message) when the header of u's audio cannot be read, its samples are not finite, or it is shorter
+    than listed (duration_mismatch); else None."""
+    try:
+        audio_s = audio_duration_s(u.audio_path, check_finite=True)
+    except AudioError as err:
+        return "unreadable_audio", f"{err.message}: {u.audio_path}"
+    if (mismatch := duration_mismatch(u, audio_s - u.offset_s)) is not None:
+        return "duration_mismatch", f"{mismatch}: {u.audio_path}"
+    return None
+
+
+def _relative_or_absolute(audio_path: str, base: Path) -> str:
     """Path relative to `base` when the file lies under it, else absolute."""
     absolute = Path(os.path.abspath(audio_path))
     try:

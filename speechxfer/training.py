@@ -38,13 +38,13 @@ from transformers import Wav2Vec2ForCTC
 from speechxfer.atomic import TEMP_SUFFIX, atomic_write, sync_folder
 from speechxfer.audio import SAMPLE_RATE_HZ
 from speechxfer.augment import check_sources
-from speechxfer.batching import (DurationBatchSampler, SpeechDataset, collate, filter_utterances, frame_geometry,
-                                 inference_batches)
+from speechxfer.batching import (DurationBatchSampler, Examples, SpeechDataset, collate, filter_utterances,
+                                 frame_geometry, inference_batches)
 from speechxfer.decoding import GreedyDecoder, decode_batch
 from speechxfer.compat import enable_gradient_checkpointing, fused_optimizer_supported, reset_accelerator_state
 from speechxfer.errors import InputError, Problem
 from speechxfer.freezing import apply_freezing, parameter_groups, parameter_table
-from speechxfer.manifest import Utterance, check_held_out, read_jsonl, read_manifest
+from speechxfer.manifest import Utterance, UtteranceTable, check_held_out, read_jsonl, read_manifest_table
 from speechxfer.recipe import Recipe, TrainOptions, resolved_yaml
 from speechxfer.scoring import ScoreReport, score
 from speechxfer.surgery import (ADAPTER_FILE, MODEL_STAGING, build_ctc_model, build_scratch_model,
@@ -182,7 +182,7 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
     if recipe.data.pseudo_labelled:
         pseudo_examples, dropped = keep(splits["pseudo_labelled"])
         say(f"pseudo-labelled: {len(pseudo_examples)} utterances kept; {dropped}")
-        examples += pseudo_examples
+        examples = Examples.concat([examples, pseudo_examples])
     if recipe.augment.enabled:
         check_sources(recipe.augment)  # a bad noise or impulse-response folder stops the run here, not in a worker
         say("augment: " + ", ".join(f"{name} p={getattr(recipe.augment, name).probability:g}"
@@ -207,7 +207,8 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
     capped = partial(DurationBatchSampler, max_batch_s=opts.max_batch_s, shuffle=True, seed=opts.seed,
                      num_replicas=accelerator.num_processes, rank=accelerator.process_index,
                      max_share={k: entry.max_share for k, entry in pseudo_labelled.items()})
-    sampler = capped(train_audio(examples).durations_s, groups=[group_of.get(u.manifest, 0) for u, _ in examples])
+    groups = _groups(examples, group_of)
+    sampler = capped(train_audio(examples).durations_s, groups=groups.tolist())
     if sampler.num_over_share:
         say(f"pseudo-labelled: {sampler.num_over_share} utterances find no room under their max_share and are left "
             "out of the first epoch's batches (about as many of each epoch's)")
@@ -216,16 +217,16 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
                          f"each of {accelerator.num_processes} processes", path=recipe.data.train)
     short_sampler = None
     if opts.short_first_s is not None and opts.short_first_share > 0:
-        short_examples = [(u, labels) for u, labels in examples if u.duration_s <= opts.short_first_s]
-        short_sampler = capped(train_audio(short_examples).durations_s,
-                               groups=[group_of.get(u.manifest, 0) for u, _ in short_examples])
+        short = examples.durations_s <= opts.short_first_s
+        short_examples = examples.select(short)
+        short_sampler = capped(train_audio(short_examples).durations_s, groups=groups[short].tolist())
         if len(short_sampler) == 0:
             raise InputError(f"train.short_first_s: {len(short_examples)} training utterances up to "
                              f"{opts.short_first_s:g} s, not one batch for each of {accelerator.num_processes} "
                              "processes", path=recipe.data.train)
         say(f"first {opts.short_first_share:.0%} of the run: only the {len(short_examples)} utterances up to "
             f"{opts.short_first_s:g} s")
-    duration_s = {u.id: u.duration_s for u, _ in examples}
+    duration_s = dict(zip(_ids(examples), examples.durations_s.tolist()))
     attention_mask = needs_attention_mask(model.config)
     # Batches are moved to the device by hand and never passed to accelerator.prepare: the sampler already gives
     # each process its share, and accelerate would shard them a second time. Training batches always carry the
@@ -728,11 +729,11 @@ def _prepare_manifests(recipe: Recipe, say) -> None:
         say(f"  {len(result.problems)} rows skipped (listed in {folder / 'problems.txt'})")
 
 
-def _read_splits(recipe: Recipe, say) -> dict[str, list[Utterance]]:
-    """The utterances of train, pseudo_labelled (every data.pseudo_labelled manifest), dev (the first
-    eval.max_dev_utterances) and test; bad rows skipped and counted. ManifestError when pseudo labels meet dev or
-    test (manifest.check_held_out)."""
-    splits: dict[str, list[Utterance]] = {}
+def _read_splits(recipe: Recipe, say) -> dict[str, Sequence[Utterance]]:
+    """The utterances of train and pseudo_labelled (every data.pseudo_labelled manifest), each an UtteranceTable
+    (a million rows are held as columns), dev (the first eval.max_dev_utterances) and test; bad rows skipped and
+    counted. ManifestError when pseudo labels meet dev or test (manifest.check_held_out)."""
+    splits: dict[str, Sequence[Utterance]] = {}
     for name in ("train", "dev", "test"):
         path = getattr(recipe.data, name)
         if path is None or (name != "train" and recipe.data.prepare is not None and not Path(path).exists()):
@@ -740,19 +741,33 @@ def _read_splits(recipe: Recipe, say) -> dict[str, list[Utterance]]:
             continue
         # A stat of every audio file, nothing opened: a missing or empty file is skipped here, with its manifest
         # line, instead of stopping the run at the first batch that draws it.
-        utterances, problems = read_manifest(path, check_files=True)
+        utterances, problems = read_manifest_table(path, check_files=True)
         _report_problems(name, problems, say)
-        splits[name] = utterances
-    splits["pseudo_labelled"] = []
+        splits[name] = utterances if name == "train" else list(utterances)
+    pseudo_labelled = []
     for entry in recipe.data.pseudo_labelled:
-        utterances, problems = read_manifest(entry.manifest, check_files=True)
+        utterances, problems = read_manifest_table(entry.manifest, check_files=True)
         _report_problems(f"pseudo-labelled {entry.manifest}", problems, say)
-        splits["pseudo_labelled"] += utterances
-    check_held_out(splits["pseudo_labelled"] + [u for u in splits["train"] if u.pseudo_label],
+        pseudo_labelled.append(utterances)
+    splits["pseudo_labelled"] = UtteranceTable.concat(pseudo_labelled)
+    train = splits["train"]
+    check_held_out([*splits["pseudo_labelled"], *(train[i] for i in np.flatnonzero(train.pseudo_labels).tolist())],
                    {"dev": splits["dev"], "test": splits["test"]})
     if recipe.eval.max_dev_utterances is not None:
         splits["dev"] = splits["dev"][:recipe.eval.max_dev_utterances]
     return splits
+
+
+def _groups(examples: Examples, group_of: dict[str, int]) -> np.ndarray:
+    """The group of each training example (int64 (items,)): group_of its manifest, 0 when not listed there."""
+    table = examples.utterances
+    return np.array([group_of.get(m, 0) for m in table.manifests], dtype=np.int64)[table.sources[examples.rows]]
+
+
+def _ids(examples: Examples) -> list[str]:
+    """The id of each training example, without building its Utterance."""
+    ids = examples.utterances.ids
+    return [ids[row] for row in examples.rows.tolist()]
 
 
 def _report_problems(split: str, problems: Sequence[Problem], say) -> None:

@@ -11,9 +11,9 @@ import torch
 from transformers import Wav2Vec2Model
 
 from speechxfer.augment import AugmentOptions, NoiseOptions, SpeedOptions, TelephoneOptions, speed_factor
-from speechxfer.batching import (DurationBatchSampler, SpeechDataset, collate, filter_utterances, frame_geometry,
-                                 inference_batches, output_frames)
-from speechxfer.manifest import Utterance
+from speechxfer.batching import (DurationBatchSampler, Examples, SpeechDataset, _cut_batches, collate,
+                                 filter_utterances, frame_geometry, inference_batches, output_frames)
+from speechxfer.manifest import Utterance, read_manifest_table, write_manifest
 from speechxfer.surgery import build_ctc_model, needs_attention_mask
 from speechxfer.text import TextNormalizer, TextOptions
 from speechxfer.vocabulary import Vocabulary
@@ -81,9 +81,51 @@ def audio_examples(tmp_path):
             (utterance("seg", "d", 0.25, str(long), offset_s=1.0), VOCAB.encode("d"))]
 
 
+def test_filter_of_a_table_keeps_what_filter_of_its_rows_keeps_and_examples_select_and_concat(tmp_path):
+    config = tiny_config(arch="stable")
+    texts = ["ab cd", "", "a" * 30, "dd", "ab", "cc cc", "abcd"]
+    write_manifest(tmp_path / "m.jsonl", [utterance(f"u{k}", text or "  ", 0.05 + 0.1 * k, path=str(tmp_path / "a.wav"))
+                                          for k, text in enumerate(texts)])
+    table, _ = read_manifest_table(tmp_path / "m.jsonl")
+    keep = partial(filter_utterances, normalizer=TextNormalizer(), vocab=VOCAB, config=config, min_duration_s=0.1,
+                   max_duration_s=0.6)
+    (from_table, report), (from_list, list_report) = keep(table), keep(list(table))
+    assert isinstance(from_table, Examples) and report == list_report
+    assert [(u, labels.tolist()) for u, labels in from_table] == [(u, labels.tolist()) for u, labels in from_list]
+    assert [u.id for u, _ in from_table] == ["u3", "u4", "u5"]  # u0 too short, u1 empty, u2 too long a label
+    assert (report.too_short, report.rejected_text, report.label_too_long, report.too_long) == (1, 0, 1, 1)
+    assert from_table.durations_s.tolist() == [u.duration_s for u, _ in from_table]
+    picked = from_table.select(np.array([True, False, True]))
+    assert [(u.id, labels.tolist()) for u, labels in picked] == [("u3", VOCAB.encode("dd")),
+                                                                 ("u5", VOCAB.encode("cc cc"))]
+    both = Examples.concat([from_table, picked])
+    assert [(u.id, u.line, labels.tolist()) for u, labels in both] == (
+        [(u.id, u.line, labels.tolist()) for u, labels in [*from_table, *picked]])
+    assert [u.id for u, _ in both[-2:]] == ["u3", "u5"] and not both[0][1].flags.writeable
+
+
+def test_batches_cut_in_arrays_are_those_of_the_greedy_loop():
+    def greedy(durations, order, max_batch_s):  # DurationBatchSampler's cut, one utterance at a time
+        batches, batch, longest = [], [], 0.0
+        for index in order:
+            if batch and (len(batch) + 1) * max(longest, durations[index]) > max_batch_s:
+                batches.append(batch)
+                batch, longest = [], 0.0
+            batch.append(index)
+            longest = max(longest, durations[index])
+        return batches + [batch] if batch else batches
+
+    rng = np.random.default_rng(0)
+    for size, max_batch_s in ((0, 10.0), (1, 10.0), (500, 10.0), (3000, 60.0), (2000, 2.0)):
+        durations = np.round(rng.lognormal(0, 1, size), 2) + 0.01  # some over the budget, some far under it
+        for order in (np.argsort(durations, kind="stable"), rng.permutation(size)):
+            assert _cut_batches(durations, order, max_batch_s=max_batch_s) == greedy(
+                durations.tolist(), order.tolist(), max_batch_s), (size, max_batch_s)
+
+
 def test_dataset_items_are_normalized_audio_with_labels(audio_examples):
     dataset = SpeechDataset(audio_examples)
-    assert len(dataset) == 3 and dataset.durations_s == [0.5, 0.8, 0.25]
+    assert len(dataset) == 3 and dataset.durations_s.tolist() == [0.5, 0.8, 0.25]
     for index, expected_samples in enumerate((8000, 12800, 4000)):
         item = dataset[index]
         assert item["id"] == audio_examples[index][0].id

@@ -7,7 +7,8 @@ import pytest
 from tiny import write_tone
 
 from speechxfer.errors import ManifestError
-from speechxfer.manifest import (Utterance, check_held_out, load_manifest, read_jsonl, read_manifest, summarize,
+from speechxfer.manifest import (Utterance, UtteranceTable, check_held_out, load_manifest, read_jsonl, read_manifest,
+                                 read_manifest_table, summarize,
                                  write_manifest)
 
 
@@ -249,3 +250,35 @@ def test_check_held_out_refuses_pseudo_labels_in_dev_and_their_audio_or_ids_in_t
     with pytest.raises(ManifestError, match=r"pseudo.jsonl:1: .* its id is also in the test set"):
         check_held_out(load_manifest(pseudo), {"test": load_manifest(test)})
     check_held_out([Utterance("z", str(tmp_path / "c.wav"), "ab", 1.0)], {"test": load_manifest(test)})  # no overlap
+
+
+def test_a_table_holds_the_rows_and_problems_read_manifest_gives(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    write_tone(tmp_path / "a.wav", duration_s=0.1)
+    rows = [{"id": "a", "audio_path": "a.wav", "text": "x", "duration_s": 1, "speaker": "s", "language": "ca"},
+            {"id": "b", "audio_path": str(tmp_path / "a.wav"), "text": "y", "duration_s": 2.5, "offset_s": 0.5},
+            {"id": "c", "audio_path": "./sub/../a.wav", "text": "z", "duration_s": 1.0, "pseudo_label": True,
+             "confidence": 0.75},
+            {"id": "d", "audio_path": "~/d.wav", "text": "w", "duration_s": 1.0, "confidence": None},
+            {"id": "a", "audio_path": "a.wav", "text": "again", "duration_s": 1.0},
+            {"id": "e", "audio_path": "gone.wav", "text": "v", "duration_s": 1.0}]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join(map(json.dumps, rows)) + "\n\n[]\n", encoding="utf-8")
+    for check_files, bad in ((True, [(4, "missing_file"), (5, "duplicate_id"), (6, "missing_file")]),
+                             (False, [(5, "duplicate_id")])):
+        table, problems = read_manifest_table(manifest, check_files=check_files)
+        utterances, expected = read_manifest(manifest, check_files=check_files)
+        assert list(table) == utterances and problems == expected and table[-1] == utterances[-1]
+        assert [(u.manifest, u.line) for u in table] == [(u.manifest, u.line) for u in utterances]
+        assert [(p.line, p.kind) for p in problems] == bad + [(8, "malformed_row")]
+    assert [u.audio_path for u in table] == [str(tmp_path / f) for f in ("a.wav", "a.wav", "a.wav", "home/d.wav",
+                                                                       "gone.wav")]
+    assert table.ids == ["a", "b", "c", "d", "e"] and table.durations_s.tolist() == [1.0, 2.5, 1.0, 1.0, 1.0]
+    assert table.pseudo_labels.tolist() == [False, False, True, False, False] and table[2].confidence == 0.75
+    other = tmp_path / "other" / "n.jsonl"
+    other.parent.mkdir()
+    other.write_text(json.dumps(rows[0]) + "\n", encoding="utf-8")
+    joined = UtteranceTable.concat([table, read_manifest_table(other)[0]])
+    assert joined[:5] == list(table) and joined[5] == load_manifest(other)[0]
+    assert (joined[5].manifest, joined[5].line, joined[5].audio_path) == (str(other), 1, str(other.parent / "a.wav"))
+    assert len(UtteranceTable.concat([])) == 0
