@@ -7,7 +7,7 @@ import dataclasses
 import json
 import os
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +17,7 @@ from speechxfer.errors import InputError, Problem
 from speechxfer.manifest import Utterance, read_jsonl, read_manifest
 from speechxfer.scoring import (ScoreReport, format_report, render_alignment, score, worst_utterances,
                                 write_per_utterance_tsv)
-from speechxfer.text import normalized_references
+from speechxfer.text import TextNormalizer, normalized_references
 from speechxfer.transcribe import (AudioSegment, Ranks, Recognizer, TranscribeOptions, Transcription,
                                    output_folder, transcribe)
 
@@ -37,7 +37,7 @@ class Evaluation:
 
 
 def evaluate(recognizer: Recognizer, manifest_path: str | os.PathLike, *, output_dir: str | os.PathLike,
-             decoder: Decoder, normalizer: Callable[[str], str] | None = None,
+             decoder: Decoder, normalizer: TextNormalizer | None = None,
              options: TranscribeOptions = TranscribeOptions(), bootstrap: int = 1000, seed: int = 0,
              progress: bool = False, ranks: Ranks = Ranks()) -> Evaluation | None:
     """Transcribe every usable utterance of the manifest and score it against the manifest's texts.

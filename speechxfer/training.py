@@ -46,7 +46,7 @@ from speechxfer.errors import InputError, Problem
 from speechxfer.freezing import apply_freezing, parameter_groups, parameter_table
 from speechxfer.manifest import Utterance, check_held_out, read_jsonl, read_manifest
 from speechxfer.recipe import Recipe, TrainOptions, resolved_yaml
-from speechxfer.scoring import ScoreReport, score
+from speechxfer.scoring import ScoreReport, normalize_hypothesis, score
 from speechxfer.surgery import (ADAPTER_FILE, MODEL_STAGING, build_ctc_model, build_scratch_model,
                                check_adapter_folder, finish_model_folder, is_lora_model, load_lora_weights,
                                needs_attention_mask, save_model_folder)
@@ -361,8 +361,8 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
             if dev_refs:
                 dev_loader = make_loader(*_eval_batches(splits["dev"], dev_refs, vocab, opts, accelerator,
                                                        padding_free=not attention_mask))
-                report, hyps = evaluate(raw_model, dev_loader, vocab, dev_refs, accelerator=accelerator,
-                                        report_problems=left_out["dev"].add)
+                report, hyps = evaluate(raw_model, dev_loader, vocab, dev_refs, normalizer=normalizer,
+                                        accelerator=accelerator, report_problems=left_out["dev"].add)
                 empty_share = sum(not h for h in hyps.values()) / len(hyps)
                 log.write({"update": update, "dev_wer": report.wer, "dev_cer": report.cer,
                            "dev_empty_share": empty_share, "minutes": state["elapsed_s"] / 60})
@@ -402,8 +402,8 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
         best = Wav2Vec2ForCTC.from_pretrained(out, use_safetensors=True).to(accelerator.device)
         test_loader = make_loader(*_eval_batches(splits["test"], test_refs, vocab, opts, accelerator,
                                                     padding_free=not attention_mask))
-        test_report, _ = evaluate(best, test_loader, vocab, test_refs, accelerator=accelerator, bootstrap=1000,
-                                  report_problems=left_out["test"].add)
+        test_report, _ = evaluate(best, test_loader, vocab, test_refs, normalizer=normalizer, accelerator=accelerator,
+                                  bootstrap=1000, report_problems=left_out["test"].add)
         if accelerator.is_main_process:
             _write_json(run / "test_report.json", {"model_update": state["best_update"], **test_report.to_dict()})
         say(f"test: WER {test_report.wer:.2%}, CER {test_report.cer:.2%} ({test_report.sentences} utterances)")
@@ -434,11 +434,12 @@ def get_lr(update: int, options: TrainOptions) -> float:
 
 @torch.no_grad()
 def evaluate(model: Wav2Vec2ForCTC, loader: Iterable[dict], vocab: Vocabulary, refs: dict[str, str], *,
-             accelerator: Accelerator, bootstrap: int = 0,
+             normalizer: TextNormalizer, accelerator: Accelerator, bootstrap: int = 0,
              report_problems: Callable[[list[Problem]], object] | None = None) -> tuple[ScoreReport, dict[str, str]]:
     """Greedy CTC decoding of this process's batches, gathered from every process and scored against `refs`
-    ({utterance id: normalized text}). Utterances the loader left out (unusable audio) are not scored; their
-    Problems go to `report_problems`. Returns the score and {utterance id: hypothesis}.
+    ({utterance id: text normalized by `normalizer`}), the hypotheses normalized as `speechxfer evaluate`
+    normalizes them (scoring.normalize_hypothesis). Utterances the loader left out (unusable audio) are not scored;
+    their Problems go to `report_problems`. Returns the score and {utterance id: hypothesis as decoded}.
 
     A model that takes no attention mask sees no padding (batching.inference_batches): a batch planned from
     listed durations that holds audio of different lengths runs as one forward pass per length."""
@@ -471,7 +472,8 @@ def evaluate(model: Wav2Vec2ForCTC, loader: Iterable[dict], vocab: Vocabulary, r
     model.train(was_training)
     hyps = {k: v for part in gather_object([hyps]) for k, v in part.items()}
     left_out = set(gather_object(left_out))
-    return score({k: v for k, v in refs.items() if k not in left_out}, hyps, bootstrap=bootstrap), hyps
+    scored = {k: normalize_hypothesis(v, normalizer) for k, v in hyps.items()}
+    return score({k: v for k, v in refs.items() if k not in left_out}, scored, bootstrap=bootstrap), hyps
 
 
 def blank_collapse_warning(empty_share: float, *, update: int) -> str | None:
