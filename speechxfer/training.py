@@ -42,7 +42,7 @@ from speechxfer.batching import (DurationBatchSampler, SpeechDataset, collate, f
                                  inference_batches)
 from speechxfer.decoding import GreedyDecoder, decode_batch
 from speechxfer.compat import enable_gradient_checkpointing, reset_accelerator_state
-from speechxfer.errors import InputError, Problem
+from speechxfer.errors import InputError, Problem, first_line
 from speechxfer.freezing import apply_freezing, parameter_groups, parameter_table
 from speechxfer.manifest import Utterance, check_held_out, read_jsonl, read_manifest
 from speechxfer.recipe import Recipe, TrainOptions, resolved_yaml
@@ -931,8 +931,7 @@ def _read_checkpoint_file(path: Path) -> dict:
         # weights_only: the file holds tensors and plain containers only (see _rng_state), nothing to unpickle.
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a damaged file fails in torch's zip reader or its unpickler, in many ways
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise InputError(f"unreadable checkpoint file (truncated or corrupt?): {reason}", path=path) from None
+        raise InputError(f"unreadable checkpoint file (truncated or corrupt?): {first_line(err)}", path=path) from None
 
 
 def _rng_state() -> dict:

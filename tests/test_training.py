@@ -395,6 +395,25 @@ def test_blank_collapse_warning_names_the_likely_causes():
     assert "95%" in warning and "train.lr" in warning and "max_updates" in warning and "vocabulary" in warning
 
 
+def test_an_unreadable_checkpoint_file_is_one_line_naming_it(tmp_path, monkeypatch):
+    path = tmp_path / "training_state.pt"
+    torch.save({"state": {"update": 2}}, path)
+    path.write_bytes(path.read_bytes()[:200])  # a copy cut short
+    with pytest.raises(InputError) as caught:
+        training._read_checkpoint_file(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: unreadable checkpoint file (truncated or corrupt?): PytorchStreamReader ")
+    assert "\n" not in message
+
+    def load_failing_after_a_blank_line(*args, **kwargs):
+        raise RuntimeError("\nbad zip\nmore")
+
+    # a library message that starts on its second line still gives its first words, never an empty reason
+    monkeypatch.setattr(training.torch, "load", load_failing_after_a_blank_line)
+    with pytest.raises(InputError, match=r"\(truncated or corrupt\?\): bad zip$"):
+        training._read_checkpoint_file(path)
+
+
 @pytest.mark.slow
 def test_two_processes_give_the_first_loss_of_one(tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "scripts" / "check_distributed.py"), "--workdir", str(tmp_path)],
