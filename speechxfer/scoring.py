@@ -12,8 +12,9 @@ How the numbers are counted, following `sclite -e utf-8 -s` (case-sensitive: cas
   of sentences in words and 2.1% (8.3%) in characters, where the total differs on 1.4% (3.7%): a CER from jiwer
   is not sclite's. So `align` reproduces sclite's dynamic programme (net_dp.c) instead of calling jiwer.
 - Normalization (`normalizer`): references go through it as they are; hypotheses by `normalize_hypothesis`, which
-  turns an unknown token ("[UNK]") into a mark that no reference word holds, and rejects nothing. Training's dev and
-  test reports, `evaluate`, `wer`, `lm tune` and a recipe's LM stage all score by this one rule.
+  turns an unknown token ("[UNK]") into a mark that no reference holds once punctuation is removed, and rejects
+  nothing. Training's dev and test reports, `evaluate`, `wer`, `lm tune` and a recipe's LM stage all score by
+  this one rule.
 - Ids: sclite scores only the utterances that have a hypothesis; a reference without one is skipped, and a
   hypothesis id absent from the references is an error. With `allow_missing` we do the same, except that extra
   hypotheses are listed and left out rather than refused; without it, either kind of missing id is an error.
