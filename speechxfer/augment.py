@@ -41,6 +41,7 @@ import numpy as np
 import soxr
 
 from speechxfer.audio import AUDIO_SUFFIXES, SAMPLE_RATE_HZ, audio_duration_s, load_audio
+from speechxfer.config import SHARE, Check, check_fields, checked
 from speechxfer.errors import AudioError, InputError
 
 NOISE_COLORS = {"white": 0.0, "pink": 1.0, "brown": 2.0}  # exponent of 1/f in the power spectrum
@@ -54,41 +55,45 @@ _NOISE_FLOOR_HZ = 20.0
 _LN_1000 = math.log(1000.0)
 
 
+def _finite_numbers(values: object) -> bool:
+    return isinstance(values, (tuple, list)) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+
+
+# The checks of the options' fields (config.checked): from a recipe, lists arrive as tuples of floats.
+_RANGE = Check(lambda v: _finite_numbers(v) and len(v) == 2 and v[0] <= v[1], "[low, high] with low <= high")
+_FACTORS = Check(lambda v: _finite_numbers(v) and len(v) > 0 and min(v) > 0, "a non-empty list of numbers > 0")
+_RT60 = Check(lambda v: _RANGE.test(v) and v[0] > 0, "[low, high] with 0 < low <= high")
+_COLORS = Check(lambda v: isinstance(v, (tuple, list)) and len(v) > 0 and all(c in NOISE_COLORS for c in v),
+                f"a non-empty list of {', '.join(NOISE_COLORS)}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class SpeedOptions:
     """Kaldi-style speed perturbation: resampled as if played faster or slower, so tempo and pitch change together
     and an utterance of n samples comes out with about n / factor (Ko et al. 2015, "Audio augmentation for speech
     recognition"; Kaldi's perturb_data_dir_speed.sh)."""
 
-    probability: float = 0.0  # chance that an utterance is perturbed; 0 turns the effect off
-    factors: tuple[float, ...] = (0.9, 1.0, 1.1)  # one drawn uniformly; > 1 is faster (shorter)
+    probability: float = checked(0.0, SHARE)  # chance that an utterance is perturbed; 0 turns the effect off
+    factors: tuple[float, ...] = checked((0.9, 1.0, 1.1), _FACTORS)  # one drawn uniformly; > 1 is faster (shorter)
 
-    def __post_init__(self) -> None:
-        _check_probability(self.probability)
-        factors = _numbers("factors", self.factors)
-        if not factors or min(factors) <= 0:
-            raise ValueError(f"factors must be a non-empty list of numbers > 0, got {list(self.factors)}")
-        object.__setattr__(self, "factors", factors)
+    __post_init__ = check_fields
 
 
 @dataclass(frozen=True, kw_only=True)
 class NoiseOptions:
     """Additive noise at a random signal-to-noise ratio, from files or generated."""
 
-    probability: float = 0.0  # chance that an utterance gets noise; 0 turns the effect off
-    snr_db: tuple[float, float] = (5.0, 20.0)  # [low, high] dB, drawn uniformly; signal power entering this stage
+    probability: float = checked(0.0, SHARE)  # chance that an utterance gets noise; 0 turns the effect off
+    # [low, high] dB, drawn uniformly; signal power entering this stage
+    snr_db: tuple[float, float] = checked((5.0, 20.0), _RANGE)
     # A folder (searched recursively for audio files), one audio file, or a text file listing one audio path per
     # line (relative to the list; blank lines and lines starting with # skipped). None: generated coloured noise.
     source: str | None = None
-    colors: tuple[str, ...] = ("white", "pink", "brown")  # generated noise, one drawn uniformly: power ∝ 1, 1/f, 1/f²
+    # generated noise, one drawn uniformly: power ∝ 1, 1/f, 1/f²
+    colors: tuple[str, ...] = checked(("white", "pink", "brown"), _COLORS)
 
-    def __post_init__(self) -> None:
-        _check_probability(self.probability)
-        object.__setattr__(self, "snr_db", _range("snr_db", self.snr_db))
-        colors = tuple(self.colors)
-        if not colors or any(c not in NOISE_COLORS for c in colors):
-            raise ValueError(f"colors must be a non-empty list of {', '.join(NOISE_COLORS)}, got {list(colors)}")
-        object.__setattr__(self, "colors", colors)
+    __post_init__ = check_fields
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,31 +101,25 @@ class ReverbOptions:
     """Reverberation: convolution with a room impulse response, simulated or from files; the output keeps the
     input's length (the tail past the last sample is dropped) and its RMS level."""
 
-    probability: float = 0.0  # chance that an utterance is reverberated; 0 turns the effect off
-    rt60_s: tuple[float, float] = (0.2, 0.8)  # simulated rooms: seconds for the tail to decay by 60 dB, [low, high]
-    direct_to_reverberant_db: tuple[float, float] = (0.0, 10.0)  # simulated rooms: direct-path / tail energy, dB
+    probability: float = checked(0.0, SHARE)  # chance that an utterance is reverberated; 0 turns the effect off
+    # simulated rooms: seconds for the tail to decay by 60 dB, [low, high]
+    rt60_s: tuple[float, float] = checked((0.2, 0.8), _RT60)
+    # simulated rooms: direct-path / tail energy, dB, [low, high]
+    direct_to_reverberant_db: tuple[float, float] = checked((0.0, 10.0), _RANGE)
     source: str | None = None  # measured impulse responses, given as for noise.source; None: simulated rooms
 
-    def __post_init__(self) -> None:
-        _check_probability(self.probability)
-        rt60_s = _range("rt60_s", self.rt60_s)
-        if rt60_s[0] <= 0:
-            raise ValueError(f"rt60_s must be > 0 s, got {list(rt60_s)}")
-        object.__setattr__(self, "rt60_s", rt60_s)
-        object.__setattr__(self, "direct_to_reverberant_db",
-                           _range("direct_to_reverberant_db", self.direct_to_reverberant_db))
+    __post_init__ = check_fields
 
 
 @dataclass(frozen=True, kw_only=True)
 class TelephoneOptions:
     """A narrow-band telephone channel: resampled down to 8 kHz and back up (no energy above 4 kHz survives)."""
 
-    probability: float = 0.0  # chance that an utterance goes through the channel; 0 turns the effect off
+    probability: float = checked(0.0, SHARE)  # chance that an utterance goes through the channel; 0: off
     band_pass: bool = True  # also the 300-3400 Hz voice band (4th-order Butterworth), at 8 kHz
     mu_law: bool = True  # also 8-bit μ-law coding (G.711), at 8 kHz; clips at full scale like a real codec
 
-    def __post_init__(self) -> None:
-        _check_probability(self.probability)
+    __post_init__ = check_fields
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -128,12 +127,10 @@ class GainOptions:
     """A level change, before the telephone channel so that loud utterances clip in its μ-law coder. Models whose
     feature extractor normalizes each waveform (do_normalize) see gain only through that clipping."""
 
-    probability: float = 0.0  # chance that an utterance's level changes; 0 turns the effect off
-    gain_db: tuple[float, float] = (-6.0, 6.0)  # [low, high] dB, drawn uniformly
+    probability: float = checked(0.0, SHARE)  # chance that an utterance's level changes; 0 turns the effect off
+    gain_db: tuple[float, float] = checked((-6.0, 6.0), _RANGE)  # [low, high] dB, drawn uniformly
 
-    def __post_init__(self) -> None:
-        _check_probability(self.probability)
-        object.__setattr__(self, "gain_db", _range("gain_db", self.gain_db))
+    __post_init__ = check_fields
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -391,26 +388,3 @@ def _read_list(path: Path) -> list[str]:
     if not paths:
         raise InputError("the list names no audio files", path=path)
     return paths
-
-
-def _check_probability(probability: float) -> None:
-    if not isinstance(probability, (int, float)) or isinstance(probability, bool) or not 0 <= probability <= 1:
-        raise ValueError(f"probability must be between 0 and 1, got {probability!r}")
-
-
-def _numbers(name: str, values: object) -> tuple[float, ...]:
-    """`values` as a tuple of finite floats (YAML gives lists; a tuple keeps the options hashable)."""
-    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
-        raise ValueError(f"{name} must be a list of numbers, got {values!r}")
-    values = tuple(values)
-    if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in values):
-        raise ValueError(f"{name} must be a list of finite numbers, got {list(values)}")
-    return tuple(float(v) for v in values)
-
-
-def _range(name: str, values: object) -> tuple[float, float]:
-    """A [low, high] range of finite floats."""
-    bounds = _numbers(name, values)
-    if len(bounds) != 2 or bounds[0] > bounds[1]:
-        raise ValueError(f"{name} must be [low, high] with low <= high, got {list(bounds)}")
-    return bounds

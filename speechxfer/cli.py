@@ -11,7 +11,7 @@ import contextlib
 import logging
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from speechxfer.compat import check_transformers_version
 from speechxfer.errors import SpeechxferError
@@ -22,10 +22,28 @@ def build_parser() -> argparse.ArgumentParser:
         prog="speechxfer",
         description="Cross-lingual speech recognition adaptation for wav2vec2 checkpoints.",
     )
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_CommandParser)
     for add in _SUBCOMMANDS:
         add(subparsers)
     return parser
+
+
+class _CommandParser(argparse.ArgumentParser):
+    """The parser of one subcommand. A command that runs a model declares its arguments with `declare_later`: their
+    defaults come from modules that import torch (10-20 s on a loaded machine), which then load only when that
+    command is parsed, never for `speechxfer --help` or `speechxfer wer`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._declare: list[Callable[[argparse.ArgumentParser], None]] = []
+
+    def declare_later(self, declare: Callable[[argparse.ArgumentParser], None]) -> None:
+        self._declare.append(declare)
+
+    def parse_known_args(self, args=None, namespace=None):
+        while self._declare:
+            self._declare.pop(0)(self)
+        return super().parse_known_args(args, namespace)
 
 
 def _whole_number(minimum: int):
@@ -356,8 +374,6 @@ def _decoder(beam, recognizer):
 
 
 def _add_transcribe(subparsers) -> None:
-    from speechxfer.transcribe import OUTPUT_FORMATS
-
     p = subparsers.add_parser("transcribe", help="transcribe audio files, folders or globs with a CTC model",
                               description="Transcribe audio (any format and rate; long files in overlapping windows) "
                                           "with a Wav2Vec2ForCTC model folder or hub id. Prints `path<TAB>text` as "
@@ -367,6 +383,13 @@ def _add_transcribe(subparsers) -> None:
                                           "--output-dir skips the files whose outputs are all there. Under `torchrun "
                                           "--nproc_per_node N` (several machines: a shared --output-dir) each process "
                                           "transcribes its share and rank 0 writes the merged transcripts.tsv.")
+    p.declare_later(_transcribe_arguments)
+    p.set_defaults(func=_cmd_transcribe)
+
+
+def _transcribe_arguments(p) -> None:
+    from speechxfer.transcribe import OUTPUT_FORMATS
+
     p.add_argument("model", metavar="MODEL", help="model folder, hub id, or folder written by `speechxfer export`")
     p.add_argument("paths", metavar="PATH", nargs="+", help="audio files, folders or glob patterns")
     p.add_argument("--recursive", action="store_true", help="search folders (and ** globs) recursively")
@@ -379,7 +402,6 @@ def _add_transcribe(subparsers) -> None:
                    help=f"comma-separated output formats for --output-dir (default {','.join(OUTPUT_FORMATS)})")
     _add_model_arguments(p)
     _add_beam_arguments(p)
-    p.set_defaults(func=_cmd_transcribe)
 
 
 def _cmd_transcribe(args) -> int:
@@ -430,13 +452,18 @@ def _cmd_transcribe(args) -> int:
 
 
 def _add_evaluate(subparsers) -> None:
-    from speechxfer.text import PRESETS
-
     p = subparsers.add_parser("evaluate", help="transcribe a manifest and report WER/CER",
                               description="Transcribe every utterance of a JSONL manifest, write hypotheses.jsonl "
                                           "(which `speechxfer wer MANIFEST` scores to the same numbers), score.json, "
                                           "per_utterance.tsv and report.md. Under `torchrun --nproc_per_node N` each "
                                           "process transcribes its share and rank 0 scores.")
+    p.declare_later(_evaluate_arguments)
+    p.set_defaults(func=_cmd_evaluate)
+
+
+def _evaluate_arguments(p) -> None:
+    from speechxfer.text import PRESETS
+
     p.add_argument("model", metavar="MODEL", help="model folder, hub id, or folder written by `speechxfer export`")
     p.add_argument("manifest", metavar="MANIFEST", help="JSONL manifest with reference texts")
     p.add_argument("--output-dir", metavar="DIR", default="evaluation", help="where to write (default ./evaluation)")
@@ -445,7 +472,6 @@ def _add_evaluate(subparsers) -> None:
                         "`text:` section (default: the model folder's recipe.yaml when it has one, else none)")
     _add_model_arguments(p)
     _add_beam_arguments(p)
-    p.set_defaults(func=_cmd_evaluate)
 
 
 def _cmd_evaluate(args) -> int:
@@ -477,13 +503,18 @@ def _cmd_evaluate(args) -> int:
 
 
 def _add_export(subparsers) -> None:
-    from speechxfer.export import QUANTIZATIONS
-
     p = subparsers.add_parser("export", help="export a model for CPU inference (ONNX, optionally int8)",
                               description="Write the model's network as ONNX for onnxruntime (the export extra), with "
                                           "its vocabulary, settings, recipe and LM, into a new folder that "
                                           "`transcribe` and `evaluate` take in place of the model folder. The export "
                                           "is checked against the model; export.json records how closely it matches.")
+    p.declare_later(_export_arguments)
+    p.set_defaults(func=_cmd_export)
+
+
+def _export_arguments(p) -> None:
+    from speechxfer.export import QUANTIZATIONS
+
     p.add_argument("model", metavar="MODEL", help="model folder or hub id")
     p.add_argument("output_dir", metavar="OUT", help="new (or empty) folder to write")
     p.add_argument("--format", choices=("onnx",), default="onnx", help="the only format: onnx")
@@ -493,7 +524,6 @@ def _add_export(subparsers) -> None:
     p.add_argument("--lang", default=None, metavar="LANG",
                    help="for a model with language adapters, the language to export (default: the one in "
                         "model.safetensors)")
-    p.set_defaults(func=_cmd_export)
 
 
 def _cmd_export(args) -> int:
@@ -507,7 +537,6 @@ def _cmd_export(args) -> int:
 
 
 def _add_lm(subparsers) -> None:
-    from speechxfer.decoding import DEFAULT_LM_WEIGHTS, DEFAULT_WORD_SCORES
     from speechxfer.text import PRESETS
 
     p = subparsers.add_parser("lm", help="n-gram language models for beam search: build one, tune its weights",
@@ -523,6 +552,13 @@ def _add_lm(subparsers) -> None:
                         "recipe.yaml for instance (default basic)")
     b.set_defaults(func=_cmd_lm_build)
     t = actions.add_parser("tune", help="grid-search LM weight and word score on a dev manifest")
+    t.declare_later(_lm_tune_arguments)
+    t.set_defaults(func=_cmd_lm_tune)
+
+
+def _lm_tune_arguments(t) -> None:
+    from speechxfer.decoding import DEFAULT_LM_WEIGHTS, DEFAULT_WORD_SCORES
+
     t.add_argument("model", metavar="MODEL", help="model folder or hub id")
     t.add_argument("manifest", metavar="DEV_MANIFEST", help="JSONL manifest of the dev split")
     _add_beam_arguments(t, tuning=True)
@@ -534,7 +570,6 @@ def _add_lm(subparsers) -> None:
                    help="normalize both sides before scoring (default: the model folder's recipe.yaml when it has "
                         "one, else none)")
     _add_model_arguments(t)
-    t.set_defaults(func=_cmd_lm_tune)
 
 
 def _cmd_lm_build(args) -> int:
@@ -589,6 +624,11 @@ def _add_pseudo_label(subparsers) -> None:
                                           "data.pseudo_labelled. Texts are normalized as the model's recipe.yaml "
                                           "says; rows below --min-confidence, empty ones and ones with characters "
                                           "outside the model's vocabulary are left out and counted.")
+    p.declare_later(_pseudo_label_arguments)
+    p.set_defaults(func=_cmd_pseudo_label)
+
+
+def _pseudo_label_arguments(p) -> None:
     p.add_argument("model", metavar="MODEL", help="teacher model folder or hub id")
     p.add_argument("paths", metavar="AUDIO", nargs="+", help="audio files, folders (searched recursively) or globs")
     p.add_argument("--output", metavar="OUT.jsonl", required=True, help="manifest to write")
@@ -598,7 +638,6 @@ def _add_pseudo_label(subparsers) -> None:
                         "Default: keep all")
     _add_model_arguments(p)
     _add_beam_arguments(p)
-    p.set_defaults(func=_cmd_pseudo_label)
 
 
 def _cmd_pseudo_label(args) -> int:
@@ -635,6 +674,11 @@ def _add_self_train(subparsers) -> None:
                                           "its dev WER improves. Writes OUTPUT_DIR/round-K/ and "
                                           "OUTPUT_DIR/self_train.json; a rerun continues after the last finished "
                                           "round.")
+    p.declare_later(_self_train_arguments)
+    p.set_defaults(func=_cmd_self_train)
+
+
+def _self_train_arguments(p) -> None:
     p.add_argument("recipe", metavar="RECIPE", help="recipe file (needs data.dev)")
     p.add_argument("--unlabelled", metavar="DIR", nargs="+", required=True,
                    help="untranscribed audio: files, folders (searched recursively) or globs; never dev or test audio")
@@ -647,7 +691,6 @@ def _add_self_train(subparsers) -> None:
                    help="override a recipe key (value read as YAML); repeatable")
     _add_model_arguments(p)
     _add_beam_arguments(p)
-    p.set_defaults(func=_cmd_self_train)
 
 
 def _cmd_self_train(args) -> int:
@@ -671,8 +714,6 @@ def _cmd_self_train(args) -> int:
 
 
 def _add_rank_sources(subparsers) -> None:
-    from speechxfer.text import PRESETS
-
     p = subparsers.add_parser("rank-sources", help="rank candidate source checkpoints by zero-shot CER on dev",
                               description="Transcribe the first N usable utterances of the dev manifest (in manifest "
                                           "order) with each candidate's own CTC head (each language of an adapter "
@@ -680,6 +721,13 @@ def _add_rank_sources(subparsers) -> None:
                                           "transfer (same letter, base letter, transliteration), and print the "
                                           "candidates best first. Candidates that cannot be scored are listed last "
                                           "with the reason.")
+    p.declare_later(_rank_sources_arguments)
+    p.set_defaults(func=_cmd_rank_sources)
+
+
+def _rank_sources_arguments(p) -> None:
+    from speechxfer.text import PRESETS
+
     p.add_argument("candidates", metavar="CANDIDATE", nargs="+", help="model folders or hub ids")
     p.add_argument("--dev", metavar="DEV_MANIFEST", required=True, help="JSONL manifest of the target's dev split")
     p.add_argument("--n", type=_whole_number(1), default=50, help="dev utterances to score (default 50)")
@@ -690,7 +738,6 @@ def _add_rank_sources(subparsers) -> None:
                    help="comma-separated adapter languages to score in adapter models (default: all they have)")
     p.add_argument("--json", metavar="FILE", default=None, help="also write the ranking to FILE as JSON")
     _add_model_arguments(p)
-    p.set_defaults(func=_cmd_rank_sources)
 
 
 def _cmd_rank_sources(args) -> int:

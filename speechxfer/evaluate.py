@@ -7,17 +7,17 @@ import dataclasses
 import json
 import os
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from speechxfer.decoding import BeamSearchDecoder, Decoder
 from speechxfer.atomic import atomic_write
 from speechxfer.errors import InputError, Problem
-from speechxfer.manifest import Utterance, read_jsonl, read_manifest
+from speechxfer.manifest import read_jsonl, read_manifest
 from speechxfer.scoring import (ScoreReport, format_report, render_alignment, score, worst_utterances,
                                 write_per_utterance_tsv)
-from speechxfer.text import normalized_references
+from speechxfer.text import TextNormalizer, normalized_references
 from speechxfer.transcribe import (AudioSegment, Ranks, Recognizer, TranscribeOptions, Transcription,
                                    output_folder, transcribe)
 
@@ -37,14 +37,15 @@ class Evaluation:
 
 
 def evaluate(recognizer: Recognizer, manifest_path: str | os.PathLike, *, output_dir: str | os.PathLike,
-             decoder: Decoder, normalizer: Callable[[str], str] | None = None,
+             decoder: Decoder, normalizer: TextNormalizer | None = None,
              options: TranscribeOptions = TranscribeOptions(), bootstrap: int = 1000, seed: int = 0,
              progress: bool = False, ranks: Ranks = Ranks()) -> Evaluation | None:
     """Transcribe every usable utterance of the manifest and score it against the manifest's texts.
 
-    Writes under output_dir: hypotheses.jsonl (as each batch finishes), score.json, per_utterance.tsv and
-    report.md. An utterance whose audio cannot be read gets an empty hypothesis and is listed as a problem; one
-    whose reference the normalizer rejects or empties is left out (see text.normalized_references).
+    Writes under output_dir: hypotheses.jsonl (as each batch finishes, then again in manifest order), score.json,
+    per_utterance.tsv and report.md. An utterance whose audio cannot be read gets an empty hypothesis and is listed
+    as a problem; one whose reference the normalizer rejects or empties is left out (see
+    text.normalized_references).
 
     With several `ranks` every process transcribes its share into hypotheses.jsonl.rankN; rank 0 merges them
     (in manifest order) once all have finished, scores and returns the Evaluation, the others return None.
@@ -73,10 +74,14 @@ def evaluate(recognizer: Recognizer, manifest_path: str | os.PathLike, *, output
             f.write(json.dumps({"id": utterance_id, "text": text}, ensure_ascii=False) + "\n")
             f.flush()
     if ranks.world_size > 1:
-        merged = _merge_ranks(output, ranks, utterances, failures)
+        merged = _merge_ranks(output, ranks, failures)
         if merged is None:
             return None
         hypotheses, failures = merged
+    # In manifest order, however many processes ran and in whatever order their batches finished.
+    hypotheses = {u.id: hypotheses[u.id] for u in utterances if u.id in hypotheses}
+    with atomic_write(hypotheses_path) as f:
+        f.writelines(json.dumps({"id": i, "text": t}, ensure_ascii=False) + "\n" for i, t in hypotheses.items())
     problems += failures
     references = {u.id: u.text for u in utterances}
     report = score(references, hypotheses, normalizer=normalizer, bootstrap=bootstrap, seed=seed)
@@ -91,10 +96,9 @@ def evaluate(recognizer: Recognizer, manifest_path: str | os.PathLike, *, output
     return evaluation
 
 
-def _merge_ranks(output: Path, ranks: Ranks, utterances: Sequence[Utterance], failures: list[Problem],
-                 ) -> tuple[dict[str, str], list[Problem]] | None:
-    """Every process's hypotheses and audio failures, once all have finished: on rank 0, merged into
-    hypotheses.jsonl in manifest order and returned; None on the other ranks."""
+def _merge_ranks(output: Path, ranks: Ranks, failures: list[Problem]) -> tuple[dict[str, str], list[Problem]] | None:
+    """Every process's hypotheses and audio failures, once all have finished: on rank 0, read from the part files
+    (which go) and returned; None on the other ranks."""
     with atomic_write(output / f"problems.rank{ranks.rank}.jsonl") as f:
         f.writelines(json.dumps(dataclasses.asdict(p), ensure_ascii=False) + "\n" for p in failures)
     ranks.barrier()
@@ -108,9 +112,6 @@ def _merge_ranks(output: Path, ranks: Ranks, utterances: Sequence[Utterance], fa
         failures += [Problem(**record) for _, record in read_jsonl(part_failures)]
         part.unlink()
         part_failures.unlink()
-    hypotheses = {u.id: hypotheses[u.id] for u in utterances if u.id in hypotheses}
-    with atomic_write(output / HYPOTHESES_NAME) as f:
-        f.writelines(json.dumps({"id": i, "text": t}, ensure_ascii=False) + "\n" for i, t in hypotheses.items())
     return hypotheses, failures
 
 

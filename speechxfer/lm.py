@@ -146,7 +146,7 @@ class TuneResult:
 def tune_lm(recognizer: Recognizer, manifest_path: str | os.PathLike, *, lm_path: str,
             lexicon_path: str | None = None, lm_weights: Sequence[float] = DEFAULT_LM_WEIGHTS,
             word_scores: Sequence[float] = DEFAULT_WORD_SCORES, beam_size: int = 50,
-            normalizer: Callable[[str], str] | None = None, options: TranscribeOptions = TranscribeOptions(),
+            normalizer: TextNormalizer | None = None, options: TranscribeOptions = TranscribeOptions(),
             max_utterances: int | None = None, progress: bool = False) -> TuneResult:
     """Grid search of LM weight x word score by dev WER (search_grid: the grid grows past an edge that holds the
     best point); the model runs once, each point only decodes.

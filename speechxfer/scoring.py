@@ -11,6 +11,10 @@ How the numbers are counted, following `sclite -e utf-8 -s` (case-sensitive: cas
   On 1000 Czech/Russian sentences with 15% (40%) word errors, jiwer's S/D/I differ from sclite's on 1.5% (9.6%)
   of sentences in words and 2.1% (8.3%) in characters, where the total differs on 1.4% (3.7%): a CER from jiwer
   is not sclite's. So `align` reproduces sclite's dynamic programme (net_dp.c) instead of calling jiwer.
+- Normalization (`normalizer`): references go through it as they are; hypotheses by `normalize_hypothesis`, which
+  turns an unknown token ("[UNK]") into a mark that no reference holds once punctuation is removed, and rejects
+  nothing. Training's dev and test reports, `evaluate`, `wer`, `lm tune` and a recipe's LM stage all score by
+  this one rule.
 - Ids: sclite scores only the utterances that have a hypothesis; a reference without one is skipped, and a
   hypothesis id absent from the references is an error. With `allow_missing` we do the same, except that extra
   hypotheses are listed and left out rather than refused; without it, either kind of missing id is an error.
@@ -20,7 +24,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +32,8 @@ import numpy as np
 
 from speechxfer.errors import InputError
 from speechxfer.manifest import read_jsonl
-from speechxfer.text import TextRejected
+from speechxfer.text import TextNormalizer, TextRejected
+from speechxfer.vocabulary import UNK
 
 FORMATS = ("auto", "kaldi", "tsv", "jsonl", "lines")
 # sclite's alignment weights (insertion and deletion 3, substitution 4, match 0)
@@ -41,6 +46,15 @@ _SUBSTITUTION = 4
 MAX_ALIGNMENT_CELLS = 500_000_000
 # Tables up to this many cells (8 bytes each) are built whole; larger ones are checkpointed (see _trace_back).
 _WHOLE_TABLE_CELLS = 4_000_000
+# How a hypothesis spells the unknown token: our vocabularies' "[UNK]", and "<unk>" of fairseq/MMS vocabularies.
+UNKNOWN_TOKENS = (UNK, "<unk>")
+# What an unknown token becomes in a normalized hypothesis: one character, so that CER counts one unknown
+# character as one error, and a symbol, which punctuation removal takes out of every reference (sentencepiece
+# spells its unknown piece the same way). Normalized as letters, "[UNK]" would be the word "unk".
+UNKNOWN_MARK = "\u2047"  # ⁇
+# Stands for an unknown token while the normalizer runs: a private-use character, which no Unicode form, casing
+# or punctuation rule changes.
+_UNKNOWN_PLACEHOLDER = "\ue000"
 
 
 @dataclass(frozen=True)
@@ -138,12 +152,13 @@ class ScoreReport:
         return summary
 
 
-def score(refs: Mapping[str, str], hyps: Mapping[str, str], *, normalizer: Callable[[str], str] | None = None,
+def score(refs: Mapping[str, str], hyps: Mapping[str, str], *, normalizer: TextNormalizer | None = None,
           allow_missing: bool = False, bootstrap: int = 1000, seed: int = 0) -> ScoreReport:
-    """Score hypotheses against references (id -> text), both normalized by the same `normalizer`.
+    """Score hypotheses against references (id -> text), the references normalized by `normalizer` and the
+    hypotheses by `normalize_hypothesis` with it.
 
     Utterances are scored in the references' order. Raises InputError for ids missing on one side (unless
-    allow_missing), for a text the normalizer rejects, and when the scored references hold no word.
+    allow_missing), for a reference the normalizer rejects, and when the scored references hold no word.
     """
     missing = tuple(i for i in refs if i not in hyps)
     extra = tuple(i for i in hyps if i not in refs)
@@ -157,8 +172,8 @@ def score(refs: Mapping[str, str], hyps: Mapping[str, str], *, normalizer: Calla
     ids = [i for i in refs if i in hyps]
     if not ids:
         raise InputError("no utterance id appears in both the references and the hypotheses")
-    ref_texts = [_normalized(refs[i], normalizer, i, "reference") for i in ids]
-    hyp_texts = [_normalized(hyps[i], normalizer, i, "hypothesis") for i in ids]
+    ref_texts = [_normalized_reference(refs[i], normalizer, i) for i in ids]
+    hyp_texts = [normalize_hypothesis(hyps[i], normalizer) for i in ids]
     ref_words = [t.split() for t in ref_texts]
     hyp_words = [t.split() for t in hyp_texts]
     # Characters are those of the words: like `sclite -c`, the spaces between words are not scored.
@@ -206,13 +221,25 @@ def _some(ids: tuple[str, ...], limit: int = 10) -> str:
     return ", ".join(ids[:limit]) + (f", ... ({len(ids) - limit} more)" if len(ids) > limit else "")
 
 
-def _normalized(text: str, normalizer: Callable[[str], str] | None, utterance_id: str, side: str) -> str:
+def normalize_hypothesis(text: str, normalizer: TextNormalizer | None) -> str:
+    """A model's output as it is scored: normalized as the references are, except that each unknown token
+    (UNKNOWN_TOKENS) becomes UNKNOWN_MARK, an error wherever it stands, and that nothing is rejected: digits under
+    `digits: reject` and characters outside the alphabet stay, to be counted as errors. Without a normalizer, the
+    text as it is."""
+    if normalizer is None:
+        return text
+    for token in UNKNOWN_TOKENS:
+        text = text.replace(token, _UNKNOWN_PLACEHOLDER)
+    return normalizer(text, reject=False).replace(_UNKNOWN_PLACEHOLDER, UNKNOWN_MARK)
+
+
+def _normalized_reference(text: str, normalizer: TextNormalizer | None, utterance_id: str) -> str:
     if normalizer is None:
         return text
     try:
         return normalizer(text)
     except TextRejected as err:
-        raise InputError(f"utterance {utterance_id}: the normalizer rejects the {side}: {err}") from None
+        raise InputError(f"utterance {utterance_id}: the normalizer rejects the reference: {err}") from None
 
 
 def _aligned(reference: list[str], hypothesis: list[str], utterance_id: str, unit: str) -> Alignment:

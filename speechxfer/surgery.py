@@ -175,7 +175,7 @@ def build_ctc_model(source: str | os.PathLike, vocab: Vocabulary, *,
         elif adapt.init_lang is not None and config.adapter_attn_dim is None:
             raise InputError(f"adapt.init_lang {adapt.init_lang}: this base has no language adapters", path=name)
         elif adapt.init_lang is not None:
-            _load_adapter(model, adapt.init_lang, path=name)
+            load_adapter(model, adapt.init_lang, directory=name)
             source_lang = adapt.init_lang
         source_vocab = (_source_vocabulary(name, model.config, lang=source_lang)
                         if "Wav2Vec2ForCTC" in (config.architectures or []) else None)
@@ -512,14 +512,19 @@ def adapter_languages(directory: str | os.PathLike) -> list[str]:
                   and len(entry.name) > len(prefix) + len(suffix))
 
 
-def _load_adapter(model: Wav2Vec2ForCTC, lang: str, *, path: str) -> None:
-    """model.load_adapter(lang) (adapter and head of adapter.<lang>.safetensors); InputError when there is none."""
+def load_adapter(model: Wav2Vec2ForCTC, lang: str, *, directory: str | os.PathLike) -> None:
+    """Load the attention adapters and CTC head of `lang` (adapter.<lang>.safetensors of `directory`, the folder or
+    hub id the model was loaded from) into the model. InputError naming the file: a folder without it (listing the
+    languages it has), or a file that cannot be read or does not fit the model (its keys or shapes)."""
+    path = Path(directory, ADAPTER_FILE.format(lang))
+    if Path(directory).is_dir() and not path.is_file():
+        known = ", ".join(adapter_languages(directory)) or "none"
+        raise InputError(f"no adapter for language {lang!r} in this model folder (it has: {known})", path=path)
     try:
-        model.load_adapter(lang)
-    except (OSError, ValueError) as err:
-        known = adapter_languages(path) if Path(path).is_dir() else []
-        listed = f" (it has: {', '.join(known)})" if known else ""
-        raise InputError(f"no usable adapter for language {lang!r}{listed}: {first_line(err)}", path=path) from None
+        # It reads the folder the model was loaded from (config._name_or_path), never the hub for a folder.
+        model.load_adapter(lang, use_safetensors=True, local_files_only=Path(directory).is_dir())
+    except (OSError, ValueError, RuntimeError) as err:  # unreadable; not this model's adapter keys or shapes
+        raise InputError(f"cannot load the adapter for language {lang!r}: {first_line(err)}", path=path) from None
 
 
 def _load_config(name: str) -> Wav2Vec2Config:

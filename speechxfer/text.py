@@ -65,22 +65,26 @@ class TextNormalizer:
         self._alphabet = (None if options.alphabet is None
                           else frozenset(unicodedata.normalize(form, options.alphabet)) | self._keep | {" "})
 
-    def __call__(self, text: str) -> str:
-        """Return the normalized text (single spaces, no leading or trailing space); raises TextRejected."""
+    def __call__(self, text: str, *, reject: bool = True) -> str:
+        """Return the normalized text (single spaces, no leading or trailing space); raises TextRejected.
+
+        reject=False, for model output (scored, never left out: see scoring.normalize_hypothesis): digits under
+        `digits: reject` and characters outside the alphabet stay as they are instead."""
         options = self.options
         text = unicodedata.normalize(options.unicode_form, text)
         if options.lowercase:
             text = unicodedata.normalize(options.unicode_form, self._casing(text).lower())
         text = self._replace(text)
-        if options.digits != "keep":
-            numbers = [c for c in text if unicodedata.category(c)[0] == "N"]
-            if numbers and options.digits == "reject":
-                raise TextRejected(f"text holds digits {''.join(dict.fromkeys(numbers))!r}: {text!r}")
+        if options.digits == "drop":
             text = "".join(c for c in text if unicodedata.category(c)[0] != "N")
+        elif options.digits == "reject" and reject:
+            numbers = [c for c in text if unicodedata.category(c)[0] == "N"]
+            if numbers:
+                raise TextRejected(f"text holds digits {''.join(dict.fromkeys(numbers))!r}: {text!r}")
         if options.remove_punctuation:
             text = self._strip_punctuation(text)
         text = " ".join(text.split())
-        if self._alphabet is not None:
+        if reject and self._alphabet is not None:
             outside = [c for c in text if c not in self._alphabet]
             if outside:
                 raise TextRejected(f"characters outside the alphabet {''.join(dict.fromkeys(outside))!r}: {text!r}")

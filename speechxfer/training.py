@@ -42,11 +42,11 @@ from speechxfer.batching import (DurationBatchSampler, Examples, SpeechDataset, 
                                  frame_geometry, inference_batches)
 from speechxfer.decoding import GreedyDecoder, decode_batch
 from speechxfer.compat import enable_gradient_checkpointing, fused_optimizer_supported, reset_accelerator_state
-from speechxfer.errors import InputError, Problem
+from speechxfer.errors import InputError, Problem, first_line
 from speechxfer.freezing import apply_freezing, parameter_groups, parameter_table
 from speechxfer.manifest import Utterance, UtteranceTable, check_held_out, read_jsonl, read_manifest_table
 from speechxfer.recipe import Recipe, TrainOptions, resolved_yaml
-from speechxfer.scoring import ScoreReport, score
+from speechxfer.scoring import ScoreReport, normalize_hypothesis, score
 from speechxfer.surgery import (ADAPTER_FILE, MODEL_STAGING, build_ctc_model, build_scratch_model,
                                check_adapter_folder, finish_model_folder, is_lora_model, load_lora_weights,
                                needs_attention_mask, save_model_folder)
@@ -384,8 +384,8 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
             if dev_refs:
                 dev_loader = make_loader(*_eval_batches(splits["dev"], dev_refs, vocab, opts, accelerator,
                                                        padding_free=not attention_mask))
-                report, hyps = evaluate(raw_model, dev_loader, vocab, dev_refs, accelerator=accelerator,
-                                        report_problems=left_out["dev"].add)
+                report, hyps = evaluate(raw_model, dev_loader, vocab, dev_refs, normalizer=normalizer,
+                                        accelerator=accelerator, report_problems=left_out["dev"].add)
                 empty_share = sum(not h for h in hyps.values()) / len(hyps)
                 log.write({"update": update, "dev_wer": report.wer, "dev_cer": report.cer,
                            "dev_empty_share": empty_share, "minutes": state["elapsed_s"] / 60})
@@ -427,8 +427,8 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
         best = Wav2Vec2ForCTC.from_pretrained(out, use_safetensors=True).to(accelerator.device)
         test_loader = make_loader(*_eval_batches(splits["test"], test_refs, vocab, opts, accelerator,
                                                     padding_free=not attention_mask))
-        test_report, _ = evaluate(best, test_loader, vocab, test_refs, accelerator=accelerator, bootstrap=1000,
-                                  report_problems=left_out["test"].add)
+        test_report, _ = evaluate(best, test_loader, vocab, test_refs, normalizer=normalizer, accelerator=accelerator,
+                                  bootstrap=1000, report_problems=left_out["test"].add)
         if accelerator.is_main_process:
             _write_json(run / "test_report.json", {"model_update": state["best_update"], **test_report.to_dict()})
         say(f"test: WER {test_report.wer:.2%}, CER {test_report.cer:.2%} ({test_report.sentences} utterances)")
@@ -467,11 +467,12 @@ def get_lr(update: int, options: TrainOptions) -> float:
 
 @torch.no_grad()
 def evaluate(model: Wav2Vec2ForCTC, loader: Iterable[dict], vocab: Vocabulary, refs: dict[str, str], *,
-             accelerator: Accelerator, bootstrap: int = 0,
+             normalizer: TextNormalizer, accelerator: Accelerator, bootstrap: int = 0,
              report_problems: Callable[[list[Problem]], object] | None = None) -> tuple[ScoreReport, dict[str, str]]:
     """Greedy CTC decoding of this process's batches, gathered from every process and scored against `refs`
-    ({utterance id: normalized text}). Utterances the loader left out (unusable audio) are not scored; their
-    Problems go to `report_problems`. Returns the score and {utterance id: hypothesis}.
+    ({utterance id: text normalized by `normalizer`}), the hypotheses normalized as `speechxfer evaluate`
+    normalizes them (scoring.normalize_hypothesis). Utterances the loader left out (unusable audio) are not scored;
+    their Problems go to `report_problems`. Returns the score and {utterance id: hypothesis as decoded}.
 
     A model that takes no attention mask sees no padding (batching.inference_batches): a batch planned from
     listed durations that holds audio of different lengths runs as one forward pass per length."""
@@ -504,7 +505,8 @@ def evaluate(model: Wav2Vec2ForCTC, loader: Iterable[dict], vocab: Vocabulary, r
     model.train(was_training)
     hyps = {k: v for part in gather_object([hyps]) for k, v in part.items()}
     left_out = set(gather_object(left_out))
-    return score({k: v for k, v in refs.items() if k not in left_out}, hyps, bootstrap=bootstrap), hyps
+    scored = {k: normalize_hypothesis(v, normalizer) for k, v in hyps.items()}
+    return score({k: v for k, v in refs.items() if k not in left_out}, scored, bootstrap=bootstrap), hyps
 
 
 def blank_collapse_warning(empty_share: float, *, update: int) -> str | None:
@@ -1049,8 +1051,7 @@ def _read_checkpoint_file(path: Path) -> dict:
         # weights_only: the file holds tensors and plain containers only (see _rng_state), nothing to unpickle.
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a damaged file fails in torch's zip reader or its unpickler, in many ways
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise InputError(f"unreadable checkpoint file (truncated or corrupt?): {reason}", path=path) from None
+        raise InputError(f"unreadable checkpoint file (truncated or corrupt?): {first_line(err)}", path=path) from None
 
 
 def _rng_state() -> dict:

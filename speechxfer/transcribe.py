@@ -151,26 +151,16 @@ class Recognizer:
         """Switch an MMS-style adapter model (config.adapter_attn_dim set) to `language`: its adapter weights and
         CTC head from adapter.<language>.safetensors in the model folder, its vocabulary from vocab.json.
         InputError for a model without adapters, a missing or mismatched adapter file, a language vocab.json lacks."""
-        from speechxfer.surgery import ADAPTER_FILE, adapter_languages
+        from speechxfer.surgery import load_adapter
 
-        path = Path(self.directory, ADAPTER_FILE.format(language))
         if isinstance(self.model, ExportedModel):
             raise InputError("an exported model holds the one language it was exported with (speechxfer export "
                              "--lang)", path=self.directory)
         if getattr(self.model.config, "adapter_attn_dim", None) is None:
             raise InputError("not an adapter model (its config.json sets no adapter_attn_dim)", path=self.directory)
-        if not path.is_file():
-            known = ", ".join(adapter_languages(self.directory)) or "none"
-            raise InputError(f"no adapter for language {language!r} in this model folder (it has: {known})",
-                             path=path)
-        vocabulary = Vocabulary.load(self.directory, target_lang=language)
-        try:
-            # load_adapter reads the folder the model was loaded from (config._name_or_path): self.directory.
-            self.model.load_adapter(language, use_safetensors=True, local_files_only=True)
-        except (OSError, ValueError, RuntimeError) as err:  # unreadable; not this model's adapter keys or shapes
-            reason = first_line(err)
-            raise InputError(f"cannot load the adapter: {reason}", path=path) from None
-        self.vocabulary = vocabulary
+        load_adapter(self.model, language, directory=self.directory)
+        # Read after the adapter, so that a language without one gets load_adapter's message rather than vocab.json's.
+        self.vocabulary = Vocabulary.load(self.directory, target_lang=language)
         self.lang = language
         self._check_head()
 

@@ -14,7 +14,8 @@ from tiny import write_tone
 from speechxfer.audio import SAMPLE_RATE_HZ
 from speechxfer.augment import (AugmentOptions, GainOptions, NoiseOptions, ReverbOptions, SpeedOptions,
                                 TelephoneOptions, augment, check_sources, duration_bounds_s, speed_factor)
-from speechxfer.errors import InputError
+from speechxfer.config import from_mapping
+from speechxfer.errors import InputError, RecipeError
 
 RATE = SAMPLE_RATE_HZ
 
@@ -276,12 +277,17 @@ def test_invalid_options_name_the_field(make, field):
         make()
 
 
-def test_lists_from_yaml_become_tuples():
-    options = NoiseOptions(snr_db=[0, 10], colors=["pink"])
-    assert options.snr_db == (0.0, 10.0) and options.colors == ("pink",)
-    assert hash(AugmentOptions(noise=options)) == hash(AugmentOptions(noise=NoiseOptions(snr_db=(0.0, 10.0),
-                                                                                          colors=("pink",))))
-
+def test_options_are_checked_alike_from_python_and_from_a_recipe():
+    """One check per field (config.checked): a ValueError naming the field in Python, a RecipeError naming the
+    dotted key and the file from YAML, which gives its lists as tuples of floats."""
+    with pytest.raises(ValueError, match=r"^snr_db must be \[low, high\] with low <= high, got \(30, 10\)$"):
+        NoiseOptions(snr_db=(30, 10))
+    with pytest.raises(RecipeError, match=r"^r.yaml: augment.noise.snr_db must be \[low, high\] with low <= high, "
+                                          r"got \(30.0, 10.0\)$"):
+        from_mapping(AugmentOptions, {"noise": {"snr_db": [30, 10]}}, path="r.yaml", prefix="augment.")
+    options = from_mapping(AugmentOptions, {"noise": {"snr_db": [0, 10], "colors": ["pink"]}}, path="r.yaml")
+    assert options.noise == NoiseOptions(snr_db=(0.0, 10.0), colors=("pink",))
+    assert hash(options) == hash(AugmentOptions(noise=NoiseOptions(snr_db=(0.0, 10.0), colors=("pink",))))
 
 
 def test_a_silent_impulse_response_is_named(tmp_path):

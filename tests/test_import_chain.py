@@ -1,10 +1,13 @@
 """docs/DESIGN.md's import chain holds for the code: every module of the package stands in it, and none imports one
-later in it (or one of its own group), function-level imports included."""
+later in it (or one of its own group), function-level imports included. The CLI's parser and `wer` load no torch."""
 
 from __future__ import annotations
 
 import ast
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,3 +58,27 @@ def test_the_check_sees_function_level_imports(tmp_path):
     source.write_text("import speechxfer.audio\nfrom speechxfer import text\n\n\ndef f():\n"
                       "    from speechxfer.prepare import prepare\n    import json\n", encoding="utf-8")
     assert imported_modules(source) == {"audio", "text", "prepare"}
+
+
+def test_the_parser_and_wer_never_import_torch(tmp_path):
+    """torch takes 10-20 s to import on a loaded machine: `--help` of every command that runs no model, and `wer`
+    itself, must not pay for it (the commands that run a model declare their arguments when parsed)."""
+    (tmp_path / "ref.txt").write_text("u1 Una casa\nu2 dos\n", encoding="utf-8")
+    (tmp_path / "hyp.txt").write_text("u1 una ca[UNK]a\nu2 dos\n", encoding="utf-8")
+    program = (
+        "import sys\n"
+        "from speechxfer.cli import build_parser, main\n"
+        "parser = build_parser()\n"
+        "for command in ('wer', 'prepare', 'vocab', 'synth', 'train', 'lm build'):\n"
+        "    try:\n"
+        "        parser.parse_args([*command.split(), '--help'])\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "assert main(['wer', sys.argv[1], sys.argv[2], '--normalize', 'basic', '--json']) == 0\n"
+        "print('loaded:', sorted({'torch', 'transformers'} & set(sys.modules)))\n")
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", program, str(tmp_path / "ref.txt"), str(tmp_path / "hyp.txt")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert '"cer": 0.1,' in done.stdout  # it did score: ca[UNK]a is one wrong character of ten
+    assert done.stdout.rstrip().endswith("loaded: []")

@@ -377,9 +377,31 @@ def test_read_pair_pairs_plain_files_by_line(tmp_path):
     assert refs == {"1": "one two", "2": "", "3": "three"} and hyps["2"] == "x"
 
 
-def test_rejected_text_is_an_input_error():
-    with pytest.raises(InputError, match="utterance a: the normalizer rejects the hypothesis"):
-        score({"a": "one"}, {"a": "1"}, normalizer=TextNormalizer(TextOptions(digits="reject")))
+def test_a_rejected_reference_is_an_input_error_and_a_hypothesis_is_never_rejected():
+    digits = TextNormalizer(TextOptions(digits="reject"))
+    with pytest.raises(InputError, match="utterance a: the normalizer rejects the reference"):
+        score({"a": "1"}, {"a": "one"}, normalizer=digits)
+    # model output is scored, never refused: what the normalizer would reject stays, and counts as an error
+    report = score({"a": "One two"}, {"a": "one 2"}, normalizer=digits, bootstrap=0)
+    assert report.per_utterance[0].hypothesis == "one 2" and (report.hits, report.substitutions) == (1, 1)
+    report = score({"a": "abc"}, {"a": "Abc, ж"}, normalizer=TextNormalizer(TextOptions(alphabet="abc")), bootstrap=0)
+    assert report.per_utterance[0].hypothesis == "abc ж" and (report.hits, report.insertions) == (1, 1)
+
+
+def test_an_unknown_token_is_one_wrong_character_and_never_a_word():
+    refs = {"a": "Hola casa", "b": "casa"}
+    hyps = {"a": "[UNK]ola ca<unk>a", "b": "[UNK]"}
+    mark = scoring.UNKNOWN_MARK
+    # with an alphabet that lacks u, n and k, as without one: "[UNK]" is neither rejected nor the word "unk"
+    for options in (TextOptions(alphabet="achlos"), TextOptions()):
+        report = score(refs, hyps, normalizer=TextNormalizer(options), bootstrap=0)
+        assert [u.hypothesis for u in report.per_utterance] == [f"{mark}ola ca{mark}a", mark]
+        assert (report.hits, report.substitutions, report.deletions, report.insertions) == (0, 3, 0, 0)
+        a, b = report.per_utterance
+        assert (a.chars.substitutions, a.chars.errors) == (2, 2)  # one character each
+        assert (b.chars.substitutions, b.chars.deletions) == (1, 3)
+    assert score({"a": "unk"}, {"a": "[UNK]"}, normalizer=TextNormalizer(), bootstrap=0).wer == 1.0
+    assert score(refs, hyps, bootstrap=0).per_utterance[1].hypothesis == "[UNK]"  # no normalizer: as written
 
 
 def test_alignment_never_beats_jiwers_minimum_edit_distance():

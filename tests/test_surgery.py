@@ -228,3 +228,34 @@ def test_a_save_interrupted_after_its_commit_point_is_completed(checkpoints, tmp
     reloaded = Wav2Vec2ForCTC.from_pretrained(out, use_safetensors=True)
     assert torch.equal(reloaded.lm_head.weight, second.lm_head.weight)
     assert surgery.finish_model_folder(out) is False
+
+
+def test_a_bad_adapter_file_gets_one_message_from_training_and_from_transcribe(tmp_path):
+    """surgery.load_adapter is the one adapter loader: building a model from an MMS-like base's init_lang and a
+    Recognizer's lang report a missing or broken adapter file alike, naming the file."""
+    from tiny import make_tiny_adapter_checkpoint
+
+    from speechxfer.surgery import AdaptOptions
+    from speechxfer.transcribe import Recognizer
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>", "|"]
+    model = make_tiny_adapter_checkpoint(tmp_path / "mms", vocabularies={"eng": [*specials, *"abcd"],
+                                                                        "spa": [*specials, *"abcdñ"]})
+    vocab = Vocabulary.from_texts(["ab cd"])
+
+    def messages(lang: str) -> list[str]:
+        said = []
+        for load in (lambda: build_ctc_model(model, vocab, adapt=AdaptOptions(init_lang=lang)),
+                     lambda: Recognizer(model, device="cpu", lang=lang)):
+            with pytest.raises(InputError) as caught:
+                load()
+            said.append(str(caught.value))
+        return said
+
+    (model / "adapter.spa.safetensors").write_bytes(b"not safetensors")
+    broken = messages("spa")
+    assert broken[0] == broken[1]
+    assert broken[0].startswith(f"{model / 'adapter.spa.safetensors'}: cannot load the adapter for language 'spa': ")
+    missing = messages("fra")
+    assert missing[0] == missing[1] == (f"{model / 'adapter.fra.safetensors'}: no adapter for language 'fra' in this "
+                                        "model folder (it has: eng, spa)")

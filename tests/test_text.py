@@ -66,6 +66,14 @@ def test_alphabet_rejects_foreign_characters():
         n("güzel жена")
 
 
+def test_model_output_is_normalized_without_rejection():
+    n = TextNormalizer(TextOptions(alphabet="abc", digits="reject"))
+    with pytest.raises(TextRejected):
+        n("Ab 2 жc")
+    assert n("Ab, 2 жc!", reject=False) == "ab 2 жc"  # normalized all the same; digits and foreign letters stay
+    assert TextNormalizer(TextOptions(digits="drop"))("a 2 b", reject=False) == "a b"
+
+
 def test_whitespace_collapses():
     assert TextNormalizer(PRESETS["none"])("  Hello,\t World!\u00a0 ") == "Hello, World!"
 
