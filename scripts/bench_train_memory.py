@@ -5,12 +5,15 @@ the base, recipes/common_voice/tr.yaml's settings, and batches of exactly --batc
 audio (utterances of at most --utterance-s, all the same length, so no padding). Global torch hooks read the
 process's memory (/proc/self/status) around the second update, which finds the optimizer's state already there:
 
-  set-up     resident memory when the first update's forward starts: weights, data, optimizer without its state
-  baseline   the same when the second update's forward starts: set-up plus AdamW's state (two copies of every
-             trained weight), what every later update starts from
+  set-up     resident memory when the first update's forward starts: libraries, data, optimizer without its
+             state, and only the weights read so far (transformers maps the safetensors file: the weights come in
+             as the first update reads them, and stay as private copies once it writes them)
+  baseline   the same when the second update's forward starts: the libraries, all weights and AdamW's state (two
+             more copies of every trained weight), what every later update starts from
   peak       the high-water mark of resident memory from there to the end of that update's optimizer step
              (forward, backward, gradient clipping, AdamW step; the mark is reset with /proc/self/clear_refs)
-  increment  peak - baseline: what one update needs on top of the model and optimizer
+  increment  peak - baseline: what one update needs on top of the model and optimizer: the gradients (one copy
+             of every trained weight, freed after each step) and the activations kept for the backward pass
 
 Before each reading, free heap memory goes back to the system (malloc_trim), so resident memory counts live memory
 and the increment counts pages the update really touched. The table also gives the process's whole-run peak RSS,
