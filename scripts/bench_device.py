@@ -96,18 +96,20 @@ def training_step_flops(config, *, rows: int, samples: int) -> float:
 
 
 class TrainingSteps:
-    """Records the input shape (rows, samples) of every training-mode forward of a wav2vec2 conv feature encoder in
-    this process, through a global forward pre-hook: what each training step of any loop fed the model, without
-    touching the loop. `flops(config, first, count)` sums training_step_flops over steps [first, first + count)."""
+    """Records the input shape (rows, samples) of every forward of a wav2vec2 conv feature encoder in this process
+    that runs in training mode with gradients enabled, through a global forward pre-hook: what each training step of
+    any loop fed the model, without touching the loop (evaluations, and encoder outputs computed ahead under
+    no_grad, are left out). `flops(config, first, count)` sums training_step_flops over steps [first, first + count)."""
 
     def __init__(self) -> None:
+        import torch
         from torch.nn.modules.module import register_module_forward_pre_hook
         from transformers.models.wav2vec2.modeling_wav2vec2 import Wav2Vec2FeatureEncoder
 
         self.shapes: list[tuple[int, int]] = []
 
         def record(module, args) -> None:
-            if isinstance(module, Wav2Vec2FeatureEncoder) and module.training and args:
+            if isinstance(module, Wav2Vec2FeatureEncoder) and module.training and torch.is_grad_enabled() and args:
                 self.shapes.append(tuple(args[0].shape))
 
         self._handle = register_module_forward_pre_hook(record)

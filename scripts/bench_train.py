@@ -72,8 +72,8 @@ SIGMA = 0.6
 MIN_S, MAX_S = 1.0, 15.0
 WORDS_PER_S = 3.2  # espeak-ng's Spanish at 130-190 words per minute reads these pseudo-words this fast
 CONSONANTS = "bcdfglmnprstvz"
-DTYPES = {"float32": "no", "bfloat16": "bf16"}  # --dtype: a's train.mixed_precision; b and c autocast to it
 VOWELS = "aeiou"
+DTYPES = {"float32": "no", "bfloat16": "bf16"}  # --dtype: a's train.mixed_precision; b and c autocast to it
 
 
 def make_corpus(work: Path, *, utterances: int) -> Path:

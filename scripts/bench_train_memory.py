@@ -157,7 +157,7 @@ def _available_mib() -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=tuple(SHAPES), default="xls-r-300m")
-    parser.add_argument("--batch-s", default="16,30,60", help="seconds of audio in a batch: one or more, smallest first")
+    parser.add_argument("--batch-s", default="16,30,60", help="seconds of audio in a batch, one or more")
     parser.add_argument("--utterance-s", type=float, default=15.0, help="longest utterance, seconds")
     parser.add_argument("--cases", default=",".join(CASES), help=f"which of {','.join(CASES)} to run")
     parser.add_argument("--cap-gib", type=float, default=16.0,

@@ -44,7 +44,8 @@ def check(precision: str, *, manifest: Path, base: Path, out: Path, updates: int
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     try:
-        train(Recipe(base=str(base), data=DataOptions(train=str(manifest)), vocabulary=VocabularyOptions(path=str(base)),
+        train(Recipe(base=str(base), data=DataOptions(train=str(manifest)),
+                     vocabulary=VocabularyOptions(path=str(base)),
                      train=TrainOptions(max_updates=updates, max_batch_s=max_batch_s, schedule="linear",
                                         mixed_precision=precision, log_every=1),
                      eval=EvalOptions(every_updates=updates), output_dir=str(out)))

@@ -71,9 +71,10 @@ def test_training_steps_record_training_forwards_only():
     model.train()
     model(input_values=torch.randn(2, 1600))
     model(input_values=torch.randn(1, 3200))
-    model.eval()
     with torch.no_grad():
-        model(input_values=torch.randn(4, 1600))  # an evaluation: not a training step
+        model(input_values=torch.randn(5, 1600))  # encoder outputs computed ahead (a cache): not a training step
+    model.eval()
+    model(input_values=torch.randn(4, 1600))  # an evaluation: not a training step
     assert steps.shapes == [(2, 1600), (1, 3200)]
     second = bench_device.training_step_flops(config, rows=1, samples=3200)
     assert steps.flops(config, first=1, count=1) == second
