@@ -47,7 +47,7 @@ if [[ "$DEVICE" == cuda ]]; then
     CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
     # Seconds per step (about 4.5 minutes in all at most; a step usually ends well before its limit), and sizes:
     # 200-s batches are fairseq's XLS-R fine-tuning batch (3.2 M samples).
-    T_TRANSCRIBE=80 T_TRAIN=130 T_PRECISION=60
+    T_TRANSCRIBE=90 T_TRAIN=120 T_PRECISION=60
     TRANSCRIBE_ARGS=(--shape xls-r-300m --files 200 --long-min 10 --batch-size 16)
     TRAIN_ARGS=(--shape xls-r-300m --utterances 400 --max-batch-s 200 --warmup 5 --updates 30 --repeat 1)
     PRECISION_ARGS=(--shape xls-r-300m --utterances 400 --updates 10 --max-batch-s 100)
