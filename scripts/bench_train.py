@@ -38,6 +38,15 @@ shape; a/c >= 0.9.
 The corpus is spoken by espeak-ng (`speechxfer.synth`) from random Spanish-spelled pseudo-words, or, without
 espeak-ng, the speech-like tones of bench_transcribe.py with the same texts; it stays in --work between runs.
 Run it alone on the machine (the figures are ratios of alternating runs, but a busy CPU still moves them).
+
+On a GPU (--device cuda, --dtype bfloat16: a trains with train.mixed_precision bf16, b with the Trainer's bf16,
+c under bf16 autocast; on a CPU train() has no mixed precision, so a trains in float32 whatever --dtype says) a
+last table gives, per path and naming the card: audio hours trained per hour, the peak GPU
+memory torch allocated, and the model FLOPs utilisation (bench_device.training_step_flops of each timed step's
+input over its wall time, against --peak-tflops, by default the card's dense bf16 peak from
+bench_device.PEAK_BF16_TFLOPS).
+
+  python scripts/bench_train.py --shape xls-r-300m --device cuda --dtype bfloat16 --max-batch-s 200 --repeat 1
 """
 
 from __future__ import annotations
@@ -74,6 +83,7 @@ MIN_S, MAX_S = 1.0, 15.0
 WORDS_PER_S = 3.2  # espeak-ng's Spanish at 130-190 words per minute reads these pseudo-words this fast
 CONSONANTS = "bcdfglmnprstvz"
 VOWELS = "aeiou"
+DTYPES = {"float32": "no", "bfloat16": "bf16"}  # --dtype: a's train.mixed_precision; b and c autocast to it
 
 
 def make_corpus(work: Path, *, utterances: int) -> Path:
@@ -190,24 +200,33 @@ def _padding(durations: list[float], batches: list[list[int]]) -> dict:
 
 
 def run_path(path: str, *, manifest: Path, base: Path, work: Path, max_batch_s: float, batch_size: int,
-             warmup: int, updates: int) -> dict:
-    """Train `warmup` + `updates` updates along `path`; returns the timed updates' audio seconds and wall
-    seconds, and the process's peak RSS."""
+             warmup: int, updates: int, device: str = "cpu", dtype: str = "float32") -> dict:
+    """Train `warmup` + `updates` updates along `path` on `device` in `dtype` (DTYPES); returns the timed
+    updates' audio seconds, wall seconds and model FLOPs (None where the path's steps skip the feature encoder),
+    the process's peak RSS and, on a GPU, the peak GPU memory torch allocated (MiB)."""
+    from transformers import Wav2Vec2Config
+
+    sys.path.insert(0, str(SCRIPTS))
+    from bench_device import TrainingSteps, peak_memory_mib, reset_peak_memory
+
+    reset_peak_memory(device)
+    steps = TrainingSteps()
     if path.startswith("a"):
         audio_s, wall_s = _run_speechxfer(manifest=manifest, base=base, work=work, max_batch_s=max_batch_s,
-                                          warmup=warmup, updates=updates, lever=path.partition("+")[2])
+                                          warmup=warmup, updates=updates, lever=path.partition("+")[2], dtype=dtype)
     elif path == "b":
         audio_s, wall_s = _run_trainer(manifest=manifest, base=base, work=work, batch_size=batch_size,
-                                       warmup=warmup, updates=updates)
+                                       warmup=warmup, updates=updates, device=device, dtype=dtype)
     else:
         audio_s, wall_s = _run_limit(manifest=manifest, base=base, max_batch_s=max_batch_s, warmup=warmup,
-                                     updates=updates, lever=path.partition("+")[2])
+                                     updates=updates, lever=path.partition("+")[2], device=device, dtype=dtype)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-    return {"audio_s": audio_s, "wall_s": wall_s, "peak_rss_mib": peak_mib}
+    return {"audio_s": audio_s, "wall_s": wall_s, "peak_rss_mib": peak_mib, "peak_gpu_mib": peak_memory_mib(device),
+            "flops": steps.flops(Wav2Vec2Config.from_pretrained(base), first=warmup, count=updates)}
 
 
 def _run_speechxfer(*, manifest: Path, base: Path, work: Path, max_batch_s: float, warmup: int, updates: int,
-                    lever: str) -> tuple[float, float]:
+                    lever: str, dtype: str) -> tuple[float, float]:
     from speechxfer import training
     from speechxfer.manifest import read_jsonl
     from speechxfer.recipe import DataOptions, EvalOptions, Recipe, TrainOptions, VocabularyOptions
@@ -225,7 +244,7 @@ def _run_speechxfer(*, manifest: Path, base: Path, work: Path, max_batch_s: floa
                                        warmup_ratio=WARMUP_RATIO, clip_norm=CLIP_NORM,
                                        num_workers=int(lever == "workers"),
                                        feature_cache_mib=0 if lever == "nocache" else TrainOptions.feature_cache_mib,
-                                       log_every=math.gcd(warmup, updates)),
+                                       log_every=math.gcd(warmup, updates), mixed_precision=DTYPES[dtype]),
                     eval=EvalOptions(every_updates=total), output_dir=str(out))
     training.train(recipe)
     records = {r["update"]: r for _, r in read_jsonl(out / "metrics.jsonl") if "loss" in r}
@@ -250,7 +269,7 @@ def _example_model(base: Path, **kwargs):
 
 
 def _run_trainer(*, manifest: Path, base: Path, work: Path, batch_size: int, warmup: int,
-                 updates: int) -> tuple[float, float]:
+                 updates: int, device: str, dtype: str) -> tuple[float, float]:
     import torch
     from transformers import (Trainer, TrainerCallback, TrainingArguments, Wav2Vec2CTCTokenizer,
                               Wav2Vec2FeatureExtractor, Wav2Vec2Processor)
@@ -293,6 +312,7 @@ def _run_trainer(*, manifest: Path, base: Path, work: Path, batch_size: int, war
 
     class Clock(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
+            _synchronize(device)
             ends.append(time.perf_counter())
 
     args = TrainingArguments(
@@ -301,7 +321,7 @@ def _run_trainer(*, manifest: Path, base: Path, work: Path, batch_size: int, war
         learning_rate=LR, lr_scheduler_type="linear", warmup_steps=WARMUP_RATIO, weight_decay=0.0,
         adam_beta1=ADAM_BETAS[0], adam_beta2=ADAM_BETAS[1], adam_epsilon=ADAM_EPS, max_grad_norm=CLIP_NORM,
         save_strategy="no", eval_strategy="no", logging_strategy="no", report_to="none", disable_tqdm=True,
-        use_cpu=True, seed=0)
+        use_cpu=device == "cpu", bf16=dtype == "bfloat16", seed=0)
     trainer = CountingTrainer(model=model, args=args, data_collator=collate, train_dataset=dataset,
                               processing_class=feature_extractor, callbacks=[Clock()])
     trainer.train()
@@ -309,7 +329,7 @@ def _run_trainer(*, manifest: Path, base: Path, work: Path, batch_size: int, war
 
 
 def _run_limit(*, manifest: Path, base: Path, max_batch_s: float, warmup: int, updates: int,
-               lever: str) -> tuple[float, float]:
+               lever: str, device: str, dtype: str) -> tuple[float, float]:
     import torch
 
     from speechxfer.batching import DurationBatchSampler, SpeechDataset, filter_utterances
@@ -320,7 +340,7 @@ def _run_limit(*, manifest: Path, base: Path, max_batch_s: float, warmup: int, u
     from speechxfer.vocabulary import Vocabulary
 
     model = _example_model(base, **({"attn_implementation": "eager"} if lever == "eager" else {}))
-    model.train()
+    model.to(device).train()
     vocab = Vocabulary.load(base)
     examples, _ = filter_utterances(load_manifest(manifest), normalizer=TextNormalizer(), vocab=vocab,
                                     config=model.config, min_duration_s=TrainOptions.min_duration_s,
@@ -339,7 +359,8 @@ def _run_limit(*, manifest: Path, base: Path, max_batch_s: float, warmup: int, u
         padded = torch.full((len(items), step), -100, dtype=torch.long)
         for r, ids in enumerate(rows):
             padded[r, :len(ids)] = torch.tensor(ids)
-        batches.append({"input_values": audio[:row * len(items)].view(len(items), row), "labels": padded})
+        batches.append({"input_values": audio[:row * len(items)].view(len(items), row).to(device),
+                        "labels": padded.to(device)})
     if lever == "cache":
         class Replay(torch.nn.Module):
             """Stands in for the frozen feature encoder: its outputs, computed before timing, one per call."""
@@ -356,8 +377,9 @@ def _run_limit(*, manifest: Path, base: Path, max_batch_s: float, warmup: int, u
         model.wav2vec2.feature_extractor = Replay(features)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = (torch.optim.AdamW(params, lr=LR, betas=ADAM_BETAS, eps=ADAM_EPS) if lever == "plain"
-                 else adamw([{"params": params}], lr=LR, device=torch.device("cpu")))
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=lever == "bf16")
+                 else adamw([{"params": params}], lr=LR, device=torch.device(device)))
+    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16,
+                              enabled=lever == "bf16" or dtype == "bfloat16")
     ends = []
     for batch in batches:
         with autocast:
@@ -366,9 +388,18 @@ def _run_limit(*, manifest: Path, base: Path, max_batch_s: float, warmup: int, u
         torch.nn.utils.clip_grad_norm_(params, CLIP_NORM)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        _synchronize(device)
         ends.append(time.perf_counter())
     audio_s = sum(b["input_values"].numel() for b in batches[warmup:]) / 16000
     return audio_s, ends[-1] - ends[warmup - 1]
+
+
+def _synchronize(device: str) -> None:
+    """Wait for the work queued on a GPU, so that a clock read next counts it (nothing to wait for on the CPU)."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize(device)
 
 
 # --- the driver ------------------------------------------------------------------------------------------------
@@ -391,6 +422,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--levers", default="", help=f"comma-separated extra paths: {', '.join(LEVERS)}")
     parser.add_argument("--quick", action="store_true", help="the seed, --repeat 3, --updates 10")
     parser.add_argument("--rss-cap-gib", type=float, default=8.0, help="stop a run whose RSS passes this")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where every path trains")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
+                        help="bfloat16: a with train.mixed_precision bf16, b with the Trainer's bf16, c under autocast")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's peak TFLOP/s for MFU (default: the card's dense bf16 peak, by its name)")
     parser.add_argument("--run-path", help=argparse.SUPPRESS)
     parser.add_argument("--batch-size", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -405,18 +441,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.run_path:
         print(json.dumps(run_path(args.run_path, manifest=manifest, base=base, work=args.work,
                                   max_batch_s=args.max_batch_s, batch_size=args.batch_size, warmup=args.warmup,
-                                  updates=args.updates)))
+                                  updates=args.updates, device=args.device, dtype=args.dtype)))
         return 0
 
     import torch
 
     sys.path.insert(0, str(SCRIPTS))
+    from bench_device import device_name, peak_tflops
     from bench_transcribe import run_capped
 
+    card = device_name(args.device)
+    peak = args.peak_tflops or peak_tflops(card)
     batches = plan(manifest, base, max_batch_s=args.max_batch_s)
     padding = {"a": batches["a"], "b": batches["b"], "c": {"padding": 0.0}}
     print(f"model {args.shape} ({base}); corpus {batches['utterances']} utterances, {batches['audio_min']:.1f} min "
-          f"({manifest}); {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads; load average "
+          f"({manifest}); {args.device} ({card}), {args.dtype}; {os.cpu_count()} CPUs, {torch.get_num_threads()} "
+          "torch threads; load average "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"a: {batches['batches']} batches an epoch of <= {args.max_batch_s:g} s padded: "
           f"{batches['a']['padded_s']:.1f} s padded, "
@@ -428,22 +468,33 @@ def main(argv: list[str] | None = None) -> int:
     speeds: dict[str, list[float]] = {p: [] for p in paths}
     seconds: dict[str, list[float]] = {p: [] for p in paths}
     peaks: dict[str, float] = {}
+    gpu_peaks: dict[str, float] = {}
+    tflops: dict[str, list[float]] = {p: [] for p in paths}  # model TFLOP/s of each run
+    # train() takes a GPU wherever there is one: hide it from a CPU run
+    env = os.environ | {"TQDM_DISABLE": "1"} | ({"CUDA_VISIBLE_DEVICES": ""} if args.device == "cpu" else {})
     for repeat in range(args.repeat):
         for path in paths:
             command = [sys.executable, __file__, "--run-path", path, "--shape", args.shape, "--work", str(args.work),
                        "--utterances", str(args.utterances), "--max-batch-s", str(args.max_batch_s),
                        "--warmup", str(args.warmup), "--updates", str(args.updates),
-                       "--batch-size", str(batches["batch_size"])]
-            r = run_capped(command, os.environ | {"TQDM_DISABLE": "1"}, cap_mib=args.rss_cap_gib * 1024)
+                       "--batch-size", str(batches["batch_size"]), "--device", args.device, "--dtype", args.dtype]
+            r = run_capped(command, env, cap_mib=args.rss_cap_gib * 1024)
             if r is None:
                 print(f"run {repeat + 1} {path:<10} stopped: RSS passed {args.rss_cap_gib:g} GiB", flush=True)
                 continue
             speeds[path].append(r["audio_s"] / r["wall_s"])
             seconds[path].append(r["audio_s"] / args.updates)
             peaks[path] = max(peaks.get(path, 0.0), r["peak_rss_mib"])
+            device_figures = ""
+            if r["flops"] is not None:
+                tflops[path].append(r["flops"] / r["wall_s"] / 1e12)
+                device_figures += f"   {tflops[path][-1]:.3g} TFLOP/s"
+            if r["peak_gpu_mib"] is not None:
+                gpu_peaks[path] = max(gpu_peaks.get(path, 0.0), r["peak_gpu_mib"])
+                device_figures += f"   peak GPU {r['peak_gpu_mib']:6.0f} MiB"
             print(f"run {repeat + 1} {path:<10} {r['audio_s']:7.1f} s of audio in {r['wall_s']:6.1f} s: "
-                  f"{speeds[path][-1]:6.3g} audio s/s   peak RSS {r['peak_rss_mib']:6.0f} MiB   load "
-                  f"{os.getloadavg()[0]:.2f}", flush=True)
+                  f"{speeds[path][-1]:6.3g} audio s/s   peak RSS {r['peak_rss_mib']:6.0f} MiB{device_figures}   load "
+                  f"{os.getloadavg()[0]:.2f}   [{card}, {args.dtype}]", flush=True)
 
     print()
     print("| path | audio s per update | padding (epoch) | audio s / wall s (median) | runs | peak RSS MiB |")
@@ -456,6 +507,16 @@ def main(argv: list[str] | None = None) -> int:
         share = padding[path.partition("+")[0]]["padding"]
         print(f"| {path}: {LABELS[path]} | {statistics.median(seconds[path]):.1f} | {share:.1%} | "
               f"{median[path]:.3g} | {len(speeds[path])} | {peaks[path]:.0f} |")
+    print()
+    against = "no known peak (give --peak-tflops)" if peak is None else f"a peak of {peak:g} TFLOP/s"
+    print(f"{card}, {args.dtype}; MFU against {against}:")
+    print("| path | audio h per h (median) | peak GPU MiB | model TFLOP/s (median) | MFU |")
+    print("|---|---:|---:|---:|---:|")
+    for path in [p for p in paths if p in median]:
+        achieved = statistics.median(tflops[path]) if tflops[path] else None
+        print(f"| {path} | {median[path]:.3g} | {round(gpu_peaks[path]) if path in gpu_peaks else '-'} | "
+              f"{'-' if achieved is None else f'{achieved:.3g}'} | "
+              f"{'-' if achieved is None or peak is None else f'{achieved / peak:.1%}'} |")
     print()
     for lever in levers:
         if lever in median and lever[0] in median:

@@ -4,7 +4,8 @@ Cases (each in its own subprocess, so peak RSS is that case's alone):
   folder: N short files (1-6 s); speechxfer batches by length, the pipeline gets the list with batch_size;
   long:   one long file (default 30 min), the pipeline with chunk_length_s/stride_length_s;
   ref:    one 3-minute file, for how peak memory grows with file length.
-Prints wall time (model load included, imports not), real-time factor, and peak RSS per case, then the targets:
+Prints wall time (model load included, imports not), real-time factor, peak RSS and, on a GPU, the peak GPU memory
+torch allocated per case, each line naming the device, then the targets:
 folder throughput >= 2x the pipeline's (with --repeat N, median wall times of N alternating runs); peak RSS for
 the long file < 2 GiB and within 20% of the 3-minute file's.
 
@@ -31,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from bench_device import device_name, peak_memory_mib, reset_peak_memory
 from speechxfer.export import EXPORT_RECORD, export_model
 from speechxfer.scoring import score
 from speechxfer.transcribe import COMPUTE_DTYPES, TranscribeOptions
@@ -113,6 +115,7 @@ def run_case(tool: str, data: Path, model: Path, device: str, batch_size: int, m
     import torch
     from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC, pipeline  # noqa: F401
 
+    reset_peak_memory(device)
     if tool == "speechxfer":
         from speechxfer.decoding import GreedyDecoder
         from speechxfer.transcribe import OutputWriter, Recognizer, find_audio, transcribe
@@ -145,7 +148,8 @@ def run_case(tool: str, data: Path, model: Path, device: str, batch_size: int, m
         torch.cuda.synchronize()
     wall_s = time.perf_counter() - start
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-    return {"wall_s": wall_s, "audio_s": audio_s, "peak_rss_mib": peak_mib, "texts": texts}
+    return {"wall_s": wall_s, "audio_s": audio_s, "peak_rss_mib": peak_mib, "peak_gpu_mib": peak_memory_mib(device),
+            "texts": texts}
 
 
 def run_capped(command: list[str], env: dict[str, str], *, cap_mib: float) -> dict | None:
@@ -224,7 +228,8 @@ def main() -> None:
             export_model(model, folder, quantize=None if kind == "onnx" else kind)
         models[f"speechxfer {kind}"] = folder
     results: dict[tuple[str, str], dict] = {}  # (case, tool label) -> measurements
-    print(f"model {model}, device {args.device}, dtype {args.dtype}, {os.cpu_count()} CPUs", flush=True)
+    card = device_name(args.device)
+    print(f"model {model}, device {args.device} ({card}), dtype {args.dtype}, {os.cpu_count()} CPUs", flush=True)
     sizes = [int(b) for b in args.batch_size.split(",")]
     for case in [c.strip() for c in args.cases.split(",") if c.strip()]:
         # the folder case tries every pipeline batch size; the long files use the first
@@ -243,28 +248,34 @@ def main() -> None:
             if r is None:
                 print(f"{case:<7} {label:<16} stopped: RSS passed {args.rss_cap_gib:g} GiB", flush=True)
                 continue
+            gpu = "" if r["peak_gpu_mib"] is None else f"  peak GPU {r['peak_gpu_mib']:7.0f} MiB"
             print(f"{case:<7} {label:<16} audio {r['audio_s']:8.1f} s  wall {r['wall_s']:7.1f} s  "
-                  f"RTF {r['wall_s'] / r['audio_s']:.4f}  peak RSS {r['peak_rss_mib']:7.0f} MiB", flush=True)
+                  f"RTF {r['wall_s'] / r['audio_s']:.4f}  peak RSS {r['peak_rss_mib']:7.0f} MiB{gpu}  [{card}]",
+                  flush=True)
             walls.setdefault(label, []).append(r["wall_s"])
             previous = results.get((case, label), r)
             results[case, label] = r | {"wall_s": statistics.median(walls[label]),
-                                        "peak_rss_mib": max(r["peak_rss_mib"], previous["peak_rss_mib"])}
+                                        "peak_rss_mib": max(r["peak_rss_mib"], previous["peak_rss_mib"]),
+                                        "peak_gpu_mib": None if r["peak_gpu_mib"] is None else
+                                        max(r["peak_gpu_mib"], previous["peak_gpu_mib"])}
         if args.repeat > 1 and case == "folder":
             for label, values in walls.items():
                 print(f"{case:<7} {label:<16} wall over {len(values)} runs: median {statistics.median(values):.1f} s, "
                       f"min {min(values):.1f}, max {max(values):.1f}", flush=True)
     print()
-    print("| case | tool | audio s | wall s | RTF | x real time | peak RSS MiB |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print(f"{card}, {args.dtype}:")
+    print("| case | tool | audio s | wall s | RTF | x real time | peak RSS MiB | peak GPU MiB |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for (case, tool), r in results.items():
         print(f"| {case} | {tool} | {r['audio_s']:.1f} | {r['wall_s']:.1f} | {r['wall_s'] / r['audio_s']:.4f} | "
-              f"{r['audio_s'] / r['wall_s']:.1f} | {r['peak_rss_mib']:.0f} |")
+              f"{r['audio_s'] / r['wall_s']:.1f} | {r['peak_rss_mib']:.0f} | "
+              f"{'-' if r['peak_gpu_mib'] is None else round(r['peak_gpu_mib'])} |")
     print()
     for (case, label), r in results.items():
         if case == "folder" and label not in models:
             for ours in [o for o in models if ("folder", o) in results]:
                 ratio = r["wall_s"] / results["folder", ours]["wall_s"]
-                print(f"folder throughput {ours} / {label}: {ratio:.2f}x (target >= 2x)")
+                print(f"folder throughput {ours} / {label}: {ratio:.2f}x (target >= 2x) [{card}, {args.dtype}]")
     for (case, label), r in results.items():
         if label in models and label != "speechxfer" and (case, "speechxfer") in results:
             ours = results[case, "speechxfer"]["texts"]
@@ -282,12 +293,12 @@ def main() -> None:
                   f"(character difference {apart:.2%})")
     if ("long", "speechxfer") in results:
         long_mib = results["long", "speechxfer"]["peak_rss_mib"]
-        print(f"long-file peak RSS {long_mib:.0f} MiB (target < 2048)")
+        print(f"long-file peak RSS {long_mib:.0f} MiB (target < 2048) [{card}]")
         if ("ref", "speechxfer") in results:
             for label in [label for case, label in results if case == "long" and ("ref", label) in results]:
                 growth = results["long", label]["peak_rss_mib"] / results["ref", label]["peak_rss_mib"] - 1
                 print(f"{label} peak RSS {args.long_min:g} min vs {args.ref_min:g} min: {growth:+.1%} "
-                      "(target for speechxfer: within 20%)")
+                      f"(target for speechxfer: within 20%) [{card}]")
 
 if __name__ == "__main__":
     main()
