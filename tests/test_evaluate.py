@@ -98,31 +98,12 @@ def test_references_the_normalizer_rejects_are_left_out_and_counted(tmp_path, co
 def test_two_processes_write_what_one_writes(tmp_path, corpus):
     """`evaluate` under torchrun: each process transcribes its share, rank 0 merges and scores; the files are those
     of one process, and no part file (hypotheses.jsonl.rankN, problems.rankN.jsonl) is left behind."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    import torch
+    from processes import one_and_two_processes
 
     model, manifest = corpus
-    options = ["--device", "cpu", "--normalize", "basic", "--max-batch-s", "1.5"]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as torchrun's processes run (OMP_NUM_THREADS=1): the same sums in the same order
-    try:
-        assert main(["evaluate", str(model), str(manifest), "--output-dir", str(tmp_path / "one"), *options]) == 0
-    finally:
-        torch.set_num_threads(threads)
-    repo = Path(__file__).resolve().parents[1]
-    path = os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))  # this tree's speechxfer
-    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": path}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "speechxfer", "evaluate", str(model), str(manifest), "--output-dir",
-                           str(tmp_path / "two"), *options], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "broken.wav: [unreadable_audio]" in done.stderr  # the failure of whichever process read it, reported once
-    one = {p.name: p.read_bytes() for p in (tmp_path / "one").iterdir()}
-    two = {p.name: p.read_bytes() for p in (tmp_path / "two").iterdir()}
+    one, two, stderr = one_and_two_processes(["evaluate", str(model), str(manifest), "--device", "cpu", "--normalize",
+                                              "basic", "--max-batch-s", "1.5"], tmp_path)
+    assert "broken.wav: [unreadable_audio]" in stderr  # the failure of whichever process read it, reported once
     assert sorted(one) == ["hypotheses.jsonl", "per_utterance.tsv", "report.md", "score.json"]
     assert sorted(two) == sorted(one)  # no part files left behind
     assert all(two[name] == one[name] for name in one), [name for name in one if two[name] != one[name]]

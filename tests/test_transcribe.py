@@ -347,30 +347,15 @@ def test_shares_cover_every_unit_once_and_balance_seconds():
 
 
 def test_two_processes_write_what_one_writes(tmp_path, model_dir):
-    import os
-    import subprocess
-    import sys
+    from processes import one_and_two_processes
 
     audio = tmp_path / "audio"
     audio.mkdir()
     for i, duration_s in enumerate((0.6, 1.9, 1.2, 0.9, 1.4, 4.0)):  # 4.0 s: in windows, below
         varying_noise(audio / f"{i}.wav", duration_s=duration_s, seed=20 + i)
-    options = ["--device", "cpu", "--max-batch-s", "2.5", "--chunk-s", "1.5", "--stride-s", "0.3"]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as torchrun's processes run (OMP_NUM_THREADS=1): the same sums in the same order
-    try:
-        assert main(["transcribe", str(model_dir), str(audio), "--output-dir", str(tmp_path / "one"), *options]) == 0
-    finally:
-        torch.set_num_threads(threads)
-    repo = Path(__file__).resolve().parents[1]
-    path = os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))  # this tree's speechxfer
-    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": path}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "speechxfer", "transcribe", str(model_dir), str(audio), "--output-dir",
-                           str(tmp_path / "two"), *options], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "process 0 of 2" in done.stderr and "process 1 of 2" in done.stderr
-    one = {p.name: p.read_bytes() for p in (tmp_path / "one").iterdir()}
-    two = {p.name: p.read_bytes() for p in (tmp_path / "two").iterdir()}
+    one, two, stderr = one_and_two_processes(["transcribe", str(model_dir), str(audio), "--device", "cpu",
+                                              "--max-batch-s", "2.5", "--chunk-s", "1.5", "--stride-s", "0.3"],
+                                             tmp_path)
+    assert "process 0 of 2" in stderr and "process 1 of 2" in stderr
     assert len(one) == 6 * 4 + 1 and sorted(two) == sorted(one)  # no part files left behind
     assert all(two[name] == one[name] for name in one), [name for name in one if two[name] != one[name]]
