@@ -259,7 +259,7 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
     raw_model = accelerator.unwrap_model(model)
     apply_freezing(raw_model, freezing, update=state["update"], method=method)
     say(parameter_table(raw_model))
-    unique_ids = len({u.id for u, _ in examples}) == len(examples)
+    unique_ids = len(duration_s) == len(examples)  # duration_s is keyed by id
     cacheable = opts.feature_cache_mib > 0 and not recipe.augment.enabled and not _EncoderFeed.trainable(raw_model)
     feed = None
     if not attention_mask or cacheable:
@@ -894,7 +894,11 @@ class _EncoderFeed:
     @staticmethod
     def trainable(model: Wav2Vec2ForCTC) -> bool:
         """Whether any parameter of the model's feature encoder trains (at the current freezing state)."""
-        return any(p.requires_grad for p in model.wav2vec2.feature_extractor.parameters())
+        return _EncoderFeed._trains(model.wav2vec2.feature_extractor)
+
+    @staticmethod
+    def _trains(encoder: torch.nn.Module) -> bool:
+        return any(p.requires_grad for p in encoder.parameters())
 
     def without_cache(self) -> _EncoderFeed:
         """The same feed with its cache emptied and off (the encoder has thawed)."""
@@ -911,7 +915,7 @@ class _EncoderFeed:
         """Within this context, the encoder's forward returns the batch's features (batch, channels, frames),
         zero past the end of each utterance: batch["attention_mask"] gives each one's samples."""
         input_values = batch["input_values"]
-        trainable = any(p.requires_grad for p in self.encoder.parameters())
+        trainable = self._trains(self.encoder)
         parts = []
         for row, (utterance_id, num_samples) in enumerate(zip(ids, batch["attention_mask"].sum(-1).tolist())):
             self.lookups += 1
