@@ -805,10 +805,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_transformers_version()
         with messages_to_stderr():
-            return int(args.func(args) or 0)
+            code = int(args.func(args) or 0)
+            sys.stdout.flush()  # inside the try: a reader gone away (`| head`) is met here, not at exit
+            return code
     except SpeechxferError as err:
         print(f"speechxfer {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # Whoever read the output stopped reading (`speechxfer wer ... | head`): stop quietly, as cat and grep do.
+        # Output still buffered would fail again at exit, so stdout goes to devnull (Python's signal docs' recipe).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except OSError as err:
         if err.filename is None:
             raise

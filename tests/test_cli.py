@@ -115,3 +115,15 @@ def test_a_user_sees_no_traceback(place):
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("speechxfer transcribe: error: truncated: ")
+
+
+def test_output_cut_short_by_its_reader_ends_quietly(tmp_path):
+    """`speechxfer wer ... | head`: the reader stops reading; the command stops without a traceback, as cat does."""
+    (tmp_path / "ref.txt").write_text("".join(f"a b c {i}\n" for i in range(200)))
+    (tmp_path / "hyp.txt").write_text("".join(f"a x c {i}\n" for i in range(200)))
+    process = subprocess.Popen([sys.executable, "-m", "speechxfer", "wer", "ref.txt", "hyp.txt", "--worst", "200",
+                                "--bootstrap", "0"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # gone before the first line is written
+    stderr = process.stderr.read().decode()
+    assert process.wait() == 1
+    assert stderr == "", stderr
