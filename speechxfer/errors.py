@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 
 def first_line(err: BaseException) -> str:
     """The first line of a library's error message (its type's name when it has none): the rest (advice, URLs)
     would break the one-line report."""
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+    # Without terminal colour codes: torch's unpickling error starts with ANSI bold, which a log file shows raw.
+    return (_ANSI.sub("", str(err)).strip().splitlines() or [type(err).__name__])[0]
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class SpeechxferError(Exception):

@@ -14,6 +14,7 @@ import fcntl
 import json
 import logging
 import os
+import pickle
 import random
 import shutil
 import socket
@@ -1054,6 +1055,11 @@ def _read_checkpoint_file(path: Path) -> dict:
     try:
         # weights_only: the file holds tensors and plain containers only (see _rng_state), nothing to unpickle.
         return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # Pickled objects beyond tensors and plain containers: not a file _save_last wrote. torch's own message is
+        # advice on loading it unsafely; unpickling could run code, so it stays refused.
+        raise InputError("not a speechxfer training state: it holds pickled Python objects, which are not loaded "
+                         "(unpickling them could run code)", path=path) from None
     except Exception as err:  # a damaged file fails in torch's zip reader or its unpickler, in many ways
         raise InputError(f"unreadable checkpoint file (truncated or corrupt?): {first_line(err)}", path=path) from None
 

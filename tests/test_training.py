@@ -4,6 +4,7 @@ resuming, a shipped recipe, and the 1- vs 2-process check."""
 from __future__ import annotations
 
 import contextlib
+import fractions
 import json
 import logging
 import math
@@ -558,8 +559,23 @@ def test_an_unreadable_checkpoint_file_is_one_line_naming_it(tmp_path, monkeypat
     def load_failing_after_a_blank_line(*args, **kwargs):
         raise RuntimeError("\nbad zip\nmore")
 
+    # a file holding other pickled objects is refused, not unpickled, in one plain line
+    torch.save({"state": {"update": 2}, "seen": fractions.Fraction(1, 3)}, path)
+    with pytest.raises(InputError) as caught:
+        training._read_checkpoint_file(path)
+    assert str(caught.value) == (f"{path}: not a speechxfer training state: it holds pickled Python objects, which "
+                                 "are not loaded (unpickling them could run code)")
+
     # a library message that starts on its second line still gives its first words, never an empty reason
     monkeypatch.setattr(training.torch, "load", load_failing_after_a_blank_line)
+    with pytest.raises(InputError, match=r"\(truncated or corrupt\?\): bad zip$"):
+        training._read_checkpoint_file(path)
+
+    def load_failing_in_bold(*args, **kwargs):
+        raise RuntimeError("\x1b[1mbad\x1b[0m zip")
+
+    # terminal colour codes in a library's message do not reach the log
+    monkeypatch.setattr(training.torch, "load", load_failing_in_bold)
     with pytest.raises(InputError, match=r"\(truncated or corrupt\?\): bad zip$"):
         training._read_checkpoint_file(path)
 
