@@ -80,6 +80,15 @@ _FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
 }
 _DECODER = json.JSONDecoder()
 _LINE_ENDS = frozenset(("\n", "\r\n", ""))  # what commonly follows a value on its line (others: json.loads)
+# Lines read_jsonl reads at a time, and a manifest reader decodes with one json.loads (_clean_block).
+_JSONL_BLOCK = 1 << 14
+
+
+class _Absent:
+    """The type of _ABSENT: a field a row leaves out."""
+
+
+_ABSENT = _Absent()
 
 
 def read_manifest(path: str | os.PathLike, *, check_files: bool = False,
@@ -192,23 +201,33 @@ def _read_table(path: str | os.PathLike, *, check_files: bool, check_audio: bool
             column.append(values)
         block.clear()
 
+    def add_row(number: int, row: object) -> None:
+        try:
+            values = _parse_row(row, folder, names, layouts)
+        except ValueError as err:
+            problems.append(Problem(path, number, "malformed_row", str(err)))
+            return
+        problem = _check_row(values, folder, seen, check_files)
+        if problem is None and check_audio:
+            problem = _check_audio(Utterance(values[0], _joined(folder, values[1]), *values[2:]))
+        if problem is not None:
+            problems.append(Problem(path, number, problem[0], f"{values[0]}: {problem[1]}", values[0]))
+            return
+        seen.add(values[0])
+        block.append((*values, number))
+        if len(block) == _TABLE_BLOCK:
+            flush()
+
     with gc_paused():
-        for number, row in read_jsonl(path, problems=problems, what="manifest"):
-            try:
-                values = _parse_row(row, folder, names, layouts)
-            except ValueError as err:
-                problems.append(Problem(path, number, "malformed_row", str(err)))
-                continue
-            problem = _check_row(values, folder, seen, check_files)
-            if problem is None and check_audio:
-                problem = _check_audio(Utterance(values[0], _joined(folder, values[1]), *values[2:]))
-            if problem is not None:
-                problems.append(Problem(path, number, problem[0], f"{values[0]}: {problem[1]}", values[0]))
-                continue
-            seen.add(values[0])
-            block.append((*values, number))
-            if len(block) == _TABLE_BLOCK:
+        for numbers, lines in _jsonl_lines(path, what="manifest"):
+            clean = None if check_audio else _clean_block(lines, folder, seen, names, check_files)
+            if clean is None:  # some row to skip or report: row by row, as read_manifest has always read them
+                for number, row in _decoded(numbers, lines, path, problems):
+                    add_row(number, row)
+            else:
                 flush()
+                for column, values in zip(columns, (*clean, np.asarray(numbers, dtype=np.int64))):
+                    column.append(values)
         flush()
     # The strings as lists (one object each already), the numbers as arrays.
     ids, audio_paths, texts, speakers, languages = ([value for part in columns[k] for value in part]
@@ -233,33 +252,66 @@ def read_jsonl(path: str | os.PathLike, *, problems: list[Problem] | None = None
     Problem and skipped. ManifestError ("cannot read [WHAT]: ...") when the file cannot be read.
     """
     path = os.fspath(path)
+    for numbers, lines in _jsonl_lines(path, what=what):
+        yield from _decoded(numbers, lines, path, problems)
+
+
+def _jsonl_lines(path: str, *, what: str | None) -> Iterator[tuple[Sequence[int], list[bytes]]]:
+    """The non-blank lines of a JSON-lines file as read_jsonl reads them (the first without its byte-order mark;
+    each with its "\\n"), a block of up to _JSONL_BLOCK lines at a time, with their line numbers. When reading
+    fails part way, the lines before the failure come first, then ManifestError."""
+    block: list[bytes] = []
+    read = 0  # lines read before `block`
     try:
         with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-            for number, raw in enumerate(f, start=1):
-                if number == 1:
-                    raw = raw.removeprefix(codecs.BOM_UTF8)
-                if raw.isspace() or not raw:  # as `not raw.strip()`, without a copy (empty: a lone BOM)
-                    continue
-                try:
-                    text = raw.decode("utf-8")
-                    try:
-                        value, end = _DECODER.raw_decode(text)  # json.loads less its wrappers (whitespace scans)
-                        alone = text[end:] in _LINE_ENDS
-                    except json.JSONDecodeError:
-                        alone = False
-                    if not alone:  # not one value alone on the line: json.loads says what is wrong, with the
-                        # column on this line, or allows the spaces around it
-                        value = json.loads(text.rstrip("\r\n"))
-                except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                    message = (f"not UTF-8 ({err.reason})" if isinstance(err, UnicodeDecodeError)
-                               else f"not valid JSON: {err.msg} (column {err.colno})")
-                    if problems is None:
-                        raise ManifestError(message, path=path, line=number) from None
-                    problems.append(Problem(path, number, "malformed_row", message))
-                    continue
-                yield number, value
+            for raw in f:
+                block.append(raw)
+                if len(block) == _JSONL_BLOCK:
+                    yield _non_blank(block, read)
+                    read += len(block)
+                    block = []
+        failure = None
     except (OSError, EOFError) as err:
-        raise ManifestError(f"cannot read{' ' + what if what else ''}: {err.strerror or err}", path=path) from None
+        failure = err
+    if block:
+        yield _non_blank(block, read)
+    if failure is not None:
+        raise ManifestError(f"cannot read{' ' + what if what else ''}: {failure.strerror or failure}",
+                            path=path) from None
+
+
+def _non_blank(block: list[bytes], read: int) -> tuple[Sequence[int], list[bytes]]:
+    """(line numbers, lines) of the non-blank lines of `block`, which follows `read` lines of its file."""
+    if read == 0:
+        block[0] = block[0].removeprefix(codecs.BOM_UTF8)
+    if block[0] and not any(map(bytes.isspace, block)):  # no blank line (only a lone BOM makes one empty)
+        return range(read + 1, read + len(block) + 1), block
+    kept = [(number, raw) for number, raw in enumerate(block, start=read + 1) if raw and not raw.isspace()]
+    return [number for number, _ in kept], [raw for _, raw in kept]
+
+
+def _decoded(numbers: Sequence[int], lines: list[bytes], path: str,
+             problems: list[Problem] | None) -> Iterator[tuple[int, object]]:
+    """read_jsonl's (line number, value) of each of `lines`, decoded one by one."""
+    for number, raw in zip(numbers, lines):
+        try:
+            text = raw.decode("utf-8")
+            try:
+                value, end = _DECODER.raw_decode(text)  # json.loads less its wrappers (whitespace scans)
+                alone = text[end:] in _LINE_ENDS
+            except json.JSONDecodeError:
+                alone = False
+            if not alone:  # not one value alone on the line: json.loads says what is wrong, with the
+                # column on this line, or allows the spaces around it
+                value = json.loads(text.rstrip("\r\n"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            message = (f"not UTF-8 ({err.reason})" if isinstance(err, UnicodeDecodeError)
+                       else f"not valid JSON: {err.msg} (column {err.colno})")
+            if problems is None:
+                raise ManifestError(message, path=path, line=number) from None
+            problems.append(Problem(path, number, "malformed_row", message))
+            continue
+        yield number, value
 
 
 def duration_mismatch(utterance: Utterance, audio_s: float) -> str | None:
@@ -360,6 +412,86 @@ def _parse_row(row: object, folder: str, names: dict[str, str], layouts: set[tup
     return (row["id"], _stored_path(row["audio_path"], folder), row["text"], float(duration_s),
             speaker and names.setdefault(speaker, speaker), language and names.setdefault(language, language),
             float(offset_s), row.get("pseudo_label", False), None if confidence is None else float(confidence))
+
+
+def _clean_block(lines: list[bytes], folder: str, seen: set[str], names: dict[str, str],
+                 check_files: bool) -> tuple | None:
+    """The columns of a block of manifest lines (_read_table's, from ids to confidences), decoded with one
+    json.loads, when every line is a row _parse_row and _check_row take as it is; else None, and nothing changed
+    (the block is then read row by row, which names each bad line). Adds the ids to `seen`.
+
+    The lines are decoded as the one JSON text "[[LINE1],[LINE2],...]". It stands for the lines one by one only
+    when the outer list holds a one-item list per line and every item is an object whose values are all scalars:
+    no string can span lines (each keeps its "\\n", a raw control character JSON strings refuse), so every
+    bracket outside strings is one of the wrappers, and each wrapper holds exactly its line."""
+    try:
+        wrapped = json.loads((b"[[" + b"],[".join(lines) + b"]]").decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return None
+    if len(wrapped) != len(lines) or set(map(type, wrapped)) != {list} or set(map(len, wrapped)) != {1}:
+        return None
+    rows = [item[0] for item in wrapped]
+    del wrapped
+    if set(map(type, rows)) != {dict}:
+        return None
+    columns: dict[str, list] = {}
+    present = 0  # fields the rows hold, of those _FIELDS knows
+    for name, (types, required) in _FIELDS.items():
+        if required:
+            try:
+                column = [row[name] for row in rows]
+            except KeyError:
+                return None
+            present += len(column)
+        else:
+            column = [row.get(name, _ABSENT) for row in rows]
+            present += len(column) - column.count(_ABSENT)
+        # exact types: json.loads makes no subclasses, and bool (a subclass of int) is refused where int is taken
+        if not set(map(type, column)) <= {*types, *(() if required else (_Absent,))}:
+            return None
+        columns[name] = column
+    if present != sum(map(len, rows)):  # an unknown field
+        return None
+    del rows
+    ids, audio_paths, texts = columns["id"], columns["audio_path"], columns["text"]
+    try:
+        durations_s = np.array(columns["duration_s"], dtype=np.float64)
+        offsets_s, pseudo_labels, confidences = (
+            np.array([default if value is _ABSENT else value for value in columns[name]], dtype=dtype)
+            if len(columns[name]) > columns[name].count(_ABSENT) else np.full(len(ids), default, dtype=dtype)
+            for name, default, dtype in (("offset_s", 0.0, np.float64), ("pseudo_label", False, bool),
+                                         ("confidence", None, np.float64)))  # None: NaN
+    except OverflowError:  # an integer too large for a float: _parse_row says so
+        return None
+    listed = [value for value in columns["confidence"] if value is not None and value is not _ABSENT]
+    if (not np.isfinite(durations_s).all() or not np.isfinite(offsets_s).all()
+            or not np.isfinite(np.array(listed, dtype=np.float64)).all()
+            or _any_blank(ids) or _any_blank(texts) or (durations_s <= 0).any() or (offsets_s < 0).any()
+            or len(set(ids)) < len(ids) or not seen.isdisjoint(ids)):
+        return None
+    joined = "\0".join(audio_paths)  # the test of _stored_path, on every path at once
+    if (joined.count("\0") != len(ids) - 1 or not audio_paths[0] or audio_paths[0][0] in "~."
+            or audio_paths[-1][-1:] in ("", "/")
+            or any(part in joined for part in ("/.", "//", "\0\0", "\0~", "\0.", "/\0"))):
+        audio_paths = [_stored_path(p, folder) for p in audio_paths]
+    if check_files and any(file_problem(_joined(folder, p)) is not None for p in set(audio_paths)):
+        return None
+    seen.update(ids)
+    speakers, languages = (_shared(names, columns[name]) for name in ("speaker", "language"))
+    return ids, audio_paths, texts, durations_s, speakers, languages, offsets_s, pseudo_labels, confidences
+
+
+def _shared(names: dict[str, str], column: list) -> list[str | None]:
+    """A speaker or language column of _clean_block: None where absent, each name the copy in `names`."""
+    if column.count(_ABSENT) == len(column):
+        return [None] * len(column)
+    values = [None if value is _ABSENT else value for value in column]
+    return list(map(names.setdefault, values, values))  # None and "" map to themselves, as in _parse_row
+
+
+def _any_blank(strings: list[str]) -> bool:
+    """Whether any of `strings` is empty or only whitespace (`not s.strip()`), tested in C."""
+    return min(map(len, strings), default=1) == 0 or any(map(str.isspace, strings))
 
 
 def _check_fields(row: object) -> None:
