@@ -7,6 +7,7 @@ import gzip
 import json
 import math
 import os
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,15 +81,30 @@ _FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
 }
 _DECODER = json.JSONDecoder()
 _LINE_ENDS = frozenset(("\n", "\r\n", ""))  # what commonly follows a value on its line (others: json.loads)
-# Lines read_jsonl reads at a time, and a manifest reader decodes with one json.loads (_clean_block).
+# Lines read_jsonl reads at a time: a block a manifest reader checks at once (_clean_block).
 _JSONL_BLOCK = 1 << 14
 
 
-class _Absent:
-    """The type of _ABSENT: a field a row leaves out."""
+def _field(name: str, value: str, *, required: bool = False) -> str:
+    """_ROW's pattern of one field after the first: comma, name, colon, value, JSON spacing between."""
+    pattern = f',{_SPACE}"{name}"{_SPACE}:{_SPACE}{value}{_SPACE}'
+    return pattern if required else f"(?:{pattern})?"
 
 
-_ABSENT = _Absent()
+_SPACE = r"[ \t\r]*"  # JSON's spaces but the newline
+_STRING = r'"([^"\\\x00-\x1f]*)"'  # a JSON string without escapes (its text is its value)
+_QUOTED = r'("[^"\\\x00-\x1f]*"|null)'  # the same or null, quotes kept: a name "" is not an absent one
+_NUMBER = r"(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?"  # a JSON number without a minus sign
+# A manifest line of one row whose fields come in write_manifest's order, strings without escapes and numbers not
+# negative: _clean_block reads a block of them with this one pattern (anything else: row by row). Groups: id,
+# audio_path, text, duration_s, speaker, language (quoted or null), offset_s, pseudo_label, confidence (or null);
+# "" for a field left out.
+_ROW = re.compile(
+    f'^{_SPACE}\\{{{_SPACE}"id"{_SPACE}:{_SPACE}{_STRING}{_SPACE}' + _field("audio_path", _STRING, required=True)
+    + _field("text", _STRING, required=True) + _field("duration_s", f"({_NUMBER})", required=True)
+    + _field("speaker", _QUOTED) + _field("language", _QUOTED) + _field("offset_s", f"({_NUMBER})")
+    + _field("pseudo_label", "(true|false)") + _field("confidence", f"({_NUMBER}|null)") + f"\\}}{_SPACE}$",
+    re.MULTILINE)
 
 
 def read_manifest(path: str | os.PathLike, *, check_files: bool = False,
@@ -416,80 +432,55 @@ def _parse_row(row: object, folder: str, names: dict[str, str], layouts: set[tup
 
 def _clean_block(lines: list[bytes], folder: str, seen: set[str], names: dict[str, str],
                  check_files: bool) -> tuple | None:
-    """The columns of a block of manifest lines (_read_table's, from ids to confidences), decoded with one
-    json.loads, when every line is a row _parse_row and _check_row take as it is; else None, and nothing changed
-    (the block is then read row by row, which names each bad line). Adds the ids to `seen`.
+    """The columns of a block of manifest lines (_read_table's, from ids to confidences) when every line is a
+    _ROW that _parse_row and _check_row take as it is; else None, and nothing changed (the block is then read row
+    by row, which names each bad line). Adds the ids to `seen`.
 
-    The lines are decoded as the one JSON text "[[LINE1],[LINE2],...]". It stands for the lines one by one only
-    when the outer list holds a one-item list per line and every item is an object whose values are all scalars:
-    no string can span lines (each keeps its "\\n", a raw control character JSON strings refuse), so every
-    bracket outside strings is one of the wrappers, and each wrapper holds exactly its line."""
+    One regular expression reads the block: no dict, float or bool object a row, and no Python code a row."""
     try:
-        wrapped = json.loads((b"[[" + b"],[".join(lines) + b"]]").decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        text = b"".join(lines).decode("utf-8")
+    except UnicodeDecodeError:
         return None
-    if len(wrapped) != len(lines) or set(map(type, wrapped)) != {list} or set(map(len, wrapped)) != {1}:
+    found = _ROW.findall(text)
+    # Each match is a whole line (anchored at both ends, and nothing in _ROW matches "\n"), so one match for
+    # each line means every line is such a row.
+    if len(found) != len(lines):
         return None
-    rows = [item[0] for item in wrapped]
-    del wrapped
-    if set(map(type, rows)) != {dict}:
-        return None
-    columns: dict[str, list] = {}
-    present = 0  # fields the rows hold, of those _FIELDS knows
-    for name, (types, required) in _FIELDS.items():
-        if required:
-            try:
-                column = [row[name] for row in rows]
-            except KeyError:
-                return None
-            present += len(column)
-        else:
-            column = [row.get(name, _ABSENT) for row in rows]
-            present += len(column) - column.count(_ABSENT)
-        # exact types: json.loads makes no subclasses, and bool (a subclass of int) is refused where int is taken
-        if not set(map(type, column)) <= {*types, *(() if required else (_Absent,))}:
-            return None
-        columns[name] = column
-    if present != sum(map(len, rows)):  # an unknown field
-        return None
-    del rows
-    ids, audio_paths, texts = columns["id"], columns["audio_path"], columns["text"]
-    try:
-        durations_s = np.array(columns["duration_s"], dtype=np.float64)
-        offsets_s, pseudo_labels, confidences = (
-            np.array([default if value is _ABSENT else value for value in columns[name]], dtype=dtype)
-            if len(columns[name]) > columns[name].count(_ABSENT) else np.full(len(ids), default, dtype=dtype)
-            for name, default, dtype in (("offset_s", 0.0, np.float64), ("pseudo_label", False, bool),
-                                         ("confidence", None, np.float64)))  # None: NaN
-    except OverflowError:  # an integer too large for a float: _parse_row says so
-        return None
-    listed = [value for value in columns["confidence"] if value is not None and value is not _ABSENT]
-    if (not np.isfinite(durations_s).all() or not np.isfinite(offsets_s).all()
-            or not np.isfinite(np.array(listed, dtype=np.float64)).all()
-            or _any_blank(ids) or _any_blank(texts) or (durations_s <= 0).any() or (offsets_s < 0).any()
-            or len(set(ids)) < len(ids) or not seen.isdisjoint(ids)):
+    ids, audio_paths, texts, durations, speakers, languages, offsets, pseudo_labels, confidences = zip(*found)
+    del found
+    # JSON numbers as float() reads them, which is what json.loads and _parse_row make of them
+    durations_s = np.array(durations, dtype=np.float64)
+    offsets_s = (np.zeros(len(ids)) if offsets.count("") == len(ids)
+                 else np.array([value or "0" for value in offsets], dtype=np.float64))
+    confidences = (np.full(len(ids), np.nan) if confidences.count("") == len(ids)
+                   else np.array([value if value not in ("", "null") else "nan" for value in confidences],
+                                 dtype=np.float64))  # NaN: no confidence
+    if (not np.isfinite(durations_s).all() or not np.isfinite(offsets_s).all() or np.isinf(confidences).any()
+            or _any_blank(ids) or _any_blank(texts) or (durations_s <= 0).any()
+            or len(set(ids)) < len(ids) or not seen.isdisjoint(ids)):  # (_NUMBER has no minus sign)
         return None
     joined = "\0".join(audio_paths)  # the test of _stored_path, on every path at once
     if (joined.count("\0") != len(ids) - 1 or not audio_paths[0] or audio_paths[0][0] in "~."
             or audio_paths[-1][-1:] in ("", "/")
             or any(part in joined for part in ("/.", "//", "\0\0", "\0~", "\0.", "/\0"))):
-        audio_paths = [_stored_path(p, folder) for p in audio_paths]
-    if check_files and any(file_problem(_joined(folder, p)) is not None for p in set(audio_paths)):
+        audio_paths = [_stored_path(path, folder) for path in audio_paths]
+    if check_files and any(file_problem(_joined(folder, path)) is not None for path in set(audio_paths)):
         return None
     seen.update(ids)
-    speakers, languages = (_shared(names, columns[name]) for name in ("speaker", "language"))
-    return ids, audio_paths, texts, durations_s, speakers, languages, offsets_s, pseudo_labels, confidences
+    flags = {"": False, "true": True, "false": False}
+    return (ids, audio_paths, texts, durations_s, _names(speakers, names), _names(languages, names), offsets_s,
+            np.fromiter(map(flags.__getitem__, pseudo_labels), dtype=bool, count=len(ids)), confidences)
 
 
-def _shared(names: dict[str, str], column: list) -> list[str | None]:
-    """A speaker or language column of _clean_block: None where absent, each name the copy in `names`."""
-    if column.count(_ABSENT) == len(column):
-        return [None] * len(column)
-    values = [None if value is _ABSENT else value for value in column]
-    return list(map(names.setdefault, values, values))  # None and "" map to themselves, as in _parse_row
+def _names(column: tuple[str, ...], names: dict[str, str]) -> list[str | None]:
+    """A speaker or language column as _ROW finds it ("" absent, null, or a quoted string) as _parse_row gives
+    it: None, or the one copy in `names` of the name."""
+    values = {value: None if value in ("", "null") else names.setdefault(value[1:-1], value[1:-1])
+              for value in set(column)}
+    return list(map(values.__getitem__, column))
 
 
-def _any_blank(strings: list[str]) -> bool:
+def _any_blank(strings: Sequence[str]) -> bool:
     """Whether any of `strings` is empty or only whitespace (`not s.strip()`), tested in C."""
     return min(map(len, strings), default=1) == 0 or any(map(str.isspace, strings))
 

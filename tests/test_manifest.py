@@ -286,11 +286,11 @@ def test_a_table_holds_the_rows_and_problems_read_manifest_gives(tmp_path, monke
 
 
 def _row_by_row(monkeypatch):
-    """read_manifest_table's answer with every block read row by row (no block decoded at once)."""
+    """read_manifest_table's answer with every block read row by row (none read at once)."""
     monkeypatch.setattr(manifest, "_clean_block", lambda *args: None)
 
 
-def test_blocks_decoded_at_once_give_what_rows_read_one_by_one_give(tmp_path, monkeypatch):
+def test_blocks_read_at_once_give_what_rows_read_one_by_one_give(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     write_tone(tmp_path / "a.wav", duration_s=0.1)
     (tmp_path / "empty.wav").write_bytes(b"")
@@ -298,7 +298,8 @@ def test_blocks_decoded_at_once_give_what_rows_read_one_by_one_give(tmp_path, mo
     variants = [{}, {"speaker": "s", "language": "ca"}, {"speaker": None, "offset_s": 2}, {"confidence": 0.5},
                 {"pseudo_label": True, "confidence": None}, {"audio_path": str(tmp_path / "a.wav")},
                 {"audio_path": "./a.wav"}, {"audio_path": "sub/../a.wav"}, {"audio_path": "~/a.wav"},
-                {"duration_s": 3}, {"text": "ÿ\u2028z"}]
+                {"duration_s": 3}, {"text": "ÿ\u2028z"}, {"speaker": "", "language": None}, {"confidence": 1},
+                {"duration_s": 1e1, "offset_s": 0.25}, {"text": 'a "quoted" word'}, {"pseudo_label": False}]
     bad = ['{"id": ', "[1, 2]", json.dumps({**good, "durations": 1}), json.dumps({**good, "duration_s": True}),
            json.dumps({**good, "text": " "}), json.dumps({**good, "id": ""}), json.dumps({**good, "duration_s": 0}),
            json.dumps({**good, "offset_s": -1}), json.dumps({**good, "audio_path": "gone.wav"}),
@@ -306,12 +307,13 @@ def test_blocks_decoded_at_once_give_what_rows_read_one_by_one_give(tmp_path, mo
            '{"id": "nan", "audio_path": "a.wav", "text": "t", "duration_s": NaN}', "\ufeff" + json.dumps(good),
            json.dumps(good) + " " + json.dumps(good), json.dumps(good) + ", " + json.dumps(good), json.dumps(good) + "],[" + json.dumps(good),
            json.dumps({**good, "id": "dup"}), b"\xff"]
-    lines = [json.dumps({**good, "id": f"u{k}", **variants[k % len(variants)]}) for k in range(60)]
+    lines = [json.dumps({**good, "id": f"u{k}", **variants[k % len(variants)]}, ensure_ascii=False) for k in range(60)]
+    lines[40] = json.dumps(dict(reversed(json.loads(lines[40]).items())))  # fields in another order
     monkeypatch.setattr(manifest, "_JSONL_BLOCK", 8)
-    decoded_at_once = []
+    read_at_once = []
     clean_block = manifest._clean_block
-    monkeypatch.setattr(manifest, "_clean_block", lambda *args: decoded_at_once.append(clean_block(*args))
-                        or decoded_at_once[-1])
+    monkeypatch.setattr(manifest, "_clean_block", lambda *args: read_at_once.append(clean_block(*args))
+                        or read_at_once[-1])
     manifest_path = tmp_path / "m.jsonl"
     for spoiled in [None, *range(len(bad))]:
         text = [*lines, json.dumps({**good, "id": "dup"})]
@@ -330,13 +332,12 @@ def test_blocks_decoded_at_once_give_what_rows_read_one_by_one_give(tmp_path, mo
             assert [u.audio_path for u in table] == [u.audio_path for u in rows]
     where = (5 + 7 * spoiled) % 60
     assert (where + 1 + (where >= 30), "not UTF-8 (invalid start byte)") in [(p.line, p.message) for p in problems]
-    assert sum(block is not None for block in decoded_at_once) > 10  # the clean blocks took the fast path
+    assert sum(block is not None for block in read_at_once) > 10  # the clean blocks took the fast path
 
 
 def test_lines_that_only_parse_together_are_each_reported(tmp_path, monkeypatch):
-    # Lines joined for one json.loads must not lend each other brackets or quotes: an object split over two lines,
-    # two objects on one line, a string left open before the next line all stay malformed rows, each on its line;
-    # so do two objects on a line of rows that parse together.
+    # Lines read at once must not lend each other brackets or quotes: an object split over two lines, two objects
+    # on one line, a string left open before the next line all stay malformed rows, each on its line.
     write_tone(tmp_path / "a.wav", duration_s=0.1)
     row = {"id": "a", "audio_path": "a.wav", "text": "t", "duration_s": 1.0}
     first, rest = json.dumps(row).split(', "text"')
