@@ -306,7 +306,7 @@ def test_blocks_read_at_once_give_what_rows_read_one_by_one_give(tmp_path, monke
            json.dumps({**good, "audio_path": "empty.wav"}), json.dumps({**good, "speaker": 3}),
            '{"id": "nan", "audio_path": "a.wav", "text": "t", "duration_s": NaN}', "\ufeff" + json.dumps(good),
            json.dumps(good) + " " + json.dumps(good), json.dumps(good) + ", " + json.dumps(good), json.dumps(good) + "],[" + json.dumps(good),
-           json.dumps({**good, "id": "dup"}), b"\xff"]
+           json.dumps({**good, "id": "dup"}), json.dumps(good)[:-1] + ', "confidence": 1e999}', b"\xff"]
     lines = [json.dumps({**good, "id": f"u{k}", **variants[k % len(variants)]}, ensure_ascii=False) for k in range(60)]
     lines[40] = json.dumps(dict(reversed(json.loads(lines[40]).items())))  # fields in another order
     monkeypatch.setattr(manifest, "_JSONL_BLOCK", 8)
@@ -333,6 +333,10 @@ def test_blocks_read_at_once_give_what_rows_read_one_by_one_give(tmp_path, monke
     where = (5 + 7 * spoiled) % 60
     assert (where + 1 + (where >= 30), "not UTF-8 (invalid start byte)") in [(p.line, p.message) for p in problems]
     assert sum(block is not None for block in read_at_once) > 10  # the clean blocks took the fast path
+    # an id met again in a later block that is clean in itself
+    manifest_path.write_text("".join(json.dumps({**good, "id": f"u{k % 9}"}) + "\n" for k in range(10)))
+    table, problems = read_manifest_table(manifest_path)
+    assert len(table) == 9 and [(p.line, p.kind) for p in problems] == [(10, "duplicate_id")]
 
 
 def test_lines_that_only_parse_together_are_each_reported(tmp_path, monkeypatch):
