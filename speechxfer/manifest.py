@@ -206,7 +206,7 @@ def _read_table(path: str | os.PathLike, *, check_files: bool, check_audio: bool
     folder = os.path.dirname(os.path.abspath(path))
     problems: list[Problem] = []
     seen: set[str] = set()
-    names: dict[str, str] = {}  # one copy of each speaker and language name, shared by its rows
+    names: dict[str, str] = {}  # one copy of each speaker and language name (and repeated path), shared by its rows
     layouts: set[tuple] = set()  # field names and value types of the rows whose fields passed their checks
     block: list[tuple] = []  # rows kept, as _parse_row gives them, not yet in `columns`
     columns: list[list] = [[] for _ in range(10)]  # _parse_row's fields and the line, each a list of blocks' parts
@@ -464,8 +464,11 @@ def _clean_block(lines: list[bytes], folder: str, seen: set[str], names: dict[st
             or audio_paths[-1][-1:] in ("", "/")
             or any(part in joined for part in ("/.", "//", "\0\0", "\0~", "\0.", "/\0"))):
         audio_paths = [_stored_path(path, folder) for path in audio_paths]
-    if check_files and any(file_problem(_joined(folder, path)) is not None for path in set(audio_paths)):
+    distinct = set(audio_paths)
+    if check_files and any(file_problem(_joined(folder, path)) is not None for path in distinct):
         return None
+    if 2 * len(distinct) <= len(audio_paths):  # segments of fewer recordings: their rows share one copy of a path
+        audio_paths = list(map(names.setdefault, audio_paths, audio_paths))
     seen.update(ids)
     flags = {"": False, "true": True, "false": False}
     return (ids, audio_paths, texts, durations_s, _names(speakers, names), _names(languages, names), offsets_s,
