@@ -207,6 +207,7 @@ def _read_table(path: str | os.PathLike, *, check_files: bool, check_audio: bool
     problems: list[Problem] = []
     seen: set[str] = set()
     names: dict[str, str] = {}  # one copy of each speaker and language name (and repeated path), shared by its rows
+    spellings: dict[str, str | None] = {}  # _clean_block's: a speaker or language as _ROW finds it -> its name
     layouts: set[tuple] = set()  # field names and value types of the rows whose fields passed their checks
     block: list[tuple] = []  # rows kept, as _parse_row gives them, not yet in `columns`
     columns: list[list] = [[] for _ in range(10)]  # _parse_row's fields and the line, each a list of blocks' parts
@@ -236,7 +237,7 @@ def _read_table(path: str | os.PathLike, *, check_files: bool, check_audio: bool
 
     with gc_paused():
         for numbers, lines in _jsonl_lines(path, what="manifest"):
-            clean = None if check_audio else _clean_block(lines, folder, seen, names, check_files)
+            clean = None if check_audio else _clean_block(lines, folder, seen, names, spellings, check_files)
             if clean is None:  # some row to skip or report: row by row, as read_manifest has always read them
                 for number, row in _decoded(numbers, lines, path, problems):
                     add_row(number, row)
@@ -431,10 +432,11 @@ def _parse_row(row: object, folder: str, names: dict[str, str], layouts: set[tup
 
 
 def _clean_block(lines: list[bytes], folder: str, seen: set[str], names: dict[str, str],
-                 check_files: bool) -> tuple | None:
+                 spellings: dict[str, str | None], check_files: bool) -> tuple | None:
     """The columns of a block of manifest lines (_read_table's, from ids to confidences) when every line is a
     _ROW that _parse_row and _check_row take as it is; else None, and nothing changed (the block is then read row
-    by row, which names each bad line). Adds the ids to `seen`.
+    by row, which names each bad line). Adds the ids to `seen`; `names` and `spellings` keep one copy of each
+    repeated path and of each speaker and language name (see _names).
 
     One regular expression reads the block: no dict, float or bool object a row, and no Python code a row."""
     try:
@@ -471,21 +473,21 @@ def _clean_block(lines: list[bytes], folder: str, seen: set[str], names: dict[st
         audio_paths = list(map(names.setdefault, audio_paths, audio_paths))
     seen.update(ids)
     flags = {"": False, "true": True, "false": False}
-    return (ids, audio_paths, texts, durations_s, _names(speakers, names), _names(languages, names), offsets_s,
+    return (ids, audio_paths, texts, durations_s, _names(speakers, spellings), _names(languages, spellings), offsets_s,
             np.fromiter(map(flags.__getitem__, pseudo_labels), dtype=bool, count=len(ids)), confidences)
 
 
-def _names(column: tuple[str, ...], names: dict[str, str]) -> list[str | None]:
+def _names(column: tuple[str, ...], names: dict[str, str | None]) -> list[str | None]:
     """A speaker or language column as _ROW finds it ("" absent, null, or a quoted string) as _parse_row gives
-    it: None, or the one copy in `names` of the name."""
-    values = {value: None if value in ("", "null") else names.setdefault(value[1:-1], value[1:-1])
-              for value in set(column)}
-    return list(map(values.__getitem__, column))
+    it: None, or the one copy of the name. `names` maps each spelling met so far (quoted) to that."""
+    for spelling in set(column).difference(names):
+        names[spelling] = None if spelling in ("", "null") else spelling[1:-1]
+    return list(map(names.__getitem__, column))
 
 
 def _any_blank(strings: Sequence[str]) -> bool:
     """Whether any of `strings` is empty or only whitespace (`not s.strip()`), tested in C."""
-    return min(map(len, strings), default=1) == 0 or any(map(str.isspace, strings))
+    return "" in strings or any(map(str.isspace, strings))
 
 
 def _check_fields(row: object) -> None:

@@ -305,7 +305,8 @@ def test_blocks_read_at_once_give_what_rows_read_one_by_one_give(tmp_path, monke
            json.dumps({**good, "offset_s": -1}), json.dumps({**good, "audio_path": "gone.wav"}),
            json.dumps({**good, "audio_path": "empty.wav"}), json.dumps({**good, "speaker": 3}),
            '{"id": "nan", "audio_path": "a.wav", "text": "t", "duration_s": NaN}', "\ufeff" + json.dumps(good),
-           json.dumps(good) + " " + json.dumps(good), json.dumps(good) + ", " + json.dumps(good), json.dumps(good) + "],[" + json.dumps(good),
+           json.dumps(good) + " " + json.dumps(good), json.dumps(good) + ", " + json.dumps(good),
+           json.dumps(good) + "],[" + json.dumps(good),
            json.dumps({**good, "id": "dup"}), json.dumps(good)[:-1] + ', "confidence": 1e999}', b"\xff"]
     lines = [json.dumps({**good, "id": f"u{k}", **variants[k % len(variants)]}, ensure_ascii=False) for k in range(60)]
     lines[40] = json.dumps(dict(reversed(json.loads(lines[40]).items())))  # fields in another order
