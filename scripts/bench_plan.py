@@ -1,9 +1,11 @@
 """Benchmark what training does with a large manifest before its first update: read, filter, plan batches.
 
 Writes a manifest of --rows generated rows (durations drawn like Common Voice clips, short random texts; every row
-names the same short audio file, so that the one stat per row that training makes finds a file, and nothing is
-opened), then times the steps train() takes on it, in this process:
-  read:   manifest.read_manifest_table(path, check_files=True), as train() reads its train split (columns)
+names the same short audio file, so that the file check that training makes finds a file, and nothing is opened),
+then times the steps train() takes on it, in this process:
+  read:   manifest.read_manifest_table(path, check_files=True), as train() reads its train split (columns); it
+          stats each distinct audio path of a block of rows once, so here one stat a block: a corpus of a million
+          files costs a million stats on top (about 5 us each on a shared VM)
   filter: batching.filter_utterances (normalize, encode, CTC fit against the conv layout of XLS-R)
   plan:   DurationBatchSampler over SpeechDataset(kept).durations_s: the first epoch's batches, as train() plans
           them before the first update

@@ -178,32 +178,39 @@ def _filter(utterances: Sequence[Utterance], durations_s: np.ndarray, texts: Seq
                         // geometry.stride + 1)
     too_short = (durations_s < min_duration_s) | (frames == 0)
     too_long = ~too_short & (durations_s > max_duration_s)
-    rejected = np.zeros(len(durations_s), dtype=bool)
-    candidates = np.flatnonzero(~(too_short | too_long)).tolist()
-    encoded: list[np.ndarray] = []  # the labels of the texts encoded so far, a block of them each
-    lengths: list[int] = []  # labels of each candidate whose text survived normalization: one per character
-    block: list[str] = []  # normalized and not empty, waiting to be encoded
-    for position in candidates:
-        try:
-            text = normalizer(texts[position])
-        except TextRejected:
-            text = ""
-        if text:
-            block.append(text)
-            lengths.append(len(text))
-            if len(block) == _ENCODE_BLOCK:  # a block at a time: the temporary arrays stay small
-                encoded.append(vocab.encode_all(block))
-                block.clear()
-        else:
-            rejected[position] = True
-    encoded.append(vocab.encode_all(block))
-    labels = np.concatenate(encoded)
-    starts = np.zeros(len(lengths) + 1, dtype=np.int64)  # text k's labels: labels[starts[k]:starts[k + 1]]
-    np.cumsum(lengths, out=starts[1:])
+    candidates = np.flatnonzero(~(too_short | too_long))
+    # The labels of the texts that survive normalization, end to end, written into one buffer as each block of
+    # texts is encoded: no second copy of them all. Normalization rarely lengthens a text (NFD and NFKC can), so
+    # room for the texts as written seldom grows; pages never written take no memory.
+    labels = np.empty(sum(map(len, texts)) + 1, dtype=vocab.encode_all([]).dtype)
+    filled = 0
+    lengths = np.zeros(len(candidates), dtype=np.int64)  # of each candidate's normalized text; 0: rejected
+    for first in range(0, len(candidates), _ENCODE_BLOCK):
+        block: list[str] = []  # normalized and not empty
+        block_lengths: list[int] = []
+        for position in candidates[first:first + _ENCODE_BLOCK].tolist():
+            try:
+                text = normalizer(texts[position])
+            except TextRejected:
+                text = ""
+            if text:
+                block.append(text)
+            block_lengths.append(len(text))
+        lengths[first:first + len(block_lengths)] = block_lengths
+        encoded = vocab.encode_all(block)
+        if filled + len(encoded) > len(labels):
+            labels = np.concatenate([labels[:filled], np.empty(max(len(labels), len(encoded)), labels.dtype)])
+        labels[filled:filled + len(encoded)] = encoded
+        filled += len(encoded)
+    labels = labels[:filled]
     labels.flags.writeable = False  # shared by every kept utterance's view
-    encoded_rows = np.asarray(candidates, dtype=np.int64)[~rejected[candidates]]
+    rejected = np.zeros(len(durations_s), dtype=bool)
+    rejected[candidates[lengths == 0]] = True
+    encoded_rows = candidates[lengths > 0]
+    starts = np.zeros(len(encoded_rows) + 1, dtype=np.int64)  # text k's labels: labels[starts[k]:starts[k + 1]]
+    np.cumsum(lengths[lengths > 0], out=starts[1:])
     # CTC needs a blank between two equal labels: count the equal neighbours (j, j + 1) inside each text.
-    equal = np.flatnonzero(labels[1:] == labels[:-1])
+    equal = _equal_neighbours(labels)
     repeats = np.searchsorted(equal, starts[1:] - 1) - np.searchsorted(equal, starts[:-1])
     fits = np.diff(starts) + repeats <= frames[encoded_rows]
     label_too_long = np.zeros(len(durations_s), dtype=bool)
@@ -215,6 +222,15 @@ def _filter(utterances: Sequence[Utterance], durations_s: np.ndarray, texts: Seq
     return examples, DropReport(**{reason: int(mask.sum()) for reason, mask in reasons.items()},
                                 examples=[utterances[position].id for position in dropped])
 
+
+
+def _equal_neighbours(labels: np.ndarray) -> np.ndarray:
+    """Every j where labels[j] == labels[j + 1] (int64, ascending), found a slice at a time: comparing all the
+    labels at once would make a second array as long as they are (a million transcripts' worth)."""
+    step, end = 1 << 22, len(labels) - 1
+    parts = [np.flatnonzero(labels[j:min(j + step, end)] == labels[j + 1:min(j + step, end) + 1]) + j
+             for j in range(0, max(end, 0), step)]
+    return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
 
 class SpeechDataset(torch.utils.data.Dataset):
     """Audio and labels of filtered utterances. Item i: {"id": str, "input_values": float32 tensor (samples,)

@@ -7,6 +7,7 @@ import gzip
 import json
 import math
 import os
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +81,30 @@ _FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
 }
 _DECODER = json.JSONDecoder()
 _LINE_ENDS = frozenset(("\n", "\r\n", ""))  # what commonly follows a value on its line (others: json.loads)
+# Lines read_jsonl reads at a time: a block a manifest reader checks at once (_clean_block).
+_JSONL_BLOCK = 1 << 14
+
+
+def _field(name: str, value: str, *, required: bool = False) -> str:
+    """_ROW's pattern of one field after the first: comma, name, colon, value, JSON spacing between."""
+    pattern = f',{_SPACE}"{name}"{_SPACE}:{_SPACE}{value}{_SPACE}'
+    return pattern if required else f"(?:{pattern})?"
+
+
+_SPACE = r"[ \t\r]*"  # JSON's spaces but the newline
+_STRING = r'"([^"\\\x00-\x1f]*)"'  # a JSON string without escapes (its text is its value)
+_QUOTED = r'("[^"\\\x00-\x1f]*"|null)'  # the same or null, quotes kept: a name "" is not an absent one
+_NUMBER = r"(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?"  # a JSON number without a minus sign
+# A manifest line of one row whose fields come in write_manifest's order, strings without escapes and numbers not
+# negative: _clean_block reads a block of them with this one pattern (anything else: row by row). Groups: id,
+# audio_path, text, duration_s, speaker, language (quoted or null), offset_s, pseudo_label, confidence (or null);
+# "" for a field left out.
+_ROW = re.compile(
+    f'^{_SPACE}\\{{{_SPACE}"id"{_SPACE}:{_SPACE}{_STRING}{_SPACE}' + _field("audio_path", _STRING, required=True)
+    + _field("text", _STRING, required=True) + _field("duration_s", f"({_NUMBER})", required=True)
+    + _field("speaker", _QUOTED) + _field("language", _QUOTED) + _field("offset_s", f"({_NUMBER})")
+    + _field("pseudo_label", "(true|false)") + _field("confidence", f"({_NUMBER}|null)") + f"\\}}{_SPACE}$",
+    re.MULTILINE)
 
 
 def read_manifest(path: str | os.PathLike, *, check_files: bool = False,
@@ -181,7 +206,8 @@ def _read_table(path: str | os.PathLike, *, check_files: bool, check_audio: bool
     folder = os.path.dirname(os.path.abspath(path))
     problems: list[Problem] = []
     seen: set[str] = set()
-    names: dict[str, str] = {}  # one copy of each speaker and language name, shared by its rows
+    names: dict[str, str] = {}  # one copy of each speaker and language name (and repeated path), shared by its rows
+    spellings: dict[str, str | None] = {}  # _clean_block's: a speaker or language as _ROW finds it -> its name
     layouts: set[tuple] = set()  # field names and value types of the rows whose fields passed their checks
     block: list[tuple] = []  # rows kept, as _parse_row gives them, not yet in `columns`
     columns: list[list] = [[] for _ in range(10)]  # _parse_row's fields and the line, each a list of blocks' parts
@@ -192,23 +218,33 @@ def _read_table(path: str | os.PathLike, *, check_files: bool, check_audio: bool
             column.append(values)
         block.clear()
 
+    def add_row(number: int, row: object) -> None:
+        try:
+            values = _parse_row(row, folder, names, layouts)
+        except ValueError as err:
+            problems.append(Problem(path, number, "malformed_row", str(err)))
+            return
+        problem = _check_row(values, folder, seen, check_files)
+        if problem is None and check_audio:
+            problem = _check_audio(Utterance(values[0], _joined(folder, values[1]), *values[2:]))
+        if problem is not None:
+            problems.append(Problem(path, number, problem[0], f"{values[0]}: {problem[1]}", values[0]))
+            return
+        seen.add(values[0])
+        block.append((*values, number))
+        if len(block) == _TABLE_BLOCK:
+            flush()
+
     with gc_paused():
-        for number, row in read_jsonl(path, problems=problems, what="manifest"):
-            try:
-                values = _parse_row(row, folder, names, layouts)
-            except ValueError as err:
-                problems.append(Problem(path, number, "malformed_row", str(err)))
-                continue
-            problem = _check_row(values, folder, seen, check_files)
-            if problem is None and check_audio:
-                problem = _check_audio(Utterance(values[0], _joined(folder, values[1]), *values[2:]))
-            if problem is not None:
-                problems.append(Problem(path, number, problem[0], f"{values[0]}: {problem[1]}", values[0]))
-                continue
-            seen.add(values[0])
-            block.append((*values, number))
-            if len(block) == _TABLE_BLOCK:
+        for numbers, lines in _jsonl_lines(path, what="manifest"):
+            clean = None if check_audio else _clean_block(lines, folder, seen, names, spellings, check_files)
+            if clean is None:  # some row to skip or report: row by row, as read_manifest has always read them
+                for number, row in _decoded(numbers, lines, path, problems):
+                    add_row(number, row)
+            else:
                 flush()
+                for column, values in zip(columns, (*clean, np.asarray(numbers, dtype=np.int64))):
+                    column.append(values)
         flush()
     # The strings as lists (one object each already), the numbers as arrays.
     ids, audio_paths, texts, speakers, languages = ([value for part in columns[k] for value in part]
@@ -233,33 +269,66 @@ def read_jsonl(path: str | os.PathLike, *, problems: list[Problem] | None = None
     Problem and skipped. ManifestError ("cannot read [WHAT]: ...") when the file cannot be read.
     """
     path = os.fspath(path)
+    for numbers, lines in _jsonl_lines(path, what=what):
+        yield from _decoded(numbers, lines, path, problems)
+
+
+def _jsonl_lines(path: str, *, what: str | None) -> Iterator[tuple[Sequence[int], list[bytes]]]:
+    """The non-blank lines of a JSON-lines file as read_jsonl reads them (the first without its byte-order mark;
+    each with its "\\n"), a block of up to _JSONL_BLOCK lines at a time, with their line numbers. When reading
+    fails part way, the lines before the failure come first, then ManifestError."""
+    block: list[bytes] = []
+    read = 0  # lines read before `block`
     try:
         with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-            for number, raw in enumerate(f, start=1):
-                if number == 1:
-                    raw = raw.removeprefix(codecs.BOM_UTF8)
-                if raw.isspace() or not raw:  # as `not raw.strip()`, without a copy (empty: a lone BOM)
-                    continue
-                try:
-                    text = raw.decode("utf-8")
-                    try:
-                        value, end = _DECODER.raw_decode(text)  # json.loads less its wrappers (whitespace scans)
-                        alone = text[end:] in _LINE_ENDS
-                    except json.JSONDecodeError:
-                        alone = False
-                    if not alone:  # not one value alone on the line: json.loads says what is wrong, with the
-                        # column on this line, or allows the spaces around it
-                        value = json.loads(text.rstrip("\r\n"))
-                except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                    message = (f"not UTF-8 ({err.reason})" if isinstance(err, UnicodeDecodeError)
-                               else f"not valid JSON: {err.msg} (column {err.colno})")
-                    if problems is None:
-                        raise ManifestError(message, path=path, line=number) from None
-                    problems.append(Problem(path, number, "malformed_row", message))
-                    continue
-                yield number, value
+            for raw in f:
+                block.append(raw)
+                if len(block) == _JSONL_BLOCK:
+                    yield _non_blank(block, read)
+                    read += len(block)
+                    block = []
+        failure = None
     except (OSError, EOFError) as err:
-        raise ManifestError(f"cannot read{' ' + what if what else ''}: {err.strerror or err}", path=path) from None
+        failure = err
+    if block:
+        yield _non_blank(block, read)
+    if failure is not None:
+        raise ManifestError(f"cannot read{' ' + what if what else ''}: {failure.strerror or failure}",
+                            path=path) from None
+
+
+def _non_blank(block: list[bytes], read: int) -> tuple[Sequence[int], list[bytes]]:
+    """(line numbers, lines) of the non-blank lines of `block`, which follows `read` lines of its file."""
+    if read == 0:
+        block[0] = block[0].removeprefix(codecs.BOM_UTF8)
+    if block[0] and not any(map(bytes.isspace, block)):  # no blank line (only a lone BOM makes one empty)
+        return range(read + 1, read + len(block) + 1), block
+    kept = [(number, raw) for number, raw in enumerate(block, start=read + 1) if raw and not raw.isspace()]
+    return [number for number, _ in kept], [raw for _, raw in kept]
+
+
+def _decoded(numbers: Sequence[int], lines: list[bytes], path: str,
+             problems: list[Problem] | None) -> Iterator[tuple[int, object]]:
+    """read_jsonl's (line number, value) of each of `lines`, decoded one by one."""
+    for number, raw in zip(numbers, lines):
+        try:
+            text = raw.decode("utf-8")
+            try:
+                value, end = _DECODER.raw_decode(text)  # json.loads less its wrappers (whitespace scans)
+                alone = text[end:] in _LINE_ENDS
+            except json.JSONDecodeError:
+                alone = False
+            if not alone:  # not one value alone on the line: json.loads says what is wrong, with the
+                # column on this line, or allows the spaces around it
+                value = json.loads(text.rstrip("\r\n"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            message = (f"not UTF-8 ({err.reason})" if isinstance(err, UnicodeDecodeError)
+                       else f"not valid JSON: {err.msg} (column {err.colno})")
+            if problems is None:
+                raise ManifestError(message, path=path, line=number) from None
+            problems.append(Problem(path, number, "malformed_row", message))
+            continue
+        yield number, value
 
 
 def duration_mismatch(utterance: Utterance, audio_s: float) -> str | None:
@@ -360,6 +429,65 @@ def _parse_row(row: object, folder: str, names: dict[str, str], layouts: set[tup
     return (row["id"], _stored_path(row["audio_path"], folder), row["text"], float(duration_s),
             speaker and names.setdefault(speaker, speaker), language and names.setdefault(language, language),
             float(offset_s), row.get("pseudo_label", False), None if confidence is None else float(confidence))
+
+
+def _clean_block(lines: list[bytes], folder: str, seen: set[str], names: dict[str, str],
+                 spellings: dict[str, str | None], check_files: bool) -> tuple | None:
+    """The columns of a block of manifest lines (_read_table's, from ids to confidences) when every line is a
+    _ROW that _parse_row and _check_row take as it is; else None, and nothing changed (the block is then read row
+    by row, which names each bad line). Adds the ids to `seen`; `names` and `spellings` keep one copy of each
+    repeated path and of each speaker and language name (see _names).
+
+    One regular expression reads the block: no dict, float or bool object a row, and no Python code a row."""
+    try:
+        text = b"".join(lines).decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    found = _ROW.findall(text)
+    # Each match is a whole line (anchored at both ends, and nothing in _ROW matches "\n"), so one match for
+    # each line means every line is such a row.
+    if len(found) != len(lines):
+        return None
+    ids, audio_paths, texts, durations, speakers, languages, offsets, pseudo_labels, confidences = zip(*found)
+    del found
+    # JSON numbers as float() reads them, which is what json.loads and _parse_row make of them
+    durations_s = np.array(durations, dtype=np.float64)
+    offsets_s = (np.zeros(len(ids)) if offsets.count("") == len(ids)
+                 else np.array([value or "0" for value in offsets], dtype=np.float64))
+    confidences = (np.full(len(ids), np.nan) if confidences.count("") == len(ids)
+                   else np.array([value if value not in ("", "null") else "nan" for value in confidences],
+                                 dtype=np.float64))  # NaN: no confidence
+    if (not np.isfinite(durations_s).all() or not np.isfinite(offsets_s).all() or np.isinf(confidences).any()
+            or _any_blank(ids) or _any_blank(texts) or (durations_s <= 0).any()
+            or len(set(ids)) < len(ids) or not seen.isdisjoint(ids)):  # (_NUMBER has no minus sign)
+        return None
+    joined = "\0".join(audio_paths)  # the test of _stored_path, on every path at once
+    if (joined.count("\0") != len(ids) - 1 or not audio_paths[0] or audio_paths[0][0] in "~."
+            or audio_paths[-1][-1:] in ("", "/")
+            or any(part in joined for part in ("/.", "//", "\0\0", "\0~", "\0.", "/\0"))):
+        audio_paths = [_stored_path(path, folder) for path in audio_paths]
+    distinct = set(audio_paths)
+    if check_files and any(file_problem(_joined(folder, path)) is not None for path in distinct):
+        return None
+    if 2 * len(distinct) <= len(audio_paths):  # segments of fewer recordings: their rows share one copy of a path
+        audio_paths = list(map(names.setdefault, audio_paths, audio_paths))
+    seen.update(ids)
+    flags = {"": False, "true": True, "false": False}
+    return (ids, audio_paths, texts, durations_s, _names(speakers, spellings), _names(languages, spellings), offsets_s,
+            np.fromiter(map(flags.__getitem__, pseudo_labels), dtype=bool, count=len(ids)), confidences)
+
+
+def _names(column: tuple[str, ...], names: dict[str, str | None]) -> list[str | None]:
+    """A speaker or language column as _ROW finds it ("" absent, null, or a quoted string) as _parse_row gives
+    it: None, or the one copy of the name. `names` maps each spelling met so far (quoted) to that."""
+    for spelling in set(column).difference(names):
+        names[spelling] = None if spelling in ("", "null") else spelling[1:-1]
+    return list(map(names.__getitem__, column))
+
+
+def _any_blank(strings: Sequence[str]) -> bool:
+    """Whether any of `strings` is empty or only whitespace (`not s.strip()`), tested in C."""
+    return "" in strings or any(map(str.isspace, strings))
 
 
 def _check_fields(row: object) -> None:

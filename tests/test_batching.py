@@ -429,3 +429,16 @@ def test_inference_batches_pad_only_for_a_model_with_a_mask():
     assert inference_batches(samples, padding_free=True) == [[3], [0, 2, 6], [5], [1, 4]]
     assert inference_batches(samples, padding_free=False) == [[3, 0, 2, 6, 5, 1, 4]]
     assert inference_batches([], padding_free=True) == []
+
+
+def test_labels_of_texts_that_normalization_lengthens_or_rejects_are_each_texts_own():
+    # NFD spells "é" as two code points: the labels outgrow the room the texts as written take.
+    normalizer = TextNormalizer(TextOptions(unicode_form="NFD", digits="reject"))
+    texts = ["é" * 40, "2 é", "ée é", "", "é"]
+    vocab = Vocabulary.from_texts([normalizer("é e")])
+    kept, report = filter_utterances([utterance(f"u{k}", text, 2.0) for k, text in enumerate(texts)],
+                                     normalizer=normalizer, vocab=vocab, config=tiny_config(arch="stable"),
+                                     min_duration_s=0.1, max_duration_s=5.0)
+    assert [(u.id, labels.tolist()) for u, labels in kept] == [
+        (f"u{k}", vocab.encode(normalizer(texts[k]))) for k in (0, 2, 4)]
+    assert len(kept[0][1]) == 80 and report.rejected_text == 2

@@ -6,6 +6,7 @@ import os
 import pytest
 from tiny import write_tone
 
+from speechxfer import manifest
 from speechxfer.errors import ManifestError
 from speechxfer.manifest import (Utterance, UtteranceTable, check_held_out, load_manifest, read_jsonl, read_manifest,
                                  read_manifest_table, summarize,
@@ -282,3 +283,79 @@ def test_a_table_holds_the_rows_and_problems_read_manifest_gives(tmp_path, monke
     assert joined[:5] == list(table) and joined[5] == load_manifest(other)[0]
     assert (joined[5].manifest, joined[5].line, joined[5].audio_path) == (str(other), 1, str(other.parent / "a.wav"))
     assert len(UtteranceTable.concat([])) == 0
+
+
+def _row_by_row(monkeypatch):
+    """read_manifest_table's answer with every block read row by row (none read at once)."""
+    monkeypatch.setattr(manifest, "_clean_block", lambda *args: None)
+
+
+def test_blocks_read_at_once_give_what_rows_read_one_by_one_give(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    write_tone(tmp_path / "a.wav", duration_s=0.1)
+    (tmp_path / "empty.wav").write_bytes(b"")
+    good = {"id": "x", "audio_path": "a.wav", "text": "t u", "duration_s": 1.5}
+    variants = [{}, {"speaker": "s", "language": "ca"}, {"speaker": None, "offset_s": 2}, {"confidence": 0.5},
+                {"pseudo_label": True, "confidence": None}, {"audio_path": str(tmp_path / "a.wav")},
+                {"audio_path": "./a.wav"}, {"audio_path": "sub/../a.wav"}, {"audio_path": "~/a.wav"},
+                {"duration_s": 3}, {"text": "ÿ\u2028z"}, {"speaker": "", "language": None}, {"confidence": 1},
+                {"duration_s": 1e1, "offset_s": 0.25}, {"text": 'a "quoted" word'}, {"pseudo_label": False}]
+    bad = ['{"id": ', "[1, 2]", json.dumps({**good, "durations": 1}), json.dumps({**good, "duration_s": True}),
+           json.dumps({**good, "text": " "}), json.dumps({**good, "id": ""}), json.dumps({**good, "duration_s": 0}),
+           json.dumps({**good, "offset_s": -1}), json.dumps({**good, "audio_path": "gone.wav"}),
+           json.dumps({**good, "audio_path": "empty.wav"}), json.dumps({**good, "speaker": 3}),
+           '{"id": "nan", "audio_path": "a.wav", "text": "t", "duration_s": NaN}', "\ufeff" + json.dumps(good),
+           json.dumps(good) + " " + json.dumps(good), json.dumps(good) + ", " + json.dumps(good),
+           json.dumps(good) + "],[" + json.dumps(good),
+           json.dumps({**good, "id": "dup"}), json.dumps(good)[:-1] + ', "confidence": 1e999}', b"\xff"]
+    lines = [json.dumps({**good, "id": f"u{k}", **variants[k % len(variants)]}, ensure_ascii=False) for k in range(60)]
+    lines[40] = json.dumps(dict(reversed(json.loads(lines[40]).items())))  # fields in another order
+    monkeypatch.setattr(manifest, "_JSONL_BLOCK", 8)
+    read_at_once = []
+    clean_block = manifest._clean_block
+    monkeypatch.setattr(manifest, "_clean_block", lambda *args: read_at_once.append(clean_block(*args))
+                        or read_at_once[-1])
+    manifest_path = tmp_path / "m.jsonl"
+    for spoiled in [None, *range(len(bad))]:
+        text = [*lines, json.dumps({**good, "id": "dup"})]
+        if spoiled is not None:
+            text[(5 + 7 * spoiled) % 60] = bad[spoiled]  # in one block or another
+        text.insert(30, "  ")
+        manifest_path.write_bytes(b"".join((t if isinstance(t, bytes) else t.encode()) + b"\n" for t in text))
+        for check_files in (False, True):
+            with monkeypatch.context() as patched:
+                _row_by_row(patched)
+                rows, expected = read_manifest_table(manifest_path, check_files=check_files)
+            table, problems = read_manifest_table(manifest_path, check_files=check_files)
+            assert problems == expected, spoiled
+            assert list(table) == list(rows) and [u.line for u in table] == [u.line for u in rows]
+            assert table.speakers == rows.speakers and table.languages == rows.languages
+            assert [u.audio_path for u in table] == [u.audio_path for u in rows]
+    where = (5 + 7 * spoiled) % 60
+    assert (where + 1 + (where >= 30), "not UTF-8 (invalid start byte)") in [(p.line, p.message) for p in problems]
+    assert sum(block is not None for block in read_at_once) > 10  # the clean blocks took the fast path
+    # an id met again in a later block that is clean in itself
+    manifest_path.write_text("".join(json.dumps({**good, "id": f"u{k % 9}"}) + "\n" for k in range(10)))
+    table, problems = read_manifest_table(manifest_path)
+    assert len(table) == 9 and [(p.line, p.kind) for p in problems] == [(10, "duplicate_id")]
+
+
+def test_lines_that_only_parse_together_are_each_reported(tmp_path, monkeypatch):
+    # Lines read at once must not lend each other brackets or quotes: an object split over two lines, two objects
+    # on one line, a string left open before the next line all stay malformed rows, each on its line.
+    write_tone(tmp_path / "a.wav", duration_s=0.1)
+    row = {"id": "a", "audio_path": "a.wav", "text": "t", "duration_s": 1.0}
+    first, rest = json.dumps(row).split(', "text"')
+    lines = [first, '"text"' + rest, json.dumps({**row, "id": "b"}) + "],[" + json.dumps({**row, "id": "c"}),
+             json.dumps({**row, "id": "d"})[:-1] + ', "speaker": "x', 'y"}', json.dumps({**row, "id": "e"})]
+    manifest_path = tmp_path / "m.jsonl"
+    manifest_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    table, problems = read_manifest_table(manifest_path, check_files=True)
+    assert table.ids == ["e"] and table.lines.tolist() == [6]
+    assert [(p.line, p.kind) for p in problems] == [(k, "malformed_row") for k in range(1, 6)]
+    assert problems[0].message.startswith("not valid JSON")
+    manifest_path.write_text(json.dumps(row) + "\n" + json.dumps({**row, "id": "b"}) + ", "
+                             + json.dumps({**row, "id": "c"}) + "\n", encoding="utf-8")
+    table, problems = read_manifest_table(manifest_path)
+    assert table.ids == ["a"] and [(p.line, p.message) for p in problems] == [(2, "not valid JSON: Extra data "
+                                                                                 "(column 67)")]
