@@ -962,7 +962,7 @@ class _EncoderFeed:
             # only a group norm's statistics span frames, and they are taken over the valid frames alone.
             frames = [geometry.frames(n) for n in frames]
             if isinstance(getattr(layer, "layer_norm", None), torch.nn.GroupNorm):
-                own_layer = partial(_masked_group_norm_layer, layer)
+                own_layer = partial(_group_norm_layer_by_row, layer)
                 if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
                     hidden = torch.utils.checkpoint.checkpoint(own_layer, hidden, frames, use_reentrant=False)
                 else:
@@ -987,29 +987,21 @@ def _conv_geometries(encoder: torch.nn.Module) -> list[FrameGeometry] | None:
     return geometries or None
 
 
-def _masked_group_norm_layer(layer: torch.nn.Module, hidden: torch.Tensor, frames: list[int]) -> torch.Tensor:
-    """A Wav2Vec2GroupNormConvLayer (conv, GroupNorm, activation) on (rows, channels, samples), its GroupNorm's
-    mean and biased variance taken over each row's first `frames` output frames only, as the layer computes them
-    for that row alone (same eps and affine; statistics in float32, as autocast runs group_norm)."""
-    norm = layer.layer_norm
-    hidden = layer.conv(hidden).float()
-    rows, channels, time = hidden.shape
-    valid = (torch.arange(time, device=hidden.device) < torch.tensor(frames, device=hidden.device)[:, None])
-    valid = valid.to(hidden.dtype)[:, :, None]  # (rows, time, 1)
-    per_group = channels // norm.num_groups
-    count = valid.sum(dim=1) * per_group  # (rows, 1): values in each group of a row
-
-    def group_mean(values: torch.Tensor) -> torch.Tensor:
-        """(rows, channels, time) -> mean over each group's channels and valid frames, per channel (rows, channels,
-        1); a matrix product over time, so no masked copy of `values` is made."""
-        sums = (values @ valid).view(rows, norm.num_groups, per_group).sum(-1) / count
-        return sums.repeat_interleave(per_group, dim=1)[:, :, None]
-
-    centered = hidden - group_mean(hidden)
-    scale = torch.rsqrt(group_mean(centered * centered) + norm.eps)
-    if norm.affine:
-        return layer.activation(torch.addcmul(norm.bias[:, None], centered, scale * norm.weight[:, None]))
-    return layer.activation(centered * scale)
+def _group_norm_layer_by_row(layer: torch.nn.Module, hidden: torch.Tensor, frames: list[int]) -> torch.Tensor:
+    """A Wav2Vec2GroupNormConvLayer (conv, GroupNorm, activation) on (rows, channels, samples): the convolution over
+    every row at once, the layer's own GroupNorm on each row's first `frames` output frames alone (so its statistics
+    are those the row gets when computed alone), zeros past them, then the activation."""
+    hidden = layer.conv(hidden)
+    normed = None
+    for row, num_frames in enumerate(frames):
+        own = layer.layer_norm(hidden[row:row + 1, :, :num_frames])[0]
+        if normed is None:  # of the norm's dtype: float32 under autocast
+            # Not zeros: only the padding is zeroed, one pass over the layer's largest output less. It must be
+            # finite, as later layers' weight gradients sum it times a zero gradient.
+            normed = own.new_empty(hidden.shape)
+        normed[row, :, :num_frames] = own
+        normed[row, :, num_frames:] = 0
+    return layer.activation(normed)
 
 
 class _MetricsLog:
