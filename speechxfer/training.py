@@ -268,8 +268,9 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
                             autocast=accelerator.autocast)
     if not attention_mask:
         say("the model takes no attention mask (group-norm feature encoder) and is decoded one utterance at a time: "
-            "its feature encoder runs on each training utterance alone and the rest of the model gets the mask, so "
-            "padding changes nothing it learns from")
+            "its feature encoder gives each training utterance the frames it has alone (its group norm over the "
+            "utterance's own frames) and the rest of the model gets the mask, so padding changes nothing it learns "
+            "from")
     if cacheable and not unique_ids:
         say("feature encoder output not cached: training utterance ids repeat across manifests")
     elif feed is not None and feed.max_bytes:
@@ -882,7 +883,7 @@ class _EncoderFeed:
     was resumed (the cache starts empty), up to float rounding. Cached tensors are kept on the CPU; a trainable
     encoder is run with its gradient and nothing is cached.
 
-    The padded pass (_own_frames) needs unpadded, undilated convolutions, whose valid output frames depend on the
+    The padded pass (own_frames) needs unpadded, undilated convolutions, whose valid output frames depend on the
     utterance's own samples alone; an encoder built otherwise runs on each utterance alone.
     """
 
@@ -932,11 +933,10 @@ class _EncoderFeed:
             with contextlib.nullcontext() if trainable else torch.no_grad(), self.autocast():
                 computed = self.own_frames(input_values[missing], [num_samples[row] for row in missing])
             for row, part in zip(missing, computed):
-                if not trainable:
-                    part = part.contiguous().cpu()  # its own storage, not a view of the whole pass's output
-                    if self.bytes + part.nbytes <= self.max_bytes:
-                        self.features[ids[row]] = part
-                        self.bytes += part.nbytes
+                if not trainable and self.bytes + part.nbytes <= self.max_bytes:
+                    # its own storage, not a view that would keep the whole pass's output alive
+                    self.features[ids[row]] = part.contiguous().cpu()
+                    self.bytes += part.nbytes
                 parts[row] = part
         # (frames, channels) rows padded with zeros, back to (batch, channels, frames)
         features = torch.nn.utils.rnn.pad_sequence([part.to(input_values.device).T for part in parts],
@@ -949,9 +949,9 @@ class _EncoderFeed:
             del self.encoder.forward
 
     def own_frames(self, input_values: torch.Tensor, num_samples: list[int]) -> list[torch.Tensor]:
-        """The encoder's output (channels, frames) of each row of `input_values` (rows, samples), zero-padded past
-        its `num_samples`, as the encoder gives it for that row's samples alone: one pass over the rows trimmed to
-        the longest (per row when the encoder's layout has no padded pass)."""
+        """The encoder's output (channels, frames) of each row of `input_values` (rows, samples) as the encoder
+        gives it for the row's first `num_samples` samples alone, computed in one pass over the rows trimmed to the
+        longest (one pass a row when the encoder's layout allows no padded pass)."""
         if self.geometries is None:
             return [self.encoder(input_values[row:row + 1, :n])[0] for row, n in enumerate(num_samples)]
         hidden = input_values[:, None, :max(num_samples)]  # (rows, 1, samples)

@@ -338,8 +338,8 @@ def training_losses(run_dir) -> list[float]:
 def test_the_feature_encoder_cache_gives_the_losses_of_the_uncached_run(tmp_path, corpus, stable_run, monkeypatch,
                                                                          caplog, freezing):
     """A layer-norm model without augmentation: the frozen encoder computes each training utterance once (6), not
-    once per batch it is in (8 updates of 2 utterances, 3 batches an epoch), and the losses and weights are those of a run with
-    train.feature_cache_mib 0. With a schedule that thaws the encoder at update 4, the cache serves the updates
+    once per batch it is in (8 updates of 2 utterances, 3 batches an epoch: 16), and the losses and weights are
+    those of a run with train.feature_cache_mib 0. With a schedule that thaws the encoder at update 4, the cache serves the updates
     before it and is dropped there. (The resume tests run stable_run's recipe, cache on.)"""
     base = Path(stable_run[0].base)
     runs = {}
