@@ -5,7 +5,7 @@ On the same model, the same corpus (synthetic speech, 1-15 s, median about 5 s),
 speechxfer's betas and eps, linear schedule with 10% warm-up, gradient clipping at 1.0, feature encoder frozen):
   a        `speechxfer.training.train` (batches of at most --max-batch-s padded seconds, planned by duration,
            audio decoded by the loader; fused AdamW; the frozen encoder's output cached from the second epoch
-           on; a group-norm encoder such as the seed's run on each utterance alone, as training runs it); timed
+           on; a group-norm encoder such as the seed's gives each utterance its own frames, as training runs it); timed
            from its own metrics.jsonl (cumulative audio_h and minutes).
   b        transformers `Trainer` as examples/pytorch/speech-recognition/run_speech_recognition_ctc.py runs it:
            audio decoded and normalized by Wav2Vec2FeatureExtractor once before training (as its dataset.map),

@@ -28,6 +28,7 @@ from typing import IO, Literal
 
 import numpy as np
 import torch
+import torch.utils.checkpoint
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
@@ -39,8 +40,8 @@ from transformers import Wav2Vec2ForCTC
 from speechxfer.atomic import TEMP_SUFFIX, atomic_write, sync_folder
 from speechxfer.audio import SAMPLE_RATE_HZ
 from speechxfer.augment import check_sources
-from speechxfer.batching import (DurationBatchSampler, Examples, SpeechDataset, collate, filter_utterances,
-                                 frame_geometry, inference_batches)
+from speechxfer.batching import (DurationBatchSampler, Examples, FrameGeometry, SpeechDataset, collate,
+                                 filter_utterances, frame_geometry, inference_batches)
 from speechxfer.decoding import GreedyDecoder, decode_batch
 from speechxfer.compat import enable_gradient_checkpointing, fused_optimizer_supported, reset_accelerator_state
 from speechxfer.errors import InputError, Problem, first_line
@@ -268,8 +269,9 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
                             autocast=accelerator.autocast)
     if not attention_mask:
         say("the model takes no attention mask (group-norm feature encoder) and is decoded one utterance at a time: "
-            "its feature encoder runs on each training utterance alone and the rest of the model gets the mask, so "
-            "padding changes nothing it learns from")
+            "its feature encoder gives each training utterance the frames it has alone (its group norm over the "
+            "utterance's own frames) and the rest of the model gets the mask, so padding changes nothing it learns "
+            "from")
     if cacheable and not unique_ids:
         say("feature encoder output not cached: training utterance ids repeat across manifests")
     elif feed is not None and feed.max_bytes:
@@ -867,24 +869,30 @@ def _eval_batches(utterances: list[Utterance], refs: dict[str, str], vocab: Voca
 
 
 class _EncoderFeed:
-    """Runs the conv feature encoder on each training utterance alone and feeds the padded result to the rest of
-    the model in place of the encoder's forward pass over the padded batch; with max_bytes, keeps a frozen
-    encoder's output per utterance and reuses it in later epochs (train.feature_cache_mib).
+    """Computes the conv feature encoder's output of each training utterance as if it were alone, in one padded
+    pass, and feeds it to the rest of the model in place of the encoder's forward pass over the padded batch; with
+    max_bytes, keeps a frozen encoder's output per utterance and reuses it in later epochs
+    (train.feature_cache_mib).
 
     Two uses. A model without an attention mask (group-norm encoder: the seed, wav2vec2-base) normalizes each
     channel over the whole padded row, so in a padded batch the padding moves every frame of every shorter
     utterance, while `transcribe` decodes such a model one utterance at a time (batching.inference_batches): fed
     this way, with the mask given to the rest of the model (attention and CTC lengths), it learns from the frames
-    it is later decoded from. A layer-norm encoder normalizes each frame on its own, so its frames computed alone
-    are those of the padded batch (up to float rounding): the feed only serves the cache there. Every utterance is
-    computed alone, cached or not, so a run's losses depend neither on what fits in max_bytes nor on where it was
-    resumed (the cache starts empty). Cached tensors are kept on the CPU; a trainable encoder is run with its
-    gradient and nothing is cached.
+    it is later decoded from. A layer-norm encoder normalizes each frame on its own, so its frames in a padded
+    batch are those it gives alone (up to float rounding): the feed only serves the cache there. Every utterance's
+    frames are its own, cached or not, so a run's losses depend neither on what fits in max_bytes nor on where it
+    was resumed (the cache starts empty), up to float rounding. Cached tensors are kept on the CPU; a trainable
+    encoder is run with its gradient and nothing is cached.
+
+    The padded pass (own_frames) needs unpadded, undilated convolutions, whose valid output frames depend on the
+    utterance's own samples alone; an encoder built otherwise runs on each utterance alone.
     """
 
     def __init__(self, model: Wav2Vec2ForCTC, *, max_bytes: float,
                  autocast: Callable[[], contextlib.AbstractContextManager]):
         self.encoder = model.wav2vec2.feature_extractor
+        # Each conv layer's geometry, or None when one padded pass cannot give each utterance its own frames.
+        self.geometries = _conv_geometries(self.encoder)
         self.max_bytes = max_bytes
         self.autocast = autocast  # the forward pass's precision (accelerate's), so features match the uncached ones
         self.features: dict[str, torch.Tensor] = {}  # utterance id -> (channels, frames)
@@ -916,31 +924,85 @@ class _EncoderFeed:
         """Within this context, the encoder's forward returns the batch's features (batch, channels, frames),
         zero past the end of each utterance: batch["attention_mask"] gives each one's samples."""
         input_values = batch["input_values"]
+        num_samples = batch["attention_mask"].sum(-1).tolist()
         trainable = self._trains(self.encoder)
-        parts = []
-        for row, (utterance_id, num_samples) in enumerate(zip(ids, batch["attention_mask"].sum(-1).tolist())):
-            self.lookups += 1
-            part = self.features.get(utterance_id)
-            if part is not None:
-                self.hits += 1
-            elif trainable:
-                with self.autocast():
-                    part = self.encoder(input_values[row:row + 1, :num_samples])[0]
-            else:
-                with torch.no_grad(), self.autocast():
-                    part = self.encoder(input_values[row:row + 1, :num_samples])[0].cpu()
-                if self.bytes + part.nbytes <= self.max_bytes:
-                    self.features[utterance_id] = part
+        parts: list[torch.Tensor | None] = [self.features.get(utterance_id) for utterance_id in ids]
+        self.lookups += len(parts)
+        missing = [row for row, part in enumerate(parts) if part is None]
+        self.hits += len(parts) - len(missing)
+        if missing:
+            with contextlib.nullcontext() if trainable else torch.no_grad(), self.autocast():
+                computed = self.own_frames(input_values[missing], [num_samples[row] for row in missing])
+            for row, part in zip(missing, computed):
+                if not trainable and self.bytes + part.nbytes <= self.max_bytes:
+                    # its own storage, not a view that would keep the whole pass's output alive
+                    self.features[ids[row]] = part.contiguous().cpu()
                     self.bytes += part.nbytes
-            parts.append(part.to(input_values.device))
+                parts[row] = part
         # (frames, channels) rows padded with zeros, back to (batch, channels, frames)
-        features = torch.nn.utils.rnn.pad_sequence([part.T for part in parts], batch_first=True).transpose(1, 2)
+        features = torch.nn.utils.rnn.pad_sequence([part.to(input_values.device).T for part in parts],
+                                                   batch_first=True).transpose(1, 2)
         # An instance attribute shadows the class's forward for the model's call inside this context only.
         self.encoder.forward = lambda input_values: features
         try:
             yield
         finally:
             del self.encoder.forward
+
+    def own_frames(self, input_values: torch.Tensor, num_samples: list[int]) -> list[torch.Tensor]:
+        """The encoder's output (channels, frames) of each row of `input_values` (rows, samples) as the encoder
+        gives it for the row's first `num_samples` samples alone, computed in one pass over the rows trimmed to the
+        longest (one pass a row when the encoder's layout allows no padded pass)."""
+        if self.geometries is None:
+            return [self.encoder(input_values[row:row + 1, :n])[0] for row, n in enumerate(num_samples)]
+        hidden = input_values[:, None, :max(num_samples)]  # (rows, 1, samples)
+        frames = num_samples
+        for layer, geometry in zip(self.encoder.conv_layers, self.geometries):
+            # A frame of an unpadded convolution is computed from a window of its input inside the row's valid
+            # frames or not at all, so the valid frames of every layer are the row's own whatever the padding holds;
+            # only a group norm's statistics span frames, and they are taken over the valid frames alone.
+            frames = [geometry.frames(n) for n in frames]
+            if isinstance(getattr(layer, "layer_norm", None), torch.nn.GroupNorm):
+                own_layer = partial(_group_norm_layer_by_row, layer)
+                if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
+                    hidden = torch.utils.checkpoint.checkpoint(own_layer, hidden, frames, use_reentrant=False)
+                else:
+                    hidden = own_layer(hidden, frames)
+            else:
+                hidden = layer(hidden)  # conv, layer norm of each frame (or none), activation
+        return [hidden[row, :, :n] for row, n in enumerate(frames)]
+
+
+def _conv_geometries(encoder: torch.nn.Module) -> list[FrameGeometry] | None:
+    """Each conv layer's FrameGeometry when every layer of a transformers wav2vec2 feature encoder is an unpadded,
+    undilated 1-D convolution followed by no norm, a layer norm (of each frame) or a group norm with the
+    activation after it (transformers' Wav2Vec2GroupNormConvLayer); None otherwise."""
+    geometries = []
+    for layer in getattr(encoder, "conv_layers", []):
+        conv, norm = getattr(layer, "conv", None), getattr(layer, "layer_norm", None)
+        if not (isinstance(conv, torch.nn.Conv1d) and conv.padding == (0,) and conv.dilation == (1,)
+                and (norm is None or isinstance(norm, (torch.nn.LayerNorm, torch.nn.GroupNorm)))
+                and hasattr(layer, "activation")):
+            return None
+        geometries.append(FrameGeometry(conv.kernel_size[0], conv.stride[0]))
+    return geometries or None
+
+
+def _group_norm_layer_by_row(layer: torch.nn.Module, hidden: torch.Tensor, frames: list[int]) -> torch.Tensor:
+    """A Wav2Vec2GroupNormConvLayer (conv, GroupNorm, activation) on (rows, channels, samples): the convolution over
+    every row at once, the layer's own GroupNorm on each row's first `frames` output frames alone (so its statistics
+    are those the row gets when computed alone), zeros past them, then the activation."""
+    hidden = layer.conv(hidden)
+    normed = None
+    for row, num_frames in enumerate(frames):
+        own = layer.layer_norm(hidden[row:row + 1, :, :num_frames])[0]
+        if normed is None:  # of the norm's dtype: float32 under autocast
+            # Not zeros: only the padding is zeroed, one pass over the layer's largest output less. It must be
+            # finite, as later layers' weight gradients sum it times a zero gradient.
+            normed = own.new_empty(hidden.shape)
+        normed[row, :, :num_frames] = own
+        normed[row, :, num_frames:] = 0
+    return layer.activation(normed)
 
 
 class _MetricsLog:

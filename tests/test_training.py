@@ -307,19 +307,26 @@ def test_fused_adamw_gives_the_weights_of_the_per_tensor_one():
 
 
 class EncoderSpy:
-    """Counts the conv feature encoder's forward passes in training mode (dev and test decoding left out)."""
+    """Counts the conv feature encoder's passes in training mode (dev and test decoding left out) and the
+    utterances (rows) they compute, at its last conv layer, whichever way the encoder is run (its forward,
+    _EncoderFeed's padded pass)."""
 
     def __init__(self, monkeypatch):
         from transformers.models.wav2vec2 import modeling_wav2vec2
 
-        self.calls = 0
-        real = modeling_wav2vec2.Wav2Vec2FeatureEncoder.forward
+        self.calls = self.rows = 0
+        real_init = modeling_wav2vec2.Wav2Vec2FeatureEncoder.__init__
 
-        def counted(encoder, input_values):
-            self.calls += encoder.training
-            return real(encoder, input_values)
+        def count(layer, args, output):
+            if layer.training:
+                self.calls += 1
+                self.rows += output.shape[0]
 
-        monkeypatch.setattr(modeling_wav2vec2.Wav2Vec2FeatureEncoder, "forward", counted)
+        def init(encoder, config):
+            real_init(encoder, config)
+            encoder.conv_layers[-1].register_forward_hook(count)
+
+        monkeypatch.setattr(modeling_wav2vec2.Wav2Vec2FeatureEncoder, "__init__", init)
 
 
 def training_losses(run_dir) -> list[float]:
@@ -331,9 +338,9 @@ def training_losses(run_dir) -> list[float]:
                          ids=["frozen", "thawed-at-4"])
 def test_the_feature_encoder_cache_gives_the_losses_of_the_uncached_run(tmp_path, corpus, stable_run, monkeypatch,
                                                                          caplog, freezing):
-    """A layer-norm model without augmentation: the frozen encoder runs once per training utterance (6), not once
-    per batch (8 updates of 2 utterances, 3 batches an epoch), and the losses and weights are those of a run with
-    train.feature_cache_mib 0. With a schedule that thaws the encoder at update 4, the cache serves the updates
+    """A layer-norm model without augmentation: the frozen encoder computes each training utterance once (6), not
+    once per batch it is in (8 updates of 2 utterances, 3 batches an epoch: 16), and the losses and weights are
+    those of a run with train.feature_cache_mib 0. With a schedule that thaws the encoder at update 4, the cache serves the updates
     before it and is dropped there. (The resume tests run stable_run's recipe, cache on.)"""
     base = Path(stable_run[0].base)
     runs = {}
@@ -345,14 +352,14 @@ def test_the_feature_encoder_cache_gives_the_losses_of_the_uncached_run(tmp_path
                                           eval={"every_updates": 8}))
         with caplog.at_level(logging.INFO, logger="speechxfer"):
             training.train(recipe)
-        runs[name] = spy.calls
+        runs[name] = spy.rows
     said = [r.getMessage() for r in caplog.records if r.name == "speechxfer.training"]
     if freezing:
-        assert runs == {"uncached": 8, "cached": 6 + 4}  # updates 1-4 (8 lookups, 2 reused), then once a batch
+        assert runs == {"uncached": 16, "cached": 6 + 8}  # updates 1-4 (8 lookups, 2 reused), then every batch
         assert any(m.startswith("update 4: the feature encoder trains from here on; its cached output is dropped")
                    for m in said)
     else:
-        assert runs == {"uncached": 8, "cached": 6}
+        assert runs == {"uncached": 16, "cached": 6}
         assert "feature encoder cache: 6 utterances, 0 MiB; 10 of 16 lookups reused" in said
     assert training_losses(tmp_path / "cached") == pytest.approx(training_losses(tmp_path / "uncached"), rel=1e-5)
     cached = load_file(tmp_path / "cached" / "last" / "model.safetensors")
@@ -364,15 +371,15 @@ def test_the_feature_encoder_cache_gives_the_losses_of_the_uncached_run(tmp_path
 
 
 def test_no_feature_encoder_cache_with_augmentation(tmp_path, corpus, stable_run, monkeypatch, caplog):
-    """With augmentation each epoch's audio differs: a layer-norm model's encoder runs on every batch (4 updates),
-    and no cache is announced."""
+    """With augmentation each epoch's audio differs: a layer-norm model's encoder runs on every batch (4 updates
+    of 2 utterances), and no cache is announced."""
     spy = EncoderSpy(monkeypatch)
     recipe = load_recipe(write_recipe(tmp_path / "recipe.yaml", base=Path(stable_run[0].base), manifests=corpus,
                                       output_dir=tmp_path / "out", train={"max_updates": 4},
                                       eval={"every_updates": 4}, augment={"gain": {"probability": 1.0}}))
     with caplog.at_level(logging.INFO, logger="speechxfer"):
         training.train(recipe)
-    assert spy.calls == 4
+    assert (spy.calls, spy.rows) == (4, 8)
     assert not [r for r in caplog.records if "feature encoder cache" in r.getMessage()
                 or "computed once" in r.getMessage()]
 
@@ -401,10 +408,79 @@ def test_the_encoder_feed_gives_each_utterance_the_frames_it_has_alone(tmp_path)
         torch.testing.assert_close(fed[row, :logits.shape[0]], logits, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
+@pytest.mark.parametrize("arch,conv_bias,activation", [("base", False, "gelu"), ("base", True, "relu"),
+                                                       ("stable", True, "gelu")])
+def test_one_padded_pass_gives_each_utterance_its_own_frames_and_gradients(monkeypatch, arch, conv_bias, activation,
+                                                                            checkpointing):
+    """_EncoderFeed computes a batch of very different lengths in one padded pass (group norm over each row's own
+    frames): each utterance's frames, and the gradients they send to the trainable encoder's weights, are those of
+    the encoder run on it alone."""
+    from transformers import Wav2Vec2ForCTC
+
+    from tiny import tiny_config
+
+    config = tiny_config(arch=arch)
+    config.conv_bias, config.feat_extract_activation = conv_bias, activation
+    model = Wav2Vec2ForCTC(config).train()
+    if checkpointing:
+        training.enable_gradient_checkpointing(model)
+        assert all(layer.gradient_checkpointing for layer in model.wav2vec2.feature_extractor.conv_layers)
+    encoder = model.wav2vec2.feature_extractor
+    generator = torch.Generator().manual_seed(0)
+    lengths = [16000, 2400, 401]
+    input_values = torch.zeros(len(lengths), max(lengths))
+    for row, n in enumerate(lengths):
+        input_values[row, :n] = torch.randn(n, generator=generator)
+    feed = training._EncoderFeed(model, max_bytes=0, autocast=contextlib.nullcontext)
+    assert feed.geometries is not None  # the padded pass, not one utterance at a time
+    checkpoints = []
+    real_checkpoint = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint",
+                        lambda *args, **kwargs: checkpoints.append(1) or real_checkpoint(*args, **kwargs))
+    batched = feed.own_frames(input_values, lengths)
+    assert len(checkpoints) == (checkpointing and arch == "base")  # the group-norm layer recomputed in backward
+    alone = [encoder(input_values[row:row + 1, :n])[0] for row, n in enumerate(lengths)]
+    weights = [torch.randn(part.shape, generator=generator) for part in alone]
+    # Equal up to float rounding (sums in another order): up to ~1e-6 of the largest value, frames and gradients.
+    for mine, theirs in zip(batched, alone):
+        assert mine.shape == theirs.shape
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-5 * theirs.abs().max().item())
+    if arch == "base":  # what the model's own padded pass gives the short ones: the feed is needed
+        padded = encoder(input_values)
+        assert (padded[2, :, :alone[2].shape[1]] - alone[2]).abs().max() > 1e-3
+    params = list(encoder.parameters())
+    grads = [torch.autograd.grad(sum((part * w).sum() for part, w in zip(parts, weights)), params)
+             for parts in (batched, alone)]
+    scale = max(grad.abs().max().item() for grad in grads[1])
+    for mine, theirs in zip(*grads):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-5 * scale)
+
+
+def test_an_encoder_without_a_padded_pass_runs_each_utterance_alone():
+    """A padded convolution lets the padding into an utterance's last frames: _EncoderFeed computes each row alone."""
+    from transformers import Wav2Vec2ForCTC
+
+    from tiny import tiny_config
+
+    model = Wav2Vec2ForCTC(tiny_config(arch="base")).eval()
+    encoder = model.wav2vec2.feature_extractor
+    encoder.conv_layers[1].conv.padding = (1,)
+    feed = training._EncoderFeed(model, max_bytes=0, autocast=contextlib.nullcontext)
+    assert feed.geometries is None
+    input_values = torch.randn(2, 4000, generator=torch.Generator().manual_seed(0))
+    input_values[1, 1000:] = 0
+    with torch.no_grad():
+        fed = feed.own_frames(input_values, [4000, 1000])
+        alone = encoder(input_values[1:, :1000])[0]
+    assert torch.equal(fed[1], alone)
+
+
 @pytest.mark.parametrize("augment", [False, True], ids=["cached", "augmented"])
 def test_a_group_norm_model_trains_on_each_utterance_alone(tmp_path, corpus, monkeypatch, caplog, augment):
-    """A model without an attention mask runs its encoder once per utterance (2 a batch): 8 times in 4 updates with
-    augmentation; without, once per training utterance (6) and then from the cache."""
+    """A model without an attention mask gets its encoder's output of each utterance alone, computed in one pass
+    a batch: 4 passes of 2 utterances in 4 updates with augmentation; without, each training utterance once (6,
+    in the 3 batches of the first epoch) and then from the cache."""
     sections = {"train": {"max_updates": 4}, "eval": {"every_updates": 4}}
     if augment:
         sections["augment"] = {"gain": {"probability": 1.0}}
@@ -416,7 +492,7 @@ def test_a_group_norm_model_trains_on_each_utterance_alone(tmp_path, corpus, mon
         training.train(recipe)
     said = [r.getMessage() for r in caplog.records if r.name == "speechxfer.training"]
     assert any(m.startswith("the model takes no attention mask") for m in said)
-    assert spy.calls == (8 if augment else 6)
+    assert (spy.calls, spy.rows) == ((4, 8) if augment else (3, 6))
     assert any("feature encoder cache" in m for m in said) is not augment
 
 
