@@ -6,6 +6,8 @@ then times the steps train() takes on it, in this process:
   read:   manifest.read_manifest_table(path, check_files=True), as train() reads its train split (columns); it
           stats each distinct audio path of a block of rows once, so here one stat a block: a corpus of a million
           files costs a million stats on top (about 5 us each on a shared VM)
+  vocab:  text.normalized_references of the train rows and vocabulary.character_counts of them, which train()
+          builds its vocabulary (without vocabulary.path) and its charset audit from
   filter: batching.filter_utterances (normalize, encode, CTC fit against the conv layout of XLS-R)
   plan:   DurationBatchSampler over SpeechDataset(kept).durations_s: the first epoch's batches, as train() plans
           them before the first update
@@ -31,8 +33,8 @@ from transformers import Wav2Vec2Config
 
 from speechxfer.batching import DurationBatchSampler, SpeechDataset, filter_utterances
 from speechxfer.manifest import read_manifest_table
-from speechxfer.text import TextNormalizer
-from speechxfer.vocabulary import Vocabulary
+from speechxfer.text import TextNormalizer, normalized_references
+from speechxfer.vocabulary import Vocabulary, character_counts
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
@@ -73,9 +75,12 @@ def main() -> None:
 
         utterances, problems = timed("read", lambda: read_manifest_table(manifest, check_files=True))
         assert not problems, problems[:3]
-        vocab = Vocabulary.from_texts([" ".join(LETTERS)])
+        normalizer = TextNormalizer()
+        # as train() does: the train texts normalized once, their characters the vocabulary and the charset audit's
+        train_chars = timed("vocab", lambda: character_counts(normalized_references(utterances, normalizer)[0].values()))
+        vocab = Vocabulary.from_texts(["".join(train_chars)])
         kept, dropped = timed("filter", lambda: filter_utterances(
-            utterances, normalizer=TextNormalizer(), vocab=vocab, config=Wav2Vec2Config(), min_duration_s=0.5,
+            utterances, normalizer=normalizer, vocab=vocab, config=Wav2Vec2Config(), min_duration_s=0.5,
             max_duration_s=20.0))
 
         def plan() -> int:

@@ -18,7 +18,7 @@ from typing import Literal
 
 from speechxfer.config import Check, check_fields, checked, from_mapping, read_yaml
 from speechxfer.errors import InputError, Problem
-from speechxfer.manifest import Utterance
+from speechxfer.manifest import Utterance, UtteranceTable
 
 # Lowercasing exceptions that str.lower() gets wrong for a locale, keyed by language subtag. Multi-character
 # keys come first at use time, so a decomposed "I" + COMBINING DOT ABOVE (NFD of "İ") lowers to "i", not "ı̇".
@@ -160,16 +160,19 @@ def normalized_references(utterances: Iterable[Utterance], normalizer: Callable[
     """
     references: dict[str, str] = {}
     left_out: list[Problem] = []
-    for u in utterances:
+    # An UtteranceTable's columns are read as they are: a row's Utterance is built only when it is left out.
+    rows = (enumerate(zip(utterances.ids, utterances.texts)) if isinstance(utterances, UtteranceTable)
+            else ((u, (u.id, u.text)) for u in utterances))
+    for row, (utterance_id, text) in rows:
         try:
-            text = u.text if normalizer is None else normalizer(u.text)
+            text = text if normalizer is None else normalizer(text)
+            problem = None if text.strip() else ("empty_text", "the reference is empty after normalization")
         except TextRejected as err:
-            left_out.append(Problem(u.manifest or u.audio_path, u.line, "rejected_text",
-                                    f"utterance {u.id}: the normalizer rejects the reference: {err}", u.id))
+            problem = ("rejected_text", f"the normalizer rejects the reference: {err}")
+        if problem is None:
+            references[utterance_id] = text
             continue
-        if not text.strip():
-            left_out.append(Problem(u.manifest or u.audio_path, u.line, "empty_text",
-                                    f"utterance {u.id}: the reference is empty after normalization", u.id))
-            continue
-        references[u.id] = text
+        u = utterances[row] if isinstance(row, int) else row
+        left_out.append(Problem(u.manifest or u.audio_path, u.line, problem[0], f"utterance {u.id}: {problem[1]}",
+                                u.id))
     return references, left_out

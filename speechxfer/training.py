@@ -53,7 +53,7 @@ from speechxfer.surgery import (ADAPTER_FILE, MODEL_STAGING, build_ctc_model, bu
                                check_adapter_folder, finish_model_folder, is_lora_model, load_lora_weights,
                                needs_attention_mask, save_model_folder)
 from speechxfer.text import TextNormalizer, normalized_references
-from speechxfer.vocabulary import Vocabulary, charset_audit
+from speechxfer.vocabulary import Vocabulary, character_counts, charset_audit
 
 # Tri-stage schedule of fairseq (lr_scheduler/tri_stage_lr_scheduler.py, as in config/finetuning/base_10h.yaml):
 # the warm-up starts at 1% of the peak and the exponential decay ends at 5% of it.
@@ -153,10 +153,13 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
         accelerator.wait_for_everyone()
     splits = _read_splits(recipe, say)
     normalizer = TextNormalizer(recipe.text)
+    # The train texts normalized once, for the vocabulary and the charset audit (a million rows take seconds): their
+    # characters are all either needs.
+    train_chars = character_counts(normalized_references(splits["train"], normalizer)[0].values())
     if recipe.vocabulary.path is not None:
         vocab = Vocabulary.load(recipe.vocabulary.path)
     else:
-        vocab = Vocabulary.from_texts(normalized_references(splits["train"], normalizer)[0].values())
+        vocab = Vocabulary.from_texts(["".join(train_chars)])
     say(f"vocabulary: {len(vocab)} tokens: {' '.join(vocab.tokens)}")
 
     # --- model: the source checkpoint with a new CTC head (or a config's random weights), SpecAugment and dropouts
@@ -286,7 +289,7 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
     if accelerator.is_main_process:
         with atomic_write(run / "recipe.yaml") as f:
             f.write(resolved_yaml(recipe))
-        audit = charset_audit(normalized_references(splits["train"], normalizer)[0].values(),
+        audit = charset_audit(train_chars,
                               {name: sorted(refs.items()) for name, refs in (("dev", dev_refs), ("test", test_refs))})
         audit.save(run / "charset_audit.json")
     if resume:

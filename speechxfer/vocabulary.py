@@ -6,6 +6,7 @@ Token ids are list positions: 0 is the CTC blank ("[PAD]", which transformers al
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import unicodedata
@@ -240,9 +241,22 @@ class CharsetAudit:
         return "\n".join(lines)
 
 
-def charset_audit(train_texts: Iterable[str], others: Mapping[str, Sequence[tuple[str, str]]]) -> CharsetAudit:
-    """Compare characters of other splits (split -> [(utterance id, normalized text)]) with the training texts."""
-    train = Counter(c for text in train_texts for c in text if c != " ")
+def character_counts(texts: Iterable[str]) -> Counter[str]:
+    """How often each character but the space occurs in `texts`: code points counted by numpy a block of texts at a
+    time (a Counter updated a text at a time takes ~4 us a text, seconds for a million)."""
+    counts = np.zeros(0, dtype=np.int64)  # by code point
+    texts = iter(texts)
+    while block := list(itertools.islice(texts, 1 << 16)):
+        found = np.bincount(np.frombuffer("".join(block).encode("utf-32-le"), dtype=np.uint32))
+        size = max(len(found), len(counts))
+        counts = np.pad(counts, (0, size - len(counts))) + np.pad(found, (0, size - len(found)))
+    return Counter({chr(code): int(counts[code]) for code in np.flatnonzero(counts).tolist() if code != ord(" ")})
+
+
+def charset_audit(train_chars: Mapping[str, int], others: Mapping[str, Sequence[tuple[str, str]]]) -> CharsetAudit:
+    """Compare characters of other splits (split -> [(utterance id, normalized text)]) with the training texts'
+    (character_counts of them)."""
+    train = train_chars
     unseen: list[UnseenCharacter] = []
     coverage: dict[str, float] = {}
     for split, items in others.items():
@@ -289,4 +303,4 @@ def vocabulary_from_manifests(train: str | os.PathLike, *, normalizer: TextNorma
         vocabulary = Vocabulary.from_texts(train_texts)
     except ValueError as err:
         raise InputError(str(err), path=train) from None
-    return vocabulary, charset_audit(train_texts, normalized), problems
+    return vocabulary, charset_audit(character_counts(train_texts), normalized), problems

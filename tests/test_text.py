@@ -3,7 +3,9 @@ import unicodedata
 import pytest
 
 from speechxfer.errors import InputError, RecipeError
-from speechxfer.text import PRESETS, TextNormalizer, TextOptions, TextRejected, load_text_options
+from speechxfer.manifest import Utterance, read_manifest_table, write_manifest
+from speechxfer.text import (PRESETS, TextNormalizer, TextOptions, TextRejected, load_text_options,
+                             normalized_references)
 
 
 def test_turkish_casing_uses_the_locale_table():
@@ -135,3 +137,17 @@ def test_load_text_options_from_preset_or_yaml(tmp_path):
         load_text_options(bad)
     with pytest.raises(InputError, match="neither a normalization preset"):
         load_text_options("no-such-preset")
+
+
+def test_references_of_a_table_are_those_of_its_rows(tmp_path):
+    """normalized_references reads an UtteranceTable's columns; the references and the left-out rows (with their
+    manifest line) are those of the same rows read one Utterance at a time."""
+    rows = [Utterance(f"u{i}", "a.wav", text, 1.0) for i, text in enumerate(["Hola, Mundo", "marque 1", "  ...  ",
+                                                                             "Adiós"])]
+    write_manifest(tmp_path / "m.jsonl", rows)
+    table, _ = read_manifest_table(tmp_path / "m.jsonl")
+    normalizer = TextNormalizer(TextOptions(digits="reject"))
+    references, left_out = normalized_references(table, normalizer)
+    assert references == {"u0": "hola mundo", "u3": "adiós"}
+    assert [(p.kind, p.line, p.utterance_id) for p in left_out] == [("rejected_text", 2, "u1"), ("empty_text", 3, "u2")]
+    assert (references, left_out) == normalized_references(list(table), normalizer)

@@ -1,4 +1,5 @@
 import json
+from collections import Counter
 
 import pytest
 
@@ -6,7 +7,8 @@ from speechxfer.cli import main
 from speechxfer.errors import InputError
 from speechxfer.manifest import Utterance, write_manifest
 from speechxfer.text import TextNormalizer, TextOptions
-from speechxfer.vocabulary import BLANK, UNK, WORD_DELIMITER, Vocabulary, charset_audit, vocabulary_from_manifests
+from speechxfer.vocabulary import (BLANK, UNK, WORD_DELIMITER, Vocabulary, character_counts, charset_audit,
+                                   vocabulary_from_manifests)
 from tests.tiny import make_tiny_checkpoint
 
 TRAIN = ["merhaba dünya", "ışık ve gölge", "çay içelim"]
@@ -106,7 +108,7 @@ def test_load_reads_other_checkpoints_vocabularies(tmp_path):
 
 
 def test_charset_audit_lists_unseen_characters_with_counts_and_examples():
-    audit = charset_audit(["abc ab", "ca"], {
+    audit = charset_audit(character_counts(["abc ab", "ca"]), {
         "dev": [("d1", "abx"), ("d2", "xx é"), ("d3", "abc")],
         "test": [("t1", "ab"), ("t2", "ñ")],
     })
@@ -153,3 +155,10 @@ def test_vocab_command_writes_tokenizer_and_audit(tmp_path, capsys):
     bad.write_text('{"id": "x"\n', encoding="utf-8")
     assert main(["vocab", str(bad), str(tmp_path / "v2")]) == 2
     assert "no usable training text" in capsys.readouterr().err
+
+
+def test_character_counts_are_those_of_each_character_over_blocks_of_texts():
+    # more texts than one block holds, the later blocks without the highest code points of the first
+    texts = ["😀é a"] * 70_000 + ["ab"] * 70_000 + ["", "c c"]
+    assert character_counts(texts) == Counter(c for text in texts for c in text if c != " ")
+    assert character_counts([]) == Counter()
