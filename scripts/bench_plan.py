@@ -6,8 +6,8 @@ then times the steps train() takes on it, in this process:
   read:   manifest.read_manifest_table(path, check_files=True), as train() reads its train split (columns); it
           stats each distinct audio path of a block of rows once, so here one stat a block: a corpus of a million
           files costs a million stats on top (about 5 us each on a shared VM)
-  vocab:  text.normalized_references of the train rows and vocabulary.character_counts of them, which train()
-          builds its vocabulary (without vocabulary.path) and its charset audit from
+  vocab:  vocabulary.character_counts of text.normalized_texts of the train rows, which train() builds its
+          vocabulary (without vocabulary.path) and its charset audit from
   filter: batching.filter_utterances (normalize, encode, CTC fit against the conv layout of XLS-R)
   plan:   DurationBatchSampler over SpeechDataset(kept).durations_s: the first epoch's batches, as train() plans
           them before the first update
@@ -33,7 +33,7 @@ from transformers import Wav2Vec2Config
 
 from speechxfer.batching import DurationBatchSampler, SpeechDataset, filter_utterances
 from speechxfer.manifest import read_manifest_table
-from speechxfer.text import TextNormalizer, normalized_references
+from speechxfer.text import TextNormalizer, normalized_texts
 from speechxfer.vocabulary import Vocabulary, character_counts
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -77,7 +77,7 @@ def main() -> None:
         assert not problems, problems[:3]
         normalizer = TextNormalizer()
         # as train() does: the train texts normalized once, their characters the vocabulary and the charset audit's
-        train_chars = timed("vocab", lambda: character_counts(normalized_references(utterances, normalizer)[0].values()))
+        train_chars = timed("vocab", lambda: character_counts(normalized_texts(utterances.texts, normalizer)))
         vocab = Vocabulary.from_texts(["".join(train_chars)])
         kept, dropped = timed("filter", lambda: filter_utterances(
             utterances, normalizer=normalizer, vocab=vocab, config=Wav2Vec2Config(), min_duration_s=0.5,

@@ -9,7 +9,7 @@ whitespace collapse.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -18,7 +18,7 @@ from typing import Literal
 
 from speechxfer.config import Check, check_fields, checked, from_mapping, read_yaml
 from speechxfer.errors import InputError, Problem
-from speechxfer.manifest import Utterance, UtteranceTable
+from speechxfer.manifest import Utterance
 
 # Lowercasing exceptions that str.lower() gets wrong for a locale, keyed by language subtag. Multi-character
 # keys come first at use time, so a decomposed "I" + COMBINING DOT ABOVE (NFD of "İ") lowers to "i", not "ı̇".
@@ -151,6 +151,17 @@ def load_text_options(spec: str | os.PathLike) -> TextOptions:
     return from_mapping(TextOptions, {} if content is None else content, path=path, prefix=prefix)
 
 
+def normalized_texts(texts: Iterable[str], normalizer: Callable[[str], str]) -> Iterator[str]:
+    """Each of `texts` normalized, less those the normalizer rejects: the texts normalized_references keeps (and
+    the empty ones), without ids or Problems, one at a time (the characters of a million train texts are counted
+    without holding them)."""
+    for text in texts:
+        try:
+            yield normalizer(text)
+        except TextRejected:
+            continue
+
+
 def normalized_references(utterances: Iterable[Utterance], normalizer: Callable[[str], str] | None
                           ) -> tuple[dict[str, str], list[Problem]]:
     """{utterance id: normalized reference} of the utterances whose reference can be scored, and a Problem (naming
@@ -160,19 +171,16 @@ def normalized_references(utterances: Iterable[Utterance], normalizer: Callable[
     """
     references: dict[str, str] = {}
     left_out: list[Problem] = []
-    # An UtteranceTable's columns are read as they are: a row's Utterance is built only when it is left out.
-    rows = (enumerate(zip(utterances.ids, utterances.texts)) if isinstance(utterances, UtteranceTable)
-            else ((u, (u.id, u.text)) for u in utterances))
-    for row, (utterance_id, text) in rows:
+    for u in utterances:
         try:
-            text = text if normalizer is None else normalizer(text)
-            problem = None if text.strip() else ("empty_text", "the reference is empty after normalization")
+            text = u.text if normalizer is None else normalizer(u.text)
         except TextRejected as err:
-            problem = ("rejected_text", f"the normalizer rejects the reference: {err}")
-        if problem is None:
-            references[utterance_id] = text
+            left_out.append(Problem(u.manifest or u.audio_path, u.line, "rejected_text",
+                                    f"utterance {u.id}: the normalizer rejects the reference: {err}", u.id))
             continue
-        u = utterances[row] if isinstance(row, int) else row
-        left_out.append(Problem(u.manifest or u.audio_path, u.line, problem[0], f"utterance {u.id}: {problem[1]}",
-                                u.id))
+        if not text.strip():
+            left_out.append(Problem(u.manifest or u.audio_path, u.line, "empty_text",
+                                    f"utterance {u.id}: the reference is empty after normalization", u.id))
+            continue
+        references[u.id] = text
     return references, left_out

@@ -52,7 +52,7 @@ from speechxfer.scoring import ScoreReport, normalize_hypothesis, score
 from speechxfer.surgery import (ADAPTER_FILE, MODEL_STAGING, build_ctc_model, build_scratch_model,
                                check_adapter_folder, finish_model_folder, is_lora_model, load_lora_weights,
                                needs_attention_mask, save_model_folder)
-from speechxfer.text import TextNormalizer, normalized_references
+from speechxfer.text import TextNormalizer, normalized_references, normalized_texts
 from speechxfer.vocabulary import Vocabulary, character_counts, charset_audit
 
 # Tri-stage schedule of fairseq (lr_scheduler/tri_stage_lr_scheduler.py, as in config/finetuning/base_10h.yaml):
@@ -155,7 +155,7 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
     normalizer = TextNormalizer(recipe.text)
     # The train texts normalized once, for the vocabulary and the charset audit (a million rows take seconds): their
     # characters are all either needs.
-    train_chars = character_counts(normalized_references(splits["train"], normalizer)[0].values())
+    train_chars = character_counts(normalized_texts(splits["train"].texts, normalizer))
     if recipe.vocabulary.path is not None:
         vocab = Vocabulary.load(recipe.vocabulary.path)
     else:

@@ -3,9 +3,8 @@ import unicodedata
 import pytest
 
 from speechxfer.errors import InputError, RecipeError
-from speechxfer.manifest import Utterance, read_manifest_table, write_manifest
 from speechxfer.text import (PRESETS, TextNormalizer, TextOptions, TextRejected, load_text_options,
-                             normalized_references)
+                             normalized_texts)
 
 
 def test_turkish_casing_uses_the_locale_table():
@@ -139,15 +138,7 @@ def test_load_text_options_from_preset_or_yaml(tmp_path):
         load_text_options("no-such-preset")
 
 
-def test_references_of_a_table_are_those_of_its_rows(tmp_path):
-    """normalized_references reads an UtteranceTable's columns; the references and the left-out rows (with their
-    manifest line) are those of the same rows read one Utterance at a time."""
-    rows = [Utterance(f"u{i}", "a.wav", text, 1.0) for i, text in enumerate(["Hola, Mundo", "marque 1", "  ...  ",
-                                                                             "Adiós"])]
-    write_manifest(tmp_path / "m.jsonl", rows)
-    table, _ = read_manifest_table(tmp_path / "m.jsonl")
+def test_normalized_texts_leave_out_what_the_normalizer_rejects():
     normalizer = TextNormalizer(TextOptions(digits="reject"))
-    references, left_out = normalized_references(table, normalizer)
-    assert references == {"u0": "hola mundo", "u3": "adiós"}
-    assert [(p.kind, p.line, p.utterance_id) for p in left_out] == [("rejected_text", 2, "u1"), ("empty_text", 3, "u2")]
-    assert (references, left_out) == normalized_references(list(table), normalizer)
+    assert list(normalized_texts(["Hola, Mundo", "marque 1", " ... ", "Adiós"], normalizer)) == [
+        "hola mundo", "", "adiós"]
