@@ -223,7 +223,6 @@ def _filter(utterances: Sequence[Utterance], durations_s: np.ndarray, texts: Seq
                                 examples=[utterances[position].id for position in dropped])
 
 
-
 def _equal_neighbours(labels: np.ndarray) -> np.ndarray:
     """Every j where labels[j] == labels[j + 1] (int64, ascending), found a slice at a time: comparing all the
     labels at once would make a second array as long as they are (a million transcripts' worth)."""
@@ -231,6 +230,7 @@ def _equal_neighbours(labels: np.ndarray) -> np.ndarray:
     parts = [np.flatnonzero(labels[j:min(j + step, end)] == labels[j + 1:min(j + step, end) + 1]) + j
              for j in range(0, max(end, 0), step)]
     return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+
 
 class SpeechDataset(torch.utils.data.Dataset):
     """Audio and labels of filtered utterances. Item i: {"id": str, "input_values": float32 tensor (samples,)
