@@ -461,10 +461,7 @@ def _clean_block(lines: list[bytes], folder: str, seen: set[str], names: dict[st
             or _any_blank(ids) or _any_blank(texts) or (durations_s <= 0).any()
             or len(set(ids)) < len(ids) or not seen.isdisjoint(ids)):  # (_NUMBER has no minus sign)
         return None
-    joined = "\0".join(audio_paths)  # the test of _stored_path, on every path at once
-    if (joined.count("\0") != len(ids) - 1 or not audio_paths[0] or audio_paths[0][0] in "~."
-            or audio_paths[-1][-1:] in ("", "/")
-            or any(part in joined for part in ("/.", "//", "\0\0", "\0~", "\0.", "/\0"))):
+    if not _all_stored_as_written(audio_paths):
         audio_paths = [_stored_path(path, folder) for path in audio_paths]
     distinct = set(audio_paths)
     if check_files and any(file_problem(_joined(folder, path)) is not None for path in distinct):
@@ -515,6 +512,15 @@ def _stored_path(audio_path: str, folder: str) -> str:
             and "//" not in audio_path):  # normal once joined: no normpath (Python code in 3.11)
         return audio_path
     return os.path.normpath(os.path.join(folder, os.path.expanduser(audio_path)))
+
+
+def _all_stored_as_written(audio_paths: Sequence[str]) -> bool:
+    """Whether _stored_path leaves every one of `audio_paths` (at least one) unchanged: its test, on all of them at
+    once in one joined string (the two must say the same)."""
+    joined = "\0".join(audio_paths)
+    return not (joined.count("\0") != len(audio_paths) - 1 or not audio_paths[0] or audio_paths[0][0] in "~."
+                or audio_paths[-1][-1:] in ("", "/")
+                or any(part in joined for part in ("/.", "//", "\0\0", "\0~", "\0.", "/\0")))
 
 
 def _joined(folder: str, stored_path: str) -> str:

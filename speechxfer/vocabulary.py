@@ -256,7 +256,6 @@ def character_counts(texts: Iterable[str]) -> Counter[str]:
 def charset_audit(train_chars: Mapping[str, int], others: Mapping[str, Sequence[tuple[str, str]]]) -> CharsetAudit:
     """Compare characters of other splits (split -> [(utterance id, normalized text)]) with the training texts'
     (character_counts of them)."""
-    train = train_chars
     unseen: list[UnseenCharacter] = []
     coverage: dict[str, float] = {}
     for split, items in others.items():
@@ -266,7 +265,7 @@ def charset_audit(train_chars: Mapping[str, int], others: Mapping[str, Sequence[
         for utterance_id, text in items:
             chars = [c for c in text if c != " "]
             total += len(chars)
-            missing = [c for c in chars if c not in train]
+            missing = [c for c in chars if c not in train_chars]
             counts.update(missing)
             for c in dict.fromkeys(missing):
                 ids.setdefault(c, []).append(utterance_id)
@@ -274,7 +273,7 @@ def charset_audit(train_chars: Mapping[str, int], others: Mapping[str, Sequence[
         unseen += [UnseenCharacter(split, c, unicodedata.name(c, f"U+{ord(c):04X}"), n, len(ids[c]),
                                    tuple(ids[c][:5]))
                    for c, n in sorted(counts.items(), key=lambda item: (-item[1], item[0]))]
-    return CharsetAudit(dict(sorted(train.items())), unseen, coverage)
+    return CharsetAudit(dict(sorted(train_chars.items())), unseen, coverage)
 
 
 def vocabulary_from_manifests(train: str | os.PathLike, *, normalizer: TextNormalizer,
