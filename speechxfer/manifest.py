@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import codecs
+import functools
 import gzip
 import json
 import math
+import operator
 import os
-import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgspec
 import numpy as np
 
 from speechxfer.atomic import atomic_write
@@ -80,31 +82,16 @@ _FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
     "confidence": ((int, float, type(None)), False),
 }
 _DECODER = json.JSONDecoder()
+# What a row that leaves out an optional field holds (_parse_row's defaults)
+_ABSENT = {"speaker": None, "language": None, "offset_s": 0.0, "pseudo_label": False, "confidence": None}
+# _FIELDS as a msgspec type, which decodes a line and checks its fields in C (_clean_block): a row's fields in
+# _FIELDS' order, of exactly their types (a bool is no number), none unknown, the required ones present.
+_ROW_DECODER = msgspec.json.Decoder(msgspec.defstruct(
+    "Row", [(name, functools.reduce(operator.or_, types), *(() if required else (_ABSENT[name],)))
+            for name, (types, required) in _FIELDS.items()], forbid_unknown_fields=True))
 _LINE_ENDS = frozenset(("\n", "\r\n", ""))  # what commonly follows a value on its line (others: json.loads)
 # Lines read_jsonl reads at a time: a block a manifest reader checks at once (_clean_block).
 _JSONL_BLOCK = 1 << 14
-
-
-def _field(name: str, value: str, *, required: bool = False) -> str:
-    """_ROW's pattern of one field after the first: comma, name, colon, value, JSON spacing between."""
-    pattern = f',{_SPACE}"{name}"{_SPACE}:{_SPACE}{value}{_SPACE}'
-    return pattern if required else f"(?:{pattern})?"
-
-
-_SPACE = r"[ \t\r]*"  # JSON's spaces but the newline
-_STRING = r'"([^"\\\x00-\x1f]*)"'  # a JSON string without escapes (its text is its value)
-_QUOTED = r'("[^"\\\x00-\x1f]*"|null)'  # the same or null, quotes kept: a name "" is not an absent one
-_NUMBER = r"(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?"  # a JSON number without a minus sign
-# A manifest line of one row whose fields come in write_manifest's order, strings without escapes and numbers not
-# negative: _clean_block reads a block of them with this one pattern (anything else: row by row). Groups: id,
-# audio_path, text, duration_s, speaker, language (quoted or null), offset_s, pseudo_label, confidence (or null);
-# "" for a field left out.
-_ROW = re.compile(
-    f'^{_SPACE}\\{{{_SPACE}"id"{_SPACE}:{_SPACE}{_STRING}{_SPACE}' + _field("audio_path", _STRING, required=True)
-    + _field("text", _STRING, required=True) + _field("duration_s", f"({_NUMBER})", required=True)
-    + _field("speaker", _QUOTED) + _field("language", _QUOTED) + _field("offset_s", f"({_NUMBER})")
-    + _field("pseudo_label", "(true|false)") + _field("confidence", f"({_NUMBER}|null)") + f"\\}}{_SPACE}$",
-    re.MULTILINE)
 
 
 def read_manifest(path: str | os.PathLike, *, check_files: bool = False,
@@ -207,7 +194,6 @@ def _read_table(path: str | os.PathLike, *, check_files: bool, check_audio: bool
     problems: list[Problem] = []
     seen: set[str] = set()
     names: dict[str, str] = {}  # one copy of each speaker and language name (and repeated path), shared by its rows
-    spellings: dict[str, str | None] = {}  # _clean_block's: a speaker or language as _ROW finds it -> its name
     layouts: set[tuple] = set()  # field names and value types of the rows whose fields passed their checks
     block: list[tuple] = []  # rows kept, as _parse_row gives them, not yet in `columns`
     columns: list[list] = [[] for _ in range(10)]  # _parse_row's fields and the line, each a list of blocks' parts
@@ -237,7 +223,7 @@ def _read_table(path: str | os.PathLike, *, check_files: bool, check_audio: bool
 
     with gc_paused():
         for numbers, lines in _jsonl_lines(path, what="manifest"):
-            clean = None if check_audio else _clean_block(lines, folder, seen, names, spellings, check_files)
+            clean = None if check_audio else _clean_block(lines, folder, seen, names, check_files)
             if clean is None:  # some row to skip or report: row by row, as read_manifest has always read them
                 for number, row in _decoded(numbers, lines, path, problems):
                     add_row(number, row)
@@ -419,10 +405,9 @@ def _parse_row(row: object, folder: str, names: dict[str, str], layouts: set[tup
         _check_fields(row)
         layouts.add(layout)
     duration_s, offset_s, confidence = row["duration_s"], row.get("offset_s", 0.0), row.get("confidence")
-    if not math.isfinite(duration_s + offset_s + (confidence or 0.0)):  # one test for the three
-        for name, value in (("duration_s", duration_s), ("offset_s", offset_s), ("confidence", confidence)):
-            if value is not None and not math.isfinite(value):
-                raise ValueError(f"field {name!r} is not finite")
+    for name, value in (("duration_s", duration_s), ("offset_s", offset_s), ("confidence", confidence)):
+        if value is not None and not _finite(value):
+            raise ValueError(f"field {name!r} is not finite")
     if not row["id"].strip():
         raise ValueError("empty id")
     speaker, language = row.get("speaker"), row.get("language")
@@ -431,35 +416,38 @@ def _parse_row(row: object, folder: str, names: dict[str, str], layouts: set[tup
             float(offset_s), row.get("pseudo_label", False), None if confidence is None else float(confidence))
 
 
-def _clean_block(lines: list[bytes], folder: str, seen: set[str], names: dict[str, str],
-                 spellings: dict[str, str | None], check_files: bool) -> tuple | None:
-    """The columns of a block of manifest lines (_read_table's, from ids to confidences) when every line is a
-    _ROW that _parse_row and _check_row take as it is; else None, and nothing changed (the block is then read row
-    by row, which names each bad line). Adds the ids to `seen`; `names` and `spellings` keep one copy of each
-    repeated path and of each speaker and language name (see _names).
-
-    One regular expression reads the block: no dict, float or bool object a row, and no Python code a row."""
+def _finite(number: float) -> bool:
+    """math.isfinite, False for an integer beyond any float (which json.loads reads from 1 and 400 zeros)."""
     try:
-        text = b"".join(lines).decode("utf-8")
-    except UnicodeDecodeError:
+        return math.isfinite(number)
+    except OverflowError:
+        return False
+
+
+def _clean_block(lines: list[bytes], folder: str, seen: set[str], names: dict[str, str],
+                 check_files: bool) -> tuple | None:
+    """The columns of a block of manifest lines (_read_table's, from ids to confidences) when every line is a row
+    that _parse_row and _check_row take as it is; else None, and nothing changed (the block is then read row by
+    row, which names each bad line). Adds the ids to `seen`; `names` keeps one copy of each repeated path and of
+    each speaker and language name.
+
+    msgspec decodes each line and checks its fields against _FIELDS in C (_ROW_DECODER), and the other checks run
+    a column at a time: no Python code a row."""
+    try:
+        # one line at a time: lines never lend each other brackets
+        columns = list(zip(*map(msgspec.structs.astuple, map(_ROW_DECODER.decode, lines))))
+    except (msgspec.DecodeError, UnicodeDecodeError):  # not JSON (or UTF-8), a field missing, unknown or mistyped
         return None
-    found = _ROW.findall(text)
-    # Each match is a whole line (anchored at both ends, and nothing in _ROW matches "\n"), so one match for
-    # each line means every line is such a row.
-    if len(found) != len(lines):
+    ids, audio_paths, texts, durations, speakers, languages, offsets, pseudo_labels, confidences = columns
+    del columns
+    try:  # JSON numbers as float() makes them, which is what _parse_row does (None: NaN, no confidence)
+        durations_s, offsets_s, confidences = (np.array(column, dtype=np.float64)
+                                               for column in (durations, offsets, confidences))
+    except OverflowError:  # an integer beyond any float
         return None
-    ids, audio_paths, texts, durations, speakers, languages, offsets, pseudo_labels, confidences = zip(*found)
-    del found
-    # JSON numbers as float() reads them, which is what json.loads and _parse_row make of them
-    durations_s = np.array(durations, dtype=np.float64)
-    offsets_s = (np.zeros(len(ids)) if offsets.count("") == len(ids)
-                 else np.array([value or "0" for value in offsets], dtype=np.float64))
-    confidences = (np.full(len(ids), np.nan) if confidences.count("") == len(ids)
-                   else np.array([value if value not in ("", "null") else "nan" for value in confidences],
-                                 dtype=np.float64))  # NaN: no confidence
     if (not np.isfinite(durations_s).all() or not np.isfinite(offsets_s).all() or np.isinf(confidences).any()
-            or _any_blank(ids) or _any_blank(texts) or (durations_s <= 0).any()
-            or len(set(ids)) < len(ids) or not seen.isdisjoint(ids)):  # (_NUMBER has no minus sign)
+            or _any_blank(ids) or _any_blank(texts) or (durations_s <= 0).any() or (offsets_s < 0).any()
+            or len(set(ids)) < len(ids) or not seen.isdisjoint(ids)):
         return None
     if not _all_stored_as_written(audio_paths):
         audio_paths = [_stored_path(path, folder) for path in audio_paths]
@@ -469,17 +457,10 @@ def _clean_block(lines: list[bytes], folder: str, seen: set[str], names: dict[st
     if 2 * len(distinct) <= len(audio_paths):  # segments of fewer recordings: their rows share one copy of a path
         audio_paths = list(map(names.setdefault, audio_paths, audio_paths))
     seen.update(ids)
-    flags = {"": False, "true": True, "false": False}
-    return (ids, audio_paths, texts, durations_s, _names(speakers, spellings), _names(languages, spellings), offsets_s,
-            np.fromiter(map(flags.__getitem__, pseudo_labels), dtype=bool, count=len(ids)), confidences)
-
-
-def _names(column: tuple[str, ...], names: dict[str, str | None]) -> list[str | None]:
-    """A speaker or language column as _ROW finds it ("" absent, null, or a quoted string) as _parse_row gives
-    it: None, or the one copy of the name. `names` maps each spelling met so far (quoted) to that."""
-    for spelling in set(column).difference(names):
-        names[spelling] = None if spelling in ("", "null") else spelling[1:-1]
-    return list(map(names.__getitem__, column))
+    # one copy of each name (None, absent or null, is a name here too)
+    speakers, languages = (list(map(names.setdefault, column, column)) for column in (speakers, languages))
+    return (list(ids), list(audio_paths), list(texts), durations_s, speakers, languages, offsets_s,
+            np.array(pseudo_labels, dtype=bool), confidences)
 
 
 def _any_blank(strings: Sequence[str]) -> bool:

@@ -299,7 +299,9 @@ def test_blocks_read_at_once_give_what_rows_read_one_by_one_give(tmp_path, monke
                 {"pseudo_label": True, "confidence": None}, {"audio_path": str(tmp_path / "a.wav")},
                 {"audio_path": "./a.wav"}, {"audio_path": "sub/../a.wav"}, {"audio_path": "~/a.wav"},
                 {"duration_s": 3}, {"text": "ÿ\u2028z"}, {"speaker": "", "language": None}, {"confidence": 1},
-                {"duration_s": 1e1, "offset_s": 0.25}, {"text": 'a "quoted" word'}, {"pseudo_label": False}]
+                {"duration_s": 1e1, "offset_s": 0.25}, {"text": 'a "quoted" word'}, {"pseudo_label": False},
+                {"text": "tab\there\nnew line \\ \u00e9\U0001f600"}, {"confidence": -0.5, "offset_s": -0.0},
+                {"duration_s": 10 ** 30}, {"speaker": "s\u0000"}]
     bad = ['{"id": ', "[1, 2]", json.dumps({**good, "durations": 1}), json.dumps({**good, "duration_s": True}),
            json.dumps({**good, "text": " "}), json.dumps({**good, "id": ""}), json.dumps({**good, "duration_s": 0}),
            json.dumps({**good, "offset_s": -1}), json.dumps({**good, "audio_path": "gone.wav"}),
@@ -307,7 +309,16 @@ def test_blocks_read_at_once_give_what_rows_read_one_by_one_give(tmp_path, monke
            '{"id": "nan", "audio_path": "a.wav", "text": "t", "duration_s": NaN}', "\ufeff" + json.dumps(good),
            json.dumps(good) + " " + json.dumps(good), json.dumps(good) + ", " + json.dumps(good),
            json.dumps(good) + "],[" + json.dumps(good),
-           json.dumps({**good, "id": "dup"}), json.dumps(good)[:-1] + ', "confidence": 1e999}', b"\xff"]
+           json.dumps({**good, "id": "dup"}), json.dumps(good)[:-1] + ', "confidence": 1e999}',
+           # what one JSON reader may take and another refuse: each must come out as json.loads reads it
+           json.dumps(good)[:-1] + ', "duration_s": true}', json.dumps(good)[:-1] + ', "duration_s": 2}',
+           json.dumps(good)[:-1] + ', "text": ""}', json.dumps(good)[:-1] + ', "duration_s": 1e400}',
+           json.dumps({**good, "text": "\ud800"}), b'{"id": "s", "audio_path": "a.wav", "text": "\xed\xa0\x80", '
+           b'"duration_s": 1}', json.dumps({**good, "offset_s": None}), json.dumps({**good, "pseudo_label": None}),
+           json.dumps({**good, "duration_s": 10 ** 400}), json.dumps({**good, "id": 7}), json.dumps(good) + "\r",
+           json.dumps({**good, "text": "a\x01b"}).replace("\\u0001", "\x01"), "\x0c" + json.dumps(good), "1",
+           '{"id": "q", "audio_path": "a.wav", "text": "t", "duration_s": true, "id": "r", "duration_s": 1}',
+           b"\xff"]
     lines = [json.dumps({**good, "id": f"u{k}", **variants[k % len(variants)]}, ensure_ascii=False) for k in range(60)]
     lines[40] = json.dumps(dict(reversed(json.loads(lines[40]).items())))  # fields in another order
     monkeypatch.setattr(manifest, "_JSONL_BLOCK", 8)
