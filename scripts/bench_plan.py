@@ -6,9 +6,11 @@ then times the steps train() takes on it, in this process:
   read:   manifest.read_manifest_table(path, check_files=True), as train() reads its train split (columns); it
           stats each distinct audio path of a block of rows once, so here one stat a block: a corpus of a million
           files costs a million stats on top (about 5 us each on a shared VM)
-  vocab:  vocabulary.character_counts of text.normalized_texts of the train rows, which train() builds its
-          vocabulary (without vocabulary.path) and its charset audit from
-  filter: batching.filter_utterances (normalize, encode, CTC fit against the conv layout of XLS-R)
+  vocab:  vocabulary.encode_texts of the train rows' texts (each normalized once, its characters kept as small
+          integers), whose character_counts train() builds its vocabulary (without vocabulary.path) and its
+          charset audit from
+  filter: batching.filter_utterances given those encoded texts (their labels taken, CTC fit against the conv
+          layout of XLS-R; nothing normalized again)
   plan:   DurationBatchSampler over SpeechDataset(kept).durations_s: the first epoch's batches, as train() plans
           them before the first update
 Prints each step's wall and CPU seconds (the machine may be shared: CPU time is what the steps cost) and the
@@ -33,8 +35,8 @@ from transformers import Wav2Vec2Config
 
 from speechxfer.batching import DurationBatchSampler, SpeechDataset, filter_utterances
 from speechxfer.manifest import read_manifest_table
-from speechxfer.text import TextNormalizer, normalized_texts
-from speechxfer.vocabulary import Vocabulary, character_counts
+from speechxfer.text import TextNormalizer
+from speechxfer.vocabulary import Vocabulary, encode_texts
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
@@ -76,12 +78,14 @@ def main() -> None:
         utterances, problems = timed("read", lambda: read_manifest_table(manifest, check_files=True))
         assert not problems, problems[:3]
         normalizer = TextNormalizer()
-        # as train() does: the train texts normalized once, their characters the vocabulary and the charset audit's
-        train_chars = timed("vocab", lambda: character_counts(normalized_texts(utterances.texts, normalizer)))
-        vocab = Vocabulary.from_texts(["".join(train_chars)])
+        # as train() does: the train texts normalized once, their characters the vocabulary and the charset audit's,
+        # then their labels the filter's
+        train_texts = timed("vocab", lambda: encode_texts(utterances.texts, normalizer))
+        vocab = Vocabulary.from_texts(["".join(train_texts.character_counts)])
         kept, dropped = timed("filter", lambda: filter_utterances(
             utterances, normalizer=normalizer, vocab=vocab, config=Wav2Vec2Config(), min_duration_s=0.5,
-            max_duration_s=20.0))
+            max_duration_s=20.0, encoded=train_texts))
+        del train_texts
 
         def plan() -> int:
             sampler = DurationBatchSampler(SpeechDataset(kept).durations_s, max_batch_s=args.max_batch_s,

@@ -20,12 +20,11 @@ from speechxfer.augment import AugmentOptions, augment, duration_bounds_s
 from speechxfer.compat import gc_paused
 from speechxfer.errors import AudioError
 from speechxfer.manifest import Utterance, UtteranceTable, duration_mismatch
-from speechxfer.text import TextNormalizer, TextRejected
-from speechxfer.vocabulary import Vocabulary
+from speechxfer.text import TextNormalizer
+from speechxfer.vocabulary import EncodedTexts, Vocabulary, encode_texts
 
 LABEL_PAD = -100  # label id the CTC loss ignores (transformers' convention)
 _MAX_EXAMPLES = 10  # dropped utterance ids kept in a DropReport
-_ENCODE_BLOCK = 1 << 16  # texts filter_utterances encodes at once
 # How far, in batches' worth of audio, each epoch may move an utterance from its place in length order before
 # batches are cut (DurationBatchSampler). On Common Voice-like lengths at 60 s a batch, 2 keeps padding near 1.5%
 # (0.4% sorted) while 85% of the pairs that share a batch in one epoch are apart in the next.
@@ -144,7 +143,8 @@ class Examples(Sequence[tuple[Utterance, np.ndarray]]):
 
 def filter_utterances(utterances: Sequence[Utterance], *, normalizer: TextNormalizer, vocab: Vocabulary,
                       config: Wav2Vec2Config, min_duration_s: float, max_duration_s: float,
-                      augment_options: AugmentOptions | None = None) -> tuple[Examples, DropReport]:
+                      augment_options: AugmentOptions | None = None,
+                      encoded: EncodedTexts | None = None) -> tuple[Examples, DropReport]:
     """Normalize and encode each transcript, keeping (utterance, label ids) for those the model can learn from.
 
     Drops, with counts: durations outside [min_duration_s, max_duration_s] or shorter than the model's receptive
@@ -153,8 +153,10 @@ def filter_utterances(utterances: Sequence[Utterance], *, normalizer: TextNormal
     the frames of the shortest audio speed perturbation can make of the utterance (duration_bounds_s).
 
     `utterances`: a list, or an UtteranceTable (manifest.read_manifest_table), whose columns are read without
-    building its rows. The label ids of the kept utterances lie end to end in one array (Vocabulary.encode_all):
-    a few bytes a character instead of a Python list, for a million utterances.
+    building its rows. `encoded`: the utterances' texts as vocabulary.encode_texts(texts, normalizer) gives them,
+    when the caller has them already (training, which counts its vocabulary's characters from them): they are
+    then not normalized again, and their labels are taken (EncodedTexts.take_labels). The label ids of the kept
+    utterances lie in one array: a few bytes a character instead of a Python list, for a million utterances.
     """
     with gc_paused():
         if isinstance(utterances, UtteranceTable):
@@ -162,14 +164,18 @@ def filter_utterances(utterances: Sequence[Utterance], *, normalizer: TextNormal
         else:
             durations_s = np.array([u.duration_s for u in utterances], dtype=np.float64)
             texts = [u.text for u in utterances]
-        return _filter(utterances, durations_s, texts, normalizer=normalizer, vocab=vocab,
-                       geometry=frame_geometry(config), min_duration_s=min_duration_s,
-                       max_duration_s=max_duration_s, augment_options=augment_options)
+        if encoded is None:
+            encoded = encode_texts(texts, normalizer)
+        elif len(encoded) != len(texts):
+            raise ValueError(f"{len(encoded)} encoded texts for {len(texts)} utterances")
+        return _filter(utterances, durations_s, encoded, vocab=vocab, geometry=frame_geometry(config),
+                       min_duration_s=min_duration_s, max_duration_s=max_duration_s,
+                       augment_options=augment_options)
 
 
-def _filter(utterances: Sequence[Utterance], durations_s: np.ndarray, texts: Sequence[str], *,
-            normalizer: TextNormalizer, vocab: Vocabulary, geometry: FrameGeometry, min_duration_s: float,
-            max_duration_s: float, augment_options: AugmentOptions | None) -> tuple[Examples, DropReport]:
+def _filter(utterances: Sequence[Utterance], durations_s: np.ndarray, encoded: EncodedTexts, *, vocab: Vocabulary,
+            geometry: FrameGeometry, min_duration_s: float, max_duration_s: float,
+            augment_options: AugmentOptions | None) -> tuple[Examples, DropReport]:
     """filter_utterances' work on the utterances' columns, the garbage collector paused."""
     shortest_s = durations_s if augment_options is None else duration_bounds_s(durations_s,
                                                                                options=augment_options)[0]
@@ -178,44 +184,21 @@ def _filter(utterances: Sequence[Utterance], durations_s: np.ndarray, texts: Seq
                         // geometry.stride + 1)
     too_short = (durations_s < min_duration_s) | (frames == 0)
     too_long = ~too_short & (durations_s > max_duration_s)
-    candidates = np.flatnonzero(~(too_short | too_long))
-    # The labels of the texts that survive normalization, end to end, written into one buffer as each block of
-    # texts is encoded: no second copy of them all. Normalization rarely lengthens a text (NFD and NFKC can), so
-    # room for the texts as written seldom grows; pages never written take no memory.
-    labels = np.empty(sum(map(len, texts)) + 1, dtype=vocab.encode_all([]).dtype)
-    filled = 0
-    lengths = np.zeros(len(candidates), dtype=np.int64)  # of each candidate's normalized text; 0: rejected
-    for first in range(0, len(candidates), _ENCODE_BLOCK):
-        block: list[str] = []  # normalized and not empty
-        block_lengths: list[int] = []
-        for position in candidates[first:first + _ENCODE_BLOCK].tolist():
-            try:
-                text = normalizer(texts[position])
-            except TextRejected:
-                text = ""
-            if text:
-                block.append(text)
-            block_lengths.append(len(text))
-        lengths[first:first + len(block_lengths)] = block_lengths
-        encoded = vocab.encode_all(block)
-        if filled + len(encoded) > len(labels):
-            labels = np.concatenate([labels[:filled], np.empty(max(len(labels), len(encoded)), labels.dtype)])
-        labels[filled:filled + len(encoded)] = encoded
-        filled += len(encoded)
-    labels = labels[:filled]
+    candidate = ~(too_short | too_long)
+    # Every text's labels, end to end (those of texts dropped for their duration too: no copy of the rest)
+    labels = encoded.take_labels(vocab)
     labels.flags.writeable = False  # shared by every kept utterance's view
-    rejected = np.zeros(len(durations_s), dtype=bool)
-    rejected[candidates[lengths == 0]] = True
-    encoded_rows = candidates[lengths > 0]
-    starts = np.zeros(len(encoded_rows) + 1, dtype=np.int64)  # text k's labels: labels[starts[k]:starts[k + 1]]
-    np.cumsum(lengths[lengths > 0], out=starts[1:])
+    starts, ends = encoded.starts[:-1], encoded.starts[1:]
+    rejected = candidate & (ends == starts)  # rejected by the normalizer, or nothing left of the text
+    encoded_rows = np.flatnonzero(candidate & ~rejected)
+    starts, ends = starts[encoded_rows], ends[encoded_rows]
     # CTC needs a blank between two equal labels: count the equal neighbours (j, j + 1) inside each text.
     equal = _equal_neighbours(labels)
-    repeats = np.searchsorted(equal, starts[1:] - 1) - np.searchsorted(equal, starts[:-1])
-    fits = np.diff(starts) + repeats <= frames[encoded_rows]
+    repeats = np.searchsorted(equal, ends - 1) - np.searchsorted(equal, starts)
+    fits = ends - starts + repeats <= frames[encoded_rows]
     label_too_long = np.zeros(len(durations_s), dtype=bool)
     label_too_long[encoded_rows[~fits]] = True
-    examples = Examples(utterances, encoded_rows, labels, starts[:-1], starts[1:], durations_s[encoded_rows]).select(fits)
+    examples = Examples(utterances, encoded_rows, labels, starts, ends, durations_s[encoded_rows]).select(fits)
     reasons = {"too_short": too_short, "too_long": too_long, "label_too_long": label_too_long,
                "rejected_text": rejected}
     dropped = np.flatnonzero(too_short | too_long | label_too_long | rejected)[:_MAX_EXAMPLES].tolist()

@@ -9,7 +9,7 @@ whitespace collapse.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -149,17 +149,6 @@ def load_text_options(spec: str | os.PathLike) -> TextOptions:
     if isinstance(content, dict) and "text" in content:
         content, prefix = content["text"], "text."
     return from_mapping(TextOptions, {} if content is None else content, path=path, prefix=prefix)
-
-
-def normalized_texts(texts: Iterable[str], normalizer: Callable[[str], str]) -> Iterator[str]:
-    """Each of `texts` normalized, less those the normalizer rejects: the texts normalized_references keeps (and
-    the empty ones), without ids or Problems, one at a time (the characters of a million train texts are counted
-    without holding them)."""
-    for text in texts:
-        try:
-            yield normalizer(text)
-        except TextRejected:
-            continue
 
 
 def normalized_references(utterances: Iterable[Utterance], normalizer: Callable[[str], str] | None

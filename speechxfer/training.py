@@ -52,8 +52,8 @@ from speechxfer.scoring import ScoreReport, normalize_hypothesis, score
 from speechxfer.surgery import (ADAPTER_FILE, MODEL_STAGING, build_ctc_model, build_scratch_model,
                                check_adapter_folder, finish_model_folder, is_lora_model, load_lora_weights,
                                needs_attention_mask, save_model_folder)
-from speechxfer.text import TextNormalizer, normalized_references, normalized_texts
-from speechxfer.vocabulary import Vocabulary, character_counts, charset_audit
+from speechxfer.text import TextNormalizer, normalized_references
+from speechxfer.vocabulary import Vocabulary, charset_audit, encode_texts
 
 # Tri-stage schedule of fairseq (lr_scheduler/tri_stage_lr_scheduler.py, as in config/finetuning/base_10h.yaml):
 # the warm-up starts at 1% of the peak and the exponential decay ends at 5% of it.
@@ -153,9 +153,10 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
         accelerator.wait_for_everyone()
     splits = _read_splits(recipe, say)
     normalizer = TextNormalizer(recipe.text)
-    # The train texts normalized once, for the vocabulary and the charset audit (a million rows take seconds): their
-    # characters are all either needs.
-    train_chars = character_counts(normalized_texts(splits["train"].texts, normalizer))
+    # The train texts normalized once (a million rows take seconds): their characters give the vocabulary and the
+    # charset audit, and filter_utterances turns them into labels below.
+    train_texts = encode_texts(splits["train"].texts, normalizer)
+    train_chars = train_texts.character_counts
     if recipe.vocabulary.path is not None:
         vocab = Vocabulary.load(recipe.vocabulary.path)
     else:
@@ -182,7 +183,8 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
     keep = partial(filter_utterances, normalizer=normalizer, vocab=vocab, config=model.config,
                    min_duration_s=opts.min_duration_s, max_duration_s=opts.max_duration_s,
                    augment_options=recipe.augment)
-    examples, dropped = keep(splits["train"])
+    examples, dropped = keep(splits["train"], encoded=train_texts)
+    del train_texts  # its characters are the examples' labels now
     say(f"train: {len(examples)} utterances kept; {dropped}")
     if recipe.data.pseudo_labelled:
         pseudo_examples, dropped = keep(splits["pseudo_labelled"])

@@ -253,6 +253,94 @@ def character_counts(texts: Iterable[str]) -> Counter[str]:
     return Counter({chr(code): int(counts[code]) for code in np.flatnonzero(counts).tolist() if code != ord(" ")})
 
 
+# Texts encode_texts normalizes and encodes at once.
+_ENCODE_BLOCK = 1 << 16
+
+
+class EncodedTexts:
+    """Texts normalized once, each character of them held as a small integer (its provisional id, in the order the
+    characters were first met): what training counts its vocabulary's characters from (`character_counts`) and
+    what filter_utterances turns into label ids once the vocabulary is known (`take_labels`). So a million training
+    texts are normalized once before the first update, and their characters take a byte or two each.
+
+    `starts`: int64 (texts + 1,), text k's characters are [starts[k], starts[k + 1]) (none when rejected);
+    `rejected`: bool (texts,), the normalizer rejected text k (TextRejected); `character_counts`: how often each
+    character but the space occurs in the texts not rejected (vocabulary.character_counts of them)."""
+
+    def __init__(self, ids: np.ndarray, chars: str, starts: np.ndarray, rejected: np.ndarray,
+                 character_counts: Counter[str]):
+        self._ids: np.ndarray | None = ids  # provisional id of each character, end to end
+        self._chars = chars  # provisional id -> character
+        self.starts = starts
+        self.rejected = rejected
+        self.character_counts = character_counts
+
+    def __len__(self) -> int:
+        return len(self.rejected)
+
+    def take_labels(self, vocab: Vocabulary) -> np.ndarray:
+        """The label ids of every text end to end, as vocab.encode_all gives them (text k's at [starts[k],
+        starts[k + 1])), in vocab.encode_all's type. Made in place of the provisional ids where the two types
+        are as wide (a second array as long would be hundreds of MB for a million texts): once only."""
+        if self._ids is None:
+            raise RuntimeError("the labels of these texts were already taken")
+        ids, self._ids = self._ids, None
+        to_label = vocab.encode_all([self._chars])  # provisional id -> label id
+        if ids.dtype.itemsize != to_label.dtype.itemsize:
+            return to_label[ids]
+        labels = ids.view(to_label.dtype)
+        step = 1 << 22  # a slice at a time: the lookup's result is a temporary array as long
+        for start in range(0, len(ids), step):
+            labels[start:start + step] = to_label[ids[start:start + step]]
+        return labels
+
+
+def encode_texts(texts: Sequence[str], normalizer: TextNormalizer) -> EncodedTexts:
+    """Normalize each of `texts` once and keep its characters as EncodedTexts: a text the normalizer rejects is
+    marked and holds none (normalized_references, for dev and test, says why each was left out)."""
+    chars: list[str] = []  # provisional id -> character
+    counts = np.zeros(0, dtype=np.int64)  # by provisional id
+    # Provisional ids in the type a vocabulary of these characters and its three special tokens takes
+    # (Vocabulary._code_ids), so that take_labels can write the labels over them.
+    to_id = np.full(0, -1, dtype=np.int8)  # code point -> provisional id, -1 where none yet
+    # Room for the texts as written: normalization seldom lengthens a text (NFD and NFKC can), and pages never
+    # written take no memory.
+    ids = np.empty(sum(map(len, texts)) + 1, dtype=to_id.dtype)
+    filled = 0
+    lengths = np.zeros(len(texts), dtype=np.int64)  # of each normalized text
+    rejected = np.zeros(len(texts), dtype=bool)
+    for first in range(0, len(texts), _ENCODE_BLOCK):
+        normalized: list[str] = []
+        for position, text in enumerate(texts[first:first + _ENCODE_BLOCK], start=first):
+            try:
+                normalized.append(normalizer(text))
+            except TextRejected:
+                rejected[position] = True
+        lengths[np.flatnonzero(~rejected[first:first + _ENCODE_BLOCK]) + first] = list(map(len, normalized))
+        # One code point a character (a lone surrogate, which JSON can spell, stays one), as encode_all reads them
+        codes = np.frombuffer("".join(normalized).encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        if len(codes) and codes.max() >= len(to_id):
+            to_id = np.pad(to_id, (0, int(codes.max()) + 1 - len(to_id)), constant_values=-1)
+        present = np.bincount(codes, minlength=len(to_id))
+        new = np.flatnonzero((present > 0) & (to_id < 0))
+        if len(new):
+            wide = np.min_scalar_type(-(len(chars) + len(new) + 3))
+            if wide.itemsize > to_id.dtype.itemsize:
+                to_id, ids = to_id.astype(wide), ids.astype(wide)
+            to_id[new] = np.arange(len(chars), len(chars) + len(new))
+            chars += map(chr, new.tolist())
+            counts = np.pad(counts, (0, len(new)))
+        counts[to_id[present > 0]] += present[present > 0]
+        if filled + len(codes) > len(ids):  # grown by normalization: room for twice as much, or this block
+            ids = np.concatenate([ids[:filled], np.empty(max(filled, len(codes)), ids.dtype)])
+        ids[filled:filled + len(codes)] = to_id[codes]
+        filled += len(codes)
+    starts = np.zeros(len(texts) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=starts[1:])
+    character_counts = Counter({c: n for c, n in zip(chars, counts.tolist()) if c != " "})
+    return EncodedTexts(ids[:filled], "".join(chars), starts, rejected, character_counts)
+
+
 def charset_audit(train_chars: Mapping[str, int], others: Mapping[str, Sequence[tuple[str, str]]]) -> CharsetAudit:
     """Compare characters of other splits (split -> [(utterance id, normalized text)]) with the training texts'
     (character_counts of them)."""

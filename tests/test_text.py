@@ -3,8 +3,7 @@ import unicodedata
 import pytest
 
 from speechxfer.errors import InputError, RecipeError
-from speechxfer.text import (PRESETS, TextNormalizer, TextOptions, TextRejected, load_text_options,
-                             normalized_texts)
+from speechxfer.text import PRESETS, TextNormalizer, TextOptions, TextRejected, load_text_options
 
 
 def test_turkish_casing_uses_the_locale_table():
@@ -136,9 +135,3 @@ def test_load_text_options_from_preset_or_yaml(tmp_path):
         load_text_options(bad)
     with pytest.raises(InputError, match="neither a normalization preset"):
         load_text_options("no-such-preset")
-
-
-def test_normalized_texts_leave_out_what_the_normalizer_rejects():
-    normalizer = TextNormalizer(TextOptions(digits="reject"))
-    assert list(normalized_texts(["Hola, Mundo", "marque 1", " ... ", "Adiós"], normalizer)) == [
-        "hola mundo", "", "adiós"]
