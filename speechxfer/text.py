@@ -9,12 +9,14 @@ whitespace collapse.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 import re
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+import numpy as np
 
 from speechxfer.config import Check, check_fields, checked, from_mapping, read_yaml
 from speechxfer.errors import InputError, Problem
@@ -64,6 +66,8 @@ class TextNormalizer:
         self._keep = frozenset(unicodedata.normalize(form, options.keep))
         self._alphabet = (None if options.alphabet is None
                           else frozenset(unicodedata.normalize(form, options.alphabet)) | self._keep | {" "})
+        # normalize_all joins texts with line feeds: a table that holds one could look across or add one
+        self._joinable = not any("\n" in k + v for table in (casing, options.replacements) for k, v in table.items())
 
     def __call__(self, text: str, *, reject: bool = True) -> str:
         """Return the normalized text (single spaces, no leading or trailing space); raises TextRejected.
@@ -90,6 +94,69 @@ class TextNormalizer:
                 raise TextRejected(f"characters outside the alphabet {''.join(dict.fromkeys(outside))!r}: {text!r}")
         return text
 
+    def normalize_all(self, texts: Sequence[str]) -> list[str | None]:
+        """What __call__ gives each of `texts`, None where it rejects one: a million training texts in seconds.
+
+        They are normalized at once, joined by line feeds, which no step changes, joins to a neighbour or looks
+        across: Unicode normalization and casing (the final sigma's too) stop at one, no casing table or
+        replacement holds one, it is neither a mark nor a word character, and whitespace collapse keeps it. So the
+        steps run in C over the lot, each text's own work left to pieces of it that hold a mark, a digit or spaces
+        to collapse. Texts of which one holds a line feed itself are normalized one by one."""
+        joined = "\n".join(texts)
+        if not self._joinable or joined.count("\n") != len(texts) - 1:
+            return list(map(self._or_none, texts))
+        options = self.options
+        text = unicodedata.normalize(options.unicode_form, joined)
+        del joined
+        if options.lowercase:
+            text = unicodedata.normalize(options.unicode_form, self._casing(text).lower())
+        text = self._replace(text)
+        chars = _distinct(text)  # from here on, characters only go (or become spaces)
+        numbers = [c for c in chars if unicodedata.category(c)[0] == "N"]
+        rejected: list[int] = []  # positions of the texts rejected
+        if numbers and options.digits == "drop":
+            text = _replaced(text, numbers, "")
+        elif numbers and options.digits == "reject":
+            pieces = text.split("\n")
+            found = _any_of(numbers)
+            rejected = [k for k, piece in enumerate(pieces) if found.search(piece)]
+            for k in rejected:
+                pieces[k] = ""  # the rest go on
+            text = "\n".join(pieces)
+        marks = {c for c in chars if unicodedata.category(c)[0] in "PS"}
+        if options.remove_punctuation and marks:
+            # as _strip_punctuation: each mark becomes a space, unless kept with a word character on both sides
+            text = _replaced(text, marks - self._keep, " ")
+            if marks & self._keep:
+                kept, word = _any_of(marks & self._keep).pattern, list(filter(_is_word_char, chars))
+                if word:  # a kept mark, then: no word character before it, or none after it
+                    word = _any_of(word).pattern
+                    kept = f"{kept}(?:(?<!{word}.)|(?!{word}))"
+                text = re.sub(kept, " ", text)
+        # as " ".join(text.split()) of each: every whitespace character a space (str.isspace is str.split's test),
+        # then each run of spaces one, none at either end
+        text = _replaced(text, [c for c in chars if c.isspace() and c not in " \n"], " ")
+        while "  " in text:
+            text = text.replace("  ", " ")
+        pieces = text.split("\n")
+        if text[:1] == " " or text[-1:] == " " or " \n" in text or "\n " in text:
+            pieces = list(map(str.strip, pieces))
+        if len(pieces) != len(texts):  # a step made or removed a line feed after all: one by one
+            return list(map(self._or_none, texts))
+        outside = [] if self._alphabet is None else [c for c in chars if c not in self._alphabet and c != "\n"]
+        if outside:
+            found = _any_of(outside)
+            rejected += [k for k, piece in enumerate(pieces) if found.search(piece)]
+        for k in rejected:
+            pieces[k] = None
+        return pieces
+
+    def _or_none(self, text: str) -> str | None:
+        try:
+            return self(text)
+        except TextRejected:
+            return None
+
     def _strip_punctuation(self, text: str) -> str:
         # Removed characters become spaces, so "one,two" stays two words; a kept character survives only with
         # word characters on both sides, so "l'home" keeps its apostrophe and "'quoted'" loses both.
@@ -112,6 +179,33 @@ class TextNormalizer:
 
 def _is_word_char(c: str) -> bool:
     return unicodedata.category(c)[0] in "LMN"
+
+
+def code_points(text: str) -> np.ndarray:
+    """The code point of each character of `text` (characters,): uint8 when it is ASCII (a quarter of the memory
+    and the time), else uint32; a lone surrogate, which JSON can spell, is one character too."""
+    if text.isascii():
+        return np.frombuffer(text.encode("ascii"), dtype=np.uint8)
+    return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+
+
+def _distinct(text: str) -> list[str]:
+    """The characters `text` holds, each once, in code-point order: counted by numpy (a set of a long text's
+    characters is built a character at a time)."""
+    return list(map(chr, np.flatnonzero(np.bincount(code_points(text))).tolist()))
+
+
+def _replaced(text: str, chars: Iterable[str], by: str) -> str:
+    """`text` with each of `chars` replaced by `by`: a str.replace for each (a fast search in C), not a pattern
+    tried at every character."""
+    for c in chars:
+        text = text.replace(c, by)
+    return text
+
+
+def _any_of(chars: Iterable[str]) -> re.Pattern:
+    """A pattern that matches any one of `chars`."""
+    return re.compile("[" + "".join(map(re.escape, chars)) + "]")
 
 
 def _multi_replacer(table: dict[str, str]):

@@ -20,7 +20,7 @@ import numpy as np
 
 from speechxfer.errors import InputError, Problem
 from speechxfer.manifest import read_manifest
-from speechxfer.text import TextNormalizer, TextRejected
+from speechxfer.text import TextNormalizer, TextRejected, code_points
 
 BLANK = "[PAD]"
 UNK = "[UNK]"
@@ -77,10 +77,11 @@ class Vocabulary:
     def encode_all(self, texts: Iterable[str]) -> np.ndarray:
         """The ids `encode` gives each text, of all texts end to end: (total characters,), in the smallest signed
         integer type that holds every id (a million transcripts' labels in a few bytes a character)."""
-        # One code point per character (a lone surrogate, which JSON can spell, stays one); past the table: unk.
-        codes = np.frombuffer("".join(texts).encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        codes = code_points("".join(texts))
         table = self._code_ids
-        return table[np.minimum(codes, len(table) - 1)]
+        if len(table) <= np.iinfo(codes.dtype).max:  # a code point past the table: its last entry, unk
+            codes = np.minimum(codes, len(table) - 1)
+        return table[codes]
 
     @cached_property
     def _code_ids(self) -> np.ndarray:
@@ -247,7 +248,7 @@ def character_counts(texts: Iterable[str]) -> Counter[str]:
     counts = np.zeros(0, dtype=np.int64)  # by code point
     texts = iter(texts)
     while block := list(itertools.islice(texts, 1 << 16)):
-        found = np.bincount(np.frombuffer("".join(block).encode("utf-32-le"), dtype=np.uint32))
+        found = np.bincount(code_points("".join(block)))
         size = max(len(found), len(counts))
         counts = np.pad(counts, (0, size - len(counts))) + np.pad(found, (0, size - len(found)))
     return Counter({chr(code): int(counts[code]) for code in np.flatnonzero(counts).tolist() if code != ord(" ")})
@@ -310,15 +311,12 @@ def encode_texts(texts: Sequence[str], normalizer: TextNormalizer) -> EncodedTex
     lengths = np.zeros(len(texts), dtype=np.int64)  # of each normalized text
     rejected = np.zeros(len(texts), dtype=bool)
     for first in range(0, len(texts), _ENCODE_BLOCK):
-        normalized: list[str] = []
-        for position, text in enumerate(texts[first:first + _ENCODE_BLOCK], start=first):
-            try:
-                normalized.append(normalizer(text))
-            except TextRejected:
-                rejected[position] = True
-        lengths[np.flatnonzero(~rejected[first:first + _ENCODE_BLOCK]) + first] = list(map(len, normalized))
-        # One code point a character (a lone surrogate, which JSON can spell, stays one), as encode_all reads them
-        codes = np.frombuffer("".join(normalized).encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        normalized = normalizer.normalize_all(texts[first:first + _ENCODE_BLOCK])  # None: rejected
+        if None in normalized:
+            rejected[first:first + len(normalized)] = [text is None for text in normalized]
+            normalized = [text or "" for text in normalized]
+        lengths[first:first + len(normalized)] = list(map(len, normalized))
+        codes = code_points("".join(normalized))
         if len(codes) and codes.max() >= len(to_id):
             to_id = np.pad(to_id, (0, int(codes.max()) + 1 - len(to_id)), constant_values=-1)
         present = np.bincount(codes, minlength=len(to_id))

@@ -16,7 +16,7 @@ from speechxfer.batching import (DurationBatchSampler, Examples, SpeechDataset, 
 from speechxfer.manifest import Utterance, read_manifest_table, write_manifest
 from speechxfer.surgery import build_ctc_model, needs_attention_mask
 from speechxfer.text import TextNormalizer, TextOptions
-from speechxfer.vocabulary import Vocabulary
+from speechxfer.vocabulary import Vocabulary, encode_texts
 from tiny import make_tiny_checkpoint, tiny_config, write_tone
 
 VOCAB = Vocabulary.from_texts(["ab cd"])
@@ -69,6 +69,24 @@ def test_filter_utterances_drops_each_kind_with_counts():
     assert report.total == 6
     assert report.examples == ["short", "long", "digits", "empty", "too-many", "repeats-too-many"]
     assert "dropped 6 utterances" in str(report)
+
+
+def test_filter_of_texts_encoded_once_keeps_and_drops_what_it_does_normalizing_them_itself():
+    # train() encodes its texts once (the vocabulary is counted from them) and hands them to the filter
+    config = tiny_config()
+    normalizer = TextNormalizer(TextOptions(digits="reject"))
+    texts = ["Ab, CD!", "ab", "ab 12", "?!", "ab" * 10, "a" * 10, "zz ab", "Cd"]
+    utterances = [utterance(f"u{k}", text, 0.1 if k in (4, 5) else 0.05 if k == 1 else 1.0)
+                  for k, text in enumerate(texts)]
+    keep = partial(filter_utterances, normalizer=normalizer, vocab=VOCAB, config=config, min_duration_s=0.08,
+                   max_duration_s=20.0)
+    kept, report = keep(utterances)
+    once, once_report = keep(utterances, encoded=encode_texts(texts, normalizer))
+    assert once_report == report and (report.too_short, report.rejected_text, report.label_too_long) == (1, 2, 1)
+    assert [(u.id, labels.tolist()) for u, labels in once] == [(u.id, labels.tolist()) for u, labels in kept]
+    assert [u.id for u, _ in kept] == ["u0", "u5", "u6", "u7"] and kept[2][1].tolist() == VOCAB.encode("zz ab")
+    with pytest.raises(ValueError, match="2 encoded texts for 8 utterances"):
+        keep(utterances, encoded=encode_texts(texts[:2], normalizer))
 
 
 @pytest.fixture

@@ -1,3 +1,4 @@
+import random
 import unicodedata
 
 import pytest
@@ -135,3 +136,37 @@ def test_load_text_options_from_preset_or_yaml(tmp_path):
         load_text_options(bad)
     with pytest.raises(InputError, match="neither a normalization preset"):
         load_text_options("no-such-preset")
+
+
+def test_normalize_all_gives_what_each_text_normalized_alone_gives():
+    # Texts of characters that casing, Unicode normalization, punctuation and whitespace treat apart, at the edges
+    # of texts too (where normalize_all joins them): final sigma, Turkish I, combining marks, Hangul jamo,
+    # compatibility forms, digits of several scripts, kept and other marks, every kind of whitespace.
+    pieces = ["a", "É", "ΟΔΟΣ", "Σ", "σ", "İ", "I", "ı", "\u0301", "\u0307", "e\u0301", "\u1100", "\u1161", "ﬁ",
+              "²", "½", "7", "٣", ",", ".", "'", "-", "’", "«", "$", "©", "_", " ", "  ", "\t", "\u00a0", "\u2028",
+              "\u3000", "\x1c", "\r", "ß", "l'home", "well-known", "'quoted'", "x'", "\ud800"]
+    rng = random.Random(0)
+    texts = ["".join(rng.choices(pieces, k=rng.randint(0, 8))) for _ in range(3000)]
+    options = [TextOptions(), TextOptions(locale="tr"), TextOptions(unicode_form="NFD", keep="'"),
+               TextOptions(unicode_form="NFKC", digits="drop", replacements={"ß": "ss", "’": "'"}),
+               TextOptions(digits="reject", alphabet="abcdefghijklmnopqrstuvwxyzéσςοδ"),
+               TextOptions(lowercase=False, remove_punctuation=False), PRESETS["whisper-basic"],
+               TextOptions(keep="'-$", replacements={"a": "", "ı": "I"})]
+    for option in options:
+        normalizer = TextNormalizer(option)
+
+        def alone(text: str) -> str | None:
+            try:
+                return normalizer(text)
+            except TextRejected:
+                return None
+
+        assert normalizer.normalize_all(texts) == list(map(alone, texts)), option
+        one_by_one = [*texts[:50], "a\nb"]  # a text holding a line feed
+        assert normalizer.normalize_all(one_by_one) == list(map(alone, one_by_one))
+        # blocks of a few texts, where one thing alone decides a step
+        for block in (["ΑΣ", "Σ", "ΑΣ"], ["a\tb", "c"], ["a\u00a0b"], ["a ", "b"], [" a"], ["a", " b"], ["a'", "b"],
+                      ["'", "1"], ["a,b", "c"], ["-a-b-"]):
+            assert normalizer.normalize_all(block) == list(map(alone, block)), block
+        assert normalizer.normalize_all([]) == [] and normalizer.normalize_all([""]) == [""]
+    assert TextNormalizer(TextOptions(digits="reject")).normalize_all(["a 1", "b"]) == [None, "b"]

@@ -6,9 +6,9 @@ import pytest
 from speechxfer.cli import main
 from speechxfer.errors import InputError
 from speechxfer.manifest import Utterance, write_manifest
-from speechxfer.text import TextNormalizer, TextOptions
+from speechxfer.text import TextNormalizer, TextOptions, TextRejected
 from speechxfer.vocabulary import (BLANK, UNK, WORD_DELIMITER, Vocabulary, character_counts, charset_audit,
-                                   vocabulary_from_manifests)
+                                   encode_texts, vocabulary_from_manifests)
 from tests.tiny import make_tiny_checkpoint
 
 TRAIN = ["merhaba dünya", "ışık ve gölge", "çay içelim"]
@@ -162,3 +162,44 @@ def test_character_counts_are_those_of_each_character_over_blocks_of_texts():
     texts = ["😀é a"] * 70_000 + ["ab"] * 70_000 + ["", "c c"]
     assert character_counts(texts) == Counter(c for text in texts for c in text if c != " ")
     assert character_counts([]) == Counter()
+
+
+def test_encoded_texts_count_and_label_what_normalizing_twice_gave():
+    # What train() did before normalizing once: character_counts of the normalized texts (those not rejected),
+    # then each text normalized again and encoded. Texts the normalizer rejects, lengthens (NFD) or empties, a
+    # character the vocabulary lacks (unk), more blocks than one, more characters than an int8 id holds.
+    normalizer = TextNormalizer(TextOptions(unicode_form="NFD", digits="reject"))
+    texts = ["Héllo, wörld", "marque 1", " ... ", "", "ÇA VA", "x\ud800y"] * 12_000 + [
+        "".join(map(chr, range(0x400, 0x4a0))), "end"]
+
+    def normalized(text: str) -> str | None:
+        try:
+            return normalizer(text)
+        except TextRejected:
+            return None
+
+    before = list(map(normalized, texts))
+    given = Vocabulary.from_texts(["hello world"])  # a recipe's vocabulary.path: no ç, no Cyrillic
+    for vocab in (None, given):
+        encoded = encode_texts(texts, normalizer)
+        assert len(encoded) == len(texts)
+        assert encoded.rejected.tolist() == [text is None for text in before]
+        assert encoded.character_counts == character_counts(text for text in before if text is not None)
+        vocab = vocab or Vocabulary.from_texts(["".join(encoded.character_counts)])
+        labels = encoded.take_labels(vocab)
+        assert labels.dtype == vocab.encode_all([]).dtype
+        for k in [*range(12), len(texts) - 2, len(texts) - 1]:
+            assert labels[encoded.starts[k]:encoded.starts[k + 1]].tolist() == (
+                [] if before[k] is None else vocab.encode(before[k])), k
+        assert len(labels) == encoded.starts[-1] == sum(len(text or "") for text in before)
+        with pytest.raises(RuntimeError, match="already taken"):
+            encoded.take_labels(vocab)
+    assert given.unk_id in labels[encoded.starts[4]:encoded.starts[5]].tolist()  # "ça va": ç is unk
+    assert len(encode_texts([], normalizer)) == 0
+
+
+def test_encode_all_of_ascii_texts_with_a_vocabulary_past_the_ascii_range():
+    # ids of ASCII texts come from one byte a character (text.code_points): the table reaches past 255 here
+    vocab = Vocabulary((BLANK, UNK, WORD_DELIMITER, *"abcdefghijklmnopqrstuvwxyz", *map(chr, range(0x100, 0x300))))
+    assert vocab.encode("ab z{") == [3, 4, 2, 28, 1] and vocab.encode("\u0101a") == [30, 3]
+    assert Vocabulary.from_texts(["ab"]).encode("ab\x7f") == [3, 4, 1]  # past the table: unk
