@@ -217,7 +217,8 @@ def _equal_neighbours(labels: np.ndarray) -> np.ndarray:
 
 class SpeechDataset(torch.utils.data.Dataset):
     """Audio and labels of filtered utterances. Item i: {"id": str, "input_values": float32 tensor (samples,)
-    normalized to zero mean and unit variance (as Wav2Vec2FeatureExtractor does), "labels": list[int]}; or, for an
+    normalized to zero mean and unit variance (as Wav2Vec2FeatureExtractor does), "labels": list[int],
+    "duration_s": float, the utterance's duration as listed (before any augmentation)}; or, for an
     utterance whose audio cannot be used, {"id": str, "problem": Problem} naming its manifest and line: unreadable
     audio (kind unreadable_audio: not audio, corrupt, NaN or infinite samples) or audio shorter than its listed
     duration (duration_mismatch: labels and batches were planned from that duration). The same file gives the same
@@ -262,7 +263,8 @@ class SpeechDataset(torch.utils.data.Dataset):
                             epoch=self.epoch, utterance_id=utt.id)
         # Same formula and epsilon as transformers' Wav2Vec2FeatureExtractor.zero_mean_unit_var_norm.
         normalized = (audio - audio.mean()) / np.sqrt(audio.var() + 1e-7)
-        return {"id": utt.id, "input_values": torch.from_numpy(normalized.astype(np.float32)), "labels": labels}
+        return {"id": utt.id, "input_values": torch.from_numpy(normalized.astype(np.float32)), "labels": labels,
+                "duration_s": utt.duration_s}
 
 
 def collate(items: list[dict[str, Any]], *, attention_mask: bool) -> dict[str, Any]:
@@ -373,23 +375,25 @@ class DurationBatchSampler(torch.utils.data.Sampler[list[int]]):
     def global_batches(self, epoch: int | None = None) -> list[list[int]]:
         """The global batches of `epoch` (default: the current one), in the order they are served, each before it
         is shared among the processes."""
-        return self._plan(self.epoch if epoch is None else epoch)[0]
+        order, bounds, _ = self._plan(self.epoch if epoch is None else epoch)
+        return [batch.tolist() for batch in np.split(order, bounds[1:-1])] if len(order) else []
 
     @property
     def num_over_share(self) -> int:
         """Capped utterances left out of the current epoch's batches: no batch had room for them under their
         max_share."""
-        return self._plan(self.epoch)[1]
+        return self._plan(self.epoch)[2]
 
     @property
     def num_dropped(self) -> int:
         """Utterances of the current epoch never served because their global batch has fewer items than
         processes."""
-        return sum(len(b) for b in self.global_batches() if len(b) < self.num_replicas)
+        sizes = np.diff(self._plan(self.epoch)[1])
+        return int(sizes[sizes < self.num_replicas].sum())
 
     def __len__(self) -> int:
         """Batches this process takes in the current epoch."""
-        return sum(len(b) >= self.num_replicas for b in self.global_batches())
+        return int(np.count_nonzero(np.diff(self._plan(self.epoch)[1]) >= self.num_replicas))
 
     def set_epoch(self, epoch: int) -> None:
         """Start `epoch` from its beginning; no-op when already in it (so a resumed run keeps its place)."""
@@ -398,15 +402,22 @@ class DurationBatchSampler(torch.utils.data.Sampler[list[int]]):
             self._position = 0
 
     def __iter__(self) -> Iterator[list[int]]:
-        if self._position >= len(self.global_batches()):
+        if self._position >= len(self._plan(self.epoch)[1]) - 1:
             self.set_epoch(self.epoch + 1)
-        batches = self.global_batches()
-        while self._position < len(batches):
-            batch = batches[self._position]
+        for batch in self.batches(self.epoch, start=self._position):
             self._position += 1
-            if len(batch) >= self.num_replicas:
-                yield batch[self.rank::self.num_replicas]
+            if batch is not None:
+                yield batch
         self.set_epoch(self.epoch + 1)
+
+    def batches(self, epoch: int, *, start: int = 0) -> Iterator[list[int]]:
+        """This process's batches of `epoch` from its `start`-th global batch on, made one at a time as they are
+        asked for (a plan's lists of a million indices never all at once), without moving the sampler; None for a
+        global batch with fewer items than processes (which every process skips). Iterating the sampler gives
+        these, Nones left out."""
+        order, bounds, _ = self._plan(epoch)
+        for first, end in zip(bounds[start:-1].tolist(), bounds[start + 1:].tolist()):
+            yield order[first + self.rank:end:self.num_replicas].tolist() if end - first >= self.num_replicas else None
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self._position, "data": self._data_digest()}
@@ -417,20 +428,20 @@ class DurationBatchSampler(torch.utils.data.Sampler[list[int]]):
         else:  # from before batches were re-formed each epoch: it counts the batches of the plain plan
             same = state["num_batches"] == len(_plan_batches(self.durations_s, self._by_length,
                                                              max_batch_s=self.max_batch_s, groups=self.groups,
-                                                             max_share=self.max_share)[0])
+                                                             max_share=self.max_share)[1]) - 1
         if not same:
             raise ValueError("the sampler state is for other durations: the data or max_batch_s changed")
         self.epoch = state["epoch"]
         self._position = state["position"]
 
-    def _plan(self, epoch: int) -> tuple[list[list[int]], int]:
+    def _plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """(indices in the order served, bounds: int64 (batches + 1,), global batch k is indices[bounds[k]:
+        bounds[k + 1]]; num_over_share) of `epoch`: arrays, not a list a batch (a million Python ints)."""
         if epoch not in self._plans:
-            # One epoch at a time: a plan of a million rows is large (many small lists, none in a cycle).
-            with gc_paused():
-                self._plans = {epoch: self._form_batches(epoch)}
+            self._plans = {epoch: self._form_batches(epoch)}  # one epoch at a time
         return self._plans[epoch]
 
-    def _form_batches(self, epoch: int) -> tuple[list[list[int]], int]:
+    def _form_batches(self, epoch: int) -> tuple[np.ndarray, np.ndarray, int]:
         plan = partial(_plan_batches, self.durations_s, max_batch_s=self.max_batch_s, groups=self.groups,
                        max_share=self.max_share)
         if not self.shuffle:
@@ -442,8 +453,15 @@ class DurationBatchSampler(torch.utils.data.Sampler[list[int]]):
         place = np.empty(len(self.durations_s))
         place[self._by_length] = np.cumsum(self.durations_s[self._by_length]) / self.max_batch_s
         place += rng.uniform(-REFORM_BATCHES, REFORM_BATCHES, len(place))
-        batches, num_over_share = plan(np.argsort(place, kind="stable"))
-        return [batches[i] for i in rng.permutation(len(batches)).tolist()], num_over_share
+        order, bounds, num_over_share = plan(np.argsort(place, kind="stable"))
+        # the batches served in a random order: batch k of the plan at its place permutation.tolist().index(k)
+        served = rng.permutation(len(bounds) - 1)
+        sizes = np.diff(bounds)[served]
+        new_bounds = np.zeros(len(bounds), dtype=np.int64)
+        np.cumsum(sizes, out=new_bounds[1:])
+        # each served batch's items: its first in the plan, then the next ones
+        return (order[np.repeat(bounds[:-1][served] - new_bounds[:-1], sizes) + np.arange(len(order))], new_bounds,
+                num_over_share)
 
     def _data_digest(self) -> str:
         """What fixes every epoch's plan but the seed: durations, caps, max_batch_s."""
@@ -454,12 +472,14 @@ class DurationBatchSampler(torch.utils.data.Sampler[list[int]]):
 
 
 def _plan_batches(durations_s: np.ndarray, order: np.ndarray, *, max_batch_s: float, groups: Sequence[int],
-                  max_share: Mapping[int, float]) -> tuple[list[list[int]], int]:
-    """`order` (indices) cut greedily into global batches of DurationBatchSampler, and how many capped utterances
-    found no room in any. It runs once per epoch, on a million utterances too: without caps in arrays
+                  max_share: Mapping[int, float]) -> tuple[np.ndarray, np.ndarray, int]:
+    """`order` (indices) cut greedily into global batches of DurationBatchSampler: (the indices in their batches'
+    order, bounds: int64 (batches + 1,), batch k is indices[bounds[k]:bounds[k + 1]]), and how many capped
+    utterances found no room in any. It runs once per epoch, on a million utterances too: without caps in arrays
     (_cut_batches), with them in one pass of plain Python over floats."""
     if not max_share:
-        return _cut_batches(durations_s, order, max_batch_s=max_batch_s), 0
+        bounds = np.zeros(1, dtype=np.int64)
+        return order, np.concatenate([bounds, _cut_batches(durations_s, order, max_batch_s=max_batch_s)]), 0
     durations = durations_s.tolist()
     order = order.tolist()
     batches: list[list[int]] = []
@@ -494,18 +514,22 @@ def _plan_batches(durations_s: np.ndarray, order: np.ndarray, *, max_batch_s: fl
                 group_s[group] += duration_s
     if batch:
         batches.append(batch)
-    return batches, sum(map(len, waiting.values()))
+    bounds = np.zeros(len(batches) + 1, dtype=np.int64)
+    np.cumsum(list(map(len, batches)), out=bounds[1:])
+    return (np.array([index for batch in batches for index in batch], dtype=np.int64), bounds,
+            sum(map(len, waiting.values())))
 
 
-def _cut_batches(durations_s: np.ndarray, order: np.ndarray, *, max_batch_s: float) -> list[list[int]]:
-    """`order` cut greedily, as _plan_batches cuts it without caps: a batch takes the next utterance while its
-    items + 1 times the longest, that one included, fit max_batch_s; its first utterance whatever its length.
+def _cut_batches(durations_s: np.ndarray, order: np.ndarray, *, max_batch_s: float) -> np.ndarray:
+    """Where `order` is cut greedily, as _plan_batches cuts it without caps: the end of each batch in it (int64
+    (batches,)). A batch takes the next utterance while its items + 1 times the longest, that one included, fit
+    max_batch_s; its first utterance whatever its length.
 
     One batch at a time, in arrays: (k + 1) x the longest of the first k + 1 never shrinks as k grows, so the
     utterances that fit are a prefix of those that follow, found in a window of them (doubled until the batch
     ends inside it)."""
     if len(order) == 0:
-        return []
+        return np.zeros(0, dtype=np.int64)
     durations = durations_s[order]
     ends: list[int] = []
     start, window = 0, 64
@@ -519,4 +543,4 @@ def _cut_batches(durations_s: np.ndarray, order: np.ndarray, *, max_batch_s: flo
         start += size
         ends.append(start)
         window = max(64, 2 * size)
-    return [batch.tolist() for batch in np.split(order, ends[:-1])]
+    return np.array(ends, dtype=np.int64)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import itertools
 import json
 import logging
 import os
@@ -233,7 +234,6 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
                              "processes", path=recipe.data.train)
         say(f"first {opts.short_first_share:.0%} of the run: only the {len(short_examples)} utterances up to "
             f"{opts.short_first_s:g} s")
-    duration_s = dict(zip(_ids(examples), examples.durations_s.tolist()))
     attention_mask = needs_attention_mask(model.config)
     # Batches are moved to the device by hand and never passed to accelerator.prepare: the sampler already gives
     # each process its share, and accelerate would shard them a second time. Training batches always carry the
@@ -266,8 +266,8 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
     raw_model = accelerator.unwrap_model(model)
     apply_freezing(raw_model, freezing, update=state["update"], method=method)
     say(parameter_table(raw_model))
-    unique_ids = len(duration_s) == len(examples)  # duration_s is keyed by id
     cacheable = opts.feature_cache_mib > 0 and not recipe.augment.enabled and not _EncoderFeed.trainable(raw_model)
+    unique_ids = cacheable and len(set(ids := _ids(examples))) == len(ids)  # the cache is keyed by id
     feed = None
     if not attention_mask or cacheable:
         feed = _EncoderFeed(raw_model, max_bytes=opts.feature_cache_mib * 2**20 if cacheable and unique_ids else 0,
@@ -353,7 +353,7 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
                 state["short_epoch"], state["short_position"], batch = next(short_batches)
             else:
                 state["epoch"], state["position"], batch = next(batches)
-            batch_ids = batch.pop("ids")
+            batch_ids, batch_s = batch.pop("ids"), batch.pop("audio_s")
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             features = contextlib.nullcontext() if feed is None else feed.feeding(batch_ids, batch)
             with accelerator.accumulate(model), features:
@@ -369,7 +369,7 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
                 optimizer.zero_grad(set_to_none=True)
             window["loss_sum"] += float(loss.detach()) * len(batch_ids)
             window["utterances"] += len(batch_ids)
-            window["audio_s"] += sum(duration_s[i] for i in batch_ids)
+            window["audio_s"] += batch_s
         state["update"] = update = update + 1
         progress.update(1)
         done = share_done()
@@ -788,7 +788,8 @@ def _report_problems(split: str, problems: Sequence[Problem], say) -> None:
         "e.g.:\n" + "\n".join(f"  {p}" for p in problems[:5]))
 
 
-def _loader(dataset: SpeechDataset, batches: list[list[int]], *, attention_mask: bool, num_workers: int) -> DataLoader:
+def _loader(dataset: SpeechDataset, batches: Iterable[list[int]], *, attention_mask: bool,
+            num_workers: int) -> DataLoader:
     # Our own generator, so that creating the iterator does not draw from the global RNG: a resumed run must see
     # the same random numbers as an uninterrupted one.
     return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
@@ -798,11 +799,13 @@ def _loader(dataset: SpeechDataset, batches: list[list[int]], *, attention_mask:
 
 def _collate_with_lengths(items: list[dict], *, attention_mask: bool) -> dict:
     """batching.collate of the items whose audio could be used, plus each one's length in samples (to trim padded
-    frames when decoding) and the Problems of those left out ("problems"). "ids" is empty when all were."""
+    frames when decoding), their seconds as listed ("audio_s") and the Problems of those left out ("problems").
+    "ids" is empty when all were."""
     usable = [item for item in items if "problem" not in item]
     problems = [item["problem"] for item in items if "problem" in item]
     batch = collate(usable, attention_mask=attention_mask) if usable else {"ids": []}
     batch["num_samples"] = [len(item["input_values"]) for item in usable]
+    batch["audio_s"] = sum(item["duration_s"] for item in usable)
     batch["problems"] = problems
     return batch
 
@@ -823,7 +826,9 @@ def _batch_stream(sampler: DurationBatchSampler, make_loader, make_dataset: Call
     while True:
         sampler.set_epoch(epoch)
         whole_epoch, yielded = position == 0, False
-        loader = make_loader(make_dataset(epoch=epoch), list(sampler)[position:])
+        # this process's batches of the epoch after `position`, each made as the loader asks for it
+        mine = itertools.islice(filter(None, sampler.batches(epoch)), position, None)
+        loader = make_loader(make_dataset(epoch=epoch), mine)
         for position, batch in enumerate(loader, start=position + 1):
             batch.pop("num_samples")
             left_out.add(batch.pop("problems"))

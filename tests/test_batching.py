@@ -137,7 +137,8 @@ def test_batches_cut_in_arrays_are_those_of_the_greedy_loop():
     for size, max_batch_s in ((0, 10.0), (1, 10.0), (500, 10.0), (3000, 60.0), (2000, 2.0)):
         durations = np.round(rng.lognormal(0, 1, size), 2) + 0.01  # some over the budget, some far under it
         for order in (np.argsort(durations, kind="stable"), rng.permutation(size)):
-            assert _cut_batches(durations, order, max_batch_s=max_batch_s) == greedy(
+            ends = _cut_batches(durations, order, max_batch_s=max_batch_s).tolist()
+            assert [order[start:end].tolist() for start, end in zip([0, *ends], ends)] == greedy(
                 durations.tolist(), order.tolist(), max_batch_s), (size, max_batch_s)
 
 
@@ -266,6 +267,16 @@ def test_rank_shards_make_up_the_single_process_batches_in_every_epoch(replicas)
         for global_batch, parts in zip(shared, zip(*per_rank, strict=True), strict=True):
             assert sorted(i for part in parts for i in part) == sorted(global_batch)
             assert all(parts)
+    # what training's loader reads: a rank's batches of any epoch, from any global batch on, the sampler not moved
+    shard = shards[1]
+    position = shard.state_dict()
+    for epoch in (shard.epoch - 1, shard.epoch + 4):
+        batches = list(shard.batches(epoch))
+        assert len(batches) == len(shard.global_batches(epoch))
+        assert [batch is None for batch in batches] == [len(b) < replicas for b in shard.global_batches(epoch)]
+        assert list(shard.batches(epoch, start=7)) == batches[7:]
+        assert shard.state_dict() == position
+    assert [b for b in shard.batches(shard.epoch) if b is not None] == list(shard)
 
 
 def test_sampler_resumes_mid_epoch_and_refuses_other_data():
