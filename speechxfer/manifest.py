@@ -10,7 +10,7 @@ import math
 import operator
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import msgspec
@@ -82,13 +82,12 @@ _FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
     "confidence": ((int, float, type(None)), False),
 }
 _DECODER = json.JSONDecoder()
-# What a row that leaves out an optional field holds (_parse_row's defaults)
-_ABSENT = {"speaker": None, "language": None, "offset_s": 0.0, "pseudo_label": False, "confidence": None}
 # _FIELDS as a msgspec type, which decodes a line and checks its fields in C (_clean_block): a row's fields in
-# _FIELDS' order, of exactly their types (a bool is no number), none unknown, the required ones present.
-_ROW_DECODER = msgspec.json.Decoder(msgspec.defstruct(
-    "Row", [(name, functools.reduce(operator.or_, types), *(() if required else (_ABSENT[name],)))
-            for name, (types, required) in _FIELDS.items()], forbid_unknown_fields=True))
+# _FIELDS' order, of exactly their types (a bool is no number), none unknown, the required ones present, an
+# optional one left out Utterance's default (as _parse_row has it).
+_ROW_DECODER = msgspec.json.Decoder(msgspec.defstruct("Row", [
+    (f.name, functools.reduce(operator.or_, _FIELDS[f.name][0]), *(() if _FIELDS[f.name][1] else (f.default,)))
+    for f in fields(Utterance) if f.name in _FIELDS], forbid_unknown_fields=True))
 _LINE_ENDS = frozenset(("\n", "\r\n", ""))  # what commonly follows a value on its line (others: json.loads)
 # Lines read_jsonl reads at a time: a block a manifest reader checks at once (_clean_block).
 _JSONL_BLOCK = 1 << 14
@@ -433,6 +432,8 @@ def _clean_block(lines: list[bytes], folder: str, seen: set[str], names: dict[st
 
     msgspec decodes each line and checks its fields against _FIELDS in C (_ROW_DECODER), and the other checks run
     a column at a time: no Python code a row."""
+    if not lines:  # a block of blank lines
+        return None
     try:
         # one line at a time: lines never lend each other brackets
         columns = list(zip(*map(msgspec.structs.astuple, map(_ROW_DECODER.decode, lines))))

@@ -99,9 +99,10 @@ class TextNormalizer:
 
         They are normalized at once, joined by line feeds, which no step changes, joins to a neighbour or looks
         across: Unicode normalization and casing (the final sigma's too) stop at one, no casing table or
-        replacement holds one, it is neither a mark nor a word character, and whitespace collapse keeps it. So the
-        steps run in C over the lot, each text's own work left to pieces of it that hold a mark, a digit or spaces
-        to collapse. Texts of which one holds a line feed itself are normalized one by one."""
+        replacement holds one, it is neither a mark nor a word character, and whitespace collapse keeps it. So each
+        step runs in C over the lot (a str method, or a pattern that starts at the characters it changes), and
+        only rejection looks at each text (of a block holding a digit, or a character outside the alphabet). Texts
+        of which one holds a line feed itself are normalized one by one."""
         joined = "\n".join(texts)
         if not self._joinable or joined.count("\n") != len(texts) - 1:
             return list(map(self._or_none, texts))

@@ -351,6 +351,14 @@ def test_blocks_read_at_once_give_what_rows_read_one_by_one_give(tmp_path, monke
     assert len(table) == 9 and [(p.line, p.kind) for p in problems] == [(10, "duplicate_id")]
 
 
+def test_a_block_of_blank_lines_is_skipped(tmp_path, monkeypatch):
+    monkeypatch.setattr(manifest, "_JSONL_BLOCK", 2)
+    row = {"id": "a", "audio_path": "a.wav", "text": "t", "duration_s": 1.0}
+    (tmp_path / "m.jsonl").write_text(json.dumps(row) + "\n" * 5 + json.dumps({**row, "id": "b"}) + "\n")
+    table, problems = read_manifest_table(tmp_path / "m.jsonl")
+    assert table.ids == ["a", "b"] and table.lines.tolist() == [1, 6] and not problems
+
+
 def test_lines_that_only_parse_together_are_each_reported(tmp_path, monkeypatch):
     # Lines read at once must not lend each other brackets or quotes: an object split over two lines, two objects
     # on one line, a string left open before the next line all stay malformed rows, each on its line.
