@@ -306,8 +306,11 @@ def _decoded(numbers: Sequence[int], lines: list[bytes], path: str,
             if not alone:  # not one value alone on the line: json.loads says what is wrong, with the
                 # column on this line, or allows the spaces around it
                 value = json.loads(text.rstrip("\r\n"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+            # json recurses a level per bracket: `[[[...]]]` a thousand deep exhausts Python's stack (msgspec,
+            # in _clean_block, refuses such a row at its first bracket: no field of a row holds a container)
             message = (f"not UTF-8 ({err.reason})" if isinstance(err, UnicodeDecodeError)
+                       else "JSON nested too deeply to read" if isinstance(err, RecursionError)
                        else f"not valid JSON: {err.msg} (column {err.colno})")
             if problems is None:
                 raise ManifestError(message, path=path, line=number) from None

@@ -378,3 +378,19 @@ def test_lines_that_only_parse_together_are_each_reported(tmp_path, monkeypatch)
     table, problems = read_manifest_table(manifest_path)
     assert table.ids == ["a"] and [(p.line, p.message) for p in problems] == [(2, "not valid JSON: Extra data "
                                                                                  "(column 67)")]
+
+
+def test_a_row_nested_thousands_deep_is_a_malformed_row_not_a_recursion_error(tmp_path, monkeypatch):
+    row = {"id": "a", "audio_path": "a.wav", "text": "t", "duration_s": 1.0}
+    deep = ["[" * 5000 + "]" * 5000, '{"id": ' + '{"a": ' * 5000 + "1" + "}" * 5000 + "}",
+            json.dumps({**row, "id": "c"})[:-1] + ', "speaker": ' + "[" * 5000 + "]" * 5000 + "}"]
+    manifest_path = tmp_path / "m.jsonl"
+    manifest_path.write_text("\n".join([json.dumps(row), *deep, json.dumps({**row, "id": "b"})]) + "\n")
+    for block in (2, manifest._JSONL_BLOCK):  # the deep rows alone in a block, and beside good ones
+        monkeypatch.setattr(manifest, "_JSONL_BLOCK", block)
+        table, problems = read_manifest_table(manifest_path)
+        assert table.ids == ["a", "b"]
+        assert [(p.line, p.kind, p.message) for p in problems] == [
+            (k, "malformed_row", "JSON nested too deeply to read") for k in (2, 3, 4)]
+    with pytest.raises(ManifestError, match=r"m\.jsonl:2: JSON nested too deeply to read"):
+        list(read_jsonl(manifest_path))
