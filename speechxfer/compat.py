@@ -20,6 +20,7 @@ from speechxfer.errors import SpeechxferError
 if TYPE_CHECKING:
     import torch
     from torch import nn
+    from tqdm import tqdm
     from transformers import PreTrainedModel
 
 # from_pretrained(dtype=...) came with 4.56; the suite is run against 4.57.6. Keep equal to pyproject.toml's floor
@@ -122,6 +123,18 @@ def mark_feature_encoder_trainable(encoder: nn.Module) -> None:
     no unfreeze).
     """
     encoder._requires_grad = True
+
+
+def progress_bar(*, show: bool, **options) -> tqdm:
+    """A tqdm progress bar (tqdm.auto's: a widget in a notebook) with tqdm's keyword `options`, hidden unless `show`;
+    TQDM_DISABLE=1 in the environment hides it too.
+
+    Leans on how tqdm reads its environment (tqdm.utils.envwrap, since 4.66): TQDM_* variables become the defaults
+    of tqdm's keyword arguments, which an explicit `disable=False` overrides; so `disable` is passed only to hide.
+    """
+    from tqdm.auto import tqdm
+
+    return tqdm(**options) if show else tqdm(disable=True, **options)
 
 
 @contextmanager

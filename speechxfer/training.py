@@ -35,7 +35,6 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
 from safetensors import SafetensorError
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 from transformers import Wav2Vec2ForCTC
 
 from speechxfer.atomic import TEMP_SUFFIX, atomic_write, sync_folder
@@ -44,7 +43,8 @@ from speechxfer.augment import check_sources
 from speechxfer.batching import (DurationBatchSampler, Examples, FrameGeometry, SpeechDataset, collate,
                                  filter_utterances, frame_geometry, inference_batches)
 from speechxfer.decoding import GreedyDecoder, decode_batch
-from speechxfer.compat import enable_gradient_checkpointing, fused_optimizer_supported, reset_accelerator_state
+from speechxfer.compat import (enable_gradient_checkpointing, fused_optimizer_supported, progress_bar,
+                               reset_accelerator_state)
 from speechxfer.errors import InputError, Problem, first_line
 from speechxfer.freezing import apply_freezing, parameter_groups, parameter_table
 from speechxfer.manifest import Utterance, UtteranceTable, check_held_out, read_jsonl, read_manifest_table
@@ -324,8 +324,8 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
         by_updates = state["update"] / opts.max_updates
         return by_updates if budget_s is None else max(by_updates, state["elapsed_s"] / budget_s)
 
-    progress = tqdm(total=opts.max_updates if budget_s is None else None, initial=state["update"],
-                    disable=not accelerator.is_main_process, dynamic_ncols=True, desc="train")
+    progress = progress_bar(show=accelerator.is_main_process, total=opts.max_updates if budget_s is None else None,
+                            initial=state["update"], dynamic_ncols=True, desc="train")
     stopped_early = False
     window = {"loss_sum": 0.0, "utterances": 0, "audio_s": 0.0, "start": time.perf_counter()}
     done = share_done()

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from speechxfer.atomic import atomic_write
 from speechxfer.audio import AUDIO_SUFFIXES, audio_duration_s, load_audio
 from speechxfer.batching import frame_geometry, inference_batches
+from speechxfer.compat import progress_bar
 from speechxfer.decoding import Decoder, Transcript, WordTiming
 from speechxfer.errors import AudioError, InputError, Problem, first_line
 from speechxfer.feature_encoder import use_blocked_feature_encoder
@@ -498,7 +498,7 @@ def _pieces(recognizer: Recognizer, segments: Sequence[AudioSegment], options: T
         mine = ranks.share([sum(s.duration_s for s in unit) for unit in units])
         batches, long = [units[i] for i in mine if i < len(batches)], [units[i][0] for i in mine if i >= len(batches)]
     total_s = sum(s.duration_s for s in long) + sum(s.duration_s for batch in batches for s in batch)
-    with tqdm(total=round(total_s, 1), unit="s", desc="audio", disable=not progress, leave=False) as bar, \
+    with progress_bar(show=progress, total=round(total_s, 1), unit="s", desc="audio", leave=False) as bar, \
             ThreadPoolExecutor(max_workers=1) as loader:
         # Read the next batch while the model runs on this one.
         pending = loader.submit(_load_batch, recognizer, batches[0]) if batches else None

@@ -1,5 +1,8 @@
 import gc
 import logging
+import os
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -132,3 +135,18 @@ def test_gc_paused_restores_the_collector_as_it_found_it_even_after_an_error():
         assert not gc.isenabled()  # paused by the caller: not switched on behind its back
     finally:
         gc.enable()
+
+
+def test_a_progress_bar_shows_unless_hidden_or_tqdm_disable_is_set():
+    # tqdm reads TQDM_* variables when it is imported: a fresh interpreter for each environment
+    bars = ("import io; from speechxfer.compat import progress_bar\n"
+            "for show in (True, False):\n"
+            "    out = io.StringIO()\n"
+            "    with progress_bar(show=show, total=3, file=out) as bar: bar.update(3)\n"
+            "    print('3/3' in out.getvalue())")
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env.pop("TQDM_DISABLE", None)
+    for extra, shown in (({}, "True\nFalse\n"), ({"TQDM_DISABLE": "1"}, "False\nFalse\n")):
+        done = subprocess.run([sys.executable, "-c", bars], env=env | extra, capture_output=True, text=True,
+                              timeout=60)
+        assert (done.returncode, done.stdout) == (0, shown), done.stderr

@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -1066,3 +1067,19 @@ def test_bench_train_padding_share():
     spec.loader.exec_module(bench)
     figures = bench._padding([1.0, 2.0, 3.0, 4.0], [[0, 1], [2, 3]])
     assert figures == {"audio_s": 5.0, "padded_s": 6.0, "padding": pytest.approx(1 / 6), "max_padded_s": 8.0}
+
+
+def test_tqdm_disable_hides_the_training_progress_bar(tmp_path, corpus, capsys):
+    base = make_tiny_checkpoint(tmp_path / "ssl", arch="stable")
+    bar = re.compile(r"train: +\d+%\|.*\| \d+/2 \[")
+    recipes = [write_recipe(tmp_path / f"{name}.yaml", base=base, manifests=corpus, output_dir=tmp_path / name,
+                            train={"max_updates": 2}, eval={"every_updates": 2}) for name in ("shown", "hidden")]
+    assert main(["train", str(recipes[0])]) == 0
+    assert bar.search(capsys.readouterr().err)  # on stderr even when it is no terminal: the main process's bar
+    # tqdm reads TQDM_DISABLE when it is imported: a fresh interpreter
+    env = os.environ | {"TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1",
+                        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-m", "speechxfer", "train", str(recipes[1])], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "vocabulary: 6 tokens" in done.stderr and not bar.search(done.stderr)
