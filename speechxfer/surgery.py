@@ -16,7 +16,8 @@ import os
 import re
 import shutil
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -525,6 +526,23 @@ def load_adapter(model: Wav2Vec2ForCTC, lang: str, *, directory: str | os.PathLi
         model.load_adapter(lang, use_safetensors=True, local_files_only=Path(directory).is_dir())
     except (OSError, ValueError, RuntimeError) as err:  # unreadable; not this model's adapter keys or shapes
         raise InputError(f"cannot load the adapter for language {lang!r}: {first_line(err)}", path=path) from None
+
+
+@contextmanager
+def adapter_kept_on_error(model: Wav2Vec2ForCTC) -> Iterator[None]:
+    """Put the model's adapter weights, CTC head and target language back as they were when the block raises:
+    load_adapter may fail after it has replaced the head or loaded some layers, and a caller after it (reading
+    the language's vocabulary)."""
+    saved = {name: param.detach().clone() for name, param in adapter_weights(model).items()}
+    head, vocab_size, target_lang = model.lm_head, model.config.vocab_size, model.target_lang
+    try:
+        yield
+    except BaseException:
+        model.lm_head, model.config.vocab_size, model.target_lang = head, vocab_size, target_lang
+        with torch.no_grad():
+            for name, param in adapter_weights(model).items():
+                param.copy_(saved[name])
+        raise
 
 
 def _load_config(name: str) -> Wav2Vec2Config:

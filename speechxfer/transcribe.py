@@ -133,7 +133,7 @@ class Recognizer:
         self.lang: str | None = None
         if lang is None:
             self.vocabulary = Vocabulary.load(directory)
-            self._check_head()
+            self._check_head(self.vocabulary, None)
         else:
             self.use_adapter(lang)
         self.sample_rate_hz: int = extractor.sampling_rate
@@ -150,24 +150,26 @@ class Recognizer:
     def use_adapter(self, language: str) -> None:
         """Switch an MMS-style adapter model (config.adapter_attn_dim set) to `language`: its adapter weights and
         CTC head from adapter.<language>.safetensors in the model folder, its vocabulary from vocab.json.
-        InputError for a model without adapters, a missing or mismatched adapter file, a language vocab.json lacks."""
-        from speechxfer.surgery import load_adapter
+        InputError for a model without adapters, a missing or mismatched adapter file, a language vocab.json lacks;
+        after one, the recognizer is as it was."""
+        from speechxfer.surgery import adapter_kept_on_error, load_adapter
 
         if isinstance(self.model, ExportedModel):
             raise InputError("an exported model holds the one language it was exported with (speechxfer export "
                              "--lang)", path=self.directory)
         if getattr(self.model.config, "adapter_attn_dim", None) is None:
             raise InputError("not an adapter model (its config.json sets no adapter_attn_dim)", path=self.directory)
-        load_adapter(self.model, language, directory=self.directory)
-        # Read after the adapter, so that a language without one gets load_adapter's message rather than vocab.json's.
-        self.vocabulary = Vocabulary.load(self.directory, target_lang=language)
-        self.lang = language
-        self._check_head()
+        with adapter_kept_on_error(self.model):
+            load_adapter(self.model, language, directory=self.directory)
+            # Read after the adapter, so that a language without one gets load_adapter's message, not vocab.json's.
+            vocabulary = Vocabulary.load(self.directory, target_lang=language)
+            self._check_head(vocabulary, language)
+        self.vocabulary, self.lang = vocabulary, language
 
-    def _check_head(self) -> None:
-        if len(self.vocabulary) != self.model.config.vocab_size:
-            raise InputError(f"vocab.json has {len(self.vocabulary)} tokens"
-                             + (f" for language {self.lang!r}" if self.lang else "")
+    def _check_head(self, vocabulary: Vocabulary, lang: str | None) -> None:
+        if len(vocabulary) != self.model.config.vocab_size:
+            raise InputError(f"vocab.json has {len(vocabulary)} tokens"
+                             + (f" for language {lang!r}" if lang else "")
                              + f" but the CTC head has {self.model.config.vocab_size} outputs",
                              path=Path(self.directory, "vocab.json"))
 

@@ -184,6 +184,41 @@ def test_an_adapter_model_switches_weights_head_and_vocabulary_per_language(tmp_
         Recognizer(model_dir, device="cpu").use_adapter("eng")
 
 
+def test_a_failed_adapter_switch_leaves_the_recognizer_as_it_was(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>", "|"]
+    model = make_tiny_adapter_checkpoint(tmp_path / "mms", vocabularies={
+        "eng": [*specials, *"abcd"], "spa": [*specials, *"abcdñ", "'"], "fra": [*specials, *"abcdé"]})
+    table = json.loads((model / "vocab.json").read_text(encoding="utf-8"))
+    table["spa"] = table["fra"]  # 10 tokens for spa's 11-output head
+    del table["fra"]  # fra's adapter without a vocabulary
+    (model / "vocab.json").write_text(json.dumps(table, ensure_ascii=False), encoding="utf-8")
+    # deu: a head of a new size, then an adapter layer of the wrong shape (found after the head is replaced)
+    weights = load_file(model / "adapter.eng.safetensors")
+    first = next(name for name in weights if not name.startswith("lm_head"))
+    weights |= {"lm_head.weight": torch.zeros(12, weights["lm_head.weight"].shape[1]),
+                "lm_head.bias": torch.zeros(12), first: torch.zeros(weights[first].shape[0] + 1)}
+    save_file(weights, model / "adapter.deu.safetensors")
+
+    wave = np.asarray(sf.read(varying_noise(tmp_path / "a.wav", duration_s=1.0))[0], dtype=np.float32)
+    recognizer = Recognizer(model, device="cpu", lang="eng")
+    before = recognizer.log_probs([wave])[0]
+    for language, message in (("spa", "vocab.json has 10 tokens for language 'spa' but the CTC head has 11"),
+                              ("fra", "vocab.json holds one vocabulary per language; choose target_lang from "
+                                      "eng, spa"),
+                              ("deu", "cannot load the adapter for language 'deu'"),
+                              ("ita", r"no adapter for language 'ita' in this model folder \(it has: deu, eng, fra, "
+                                      r"spa\)")):
+        with pytest.raises(InputError, match=message):
+            recognizer.use_adapter(language)
+        assert recognizer.lang == "eng" and recognizer.vocabulary.tokens[-1] == "d"
+        assert recognizer.model.config.vocab_size == 9 and recognizer.model.target_lang == "eng"
+        assert torch.equal(recognizer.log_probs([wave])[0], before), language
+    recognizer.use_adapter("eng")  # a switch after failed ones gives what the language gave before
+    assert torch.equal(recognizer.log_probs([wave])[0], before)
+
+
 def test_windows_stitch_to_the_single_pass_result(tmp_path, local_model_dir, monkeypatch):
     path = varying_noise(tmp_path / "long.wav", duration_s=4.0)
     segments, _ = find_audio([str(path)])
