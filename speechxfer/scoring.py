@@ -12,8 +12,8 @@ How the numbers are counted, following `sclite -e utf-8 -s` (case-sensitive: cas
   of sentences in words and 2.1% (8.3%) in characters, where the total differs on 1.4% (3.7%): a CER from jiwer
   is not sclite's. So `align` reproduces sclite's dynamic programme (net_dp.c) instead of calling jiwer.
 - Normalization (`normalizer`): references go through it as they are; hypotheses by `normalize_hypothesis`, which
-  turns an unknown token ("[UNK]") into a mark that no reference holds once punctuation is removed, and rejects
-  nothing. Training's dev and test reports, `evaluate`, `wer`, `lm tune` and a recipe's LM stage all score by
+  turns an unknown token ("[UNK]") into a mark that no scored reference holds (a reference that keeps it, as the
+  `none` preset may, is refused), and rejects nothing. Training's dev and test reports, `evaluate`, `wer`, `lm tune` and a recipe's LM stage all score by
   this one rule.
 - Ids: sclite scores only the utterances that have a hypothesis; a reference without one is skipped, and a
   hypothesis id absent from the references is an error. With `allow_missing` we do the same, except that extra
@@ -32,7 +32,7 @@ import numpy as np
 
 from speechxfer.errors import InputError
 from speechxfer.manifest import read_jsonl
-from speechxfer.text import TextNormalizer, TextRejected
+from speechxfer.text import UNKNOWN_MARK, TextNormalizer, TextRejected, normalized_reference
 from speechxfer.vocabulary import UNK
 
 FORMATS = ("auto", "kaldi", "tsv", "jsonl", "lines")
@@ -48,10 +48,8 @@ MAX_ALIGNMENT_CELLS = 500_000_000
 _WHOLE_TABLE_CELLS = 4_000_000
 # How a hypothesis spells the unknown token: our vocabularies' "[UNK]", and "<unk>" of fairseq/MMS vocabularies.
 UNKNOWN_TOKENS = (UNK, "<unk>")
-# What an unknown token becomes in a normalized hypothesis: one character, so that CER counts one unknown
-# character as one error, and a symbol, which punctuation removal takes out of every reference (sentencepiece
-# spells its unknown piece the same way). Normalized as letters, "[UNK]" would be the word "unk".
-UNKNOWN_MARK = "\u2047"  # ⁇
+# A normalized hypothesis spells each as text.UNKNOWN_MARK ("⁇"), which no scored reference holds (a reference that
+# keeps it is refused: text.normalized_reference). Normalized as letters, "[UNK]" would be the word "unk".
 # Stands for an unknown token while the normalizer runs: a private-use character, which no Unicode form, casing
 # or punctuation rule changes.
 _UNKNOWN_PLACEHOLDER = "\ue000"
@@ -234,10 +232,8 @@ def normalize_hypothesis(text: str, normalizer: TextNormalizer | None) -> str:
 
 
 def _normalized_reference(text: str, normalizer: TextNormalizer | None, utterance_id: str) -> str:
-    if normalizer is None:
-        return text
     try:
-        return normalizer(text)
+        return normalized_reference(text, normalizer)
     except TextRejected as err:
         raise InputError(f"utterance {utterance_id}: the normalizer rejects the reference: {err}") from None
 

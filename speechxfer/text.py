@@ -48,6 +48,13 @@ class TextOptions:
     __post_init__ = check_fields
 
 
+# What scoring.normalize_hypothesis makes of the model's unknown token: one character, so that CER counts one
+# unknown character as one error, and a symbol, which punctuation removal takes out of every reference (sentencepiece
+# spells its unknown piece the same way). A reference that keeps it (the `none` preset keeps symbols) is refused
+# (normalized_reference): there the unknown token would score as a hit.
+UNKNOWN_MARK = "\u2047"  # ⁇
+
+
 class TextRejected(ValueError):
     """A text the options refuse: digits under `digits: reject`, or characters outside the alphabet."""
 
@@ -246,6 +253,18 @@ def load_text_options(spec: str | os.PathLike) -> TextOptions:
     return from_mapping(TextOptions, {} if content is None else content, path=path, prefix=prefix)
 
 
+def normalized_reference(text: str, normalizer: Callable[[str], str] | None) -> str:
+    """A reference as it is scored: normalized (None: as it is). TextRejected when the normalizer rejects it, or
+    when it still holds UNKNOWN_MARK, the mark scoring.normalize_hypothesis gives the model's unknown token."""
+    if normalizer is None:  # hypotheses are then scored as they are too: an unknown token never becomes the mark
+        return text
+    text = normalizer(text)
+    if UNKNOWN_MARK in text:
+        raise TextRejected(f"text holds {UNKNOWN_MARK} (U+2047), the mark a model's unknown token is scored as "
+                           f"(choose a normalization that removes symbols, or replace it): {text!r}")
+    return text
+
+
 def normalized_references(utterances: Iterable[Utterance], normalizer: Callable[[str], str] | None
                           ) -> tuple[dict[str, str], list[Problem]]:
     """{utterance id: normalized reference} of the utterances whose reference can be scored, and a Problem (naming
@@ -257,7 +276,7 @@ def normalized_references(utterances: Iterable[Utterance], normalizer: Callable[
     left_out: list[Problem] = []
     for u in utterances:
         try:
-            text = u.text if normalizer is None else normalizer(u.text)
+            text = normalized_reference(u.text, normalizer)
         except TextRejected as err:
             left_out.append(Problem(u.manifest or u.audio_path, u.line, "rejected_text",
                                     f"utterance {u.id}: the normalizer rejects the reference: {err}", u.id))

@@ -11,7 +11,7 @@ from speechxfer.cli import main
 from speechxfer.errors import InputError
 from speechxfer import scoring
 from speechxfer.scoring import align, read_pair, read_transcripts, render_alignment, score
-from speechxfer.text import TextNormalizer, TextOptions
+from speechxfer.text import PRESETS, TextNormalizer, TextOptions
 
 # (id, reference, hypothesis): Czech, Turkish and Russian, with substitutions, deletions, insertions,
 # an empty hypothesis, shifted words and repeated letters that make character alignments ambiguous.
@@ -402,6 +402,23 @@ def test_an_unknown_token_is_one_wrong_character_and_never_a_word():
         assert (b.chars.substitutions, b.chars.deletions) == (1, 3)
     assert score({"a": "unk"}, {"a": "[UNK]"}, normalizer=TextNormalizer(), bootstrap=0).wer == 1.0
     assert score(refs, hyps, bootstrap=0).per_utterance[1].hypothesis == "[UNK]"  # no normalizer: as written
+
+
+def test_a_reference_that_keeps_the_unknown_mark_is_refused_not_matched(tmp_path, capsys):
+    # The `none` preset keeps symbols: a reference "⁇" would be a hit for the model's unknown token.
+    mark, none = scoring.UNKNOWN_MARK, TextNormalizer(PRESETS["none"])
+    refs, hyps = {"a": "casa", "b": f"la {mark} casa"}, {"a": "casa", "b": "la [UNK] casa"}
+    with pytest.raises(InputError, match=rf"utterance b: the normalizer rejects the reference: text holds {mark} "
+                                         r"\(U\+2047\)"):
+        score(refs, hyps, normalizer=none, bootstrap=0)
+    report = score(refs, hyps, normalizer=TextNormalizer(), bootstrap=0)  # basic removes it: an insertion
+    assert (report.hits, report.insertions) == (3, 1)
+    assert score(refs, hyps, bootstrap=0).substitutions == 1  # as written: "[UNK]" stays, never the mark
+    (tmp_path / "ref.txt").write_text(f"u-1 casa\nu-2 la {mark} casa\n", encoding="utf-8")
+    (tmp_path / "hyp.txt").write_text("u-1 casa\nu-2 la <unk> casa\n", encoding="utf-8")
+    assert main(["wer", str(tmp_path / "ref.txt"), str(tmp_path / "hyp.txt"), "--normalize", "none"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("speechxfer wer: error: utterance u-2: the normalizer rejects")
 
 
 def test_alignment_never_beats_jiwers_minimum_edit_distance():

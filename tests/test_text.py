@@ -4,7 +4,9 @@ import unicodedata
 import pytest
 
 from speechxfer.errors import InputError, RecipeError
-from speechxfer.text import PRESETS, TextNormalizer, TextOptions, TextRejected, load_text_options
+from speechxfer.manifest import Utterance
+from speechxfer.text import (PRESETS, UNKNOWN_MARK, TextNormalizer, TextOptions, TextRejected, load_text_options,
+                             normalized_references)
 
 
 def test_turkish_casing_uses_the_locale_table():
@@ -170,3 +172,14 @@ def test_normalize_all_gives_what_each_text_normalized_alone_gives():
             assert normalizer.normalize_all(block) == list(map(alone, block)), block
         assert normalizer.normalize_all([]) == [] and normalizer.normalize_all([""]) == [""]
     assert TextNormalizer(TextOptions(digits="reject")).normalize_all(["a 1", "b"]) == [None, "b"]
+
+
+def test_references_that_keep_the_unknown_mark_are_left_out_as_rejected(tmp_path):
+    rows = [Utterance(id=i, audio_path="a.wav", text=t, duration_s=1.0, manifest="dev.jsonl", line=k)
+            for k, (i, t) in enumerate((("a", "casa"), ("b", f"la {UNKNOWN_MARK} casa"), ("c", "¿qué?")), start=1)]
+    references, left_out = normalized_references(rows, TextNormalizer(PRESETS["none"]))
+    assert references == {"a": "casa", "c": "¿qué?"}
+    assert [(p.path, p.line, p.kind, p.utterance_id) for p in left_out] == [("dev.jsonl", 2, "rejected_text", "b")]
+    assert "U+2047" in left_out[0].message
+    assert normalized_references(rows, TextNormalizer())[0]["b"] == "la casa"  # basic removes symbols
+    assert normalized_references(rows, None)[0]["b"] == f"la {UNKNOWN_MARK} casa"  # unnormalized: no mark in hyps
