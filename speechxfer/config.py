@@ -106,7 +106,13 @@ def read_yaml(path: str | os.PathLike, *, what: str = "recipe") -> Any:
 def parse_yaml(text: str, *, path: str | os.PathLike) -> Any:
     """Parse YAML text with YamlLoader; RecipeError names `path` and the line of the problem."""
     try:
-        return yaml.load(text, Loader=YamlLoader)
+        loader = YamlLoader(text)  # yaml.load's steps, keeping the loader to say where it stopped
+        try:
+            return loader.get_single_data()
+        except RecursionError:  # PyYAML recurses a few levels per bracket or indentation: `[[[...]]]` 1000 deep
+            raise RecipeError("YAML nested too deeply to read", path=path, line=loader.line + 1) from None
+        finally:
+            loader.dispose()
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         if mark is None and isinstance(err, yaml.reader.ReaderError):  # a control character such as NUL

@@ -229,6 +229,17 @@ def test_unreadable_files_are_recipe_errors_with_the_line(tmp_path):
         load_recipe(write(tmp_path, "- base\n- output_dir\n"))
 
 
+def test_yaml_nested_thousands_deep_is_a_one_line_error_not_a_recursion_error(tmp_path):
+    deep = write(tmp_path, "base: b\noutput_dir: o\ndata: " + "[" * 5000 + "]" * 5000 + "\n", "deep.yaml")
+    with pytest.raises(RecipeError, match=r"deep\.yaml:3: YAML nested too deeply to read$"):
+        load_recipe(deep)
+    indented = write(tmp_path, "".join("  " * k + f"k{k}:\n" for k in range(3000)), "indented.yaml")
+    with pytest.raises(RecipeError, match=r"indented\.yaml:\d+: YAML nested too deeply to read$"):
+        load_recipe(indented)
+    with pytest.raises(RecipeError, match="nested too deeply"):
+        load_recipe(write(tmp_path, MINIMAL), overrides=["train.lr=" + "[" * 5000])
+
+
 def test_relative_paths_do_not_depend_on_where_the_command_runs(tmp_path, monkeypatch):
     path = write(_mkdir(tmp_path / "r"), MINIMAL)
     monkeypatch.chdir(tmp_path)
