@@ -551,7 +551,7 @@ def _load_config(name: str) -> Wav2Vec2Config:
         raise InputError("no config.json in this checkpoint folder", path=name)
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=False)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RecursionError) as err:  # RecursionError: JSON nested a thousand deep
         where = "folder" if Path(name).is_dir() else "hub id (offline, misspelt, or gated?)"
         raise InputError(f"cannot read the checkpoint's config.json from this {where}: {first_line(err)}",
                          path=name) from err
@@ -606,7 +606,7 @@ def _source_vocabulary(name: str, config: Wav2Vec2Config, *, lang: str | None = 
         return None
     try:
         table = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RecursionError) as err:
         raise InputError(f"unreadable vocab.json: {err}", path=path) from err
     if table and all(isinstance(v, dict) for v in table.values()):
         fitting = [code for code, t in table.items() if len(t) == config.vocab_size]

@@ -122,7 +122,7 @@ class Recognizer:
             self.model = load_ctc_model(directory)
         try:
             extractor = Wav2Vec2FeatureExtractor.from_pretrained(directory)
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, RecursionError) as err:  # RecursionError: JSON nested a thousand deep
             reason = first_line(err)
             raise InputError(f"cannot read the feature extractor settings (preprocessor_config.json): {reason}",
                              path=directory) from None
@@ -222,7 +222,7 @@ class ExportedModel:
         path = Path(directory, EXPORTED_MODEL_FILE)
         try:
             self.config = Wav2Vec2Config.from_pretrained(directory)
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, RecursionError) as err:
             reason = first_line(err)
             raise InputError(f"cannot read config.json: {reason}", path=directory) from None
         settings = onnxruntime.SessionOptions()

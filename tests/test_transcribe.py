@@ -158,6 +158,21 @@ def test_bfloat16_forward_pass_is_close_to_float32(tmp_path, model_dir):
         Recognizer(model_dir, device="cpu", dtype="int8")
 
 
+@pytest.mark.parametrize("name, message", [
+    ("config.json", "cannot read the checkpoint's config.json from this folder: maximum recursion depth"),
+    ("vocab.json", "vocab.json: not valid JSON: maximum recursion depth"),
+    ("preprocessor_config.json", r"cannot read the feature extractor settings \(preprocessor_config.json\): maximum"),
+])
+def test_a_model_file_of_json_nested_thousands_deep_is_an_input_error(tmp_path, model_dir, name, message):
+    import shutil
+
+    folder = Path(shutil.copytree(model_dir, tmp_path / "model"))
+    (folder / name).write_text('{"a": ' + "[" * 5000 + "]" * 5000 + "}")
+    with pytest.raises(InputError, match=message) as caught:
+        Recognizer(folder, device="cpu")
+    assert str(caught.value).startswith(str(folder))
+
+
 def test_an_adapter_model_switches_weights_head_and_vocabulary_per_language(tmp_path, model_dir):
     from safetensors.torch import load_file
 
