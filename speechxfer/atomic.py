@@ -29,15 +29,27 @@ def atomic_write(path: str | os.PathLike, *, binary: bool = False) -> Iterator[I
     path = Path(path)
     temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
     try:
-        with open(temp, "xb") if binary else open(temp, "x", encoding="utf-8") as f:
+        f = open(temp, "xb") if binary else open(temp, "x", encoding="utf-8")
+    except OSError as err:  # a read-only or missing folder: named by `path`, as the user gave it
+        raise _about(err, path) from None
+    try:
+        with f:
             yield f
             f.flush()
             os.fsync(f.fileno())  # the data reaches the disk before the name does
-        os.replace(temp, path)
+        try:
+            os.replace(temp, path)
+        except OSError as err:  # `path` is a folder, say
+            raise _about(err, path) from None
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
     sync_folder(path.parent)
+
+
+def _about(err: OSError, path: Path) -> OSError:
+    """`err` (of its own subclass) naming `path` instead of the temporary file nobody asked for."""
+    return OSError(err.errno, err.strerror, os.fspath(path))
 
 
 def sync_folder(folder: str | os.PathLike, *, files: bool = False) -> None:
