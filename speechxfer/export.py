@@ -94,7 +94,10 @@ def export_model(model: str | os.PathLike, output_dir: str | os.PathLike, *, qua
     target.parent.mkdir(parents=True, exist_ok=True)
     # Created by name, so that the umask sets its mode (a tempfile.mkdtemp folder would stay private, 0o700).
     staging = target.parent / f".{target.name}.{secrets.token_hex(4)}.export"
-    staging.mkdir()
+    try:
+        staging.mkdir()
+    except OSError as err:  # a read-only folder: named by the target asked for, not the hidden staging folder
+        raise OSError(err.errno, err.strerror, os.fspath(target)) from None
     try:
         _write_graph(source, staging / EXPORTED_MODEL_FILE, quantize=quantize, lang=lang)
         _copy_settings(source, staging)

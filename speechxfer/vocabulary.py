@@ -133,6 +133,8 @@ class Vocabulary:
         from transformers import Wav2Vec2CTCTokenizer
 
         directory = Path(directory)
+        if directory.exists() and not directory.is_dir():  # mkdir would say "File exists"
+            raise InputError("the output folder is a file", path=directory)
         directory.mkdir(parents=True, exist_ok=True)
         vocab_file = directory / "vocab.json"
         table = self._ids if lang is None else {**(other_languages or {}), lang: self._ids}

@@ -94,3 +94,21 @@ def test_export_refuses_a_full_folder_and_exported_models_refuse_other_settings(
         Recognizer(fp32.directory, dtype="bfloat16")
     with pytest.raises(InputError, match="--lang eng"):
         Recognizer(fp32.directory, lang="eng")
+
+
+def test_a_read_only_output_folder_is_one_line_naming_the_target(tmp_path, models, monkeypatch, capsys):
+    from pathlib import Path
+
+    source = models[0]
+    make_folder = Path.mkdir
+
+    def read_only(self, *args, **kwargs):  # as a read-only file system answers (root writes past permissions)
+        if self.parent == tmp_path:
+            raise OSError(30, "Read-only file system", str(self))
+        return make_folder(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    assert main(["export", str(source), str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"speechxfer export: error: {tmp_path / 'out'}: Read-only file system"]
+    assert not list(tmp_path.iterdir())

@@ -203,3 +203,10 @@ def test_encode_all_of_ascii_texts_with_a_vocabulary_past_the_ascii_range():
     vocab = Vocabulary((BLANK, UNK, WORD_DELIMITER, *"abcdefghijklmnopqrstuvwxyz", *map(chr, range(0x100, 0x300))))
     assert vocab.encode("ab z{") == [3, 4, 2, 28, 1] and vocab.encode("\u0101a") == [30, 3]
     assert Vocabulary.from_texts(["ab"]).encode("ab\x7f") == [3, 4, 1]  # past the table: unk
+
+
+def test_saving_into_a_file_is_an_error_naming_it(tmp_path):
+    (tmp_path / "taken").write_text("mine")
+    with pytest.raises(InputError, match=r"taken: the output folder is a file$"):
+        Vocabulary.from_texts(TRAIN).save(tmp_path / "taken")
+    assert (tmp_path / "taken").read_text() == "mine"
