@@ -258,8 +258,9 @@ def build_corpus(language: str, sentences: Iterable[str], out_dir: str | os.Path
         raise InputError("no sentences to speak")
     if Path(out_dir).exists() and not Path(out_dir).is_dir():  # mkdir would name out_dir/audio: "Not a directory"
         raise InputError("the output folder is a file", path=out_dir)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)  # first: an error then names out_dir, not out_dir/audio
     audio_dir = Path(out_dir) / "audio"
-    audio_dir.mkdir(parents=True, exist_ok=True)
+    audio_dir.mkdir(exist_ok=True)
     items = list(enumerate(chosen))
     shards = [_Shard(language, items[start:start + SHARD_SIZE], str(audio_dir.resolve()), seed, noise_snr_db)
               for start in range(0, len(items), SHARD_SIZE)]
