@@ -178,7 +178,8 @@ class BeamSearchDecoder:
         self.options = options
         self.frame_s = frame_s
         if not os.path.isfile(options.lm_path):
-            raise InputError("no such language model file", path=options.lm_path)
+            raise InputError("a folder, not a language model file" if os.path.isdir(options.lm_path) else
+                             "no such language model file", path=options.lm_path)
         kind = lm_format(options.lm_path)
         if kind is None:  # a text corpus, most often: it is what an LM is built from
             raise InputError("not an ARPA file or a KenLM binary (to build an ARPA model from text: "

@@ -164,6 +164,9 @@ def test_a_file_that_is_no_language_model_is_named_for_what_it_is_not(tmp_path, 
                 BeamSearchDecoder(VOCAB, BeamSearchOptions(str(path), lexicon_path), frame_s=FRAME_S)
             assert str(caught.value).startswith(f"{path}: not an ARPA file or a KenLM binary (to build an ARPA model "
                                                 "from text: speechxfer lm build")
+    with pytest.raises(InputError) as caught:
+        BeamSearchDecoder(VOCAB, BeamSearchOptions(str(tmp_path)), frame_s=FRAME_S)
+    assert str(caught.value) == f"{tmp_path}: a folder, not a language model file"
     # a gzipped ARPA file is one KenLM reads, but its words only come from a lexicon
     packed = tmp_path / "lm.arpa.gz"
     packed.write_bytes(gzip.compress(arpa.read_bytes()))
