@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
@@ -178,13 +178,19 @@ class BeamSearchDecoder:
         self.options = options
         self.frame_s = frame_s
         if not os.path.isfile(options.lm_path):
-            raise InputError("no such language model file", path=options.lm_path)
+            raise InputError("a folder, not a language model file" if os.path.isdir(options.lm_path) else
+                             "no such language model file", path=options.lm_path)
+        kind = lm_format(options.lm_path)
+        if kind is None:  # a text corpus, most often: it is what an LM is built from
+            raise InputError("not an ARPA file or a KenLM binary (to build an ARPA model from text: "
+                             "speechxfer lm build TEXT OUT.arpa)", path=options.lm_path)
         if options.lexicon_path is not None:
             entries = read_lexicon(options.lexicon_path, vocabulary)
             self.skipped_words = 0
         else:
-            if not is_arpa(options.lm_path):
-                raise InputError("a KenLM binary holds no readable word list: give --lexicon", path=options.lm_path)
+            if kind != "arpa":
+                raise InputError(f"{'a KenLM binary' if kind == 'kenlm' else 'a compressed file'} holds no readable "
+                                 "word list: give --lexicon", path=options.lm_path)
             entries, self.skipped_words = lexicon_from_arpa(options.lm_path, vocabulary)
         if not entries:
             raise InputError("no word of the lexicon can be spelled with the model's vocabulary",
@@ -268,13 +274,26 @@ def import_ctc_decoder():
     return ctc_decoder
 
 
-def is_arpa(path: str | os.PathLike) -> bool:
-    """Whether the file is an ARPA text LM (first non-blank line `\\data\\`), as opposed to a KenLM binary."""
+# How every KenLM binary starts (kenlm lm/binary_format.cc: kMagicBeforeVersion, and kMagicIncomplete of a build
+# that failed), and the compressed files KenLM opens when it is built with zlib, bzip2 and lzma: gzip, bzip2, xz.
+_KENLM_MAGIC = b"mmap lm http://kheafield.com/code"
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
+
+
+def lm_format(path: str | os.PathLike) -> Literal["arpa", "kenlm", "compressed"] | None:
+    """What an n-gram LM file is: "arpa" (text, first non-blank line `\\data\\`), "kenlm" (a KenLM binary),
+    "compressed" (gzip, bzip2 or xz: KenLM reads a compressed ARPA file), or None (anything else)."""
     with open(path, "rb") as f:
+        head = f.read(len(_KENLM_MAGIC))
+        if head.startswith(_KENLM_MAGIC):
+            return "kenlm"
+        if head.startswith(_COMPRESSED_MAGIC):
+            return "compressed"
+        f.seek(0)
         for line in f:
             if line.strip():
-                return line.strip() == b"\\data\\"
-    return False
+                return "arpa" if line.strip() == b"\\data\\" else None
+    return None
 
 
 def lexicon_from_arpa(path: str | os.PathLike, vocabulary: Vocabulary) -> tuple[dict[str, list[str]], int]:

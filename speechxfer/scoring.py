@@ -156,7 +156,8 @@ def score(refs: Mapping[str, str], hyps: Mapping[str, str], *, normalizer: TextN
     hypotheses by `normalize_hypothesis` with it.
 
     Utterances are scored in the references' order. Raises InputError for ids missing on one side (unless
-    allow_missing), for a reference the normalizer rejects, and when the scored references hold no word.
+    allow_missing), for a reference the normalizer rejects, and when the scored references hold no word; when
+    `refs` are Transcripts (read_transcripts, read_pair), a reference's error names its file and line.
     """
     missing = tuple(i for i in refs if i not in hyps)
     extra = tuple(i for i in hyps if i not in refs)
@@ -170,13 +171,13 @@ def score(refs: Mapping[str, str], hyps: Mapping[str, str], *, normalizer: TextN
     ids = [i for i in refs if i in hyps]
     if not ids:
         raise InputError("no utterance id appears in both the references and the hypotheses")
-    ref_texts = [_normalized_reference(refs[i], normalizer, i) for i in ids]
+    ref_texts = [_normalized_reference(refs, i, normalizer) for i in ids]
     hyp_texts = [normalize_hypothesis(hyps[i], normalizer) for i in ids]
     ref_words = [t.split() for t in ref_texts]
     hyp_words = [t.split() for t in hyp_texts]
     # Characters are those of the words: like `sclite -c`, the spaces between words are not scored.
-    per_utterance = [UtteranceScore(i, " ".join(r), " ".join(h), _aligned(r, h, i, "words"),
-                                    _aligned(list("".join(r)), list("".join(h)), i, "characters"))
+    per_utterance = [UtteranceScore(i, " ".join(r), " ".join(h), _aligned(r, h, refs, i, "words"),
+                                    _aligned(list("".join(r)), list("".join(h)), refs, i, "characters"))
                      for i, r, h in zip(ids, ref_words, hyp_words)]
 
     total_words = sum(u.ref_words for u in per_utterance)
@@ -231,18 +232,27 @@ def normalize_hypothesis(text: str, normalizer: TextNormalizer | None) -> str:
     return normalizer(text, reject=False).replace(_UNKNOWN_PLACEHOLDER, UNKNOWN_MARK)
 
 
-def _normalized_reference(text: str, normalizer: TextNormalizer | None, utterance_id: str) -> str:
+def _normalized_reference(refs: Mapping[str, str], utterance_id: str, normalizer: TextNormalizer | None) -> str:
     try:
-        return normalized_reference(text, normalizer)
+        return normalized_reference(refs[utterance_id], normalizer)
     except TextRejected as err:
-        raise InputError(f"utterance {utterance_id}: the normalizer rejects the reference: {err}") from None
+        raise InputError(f"utterance {utterance_id}: the normalizer rejects the reference: {err}",
+                         **_where(refs, utterance_id)) from None
 
 
-def _aligned(reference: list[str], hypothesis: list[str], utterance_id: str, unit: str) -> Alignment:
+def _aligned(reference: list[str], hypothesis: list[str], refs: Mapping[str, str], utterance_id: str,
+             unit: str) -> Alignment:
     try:
         return align(reference, hypothesis)
     except InputError as err:  # too long to align: say which utterance
-        raise InputError(f"utterance {utterance_id}, {unit}: {err}") from None
+        raise InputError(f"utterance {utterance_id}, {unit}: {err.message}", **_where(refs, utterance_id)) from None
+
+
+def _where(refs: Mapping[str, str], utterance_id: str) -> dict:
+    """InputError's path and line of a reference, when it was read from a file."""
+    if isinstance(refs, Transcripts):
+        return {"path": refs.path, "line": refs.lines[utterance_id]}
+    return {}
 
 
 def align(reference: list[str], hypothesis: list[str]) -> Alignment:
@@ -418,7 +428,17 @@ def format_report(report: ScoreReport) -> str:
 # --- reading transcript files ---------------------------------------------------------------------------
 
 
-def read_transcripts(path: str | os.PathLike, *, format: str = "auto") -> tuple[dict[str, str] | list[str], str]:
+class Transcripts(dict[str, str]):
+    """Utterance id -> text as read from `path`, with the line each came from (`lines`), so that a reference
+    `score` refuses is named by file and line."""
+
+    def __init__(self, path: str | os.PathLike):
+        super().__init__()
+        self.path = os.fspath(path)
+        self.lines: dict[str, int] = {}
+
+
+def read_transcripts(path: str | os.PathLike, *, format: str = "auto") -> tuple[Transcripts | list[str], str]:
     """Read a transcript file; returns (id -> text, or texts in line order for plain files, format used).
 
     Formats: "kaldi" (`id text` per line; an id alone is an empty text), "tsv" (header with `id` and `text`
@@ -459,8 +479,8 @@ def _detect_format(path: Path, lines: list[str]) -> str:
     return "lines"
 
 
-def _read_kaldi(path: Path, lines: list[str]) -> dict[str, str]:
-    texts: dict[str, str] = {}
+def _read_kaldi(path: Path, lines: list[str]) -> Transcripts:
+    texts = Transcripts(path)
     for number, line in enumerate(lines, start=1):
         parts = line.strip().split(maxsplit=1)
         if not parts:
@@ -469,14 +489,14 @@ def _read_kaldi(path: Path, lines: list[str]) -> dict[str, str]:
     return texts
 
 
-def _read_tsv(path: Path, lines: list[str]) -> dict[str, str]:
+def _read_tsv(path: Path, lines: list[str]) -> Transcripts:
     if not lines:
         raise InputError("empty file: expected a header with 'id' and 'text' columns", path=path)
     header = [c.strip().lower() for c in lines[0].split("\t")]
     if "id" not in header or "text" not in header:
         raise InputError(f"the header must name 'id' and 'text' columns, got {lines[0]!r}", path=path, line=1)
     id_col, text_col = header.index("id"), header.index("text")
-    texts: dict[str, str] = {}
+    texts = Transcripts(path)
     for number, line in enumerate(lines[1:], start=2):
         if not line.strip():
             continue
@@ -488,8 +508,8 @@ def _read_tsv(path: Path, lines: list[str]) -> dict[str, str]:
     return texts
 
 
-def _read_jsonl(path: Path, lines: list[str]) -> dict[str, str]:
-    texts: dict[str, str] = {}
+def _read_jsonl(path: Path, lines: list[str]) -> Transcripts:
+    texts = Transcripts(path)
     for number, row in read_jsonl(path):
         if not isinstance(row, dict) or not isinstance(row.get("id"), (str, int)) or isinstance(row["id"], bool):
             raise InputError("expected a JSON object with an 'id' (string)", path=path, line=number)
@@ -503,16 +523,17 @@ def _read_lines(path: Path, lines: list[str]) -> list[str]:
     return list(lines)
 
 
-def _add(texts: dict[str, str], utterance_id: str, text: str, path: Path, line: int) -> None:
+def _add(texts: Transcripts, utterance_id: str, text: str, path: Path, line: int) -> None:
     if not utterance_id:
         raise InputError("empty utterance id", path=path, line=line)
     if utterance_id in texts:
         raise InputError(f"duplicate utterance id {utterance_id!r}", path=path, line=line)
     texts[utterance_id] = text
+    texts.lines[utterance_id] = line
 
 
 def read_pair(ref_path: str | os.PathLike, hyp_path: str | os.PathLike, *, ref_format: str = "auto",
-              hyp_format: str = "auto") -> tuple[dict[str, str], dict[str, str], str, str]:
+              hyp_format: str = "auto") -> tuple[Transcripts, Transcripts, str, str]:
     """Read references and hypotheses for `score`: (refs, hyps, ref format, hyp format).
 
     Files with ids pair by id; two plain files pair by line (ids are line numbers from 1); a plain file cannot
@@ -528,6 +549,14 @@ def read_pair(ref_path: str | os.PathLike, hyp_path: str | os.PathLike, *, ref_f
         if len(refs) != len(hyps):
             raise InputError(f"plain files pair by line, but the references have {len(refs)} lines and the "
                              f"hypotheses {len(hyps)}", path=hyp_path)
-        refs = {str(n): t for n, t in enumerate(refs, start=1)}
-        hyps = {str(n): t for n, t in enumerate(hyps, start=1)}
+        refs, hyps = _by_line(refs, ref_path), _by_line(hyps, hyp_path)
     return refs, hyps, ref_fmt, hyp_fmt
+
+
+def _by_line(texts: list[str], path: str | os.PathLike) -> Transcripts:
+    """A plain file's lines keyed by their line numbers from 1."""
+    keyed = Transcripts(path)
+    for number, text in enumerate(texts, start=1):
+        keyed[str(number)] = text
+        keyed.lines[str(number)] = number
+    return keyed

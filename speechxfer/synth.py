@@ -230,9 +230,13 @@ def _noise(samples: np.ndarray, *, snr_db: float, rng: np.random.Generator) -> n
 def read_sentences(path: str | os.PathLike) -> list[str]:
     """Non-empty lines of a UTF-8 text file, stripped, first occurrences only. InputError names the file."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise InputError(f"cannot read sentences: {err}", path=path) from err
+        data = Path(path).read_bytes()
+    except OSError as err:  # its strerror alone: str(err) would name the path a second time
+        raise InputError(f"cannot read sentences: {err.strerror}", path=path) from None
+    try:
+        lines = data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise InputError(f"not UTF-8 ({err.reason})", path=path, line=data[:err.start].count(b"\n") + 1) from None
     sentences = list(dict.fromkeys(line.strip() for line in lines if line.strip()))
     if not sentences:
         raise InputError("no sentences", path=path)
@@ -252,8 +256,11 @@ def build_corpus(language: str, sentences: Iterable[str], out_dir: str | os.Path
     chosen = list(dict.fromkeys(sentences))[:count]
     if not chosen:
         raise InputError("no sentences to speak")
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():  # mkdir would name out_dir/audio: "Not a directory"
+        raise InputError("the output folder is a file", path=out_dir)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)  # first: an error then names out_dir, not out_dir/audio
     audio_dir = Path(out_dir) / "audio"
-    audio_dir.mkdir(parents=True, exist_ok=True)
+    audio_dir.mkdir(exist_ok=True)
     items = list(enumerate(chosen))
     shards = [_Shard(language, items[start:start + SHARD_SIZE], str(audio_dir.resolve()), seed, noise_snr_db)
               for start in range(0, len(items), SHARD_SIZE)]

@@ -107,6 +107,13 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
     the folder of recipe.base; a run locks it, so a second one is refused. At start, what a kill left half written
     is completed or deleted (_recover_output_dir), so a killed run can always be resumed.
     """
+    # Whatever way the run ends, an error included, its progress bar is closed here: left to close when the frame
+    # of an error goes, it would draw itself again after the caller's message about that error.
+    with contextlib.ExitStack() as closing:
+        return _train(recipe, resume=resume, closing=closing)
+
+
+def _train(recipe: Recipe, *, resume: bool, closing: contextlib.ExitStack) -> TrainResult:
     opts = recipe.train
     out = Path(recipe.output_dir)
     run = Path(recipe.run_dir)  # this run's own files: out, or out/<lang> for an adapter
@@ -324,8 +331,9 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
         by_updates = state["update"] / opts.max_updates
         return by_updates if budget_s is None else max(by_updates, state["elapsed_s"] / budget_s)
 
-    progress = progress_bar(show=accelerator.is_main_process, total=opts.max_updates if budget_s is None else None,
-                            initial=state["update"], dynamic_ncols=True, desc="train")
+    progress = closing.enter_context(progress_bar(show=accelerator.is_main_process, initial=state["update"],
+                                                  total=opts.max_updates if budget_s is None else None,
+                                                  dynamic_ncols=True, desc="train"))
     stopped_early = False
     window = {"loss_sum": 0.0, "utterances": 0, "audio_s": 0.0, "start": time.perf_counter()}
     done = share_done()

@@ -120,6 +120,8 @@ class Recognizer:
         else:
             self.device = _pick_device(device)
             self.model = load_ctc_model(directory)
+        if not Path(directory, "preprocessor_config.json").is_file():  # transformers' message is a paragraph
+            raise InputError("no preprocessor_config.json in this model folder", path=directory)
         try:
             extractor = Wav2Vec2FeatureExtractor.from_pretrained(directory)
         except (OSError, ValueError, RecursionError) as err:  # RecursionError: JSON nested a thousand deep

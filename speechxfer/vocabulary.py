@@ -193,10 +193,14 @@ def language_vocabularies(directory: str | os.PathLike) -> dict[str, dict[str, i
 
 def _read_json(path: Path) -> dict:
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
+        data = path.read_bytes()
     except OSError as err:
         raise InputError(f"cannot read: {err.strerror}", path=path) from None
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:  # RecursionError: nested 1000 deep
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise InputError(f"not UTF-8 ({err.reason})", path=path, line=data[:err.start].count(b"\n") + 1) from None
+    except (json.JSONDecodeError, RecursionError) as err:  # RecursionError: nested 1000 deep
         raise InputError(f"not valid JSON: {err}", path=path, line=getattr(err, "lineno", None)) from None
     if not isinstance(value, dict):
         raise InputError(f"expected a JSON object, got {type(value).__name__}", path=path)

@@ -1,3 +1,4 @@
+import gzip
 import math
 import shutil
 import subprocess
@@ -146,6 +147,36 @@ def test_lexicon_file_and_its_errors(tmp_path, arpa):
     bad.write_text("\\data\\\nngram 1=1\n\n\\1-grams:\n-1.0\tcat\n\n\\end\\\n", encoding="utf-8")
     with pytest.raises(InputError, match="bad.arpa: cannot load the language model"):
         BeamSearchDecoder(VOCAB, BeamSearchOptions(str(bad)), frame_s=FRAME_S)
+
+
+def test_a_file_that_is_no_language_model_is_named_for_what_it_is_not(tmp_path, arpa):
+    lexicon = tmp_path / "lexicon.txt"
+    lexicon.write_text("cat\tc a t |\n", encoding="utf-8")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("cat cut\ncut cat\n", encoding="utf-8")
+    noise = tmp_path / "noise.bin"
+    noise.write_bytes(bytes(range(256)) * 4)
+    empty = tmp_path / "empty.arpa"
+    empty.write_bytes(b"")
+    for path in (corpus, noise, empty):
+        for lexicon_path in (None, str(lexicon)):  # KenLM never sees it: one message either way
+            with pytest.raises(InputError) as caught:
+                BeamSearchDecoder(VOCAB, BeamSearchOptions(str(path), lexicon_path), frame_s=FRAME_S)
+            assert str(caught.value).startswith(f"{path}: not an ARPA file or a KenLM binary (to build an ARPA model "
+                                                "from text: speechxfer lm build")
+    with pytest.raises(InputError) as caught:
+        BeamSearchDecoder(VOCAB, BeamSearchOptions(str(tmp_path)), frame_s=FRAME_S)
+    assert str(caught.value) == f"{tmp_path}: a folder, not a language model file"
+    # a gzipped ARPA file is one KenLM reads, but its words only come from a lexicon
+    packed = tmp_path / "lm.arpa.gz"
+    packed.write_bytes(gzip.compress(arpa.read_bytes()))
+    with pytest.raises(InputError, match=r"lm\.arpa\.gz: a compressed file holds no readable word list: give "
+                                         "--lexicon"):
+        BeamSearchDecoder(VOCAB, BeamSearchOptions(str(packed)), frame_s=FRAME_S)
+    log_probs = path_log_probs("_c_u_t_ _", ambiguous={3: ("a", 0.44)})
+    log_probs[3, VOCAB.tokens.index("u")] = torch.tensor(0.46).log()
+    decoder = BeamSearchDecoder(VOCAB, BeamSearchOptions(str(packed), str(lexicon), lm_weight=1.0), frame_s=FRAME_S)
+    assert decode_batch(decoder, log_probs[None], torch.tensor([len(log_probs)]))[0].text == "cat"
 
 
 @pytest.mark.skipif(shutil.which("build_binary") is None, reason="KenLM's build_binary is not on PATH")

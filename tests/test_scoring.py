@@ -418,7 +418,37 @@ def test_a_reference_that_keeps_the_unknown_mark_is_refused_not_matched(tmp_path
     (tmp_path / "hyp.txt").write_text("u-1 casa\nu-2 la <unk> casa\n", encoding="utf-8")
     assert main(["wer", str(tmp_path / "ref.txt"), str(tmp_path / "hyp.txt"), "--normalize", "none"]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 1 and err[0].startswith("speechxfer wer: error: utterance u-2: the normalizer rejects")
+    assert len(err) == 1 and err[0].startswith(f"speechxfer wer: error: {tmp_path / 'ref.txt'}:2: utterance u-2: "
+                                               "the normalizer rejects")
+
+
+@pytest.mark.parametrize("fmt, body, line", [
+    ("kaldi", "u-1 casa\n\nu-2 casa 7\n", 3),
+    ("tsv", "id\ttext\nu-1\tcasa\nu-2\tcasa 7\n", 3),
+    ("jsonl", '{"id": "u-1", "text": "casa"}\n{"id": "u-2", "text": "casa 7"}\n', 2),
+    ("lines", "casa\n\ncasa 7\n", 3),
+], ids=["kaldi", "tsv", "jsonl", "lines"])
+def test_wer_names_the_file_and_line_of_a_rejected_reference(tmp_path, capsys, fmt, body, line):
+    # a manifest is one of the JSONL forms: its extra fields do not matter
+    ref = tmp_path / ("ref.jsonl" if fmt == "jsonl" else f"ref.{fmt}")
+    ref.write_text(body, encoding="utf-8")
+    hyp = tmp_path / "hyp.txt"
+    hyp.write_text("u-1 casa\nu-2 casa\n" if fmt != "lines" else "casa\n\ncasa\n", encoding="utf-8")
+    digits = tmp_path / "digits.yaml"
+    digits.write_text("text:\n  digits: reject\n", encoding="utf-8")
+    assert main(["wer", str(ref), str(hyp), "--normalize", str(digits)]) == 2
+    utterance = "3" if fmt == "lines" else "u-2"
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'casa 7'" in err
+    assert err.startswith(f"speechxfer wer: error: {ref}:{line}: utterance {utterance}: the normalizer rejects the "
+                          "reference: ")
+    # outside the alphabet: the same place
+    alphabet = tmp_path / "alphabet.yaml"
+    alphabet.write_text("text:\n  alphabet: acs\n", encoding="utf-8")
+    ref.write_text(body.replace("casa 7", "casa ñ"), encoding="utf-8")
+    assert main(["wer", str(ref), str(hyp), "--normalize", str(alphabet)]) == 2
+    assert capsys.readouterr().err.startswith(f"speechxfer wer: error: {ref}:{line}: utterance {utterance}: ")
+
 
 
 def test_alignment_never_beats_jiwers_minimum_edit_distance():
@@ -449,8 +479,8 @@ def test_wer_refuses_a_line_too_long_to_align_in_one_line(tmp_path, capsys):
     assert main(["wer", ref, hyp, "--bootstrap", "0"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
-    assert err.startswith("speechxfer wer: error: utterance utt_2, words: 40,000 reference x 40,000 hypothesis "
-                          "tokens (1.6e+09 cells)")
+    assert err.startswith(f"speechxfer wer: error: {ref}:2: utterance utt_2, words: 40,000 reference x 40,000 "
+                          "hypothesis tokens (1.6e+09 cells)")
     assert "split the text into shorter utterances" in err
 
 

@@ -12,8 +12,10 @@ import pytest
 import soundfile as sf
 
 from speechxfer.cli import main as cli_main
+from speechxfer.errors import InputError
 from speechxfer.manifest import load_manifest
-from speechxfer.synth import Voice, _ProgramEspeak, build_corpus, espeak_available, is_plain_sentence
+from speechxfer.synth import (Voice, _ProgramEspeak, build_corpus, espeak_available, is_plain_sentence,
+                              read_sentences)
 
 ROOT = Path(__file__).resolve().parent.parent
 needs_espeak = pytest.mark.skipif(not espeak_available(), reason="espeak-ng is not installed (speechxfer[synth])")
@@ -90,6 +92,23 @@ def test_unknown_voice_is_a_one_line_error(tmp_path, capsys):
     sentences.write_text("Un dos tres cuatro.\n", encoding="utf-8")
     assert cli_main(["synth", "xx-nothing", str(sentences), str(tmp_path / "out"), "--jobs", "1"]) == 2
     assert "xx-nothing" in capsys.readouterr().err
+
+
+def test_bad_sentence_files_and_output_folders_are_one_line_naming_the_path(tmp_path, capsys):
+    sentences = tmp_path / "s.txt"
+    sentences.write_text("Un dos tres cuatro.\n", encoding="utf-8")
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("Un dos tres.\n".encode() + "Cinco seis siete ocho ñ.\n".encode("latin-1"))
+    with pytest.raises(InputError, match=r"latin1\.txt:2: not UTF-8 \(invalid continuation byte\)$"):
+        read_sentences(latin1)
+    # a folder as SENTENCES_FILE, a file as OUTDIR: no espeak-ng needed to be told
+    for argv, message in (
+            ([str(tmp_path), str(tmp_path / "out")], f"{tmp_path}: cannot read sentences: Is a directory"),
+            ([str(sentences), str(sentences)], f"{sentences}: the output folder is a file"),
+            ([str(sentences), str(sentences / "out")], f"{sentences / 'out'}: Not a directory")):
+        assert cli_main(["synth", "es", *argv, "--jobs", "1"]) == 2
+        assert capsys.readouterr().err == f"speechxfer synth: error: {message}\n"
+    assert not (tmp_path / "out").exists() and sentences.read_text(encoding="utf-8") == "Un dos tres cuatro.\n"
 
 
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="no espeak-ng program")

@@ -173,6 +173,22 @@ def test_a_model_file_of_json_nested_thousands_deep_is_an_input_error(tmp_path, 
     assert str(caught.value).startswith(str(folder))
 
 
+def test_a_model_folder_without_preprocessor_config_is_one_line_naming_the_folder(tmp_path, model_dir, capsys):
+    import shutil
+
+    folder = Path(shutil.copytree(model_dir, tmp_path / "model"))
+    (folder / "preprocessor_config.json").unlink()
+    with pytest.raises(InputError) as caught:
+        Recognizer(folder, device="cpu")
+    assert str(caught.value) == f"{folder}: no preprocessor_config.json in this model folder"
+    wave = varying_noise(tmp_path / "a.wav", duration_s=1.0)
+    assert main(["transcribe", str(folder), str(wave)]) == 2
+    err = capsys.readouterr().err  # transformers' bar of the weights it loaded may come first
+    assert err.endswith("\n") and err.splitlines()[-1] == (f"speechxfer transcribe: error: {folder}: no "
+                                                           "preprocessor_config.json in this model folder")
+    assert "Traceback" not in err and "If you were trying" not in err
+
+
 def test_an_adapter_model_switches_weights_head_and_vocabulary_per_language(tmp_path, model_dir):
     from safetensors.torch import load_file
 

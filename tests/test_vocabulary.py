@@ -105,6 +105,11 @@ def test_load_reads_other_checkpoints_vocabularies(tmp_path):
     (broken / "vocab.json").write_text('{"a": 0, "b": 2}')
     with pytest.raises(InputError, match="without gaps"):
         Vocabulary.load(broken)
+    # saved in Latin-1: the line of the first byte that is not UTF-8, not the codec's own sentence
+    (broken / "vocab.json").write_bytes('{"a": 0,\n "é": 1}'.encode("latin-1"))
+    with pytest.raises(InputError) as caught:
+        Vocabulary.load(broken)
+    assert str(caught.value) == f"{broken / 'vocab.json'}:2: not UTF-8 (invalid continuation byte)"
 
 
 def test_charset_audit_lists_unseen_characters_with_counts_and_examples():
