@@ -31,7 +31,7 @@ def atomic_write(path: str | os.PathLike, *, binary: bool = False) -> Iterator[I
     try:
         f = open(temp, "xb") if binary else open(temp, "x", encoding="utf-8")
     except OSError as err:  # a read-only or missing folder: named by `path`, as the user gave it
-        raise _about(err, path) from None
+        raise error_naming(err, path) from None
     try:
         with f:
             yield f
@@ -40,15 +40,15 @@ def atomic_write(path: str | os.PathLike, *, binary: bool = False) -> Iterator[I
         try:
             os.replace(temp, path)
         except OSError as err:  # `path` is a folder, say
-            raise _about(err, path) from None
+            raise error_naming(err, path) from None
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
     sync_folder(path.parent)
 
 
-def _about(err: OSError, path: Path) -> OSError:
-    """`err` (of its own subclass) naming `path` instead of the temporary file nobody asked for."""
+def error_naming(err: OSError, path: str | os.PathLike) -> OSError:
+    """`err` (of its own subclass) naming `path` instead of the hidden temporary file or folder nobody asked for."""
     return OSError(err.errno, err.strerror, os.fspath(path))
 
 

@@ -37,6 +37,15 @@ class InputError(SpeechxferError):
         return f"{where}: {self.message}"
 
 
+def decoded_text(data: bytes, path: str | os.PathLike, *, encoding: str = "utf-8") -> str:
+    """`data`, a file's bytes, as text; InputError naming `path` and the line of the first byte that is not
+    UTF-8 (`encoding`: "utf-8", or "utf-8-sig" to drop a byte-order mark)."""
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as err:
+        raise InputError(f"not UTF-8 ({err.reason})", path=path, line=data[:err.start].count(b"\n") + 1) from None
+
+
 class AudioError(InputError):
     """Audio that cannot be read, is empty, or holds non-finite samples."""
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from speechxfer.atomic import atomic_write, follow_umask, sync_folder
+from speechxfer.atomic import atomic_write, error_naming, follow_umask, sync_folder
 from speechxfer.compat import quiet_quantization_advice
 from speechxfer.errors import InputError, SpeechxferError
 from speechxfer.evaluate import model_normalization
@@ -97,7 +97,7 @@ def export_model(model: str | os.PathLike, output_dir: str | os.PathLike, *, qua
     try:
         staging.mkdir()
     except OSError as err:  # a read-only folder: named by the target asked for, not the hidden staging folder
-        raise OSError(err.errno, err.strerror, os.fspath(target)) from None
+        raise error_naming(err, target) from None
     try:
         _write_graph(source, staging / EXPORTED_MODEL_FILE, quantize=quantize, lang=lang)
         _copy_settings(source, staging)

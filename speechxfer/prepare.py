@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from speechxfer.audio import audio_duration_s, file_problem
-from speechxfer.errors import AudioError, InputError, Problem
+from speechxfer.errors import AudioError, InputError, Problem, decoded_text
 from speechxfer.manifest import ManifestSummary, Utterance, read_jsonl, summarize, write_manifest
 
 FORMATS = ("commonvoice", "csv", "tsv", "kaldi", "audiofolder", "nemo", "asterisk")
@@ -228,10 +228,7 @@ def _read_text(path: Path) -> str:
         data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     except (OSError, EOFError) as err:
         raise InputError(f"cannot read: {err}", path=path) from err
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise InputError(f"not UTF-8 ({err.reason})", path=path, line=data[:err.start].count(b"\n") + 1) from None
+    return decoded_text(data, path, encoding="utf-8-sig")
 
 
 def _numbered_lines(path: Path) -> Iterator[tuple[int, str]]:

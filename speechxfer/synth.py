@@ -27,7 +27,7 @@ import soundfile as sf
 import soxr
 
 from speechxfer.audio import SAMPLE_RATE_HZ
-from speechxfer.errors import InputError, Problem, SpeechxferError
+from speechxfer.errors import InputError, Problem, SpeechxferError, decoded_text
 from speechxfer.manifest import Utterance, write_manifest
 
 # espeak-ng voice variants that sound like plain speech (whisper, croak and the novelty voices are left out).
@@ -233,10 +233,7 @@ def read_sentences(path: str | os.PathLike) -> list[str]:
         data = Path(path).read_bytes()
     except OSError as err:  # its strerror alone: str(err) would name the path a second time
         raise InputError(f"cannot read sentences: {err.strerror}", path=path) from None
-    try:
-        lines = data.decode("utf-8").splitlines()
-    except UnicodeDecodeError as err:
-        raise InputError(f"not UTF-8 ({err.reason})", path=path, line=data[:err.start].count(b"\n") + 1) from None
+    lines = decoded_text(data, path).splitlines()
     sentences = list(dict.fromkeys(line.strip() for line in lines if line.strip()))
     if not sentences:
         raise InputError("no sentences", path=path)

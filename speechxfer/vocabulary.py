@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from speechxfer.errors import InputError, Problem
+from speechxfer.errors import InputError, Problem, decoded_text
 from speechxfer.manifest import read_manifest
 from speechxfer.text import TextNormalizer, TextRejected, code_points
 
@@ -196,10 +196,9 @@ def _read_json(path: Path) -> dict:
         data = path.read_bytes()
     except OSError as err:
         raise InputError(f"cannot read: {err.strerror}", path=path) from None
+    text = decoded_text(data, path)
     try:
-        value = json.loads(data.decode("utf-8"))
-    except UnicodeDecodeError as err:
-        raise InputError(f"not UTF-8 ({err.reason})", path=path, line=data[:err.start].count(b"\n") + 1) from None
+        value = json.loads(text)
     except (json.JSONDecodeError, RecursionError) as err:  # RecursionError: nested 1000 deep
         raise InputError(f"not valid JSON: {err}", path=path, line=getattr(err, "lineno", None)) from None
     if not isinstance(value, dict):
