@@ -478,7 +478,8 @@ def _cmd_evaluate(args) -> int:
     from speechxfer.evaluate import describe_left_out, evaluate, model_normalization
     from speechxfer.scoring import format_report
     from speechxfer.text import TextNormalizer, load_text_options
-    from speechxfer.transcribe import Ranks, output_folder
+    from speechxfer.errors import output_folder
+    from speechxfer.transcribe import Ranks
 
     options, beam = _transcribe_options(args), _beam_options(args, model=args.model)
     output_folder(args.output_dir)  # a bad output folder stops the command before the model loads

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 
 def first_line(err: BaseException) -> str:
@@ -44,6 +45,20 @@ def decoded_text(data: bytes, path: str | os.PathLike, *, encoding: str = "utf-8
         return data.decode(encoding)
     except UnicodeDecodeError as err:
         raise InputError(f"not UTF-8 ({err.reason})", path=path, line=data[:err.start].count(b"\n") + 1) from None
+
+
+def output_folder(directory: str | os.PathLike, *, create: bool = True) -> Path:
+    """`directory` as a Path, created with its parents unless create=False; InputError naming it when it is a
+    file (mkdir would say only "File exists", or name a file inside it) or cannot be created."""
+    path = Path(directory)
+    if path.exists() and not path.is_dir():
+        raise InputError("the output folder is a file", path=directory)
+    if create:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise InputError(f"cannot create the output folder: {err.strerror}", path=directory) from None
+    return path
 
 
 class AudioError(InputError):

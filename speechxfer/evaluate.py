@@ -13,13 +13,12 @@ from pathlib import Path
 
 from speechxfer.decoding import BeamSearchDecoder, Decoder
 from speechxfer.atomic import atomic_write
-from speechxfer.errors import InputError, Problem
+from speechxfer.errors import InputError, Problem, output_folder
 from speechxfer.manifest import read_jsonl, read_manifest
 from speechxfer.scoring import (ScoreReport, format_report, render_alignment, score, worst_utterances,
                                 write_per_utterance_tsv)
 from speechxfer.text import TextNormalizer, normalized_references
-from speechxfer.transcribe import (AudioSegment, Ranks, Recognizer, TranscribeOptions, Transcription,
-                                   output_folder, transcribe)
+from speechxfer.transcribe import AudioSegment, Ranks, Recognizer, TranscribeOptions, Transcription, transcribe
 
 HYPOTHESES_NAME = "hypotheses.jsonl"
 

@@ -27,7 +27,7 @@ import soundfile as sf
 import soxr
 
 from speechxfer.audio import SAMPLE_RATE_HZ
-from speechxfer.errors import InputError, Problem, SpeechxferError, decoded_text
+from speechxfer.errors import InputError, Problem, SpeechxferError, decoded_text, output_folder
 from speechxfer.manifest import Utterance, write_manifest
 
 # espeak-ng voice variants that sound like plain speech (whisper, croak and the novelty voices are left out).
@@ -253,10 +253,7 @@ def build_corpus(language: str, sentences: Iterable[str], out_dir: str | os.Path
     chosen = list(dict.fromkeys(sentences))[:count]
     if not chosen:
         raise InputError("no sentences to speak")
-    if Path(out_dir).exists() and not Path(out_dir).is_dir():  # mkdir would name out_dir/audio: "Not a directory"
-        raise InputError("the output folder is a file", path=out_dir)
-    Path(out_dir).mkdir(parents=True, exist_ok=True)  # first: an error then names out_dir, not out_dir/audio
-    audio_dir = Path(out_dir) / "audio"
+    audio_dir = output_folder(out_dir) / "audio"  # out_dir first: an error then names it, not out_dir/audio
     audio_dir.mkdir(exist_ok=True)
     items = list(enumerate(chosen))
     shards = [_Shard(language, items[start:start + SHARD_SIZE], str(audio_dir.resolve()), seed, noise_snr_db)

@@ -45,7 +45,7 @@ from speechxfer.batching import (DurationBatchSampler, Examples, FrameGeometry, 
 from speechxfer.decoding import GreedyDecoder, decode_batch
 from speechxfer.compat import (enable_gradient_checkpointing, fused_optimizer_supported, progress_bar,
                                reset_accelerator_state)
-from speechxfer.errors import InputError, Problem, first_line
+from speechxfer.errors import InputError, Problem, first_line, output_folder
 from speechxfer.freezing import apply_freezing, parameter_groups, parameter_table
 from speechxfer.manifest import Utterance, UtteranceTable, check_held_out, read_jsonl, read_manifest_table
 from speechxfer.recipe import Recipe, TrainOptions, resolved_yaml
@@ -606,8 +606,7 @@ def _check_output_dir(recipe: Recipe, *, resume: bool) -> None:
             where = "is" if out == base else "is inside" if base in out.parents else "holds"
             raise InputError(f"the output folder {where} the source checkpoint's folder {base}: training would write "
                              "over the model it starts from; choose another output_dir", path=out)
-    if out.exists() and not out.is_dir():
-        raise InputError("output_dir is a file, not a folder", path=out)
+    output_folder(out, create=False)
     entries = sorted(os.listdir(out)) if out.is_dir() else []
     is_run = (out / RUN_MARKER).is_file() or (out / "last").is_dir() or (out / LAST_STAGING).is_dir()
     if resume and not is_run:

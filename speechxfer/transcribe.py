@@ -29,7 +29,7 @@ from speechxfer.audio import AUDIO_SUFFIXES, audio_duration_s, load_audio
 from speechxfer.batching import frame_geometry, inference_batches
 from speechxfer.compat import progress_bar
 from speechxfer.decoding import Decoder, Transcript, WordTiming
-from speechxfer.errors import AudioError, InputError, Problem, first_line
+from speechxfer.errors import AudioError, InputError, Problem, first_line, output_folder
 from speechxfer.feature_encoder import use_blocked_feature_encoder
 from speechxfer.vocabulary import Vocabulary
 
@@ -726,18 +726,6 @@ class OutputWriter:
         self.ranks.barrier()
         if self.ranks.rank == 0:
             self._merge([s.id for s in order])
-
-
-def output_folder(directory: str | os.PathLike) -> Path:
-    """The folder, created if need be; InputError when it is a file or cannot be created."""
-    path = Path(directory)
-    if path.exists() and not path.is_dir():
-        raise InputError("the output folder is a file", path=directory)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise InputError(f"cannot create the output folder: {err.strerror}", path=directory) from None
-    return path
 
 
 _TSV_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from speechxfer.errors import InputError, Problem, decoded_text
+from speechxfer.errors import InputError, Problem, decoded_text, output_folder
 from speechxfer.manifest import read_manifest
 from speechxfer.text import TextNormalizer, TextRejected, code_points
 
@@ -132,10 +132,7 @@ class Vocabulary:
         """
         from transformers import Wav2Vec2CTCTokenizer
 
-        directory = Path(directory)
-        if directory.exists() and not directory.is_dir():  # mkdir would say "File exists"
-            raise InputError("the output folder is a file", path=directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        directory = output_folder(directory)
         vocab_file = directory / "vocab.json"
         table = self._ids if lang is None else {**(other_languages or {}), lang: self._ids}
         vocab_file.write_text(json.dumps(table, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")

@@ -105,7 +105,8 @@ def test_bad_sentence_files_and_output_folders_are_one_line_naming_the_path(tmp_
     for argv, message in (
             ([str(tmp_path), str(tmp_path / "out")], f"{tmp_path}: cannot read sentences: Is a directory"),
             ([str(sentences), str(sentences)], f"{sentences}: the output folder is a file"),
-            ([str(sentences), str(sentences / "out")], f"{sentences / 'out'}: Not a directory")):
+            ([str(sentences), str(sentences / "out")], f"{sentences / 'out'}: cannot create the output folder: Not a "
+                                                         "directory")):
         assert cli_main(["synth", "es", *argv, "--jobs", "1"]) == 2
         assert capsys.readouterr().err == f"speechxfer synth: error: {message}\n"
     assert not (tmp_path / "out").exists() and sentences.read_text(encoding="utf-8") == "Un dos tres cuatro.\n"

@@ -942,6 +942,13 @@ def test_a_folder_that_is_not_a_run_is_refused_and_left_alone(tmp_path, corpus, 
     assert "holds no speechxfer run (config.json, model-card-draft.md, model-old/)" in err and str(out) in err
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
     assert (out / "model-card-draft.md").read_text() == "# draft\n"
+    # a file: not touched either
+    taken = tmp_path / "taken"
+    taken.write_text("mine\n")
+    recipe = write_recipe(tmp_path / "recipe.yaml", base=tmp_path / "none", manifests=corpus, output_dir=taken)
+    assert main(["train", str(recipe)]) == 2  # the wording every stage gives (errors.output_folder)
+    assert capsys.readouterr().err == f"speechxfer train: error: {taken}: the output folder is a file\n"
+    assert taken.read_text() == "mine\n"
 
 
 @pytest.mark.parametrize("where", ["same", "inside", "holds"])
