@@ -167,10 +167,11 @@ def score(refs: Mapping[str, str], hyps: Mapping[str, str], *, normalizer: TextN
             parts.append(f"{len(missing)} reference id(s) without a hypothesis: {_some(missing)}")
         if extra:
             parts.append(f"{len(extra)} hypothesis id(s) without a reference: {_some(extra)}")
-        raise InputError("; ".join(parts) + " (--allow-missing scores the ids both sides have, as sclite does)")
+        raise InputError("; ".join(parts) + f"{_files(refs, hyps)} (--allow-missing scores the ids both sides have, "
+                         "as sclite does)")
     ids = [i for i in refs if i in hyps]
     if not ids:
-        raise InputError("no utterance id appears in both the references and the hypotheses")
+        raise InputError(f"no utterance id appears in both the references and the hypotheses{_files(refs, hyps)}")
     ref_texts = [_normalized_reference(refs, i, normalizer) for i in ids]
     hyp_texts = [normalize_hypothesis(hyps[i], normalizer) for i in ids]
     ref_words = [t.split() for t in ref_texts]
@@ -182,7 +183,8 @@ def score(refs: Mapping[str, str], hyps: Mapping[str, str], *, normalizer: TextN
 
     total_words = sum(u.ref_words for u in per_utterance)
     if total_words == 0:
-        raise InputError("the references hold no words, so WER is undefined")
+        raise InputError("the references hold no words, so WER is undefined",
+                         path=refs.path if isinstance(refs, Transcripts) else None)
     total_chars = sum(u.ref_chars for u in per_utterance)
     word_errors = np.array([u.words.errors for u in per_utterance])
     char_errors = np.array([u.chars.errors for u in per_utterance])
@@ -214,6 +216,13 @@ def score(refs: Mapping[str, str], hyps: Mapping[str, str], *, normalizer: TextN
         bootstrap=bootstrap,
         seed=seed,
     )
+
+
+def _files(refs: Mapping[str, str], hyps: Mapping[str, str]) -> str:
+    """" (references: PATH, hypotheses: PATH)", naming the files of those that are Transcripts; "" for neither."""
+    named = [f"{side}: {texts.path}" for side, texts in (("references", refs), ("hypotheses", hyps))
+             if isinstance(texts, Transcripts)]
+    return f" ({', '.join(named)})" if named else ""
 
 
 def _some(ids: tuple[str, ...], limit: int = 10) -> str:

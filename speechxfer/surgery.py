@@ -33,7 +33,7 @@ from speechxfer.audio import SAMPLE_RATE_HZ
 from speechxfer.compat import adapter_weights, optional_model_file, quiet_load_report
 from speechxfer.config import AT_LEAST_ONE, SHARE, Check, check_fields, checked
 from speechxfer.errors import InputError, first_line
-from speechxfer.vocabulary import Vocabulary, language_vocabularies
+from speechxfer.vocabulary import Vocabulary, language_vocabularies, read_json_object
 
 # Source tokens that play the blank / unknown / word-delimiter role in the conventions of HF, fairseq and MMS
 # vocabularies; the blank is taken from the source config's pad_token_id first.
@@ -549,6 +549,8 @@ def _load_config(name: str) -> Wav2Vec2Config:
     """The source's config; InputError unless it names a wav2vec2 checkpoint we can reach."""
     if Path(name).is_dir() and not (Path(name) / "config.json").is_file():  # transformers 4.x guesses a type from the name
         raise InputError("no config.json in this checkpoint folder", path=name)
+    if Path(name).is_dir():  # read here first: transformers' message names the file inside a sentence, without a line
+        read_json_object(Path(name) / "config.json")
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=False)
     except (OSError, ValueError, RecursionError) as err:  # RecursionError: JSON nested a thousand deep

@@ -243,9 +243,11 @@ def load_text_options(spec: str | os.PathLike) -> TextOptions:
     if isinstance(spec, str) and spec in PRESETS:
         return PRESETS[spec]
     path = Path(spec)
+    if path.is_dir():
+        raise InputError(f"a folder, not a YAML file of text options or a normalization preset "
+                         f"({', '.join(PRESETS)})", path=spec)
     if not path.is_file():
-        raise InputError(f"{os.fspath(spec)!r} is neither a normalization preset ({', '.join(PRESETS)}) "
-                         "nor a YAML file")
+        raise InputError(f"neither a normalization preset ({', '.join(PRESETS)}) nor a YAML file", path=spec)
     content = read_yaml(path, what="text options")
     prefix = ""
     if isinstance(content, dict) and "text" in content:

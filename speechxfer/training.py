@@ -309,11 +309,11 @@ def _train(recipe: Recipe, *, resume: bool, closing: contextlib.ExitStack) -> Tr
         state.setdefault(key, 0)  # absent from checkpoints written before time budgets and short-first stages
     batches = _batch_stream(sampler, make_train_loader, partial(train_audio, examples), epoch=state["epoch"],
                             position=state["position"], left_out=left_out["train"],
-                            everywhere=partial(_everywhere, accelerator))
+                            everywhere=partial(_everywhere, accelerator), manifest=recipe.data.train)
     short_batches = None if short_sampler is None else _batch_stream(
         short_sampler, make_train_loader, partial(train_audio, short_examples), epoch=state["short_epoch"],
-        position=state["short_position"],
-        left_out=left_out["train"], everywhere=partial(_everywhere, accelerator))
+        position=state["short_position"], left_out=left_out["train"], everywhere=partial(_everywhere, accelerator),
+        manifest=recipe.data.train)
     budget_s = None if opts.max_minutes is None else 60 * opts.max_minutes
     # With a time budget the schedule is laid over the share of the run done, in SCHEDULE_STEPS steps.
     schedule = opts if budget_s is None else dataclasses.replace(opts, max_updates=SCHEDULE_STEPS)
@@ -818,8 +818,8 @@ def _collate_with_lengths(items: list[dict], *, attention_mask: bool) -> dict:
 
 
 def _batch_stream(sampler: DurationBatchSampler, make_loader, make_dataset: Callable[..., SpeechDataset], *,
-                  epoch: int, position: int, left_out: _LeftOut,
-                  everywhere: Callable[[bool], bool]) -> Iterator[tuple[int, int, dict]]:
+                  epoch: int, position: int, left_out: _LeftOut, everywhere: Callable[[bool], bool],
+                  manifest: str) -> Iterator[tuple[int, int, dict]]:
     """This process's training batches, epoch after epoch, starting after `position` batches of `epoch`.
 
     The loader is made anew each epoch from make_dataset(epoch=...), so that augmentation draws from the epoch.
@@ -829,6 +829,7 @@ def _batch_stream(sampler: DurationBatchSampler, make_loader, make_dataset: Call
     sampler's own runs ahead of training when data-loader workers prefetch. Utterances whose audio cannot be used
     go to `left_out`; a batch is skipped when any process's share of it is left empty (`everywhere` agrees on that
     across processes, so they stay in step). The same files fail every time, so a resumed run skips the same.
+    `manifest` (the train manifest) is named when no batch of an epoch has usable audio.
     """
     while True:
         sampler.set_epoch(epoch)
@@ -843,7 +844,8 @@ def _batch_stream(sampler: DurationBatchSampler, make_loader, make_dataset: Call
                 yielded = True
                 yield epoch, position, batch
         if whole_epoch and not yielded:  # else the loop would go on forever without an update
-            raise InputError("no training batch has usable audio (each utterance left out is listed above)")
+            raise InputError("no training batch has usable audio (each utterance left out is listed above)",
+                             path=manifest)
         epoch, position = epoch + 1, 0
 
 

@@ -155,11 +155,11 @@ class Vocabulary:
         """
         directory = Path(directory)
         vocab_file = directory / "vocab.json"
-        vocab = _read_json(vocab_file)
+        vocab = read_json_object(vocab_file)
         config = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):
             if (directory / name).is_file():
-                config |= {k: v for k, v in _read_json(directory / name).items() if isinstance(v, str)}
+                config |= {k: v for k, v in read_json_object(directory / name).items() if isinstance(v, str)}
         if vocab and all(isinstance(v, dict) for v in vocab.values()):
             target_lang = target_lang if target_lang is not None else config.get("target_lang")
             if target_lang not in vocab:
@@ -184,11 +184,14 @@ def language_vocabularies(directory: str | os.PathLike) -> dict[str, dict[str, i
     vocab_file = Path(directory) / "vocab.json"
     if not vocab_file.is_file():
         return {}
-    table = _read_json(vocab_file)
+    table = read_json_object(vocab_file)
     return table if table and all(isinstance(v, dict) for v in table.values()) else {}
 
 
-def _read_json(path: Path) -> dict:
+def read_json_object(path: str | os.PathLike) -> dict:
+    """A JSON file holding an object (a model folder's vocab.json, config.json, ...); InputError naming the file
+    (and the line, for bad JSON) when it cannot be read, is not UTF-8 JSON, or holds something else."""
+    path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as err:

@@ -330,9 +330,19 @@ def test_wer_missing_ids_exit_2_or_scored_with_allow_missing(tmp_path, capsys):
     assert main(["wer", ref, hyp]) == 2
     err = capsys.readouterr().err
     assert "2 reference id(s) without a hypothesis: utt_2, utt_3" in err and "utt_9" in err
+    assert f"(references: {ref}, hypotheses: {hyp})" in err
     summary = _wer_json(capsys, ref, hyp, "--allow-missing")
     assert summary["sentences"] == 1
     assert summary["missing_hypotheses"] == ["utt_2", "utt_3"] and summary["extra_hypotheses"] == ["utt_9"]
+    # no id in common, even allowing missing ones: both files named
+    other = _write(tmp_path / "other.txt", "kaldi", {"utt_8": "navíc"})
+    assert main(["wer", ref, other, "--allow-missing"]) == 2
+    assert capsys.readouterr().err == ("speechxfer wer: error: no utterance id appears in both the references and "
+                                       f"the hypotheses (references: {ref}, hypotheses: {other})\n")
+    empty = _write(tmp_path / "empty.txt", "kaldi", {"utt_1": "", "utt_2": ""})
+    assert main(["wer", empty, empty, "--allow-missing"]) == 2
+    assert capsys.readouterr().err == f"speechxfer wer: error: {empty}: the references hold no words, so WER is " \
+                                      "undefined\n"
 
 
 def test_kaldi_line_without_text_is_an_empty_hypothesis(tmp_path):

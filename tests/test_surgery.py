@@ -186,6 +186,13 @@ def test_bad_sources_raise_input_errors(tmp_path, checkpoints):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="config.json"):
         build_ctc_model(tmp_path / "empty", TARGET)
+    broken = tmp_path / "broken"  # config.json not JSON: the file and line, the folder named once
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "wav2vec2",\n "hidden_size": }\n')
+    with pytest.raises(InputError) as err:
+        build_ctc_model(broken, TARGET)
+    assert str(err.value).startswith(f"{broken / 'config.json'}:2: not valid JSON: Expecting value")
+    assert str(err.value).count(str(broken)) == 1
 
     HubertModel(HubertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
                              conv_dim=(8,), conv_stride=(5,), conv_kernel=(10,))).save_pretrained(tmp_path / "hubert")

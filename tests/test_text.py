@@ -136,8 +136,14 @@ def test_load_text_options_from_preset_or_yaml(tmp_path):
     bad.write_text("text:\n  digits: [\n", encoding="utf-8")
     with pytest.raises(InputError, match="bad.yaml"):
         load_text_options(bad)
-    with pytest.raises(InputError, match="neither a normalization preset"):
+    with pytest.raises(InputError) as caught:
         load_text_options("no-such-preset")
+    assert str(caught.value) == ("no-such-preset: neither a normalization preset (none, basic, whisper-basic) nor a "
+                                 "YAML file")
+    with pytest.raises(InputError) as caught:
+        load_text_options(tmp_path)  # `--normalize DIR`: named as the path it is, not quoted inside a sentence
+    assert str(caught.value) == (f"{tmp_path}: a folder, not a YAML file of text options or a normalization preset "
+                                 "(none, basic, whisper-basic)")
 
 
 def test_normalize_all_gives_what_each_text_normalized_alone_gives():

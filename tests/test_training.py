@@ -781,7 +781,7 @@ def test_training_stops_with_an_error_when_no_batch_has_usable_audio(tmp_path, c
                           output_dir=tmp_path / "out")
     code = main(["train", str(recipe)])
     err = capsys.readouterr().err
-    assert code == 2 and "no training batch has usable audio" in err and "Traceback" not in err
+    assert code == 2 and f"{manifests['train']}: no training batch has usable audio" in err and "Traceback" not in err
     # the progress bar is closed before the error is printed, not redrawn after it when train()'s frame goes
     assert "train:" in err and err.endswith("\n")
     assert err.rstrip("\n").splitlines()[-1].startswith("speechxfer train: error: "), repr(err[-300:])
