@@ -107,9 +107,12 @@ def train(recipe: Recipe, *, resume: bool = False) -> TrainResult:
     the folder of recipe.base; a run locks it, so a second one is refused. At start, what a kill left half written
     is completed or deleted (_recover_output_dir), so a killed run can always be resumed.
     """
-    # Whatever way the run ends, an error included, its progress bar is closed here: left to close when the frame
-    # of an error goes, it would draw itself again after the caller's message about that error.
+    # Whatever way the run ends, an error included, what it holds open is closed here: the progress bar (left to
+    # close when the frame of an error goes, it would draw itself again after the caller's message about that
+    # error), the metrics log, the data-loader workers and the output folder's lock. A caller holding the error
+    # holds _train's frame, and would hold all of them with it.
     with contextlib.ExitStack() as closing:
+        closing.callback(_unlock_output_dir)
         return _train(recipe, resume=resume, closing=closing)
 
 
@@ -295,6 +298,7 @@ def _train(recipe: Recipe, *, resume: bool, closing: contextlib.ExitStack) -> Tr
 
     # --- outputs that describe the run, written before the first update ---------------------------------------
     log = _MetricsLog(run, accelerator, resume_update=state["update"] if resume else None)
+    closing.callback(log.close)
     if accelerator.is_main_process:
         with atomic_write(run / "recipe.yaml") as f:
             f.write(resolved_yaml(recipe))
@@ -314,6 +318,9 @@ def _train(recipe: Recipe, *, resume: bool, closing: contextlib.ExitStack) -> Tr
         short_sampler, make_train_loader, partial(train_audio, short_examples), epoch=state["short_epoch"],
         position=state["short_position"], left_out=left_out["train"], everywhere=partial(_everywhere, accelerator),
         manifest=recipe.data.train)
+    for stream in (batches, short_batches):
+        if stream is not None:
+            closing.callback(stream.close)  # its data-loader workers go with it
     budget_s = None if opts.max_minutes is None else 60 * opts.max_minutes
     # With a time budget the schedule is laid over the share of the run done, in SCHEDULE_STEPS steps.
     schedule = opts if budget_s is None else dataclasses.replace(opts, max_updates=SCHEDULE_STEPS)
@@ -1059,6 +1066,7 @@ class _MetricsLog:
                 self.writer.add_scalar(key, value, record["update"])
 
     def close(self) -> None:
+        """Write out the TensorBoard events still buffered and end its writer's thread; may be called again."""
         if self.active:
             self.writer.close()
 

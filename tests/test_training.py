@@ -8,12 +8,14 @@ import fractions
 import json
 import logging
 import math
+import multiprocessing
 import os
 import re
 import shutil
 import stat
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -203,6 +205,45 @@ def test_resume_from_last_reaches_the_uninterrupted_state(tmp_path, corpus, stab
     assert max((straight[k] - resumed[k]).abs().max().item() for k in straight) <= 1e-6
     losses = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["update"] for r in losses if "loss" in r] == [1, 2, 3, 4]  # lost records dropped, none repeated
+
+
+def open_files_under(folder: Path) -> list[str]:
+    """The files under `folder` that this process holds open."""
+    held = []
+    for fd in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):  # the fd of the listing itself is gone by now
+            target = os.readlink(fd)
+            if target.startswith(f"{folder}/"):
+                held.append(target)
+    return held
+
+
+def test_a_run_that_fails_mid_way_closes_its_logs_and_loader_workers(tmp_path, corpus, stable_run, monkeypatch):
+    """An error at update 3 leaves metrics.jsonl with whole lines of updates 1 and 2, and nothing of the run open:
+    no data-loader worker, no file under the output folder (the run lock included), no TensorBoard writer, although
+    the caller still holds the error and with it train()'s frames."""
+    out = tmp_path / "out"
+    recipe = load_recipe(write_recipe(tmp_path / "recipe.yaml", base=Path(stable_run[0].base), manifests=corpus,
+                                      output_dir=out, train={"num_workers": 1}))
+    real_get_lr = training.get_lr
+
+    def fails_at_the_third_update(update, options):
+        if update == 2:  # 0-based
+            raise Interrupted
+        return real_get_lr(update, options)
+
+    monkeypatch.setattr(training, "get_lr", fails_at_the_third_update)
+    workers_before, threads_before = set(multiprocessing.active_children()), set(threading.enumerate())
+    with pytest.raises(Interrupted) as caught:
+        training.train(recipe)
+    assert caught.traceback  # held, as a caller reporting the error holds it
+    assert set(multiprocessing.active_children()) <= workers_before
+    assert open_files_under(out) == []
+    # TensorBoard's writer holds no file open between events, but a thread with events not yet written
+    assert not [t for t in set(threading.enumerate()) - threads_before if "Writer" in type(t).__name__]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["update"] for r in records if "loss" in r] == [1, 2]
+    assert [r["update"] for r in records if "dev_wer" in r] == [2]
 
 
 def test_batches_are_re_formed_each_epoch_and_resume_exactly(tmp_path, corpus, stable_run, monkeypatch):
