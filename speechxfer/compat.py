@@ -10,12 +10,13 @@ from __future__ import annotations
 import gc
 import importlib.metadata
 import logging
+import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from speechxfer.errors import SpeechxferError
+from speechxfer.errors import SpeechxferError, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -113,6 +114,22 @@ def optional_model_file(name: str, filename: str) -> str | None:
     from transformers.utils import cached_file
 
     return cached_file(name, filename, _raise_exceptions_for_missing_entries=False)
+
+
+def write_failure(err: Exception) -> str | None:
+    """What the operating system said when writing a file failed ("No space left on device"), for an OSError or
+    for safetensors' SafetensorError of a failed write; None for any other error (a bug, to be shown in full).
+
+    Leans on the text of safetensors' errors, which carry no errno: a failed write reads "Error while serializing:
+    I/O error: <strerror> (os error <errno>) at path ..." (safetensors 0.8).
+    """
+    from safetensors import SafetensorError
+
+    if isinstance(err, OSError):
+        return err.strerror or first_line(err)
+    if isinstance(err, SafetensorError) and (found := re.search(r"\(os error (\d+)\)", str(err))):
+        return os.strerror(int(found.group(1)))
+    return None
 
 
 def mark_feature_encoder_trainable(encoder: nn.Module) -> None:

@@ -44,7 +44,7 @@ from speechxfer.batching import (DurationBatchSampler, Examples, FrameGeometry, 
                                  filter_utterances, frame_geometry, inference_batches)
 from speechxfer.decoding import GreedyDecoder, decode_batch
 from speechxfer.compat import (enable_gradient_checkpointing, fused_optimizer_supported, progress_bar,
-                               reset_accelerator_state)
+                               reset_accelerator_state, write_failure)
 from speechxfer.errors import InputError, Problem, first_line, output_folder
 from speechxfer.freezing import apply_freezing, parameter_groups, parameter_table
 from speechxfer.manifest import Utterance, UtteranceTable, check_held_out, read_jsonl, read_manifest_table
@@ -422,7 +422,8 @@ def _train(recipe: Recipe, *, resume: bool, closing: contextlib.ExitStack) -> Tr
                 if state["best_wer"] is None or report.wer < state["best_wer"]:
                     state.update(best_wer=report.wer, best_update=update, evals_without_gain=0)
                     if accelerator.is_main_process:
-                        save_model_folder(out, raw_model, vocab, lang=lang)
+                        with _saving(out, f"the best model (update {update})", staging=out / MODEL_STAGING):
+                            save_model_folder(out, raw_model, vocab, lang=lang)
                 else:
                     state["evals_without_gain"] += 1
             _save_last(last, raw_model, optimizer, sampler, vocab, state, accelerator, lang=lang)
@@ -443,7 +444,8 @@ def _train(recipe: Recipe, *, resume: bool, closing: contextlib.ExitStack) -> Tr
 
     # --- outputs: the best model (or the last one without a dev set), its test score, the curves --------------
     if accelerator.is_main_process and not dev_refs:
-        save_model_folder(out, raw_model, vocab, lang=lang)
+        with _saving(out, f"the model (update {state['update']})", staging=out / MODEL_STAGING):
+            save_model_folder(out, raw_model, vocab, lang=lang)
     accelerator.wait_for_everyone()
     test_report = None
     if test_refs:
@@ -1080,22 +1082,44 @@ def _save_last(last: Path, model: Wav2Vec2ForCTC, optimizer, sampler: DurationBa
     other processes have written their RNG states.
     """
     staging = last.with_name(LAST_STAGING)
-    if accelerator.is_main_process:
-        if staging.exists():
-            shutil.rmtree(staging)
-        staging.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    with atomic_write(staging / f"rng_state_{accelerator.process_index}.pt", binary=True) as f:
-        torch.save(_rng_state(), f)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        save_model_folder(staging, model, vocab, lang=lang)  # keeps the RNG files already there
-        scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
-        with atomic_write(staging / "training_state.pt", binary=True) as f:
-            torch.save({"state": state, "optimizer": optimizer.state_dict(), "sampler": sampler.state_dict(),
-                        "scaler": scaler}, f)
+    main = accelerator.is_main_process
+    with _saving(last, f"the checkpoint of update {state['update']}", staging=staging if main else None):
+        if main:
+            if staging.exists():
+                shutil.rmtree(staging)
+            staging.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        with atomic_write(staging / f"rng_state_{accelerator.process_index}.pt", binary=True) as f:
+            torch.save(_rng_state(), f)
+        accelerator.wait_for_everyone()
+        if main:
+            save_model_folder(staging, model, vocab, lang=lang)  # keeps the RNG files already there
+            scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+            with atomic_write(staging / "training_state.pt", binary=True) as f:
+                torch.save({"state": state, "optimizer": optimizer.state_dict(), "sampler": sampler.state_dict(),
+                            "scaler": scaler}, f)
+    if main:
         _commit_last(staging, last)
     accelerator.wait_for_everyone()
+
+
+@contextlib.contextmanager
+def _saving(folder: Path, what: str, *, staging: Path | None) -> Iterator[None]:
+    """Around a save of `what` into `folder` written first into `staging` (which takes the place of folder's files
+    only once complete, so folder keeps what it held): when the block fails, delete `staging` (a full disk gets
+    back the room the new files took; it would be deleted at the next start anyway), and make a write that the
+    file system refused (compat.write_failure: a full disk, no permission, also safetensors' SafetensorError)
+    an InputError naming `folder`, not a staging file nor a traceback."""
+    try:
+        yield
+    except Exception as err:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        reason = write_failure(err)
+        if reason is None:
+            raise
+        raise InputError(f"cannot save {what}: {reason}; what was saved before is kept, and train --resume "
+                         "continues from the last checkpoint", path=folder) from None
 
 
 def _commit_last(staging: Path, last: Path) -> None:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from speechxfer import training
+from speechxfer import surgery, training
 from speechxfer.audio import load_audio
 from speechxfer.cli import main
 from speechxfer.errors import InputError, RecipeError
@@ -23,7 +23,7 @@ from speechxfer.recipe import load_recipe
 from speechxfer.surgery import AdaptOptions, LoraOptions, build_ctc_model
 from speechxfer.transcribe import Recognizer
 from speechxfer.vocabulary import Vocabulary
-from test_training import SOURCE_VOCAB, train_until_second_evaluation, write_corpus, write_recipe
+from test_training import SOURCE_VOCAB, disk_full_at, train_until_second_evaluation, write_corpus, write_recipe
 from tiny import make_tiny_checkpoint
 
 pytest.importorskip("peft")  # the lora tests; the `test` extra installs it
@@ -272,6 +272,30 @@ def test_a_resumed_run_reaches_the_uninterrupted_state(tmp_path, corpus, base, a
         assert a.keys() == b.keys()
         assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6, name
     Recognizer(recipe.output_dir, device="cpu", lang=recipe.adapt.lang)  # the output folder loads
+
+
+@pytest.mark.parametrize("adapt", [ADAPTER, LORA], ids=["adapter", "lora"])
+def test_a_full_disk_at_the_adapter_or_lora_file_is_one_line_and_resume_continues(tmp_path, corpus, base, adapt,
+                                                                                  adapter_runs, lora_run, monkeypatch,
+                                                                                  capsys):
+    """surgery's own save_file (adapter.<lang>.safetensors, lora/adapter_model.safetensors) fails at the second
+    checkpoint: one line naming last/, which keeps update 2, and --resume reaches the uninterrupted state."""
+    straight = adapter_runs[0] if adapt is ADAPTER else lora_run[0]
+    recipe_file = write_recipe(tmp_path / "recipe.yaml", base=base, manifests=corpus, output_dir=tmp_path / "out",
+                               adapt=adapt)
+    last = Path(load_recipe(recipe_file).run_dir) / "last"
+    disk_full_at(monkeypatch, surgery, "save_file", folder=training.LAST_STAGING, call=2, error="safetensors")
+    assert main(["train", str(recipe_file)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.splitlines()[-1].startswith(f"speechxfer train: error: {last}: cannot save the checkpoint of update 4: "
+                                           "No space left on device; what was saved before is kept")
+    assert torch.load(last / "training_state.pt", weights_only=True)["state"]["update"] == 2
+    monkeypatch.undo()
+    assert main(["train", str(recipe_file), "--resume"]) == 0
+    name = "lora/adapter_model.safetensors" if adapt is LORA else f"adapter.{adapt['lang']}.safetensors"
+    a, b = load_file(Path(straight.run_dir) / "last" / name), load_file(last / name)
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
 
 
 @pytest.mark.parametrize("adapt, message", [

@@ -150,3 +150,21 @@ def test_a_progress_bar_shows_unless_hidden_or_tqdm_disable_is_set():
         done = subprocess.run([sys.executable, "-c", bars], env=env | extra, capture_output=True, text=True,
                               timeout=60)
         assert (done.returncode, done.stdout) == (0, shown), done.stderr
+
+
+def test_write_failure_reads_what_the_system_said_from_safetensors_and_os_errors(tmp_path):
+    import errno
+
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, save_file
+
+    with pytest.raises(SafetensorError) as caught:  # safetensors' own error for a write the system refuses
+        save_file({"a": torch.zeros(2)}, tmp_path / "missing" / "a.safetensors")
+    assert compat.write_failure(caught.value) == os.strerror(errno.ENOENT)
+    assert compat.write_failure(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "x")) == "No space left on device"
+    (tmp_path / "bad.safetensors").write_bytes(b"\0" * 16)
+    with pytest.raises(SafetensorError) as caught:  # not a write the system refused
+        load_file(tmp_path / "bad.safetensors")
+    assert compat.write_failure(caught.value) is None
+    assert compat.write_failure(ValueError("no")) is None

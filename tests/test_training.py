@@ -4,6 +4,7 @@ resuming, a shipped recipe, and the 1- vs 2-process check."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import fractions
 import json
 import logging
@@ -23,9 +24,10 @@ import pytest
 import soundfile
 import torch
 import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from speechxfer import batching, training
+from speechxfer import batching, surgery, training
 from speechxfer.audio import load_audio
 from speechxfer.cli import main
 from speechxfer.errors import InputError
@@ -1054,6 +1056,77 @@ def test_a_kill_between_the_checkpoint_renames_loses_nothing(tmp_path, corpus, s
     assert stat.S_IMODE(out.stat().st_mode) == stat.S_IMODE((out / "last").stat().st_mode) == 0o755
     for name in ("model.safetensors", "last/model.safetensors", "last/training_state.pt", "recipe.yaml"):
         assert stat.S_IMODE((out / name).stat().st_mode) == 0o644, name
+
+
+def disk_full_at(monkeypatch, module, name: str, *, folder: str, call: int, error: str) -> None:
+    """Make `module.name`, a safetensors save_file, fail as on a full disk at its `call`-th write of a file inside
+    a folder named `folder` (training.LAST_STAGING: a checkpoint; surgery.MODEL_STAGING: a model folder), raising
+    safetensors' own error (error="safetensors") or an OSError (error="oserror")."""
+    real_save_file = getattr(module, name)
+    calls = []
+
+    def save_file(tensors, filename, *args, **kwargs):
+        if folder in Path(filename).parts:
+            calls.append(filename)
+            if len(calls) == call and error == "safetensors":
+                raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28) at "
+                                      f'path "{Path(filename).parent}/.tmp5XQz1a"')
+            if len(calls) == call:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+        return real_save_file(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(module, name, save_file)
+
+
+@pytest.mark.parametrize("error", ["safetensors", "oserror"])
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_resume_continues_from_the_one_before(
+        tmp_path, corpus, stable_run, monkeypatch, capsys, error):
+    """The weights of the second checkpoint (update 4) cannot be written: one line naming last/, which still holds
+    the checkpoint of update 2, nothing half written left beside it, and --resume reaches the uninterrupted run."""
+    import transformers.modeling_utils
+
+    straight_recipe, straight = stable_run
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "recipe.yaml", base=Path(straight_recipe.base), manifests=corpus,
+                          output_dir=out)
+    disk_full_at(monkeypatch, transformers.modeling_utils, "safe_save_file", folder=training.LAST_STAGING, call=2,
+                 error=error)
+    assert main(["train", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.splitlines()[-1] == (f"speechxfer train: error: {out / 'last'}: cannot save the checkpoint of update 4: "
+                                    "No space left on device; what was saved before is kept, and train --resume "
+                                    "continues from the last checkpoint")
+    assert torch.load(out / "last" / "training_state.pt", weights_only=True)["state"]["update"] == 2
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [training.RUN_MARKER]
+    monkeypatch.undo()
+    assert main(["train", str(recipe), "--resume"]) == 0
+    assert f"resuming from {out / 'last'} at update 2" in capsys.readouterr().err
+    for name in ("last/model.safetensors", "model.safetensors"):
+        straight_weights, weights = load_file(Path(straight.output_dir) / name), load_file(out / name)
+        assert max((straight_weights[k] - weights[k]).abs().max().item() for k in weights) <= 1e-6, name
+
+
+def test_a_full_disk_at_the_best_model_is_one_line_and_keeps_the_folder_whole(tmp_path, corpus, stable_run,
+                                                                               monkeypatch, capsys):
+    """The first best model (update 2) cannot be written: one line naming the output folder, no half-written model
+    in it, and --resume (nothing to resume yet: no checkpoint) trains the run from the start."""
+    import transformers.modeling_utils
+
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "recipe.yaml", base=Path(stable_run[0].base), manifests=corpus, output_dir=out)
+    disk_full_at(monkeypatch, transformers.modeling_utils, "safe_save_file", folder=surgery.MODEL_STAGING, call=1,
+                 error="safetensors")
+    assert main(["train", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.splitlines()[-1].startswith(f"speechxfer train: error: {out}: cannot save the best model (update 2): "
+                                           "No space left on device; what was saved before is kept")
+    assert sorted(p.name for p in out.iterdir()) == sorted([training.RUN_MARKER, "charset_audit.json",
+                                                            "metrics.jsonl", "recipe.yaml", "tensorboard"])
+    monkeypatch.undo()
+    assert main(["train", str(recipe), "--resume"]) == 0
+    assert (out / "model.safetensors").is_file() and (out / "last" / "training_state.pt").is_file()
 
 
 def copy_of_run(stable_run, tmp_path) -> tuple[Path, Path]:
