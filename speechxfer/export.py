@@ -32,7 +32,7 @@ import torch
 
 from speechxfer.atomic import atomic_write, error_naming, follow_umask, sync_folder
 from speechxfer.compat import quiet_quantization_advice
-from speechxfer.errors import InputError, SpeechxferError
+from speechxfer.errors import InputError, SpeechxferError, output_folder
 from speechxfer.evaluate import model_normalization
 from speechxfer.lm import LM_FOLDER
 from speechxfer.transcribe import EXPORTED_MODEL_FILE, ExportedModel, Recognizer
@@ -91,7 +91,7 @@ def export_model(model: str | os.PathLike, output_dir: str | os.PathLike, *, qua
     source = Recognizer(model, device="cpu", lang=lang)
     if isinstance(source.model, ExportedModel):
         raise InputError("this folder is an export already; export the model folder it came from", path=model)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    output_folder(target.parent)
     # Created by name, so that the umask sets its mode (a tempfile.mkdtemp folder would stay private, 0o700).
     staging = target.parent / f".{target.name}.{secrets.token_hex(4)}.export"
     try:

@@ -21,7 +21,7 @@ from accelerate import PartialState
 from speechxfer.atomic import TEMP_SUFFIX, atomic_write
 from speechxfer.decoding import (DEFAULT_LM_WEIGHTS, DEFAULT_WORD_SCORES, BeamSearchDecoder, BeamSearchOptions,
                                  Decoder, GreedyDecoder, decode_batch, import_ctc_decoder)
-from speechxfer.errors import InputError, Problem, SpeechxferError
+from speechxfer.errors import InputError, Problem, SpeechxferError, output_folder
 from speechxfer.manifest import read_manifest
 from speechxfer.recipe import Recipe
 from speechxfer.scoring import ScoreReport, score
@@ -109,7 +109,7 @@ def write_arpa(lines: Sequence[str], out_path: str | os.PathLike, *, order: int)
     if order < 2:
         raise InputError(f"order must be at least 2 (KenLM needs bigrams), got {order}")
     out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    output_folder(out.parent)
     text = "\n".join(lines).encode("utf-8") + b"\n"
     with tempfile.TemporaryDirectory() as tmp, atomic_write(out, binary=True) as arpa:
         # --discount_fallback: the small corpora of low-resource languages lack the counts Kneser-Ney needs.

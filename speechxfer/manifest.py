@@ -19,7 +19,7 @@ import numpy as np
 from speechxfer.atomic import atomic_write
 from speechxfer.audio import audio_duration_s, file_problem
 from speechxfer.compat import gc_paused
-from speechxfer.errors import AudioError, ManifestError, Problem
+from speechxfer.errors import AudioError, ManifestError, Problem, output_folder
 
 # A listed duration may exceed the audio by this much (seconds, or this share of it, whichever is larger) before
 # they count as different: headers and decoders round, MP3 and AAC pad.
@@ -345,7 +345,7 @@ def write_manifest(path: str | os.PathLike, utterances: Iterable[Utterance]) -> 
     `pseudo_label` and `confidence` are written only when set, so human-labelled rows read as before.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    output_folder(path.parent)
     base = Path(os.path.abspath(path.parent))  # as read_manifest resolves: symlinks kept
     with atomic_write(path) as f:
         for u in utterances:

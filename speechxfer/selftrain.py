@@ -20,7 +20,7 @@ from pathlib import Path
 
 from speechxfer.atomic import atomic_write
 from speechxfer.decoding import BeamSearchOptions, Decoder, make_decoder
-from speechxfer.errors import InputError, Problem
+from speechxfer.errors import InputError, Problem, output_folder
 from speechxfer.manifest import Utterance, check_held_out, read_manifest, write_manifest
 from speechxfer.recipe import PseudoLabelledOptions, Recipe
 from speechxfer.text import TextNormalizer, TextRejected
@@ -223,7 +223,7 @@ def _read_summary(path: Path) -> list[Round]:
 
 def _write_summary(path: Path, rounds: list[Round], stopped: str | None) -> SelfTrainResult:
     result = SelfTrainResult(rounds, stopped)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    output_folder(path.parent)
     with atomic_write(path) as f:
         f.write(json.dumps({"rounds": [dataclasses.asdict(r) for r in rounds], "best_round": result.best.round,
                             "stopped": stopped}, ensure_ascii=False, indent=1) + "\n")

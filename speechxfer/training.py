@@ -646,7 +646,7 @@ def _lock_output_dir(out: Path) -> None:
     for the rest of the process's run; InputError when another run holds it. The operating system drops the lock
     when the process ends, however it ends, so a killed run leaves no stale lock."""
     _unlock_output_dir()
-    out.mkdir(parents=True, exist_ok=True)
+    output_folder(out)
     marker = open(out / RUN_MARKER, "a+", encoding="utf-8")
     try:
         fcntl.flock(marker, fcntl.LOCK_EX | fcntl.LOCK_NB)

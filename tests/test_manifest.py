@@ -7,7 +7,7 @@ import pytest
 from tiny import write_tone
 
 from speechxfer import manifest
-from speechxfer.errors import ManifestError
+from speechxfer.errors import InputError, ManifestError
 from speechxfer.manifest import (Utterance, UtteranceTable, check_held_out, load_manifest, read_jsonl, read_manifest,
                                  read_manifest_table, summarize,
                                  write_manifest)
@@ -119,6 +119,10 @@ def test_write_is_atomic(tmp_path):
         write_manifest(manifest, failing())
     assert manifest.read_text(encoding="utf-8") == before
     assert os.listdir(tmp_path) == ["m.jsonl"]
+    with pytest.raises(InputError) as caught:  # a file where its folder should be: that file named, not "File exists"
+        write_manifest(manifest / "inside.jsonl", [])
+    assert str(caught.value) == f"{manifest}: the output folder is a file"
+    assert manifest.read_text(encoding="utf-8") == before
 
 
 def test_summarize_counts_hours_speakers_and_characters():
