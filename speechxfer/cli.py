@@ -475,10 +475,10 @@ def _evaluate_arguments(p) -> None:
 
 
 def _cmd_evaluate(args) -> int:
+    from speechxfer.errors import output_folder
     from speechxfer.evaluate import describe_left_out, evaluate, model_normalization
     from speechxfer.scoring import format_report
     from speechxfer.text import TextNormalizer, load_text_options
-    from speechxfer.errors import output_folder
     from speechxfer.transcribe import Ranks
 
     options, beam = _transcribe_options(args), _beam_options(args, model=args.model)
