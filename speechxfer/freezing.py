@@ -49,8 +49,9 @@ def apply_freezing(model: Wav2Vec2ForCTC, options: FreezeOptions, *, update: int
     """Set requires_grad for the state the run is in at optimizer update `update` (0-based); idempotent.
 
     method (the recipe's adapt.method): "full" trains what `options` leave trainable; "adapter" only the attention
-    adapters (their own layer norms included) and the head, "lora" only the LoRA matrices and the head, whatever
-    `options` say of the rest (head_only_updates still holds the adapters back at first).
+    adapters (their own layer norms included) and the head, whatever `options` say of the rest; "lora" the LoRA
+    matrices and the head, and the feature encoder too where `options.feature_encoder` is False (the projection,
+    layers and norms train only through LoRA). head_only_updates still holds all but the head back at first.
     Returns True when some parameter changed state (e.g. at `update == head_only_updates`, when the encoder thaws).
     Frozen parameters get no gradient, so AdamW leaves them bit-identical (no weight decay either).
     """
@@ -64,6 +65,10 @@ def apply_freezing(model: Wav2Vec2ForCTC, options: FreezeOptions, *, update: int
             frozen = False
         elif head_only:
             frozen = True
+        elif part.label == "feature encoder" and method == "lora" and not options.feature_encoder:
+            # A LoRA run saves a model of its own, so its encoder may train (an adapter folder's base weights are
+            # shared by every language's adapter: the recipe refuses a thawed encoder there).
+            frozen = False
         elif method != "full":
             frozen = None  # parameter by parameter, below
         elif part.label == "feature encoder":

@@ -265,7 +265,8 @@ def load_recipe(path: str | os.PathLike, *, overrides: typing.Sequence[str] = ()
                           "scratch", path=path)
     if recipe.model_config is not None:
         _check_model_config(recipe.model_config, path=path)
-    _check_adapt(recipe.adapt, from_scratch=recipe.model_config is not None, path=path)
+    _check_adapt(recipe.adapt, from_scratch=recipe.model_config is not None,
+                 feature_encoder_frozen=recipe.freezing.feature_encoder, path=path)
     _check_init_from(recipe, path=path)
     data = recipe.data
     if data.train is None and data.prepare is None:
@@ -332,8 +333,8 @@ def _resolve_pseudo_labelled(raw: dict, folder: Path) -> None:
             entry["manifest"] = str((folder / Path(entry["manifest"]).expanduser()).resolve())
 
 
-def _check_adapt(adapt: AdaptOptions, *, from_scratch: bool, path: Path) -> None:
-    """RecipeError for adapt options that cannot go together."""
+def _check_adapt(adapt: AdaptOptions, *, from_scratch: bool, feature_encoder_frozen: bool, path: Path) -> None:
+    """RecipeError for adapt options that cannot go together, or with freezing.feature_encoder."""
     if adapt.method != "full" and from_scratch:
         raise RecipeError(f"adapt.method {adapt.method} adapts a pre-trained base; from model_config (scratch) every "
                           "weight trains (adapt.method full)", path=path)
@@ -342,6 +343,10 @@ def _check_adapt(adapt: AdaptOptions, *, from_scratch: bool, path: Path) -> None
                           "saved under (adapter.<lang>.safetensors)", path=path)
     if adapt.method != "adapter" and adapt.lang is not None:
         raise RecipeError("adapt.lang is used only with adapt.method adapter", path=path)
+    if adapt.method == "adapter" and not feature_encoder_frozen:
+        raise RecipeError("freezing.feature_encoder: false cannot train with adapt.method adapter (the base weights "
+                          "are shared by every language's adapter); set freezing.feature_encoder: true or use "
+                          "adapt.method lora", path=path)
     if adapt.init_lang is not None and from_scratch:
         raise RecipeError("adapt.init_lang picks a language of the base's adapters; model_config has none",
                           path=path)

@@ -63,6 +63,8 @@ MMS_ADAPTER_DIM = 16
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "intermediate_dense", "output_dense")
 _ADAPTER_PARAMS = ".adapter_layer."
 _LORA_PARAMS = ".lora_"
+# The feature encoder's module name, as lora/ saves it when it trains (peft matches modules_to_save by name ending).
+_LORA_ENCODER = "wav2vec2.feature_extractor"
 # Folders inside a model folder while save_model_folder replaces its files (see there), and the list of the new
 # files inside the ready one.
 MODEL_STAGING = ".model.staging"
@@ -225,16 +227,24 @@ def merge_lora(model: Wav2Vec2ForCTC) -> Wav2Vec2ForCTC:
 
 
 def _save_lora_weights(directory: Path, model: Wav2Vec2ForCTC) -> None:
-    """The LoRA weights and the CTC head alone, as peft's PeftModel.save_pretrained lays them out (adapter_config.json
-    with the head as a module to save), so that peft's PeftModel.from_pretrained loads them onto the base model
-    given a head of the vocabulary's size."""
+    """The LoRA weights and the CTC head alone, and the feature encoder when it trains in this run (recipe
+    `freezing.feature_encoder: false`), as peft's PeftModel.save_pretrained lays them out (adapter_config.json with
+    the head and encoder as modules to save), so that peft's PeftModel.from_pretrained loads them onto the base model
+    given a head of the vocabulary's size and gives the run's model."""
     import dataclasses
 
     from peft import get_peft_model_state_dict
 
-    config = dataclasses.replace(model.peft_config["default"], modules_to_save=["lm_head"],
+    saved = {"lm_head": model.lm_head}
+    # The model says whether its encoder trained: apply_freezing thaws it under lora only where the recipe says so,
+    # never freezes it again, and before the thaw (head_only_updates) it is still the base's, which the base gives.
+    encoder = model.wav2vec2.feature_extractor
+    if any(p.requires_grad for p in encoder.parameters()):
+        saved[_LORA_ENCODER] = encoder
+    config = dataclasses.replace(model.peft_config["default"], modules_to_save=list(saved),
                                  base_model_name_or_path=model.config._name_or_path, inference_mode=True)
-    weights = {**get_peft_model_state_dict(model), **{f"lm_head.{k}": v for k, v in model.lm_head.state_dict().items()}}
+    weights = {**get_peft_model_state_dict(model),
+               **{f"{name}.{k}": v for name, module in saved.items() for k, v in module.state_dict().items()}}
     directory.mkdir()
     config.save_pretrained(directory)
     save_file({f"base_model.model.{k}": v.detach().contiguous().cpu() for k, v in weights.items()},
@@ -242,8 +252,9 @@ def _save_lora_weights(directory: Path, model: Wav2Vec2ForCTC) -> None:
 
 
 def load_lora_weights(model: Wav2Vec2ForCTC, directory: str | os.PathLike) -> None:
-    """Set the LoRA weights and the CTC head of a model that add_lora prepared from what _save_lora_weights wrote
-    into `directory`/lora (a run's last/). InputError naming the file when it does not fit."""
+    """Set the LoRA weights, the CTC head and (where they are there) the feature encoder's weights of a model that
+    add_lora prepared from what _save_lora_weights wrote into `directory`/lora (a run's last/). InputError naming
+    the file when it does not fit."""
     from peft import set_peft_model_state_dict
 
     path = Path(directory, LORA_FOLDER, "adapter_model.safetensors")
@@ -251,9 +262,13 @@ def load_lora_weights(model: Wav2Vec2ForCTC, directory: str | os.PathLike) -> No
         weights = {k.removeprefix("base_model.model."): v for k, v in load_file(path).items()}
     except (OSError, SafetensorError) as err:
         raise InputError(f"unreadable LoRA weights: {err}", path=path) from None
-    head = {k.removeprefix("lm_head."): weights.pop(k) for k in [k for k in weights if k.startswith("lm_head.")]}
+    modules = {"lm_head": model.lm_head, _LORA_ENCODER: model.wav2vec2.feature_extractor}
+    own = {name: {k.removeprefix(f"{name}."): weights.pop(k) for k in [k for k in weights if k.startswith(f"{name}.")]}
+           for name in modules}
     try:
-        model.lm_head.load_state_dict(head)
+        for name, module in modules.items():
+            if own[name] or name == "lm_head":  # the encoder is there only when it trained
+                module.load_state_dict(own[name])
         result = set_peft_model_state_dict(model, weights)
     except RuntimeError as err:
         raise InputError(f"the LoRA weights do not fit this recipe's model: {first_line(err)}", path=path) from None

@@ -31,6 +31,9 @@ pytest.importorskip("peft")  # the lora tests; the `test` extra installs it
 ADAPTER = {"method": "adapter", "lang": "abc"}
 LORA = {"method": "lora", "lora": {"rank": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj",
                                                                              "intermediate_dense"]}}
+THAWED = {"feature_encoder": False}
+# a LoRA run's freezing section with the conv encoder training after one head-only update
+THAWED_LATER = {**THAWED, "head_only_updates": 1}
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +78,15 @@ def lora_run(tmp_path_factory, corpus, base):
     tmp = tmp_path_factory.mktemp("lora")
     recipe = load_recipe(write_recipe(tmp / "recipe.yaml", base=base, manifests=corpus, output_dir=tmp / "out",
                                       adapt=LORA))
+    return recipe, training.train(recipe)
+
+
+@pytest.fixture(scope="module")
+def lora_encoder_run(tmp_path_factory, corpus, base):
+    """A LoRA run with freezing.feature_encoder: false, the encoder thawed after one head-only update."""
+    tmp = tmp_path_factory.mktemp("lora-encoder")
+    recipe = load_recipe(write_recipe(tmp / "recipe.yaml", base=base, manifests=corpus, output_dir=tmp / "out",
+                                      adapt=LORA, freezing=THAWED_LATER))
     return recipe, training.train(recipe)
 
 
@@ -246,6 +258,8 @@ def test_a_lora_runs_merged_model_is_the_base_plus_the_lora_delta(lora_run, base
             assert torch.equal(value, source[key]), key
     assert set(merged) - set(source) == {"wav2vec2.masked_spec_embed"}  # SpecAugment's, which the base lacks
     assert changed_by_lora == len(wrapped)  # B left zero would make the test pass without training
+    assert config["modules_to_save"] == ["lm_head"]  # the encoder stayed frozen: lora/ has none of it
+    assert not any(".feature_extractor." in k for k in lora)
 
     # peft itself puts the saved LoRA weights onto the base and merges them into the same model
     vocab = Vocabulary.load(out)
@@ -255,12 +269,71 @@ def test_a_lora_runs_merged_model_is_the_base_plus_the_lora_delta(lora_run, base
     assert all(torch.allclose(peft_merged[k], merged[k], atol=1e-6) for k in peft_merged)
 
 
-@pytest.mark.parametrize("adapt", [ADAPTER, LORA], ids=["adapter", "lora"])
-def test_a_resumed_run_reaches_the_uninterrupted_state(tmp_path, corpus, base, adapt, adapter_runs, lora_run,
-                                                       monkeypatch):
-    straight = adapter_runs[0] if adapt is ADAPTER else lora_run[0]
+def test_a_lora_run_with_the_encoder_thawed_trains_the_encoder_lora_and_head_alone(lora_encoder_run, base):
+    """The merged model is the base plus the LoRA delta everywhere but the encoder and head, bit for bit where LoRA
+    wraps nothing (feature projection, layers' other weights, norms); the encoder is the trained one, in lora/ too."""
+    recipe, _ = lora_encoder_run
+    out = Path(recipe.output_dir)
+    merged = load_file(out / "model.safetensors")
+    source = load_file(base / "model.safetensors")
+    lora = {k.removeprefix("base_model.model."): v for k, v in load_file(out / "lora" / "adapter_model.safetensors")
+            .items()}
+    config = json.loads((out / "lora" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["lm_head", "wav2vec2.feature_extractor"]
+    scale = config["lora_alpha"] / config["r"]
+    wrapped = {k.removesuffix(".lora_A.weight") for k in lora if "lora_A" in k}
+    encoder = {k for k in merged if k.startswith("wav2vec2.feature_extractor.")}
+    assert encoder and encoder == {k for k in lora if k.startswith("wav2vec2.feature_extractor.")}
+    changed = set()
+    for key, value in merged.items():
+        module = key.removesuffix(".weight")
+        if key in encoder:
+            assert torch.equal(value, lora[key]), key  # lora/ holds the trained encoder
+        elif module in wrapped:
+            assert torch.allclose(value, source[key] + scale * lora[f"{module}.lora_B.weight"]
+                                  @ lora[f"{module}.lora_A.weight"], atol=1e-6), key
+        elif key in source and not key.startswith("lm_head."):
+            assert torch.equal(value, source[key]), key
+        if key in source and not torch.equal(value, source[key]):
+            changed.add(key)
+    assert set(merged) - set(source) == {"wav2vec2.masked_spec_embed"}
+    assert changed & encoder, "the encoder did not train"
+    assert {f"{m}.weight" for m in wrapped} <= changed and "lm_head.weight" in changed
+    assert changed <= encoder | {f"{m}.weight" for m in wrapped} | {"lm_head.weight", "lm_head.bias"}
+
+
+def test_peft_loads_lora_with_the_trained_encoder_onto_the_base_and_gives_the_merged_models_logits(
+        lora_encoder_run, base, corpus):
+    from peft import PeftModel
+    from transformers import Wav2Vec2ForCTC
+
+    recipe, _ = lora_encoder_run
+    out = Path(recipe.output_dir)
+    vocab = Vocabulary.load(out)
+    base_model = Wav2Vec2ForCTC.from_pretrained(base, vocab_size=len(vocab), ignore_mismatched_sizes=True)
+    peft_model = PeftModel.from_pretrained(base_model, out / "lora").eval()
+    merged = Wav2Vec2ForCTC.from_pretrained(out).eval()
+    audio = torch.from_numpy(load_audio(load_manifest(corpus["test"])[0].audio_path))[None]
+    with torch.no_grad():
+        expected = merged(audio).logits
+        got = peft_model(input_values=audio).logits
+    assert got.shape == expected.shape
+    assert torch.allclose(got, expected, atol=1e-5)
+    # without the encoder lora/ would give other logits: the test sees the encoder
+    plain = Wav2Vec2ForCTC.from_pretrained(base, vocab_size=len(vocab), ignore_mismatched_sizes=True).eval()
+    with torch.no_grad():
+        plain_encoder = plain.wav2vec2.feature_extractor(audio)
+        merged_encoder = merged.wav2vec2.feature_extractor(audio)
+    assert not torch.allclose(plain_encoder, merged_encoder, atol=1e-5)
+
+
+@pytest.mark.parametrize("adapt, freezing", [(ADAPTER, {}), (LORA, {}), (LORA, THAWED_LATER)],
+                         ids=["adapter", "lora", "lora-encoder"])
+def test_a_resumed_run_reaches_the_uninterrupted_state(tmp_path, corpus, base, adapt, freezing, adapter_runs,
+                                                       lora_run, lora_encoder_run, monkeypatch):
+    straight = adapter_runs[0] if adapt is ADAPTER else lora_encoder_run[0] if freezing else lora_run[0]
     recipe = load_recipe(write_recipe(tmp_path / "recipe.yaml", base=base, manifests=corpus,
-                                      output_dir=tmp_path / "out", adapt=adapt))
+                                      output_dir=tmp_path / "out", adapt=adapt, freezing=freezing))
     train_until_second_evaluation(recipe, monkeypatch)
     result = training.train(recipe, resume=True)
     assert result.updates == 4
@@ -310,6 +383,18 @@ def test_bad_adapt_sections_name_the_key(tmp_path, corpus, base, adapt, message)
                         adapt=adapt)
     with pytest.raises(RecipeError, match=message):
         load_recipe(path)
+
+
+def test_a_thawed_encoder_is_refused_with_adapters(tmp_path, corpus, base, capsys):
+    """An adapter folder's base weights are shared by every language's adapter: the encoder cannot train there."""
+    path = write_recipe(tmp_path / "recipe.yaml", base=base, manifests=corpus, output_dir=tmp_path / "out",
+                        adapt=ADAPTER, freezing=THAWED)
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"speechxfer train: error: {path}: freezing.feature_encoder: false cannot train with adapt.method "
+                   "adapter (the base weights are shared by every language's adapter); set "
+                   "freezing.feature_encoder: true or use adapt.method lora\n")
+    assert not (tmp_path / "out").exists()
 
 
 def test_an_unknown_lora_target_is_one_line(base):
