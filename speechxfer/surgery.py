@@ -92,7 +92,8 @@ class AdaptOptions:
     full: every weight the `freezing` section leaves trainable. adapter: only MMS-style attention adapters (each with
     its own layer norm) and the CTC head; the folder gets `adapter.<lang>.safetensors` beside the base weights, and a
     second language trained into the same folder adds its adapter beside the first. lora: only LoRA updates of
-    `lora.target_modules` and the CTC head; the folder holds the merged model, and the LoRA weights alone in lora/.
+    `lora.target_modules` and the CTC head (and the feature encoder with `freezing.feature_encoder: false`); the
+    folder holds the merged model, and the LoRA weights (with head and trained encoder) alone in lora/.
     """
 
     method: Literal["full", "adapter", "lora"] = "full"
@@ -271,7 +272,9 @@ def load_lora_weights(model: Wav2Vec2ForCTC, directory: str | os.PathLike) -> No
                 module.load_state_dict(own[name])
         result = set_peft_model_state_dict(model, weights)
     except RuntimeError as err:
-        raise InputError(f"the LoRA weights do not fit this recipe's model: {first_line(err)}", path=path) from None
+        # torch's load_state_dict names the module's class on its first line and what does not fit on the next
+        reason = (str(err).strip().splitlines()[1:] or [first_line(err)])[0].strip()
+        raise InputError(f"the LoRA weights do not fit this recipe's model: {reason}", path=path) from None
     if result.unexpected_keys:
         raise InputError(f"the LoRA weights do not fit this recipe's model: {len(result.unexpected_keys)} unexpected "
                          f"weights, e.g. {result.unexpected_keys[0]}", path=path)
@@ -423,7 +426,8 @@ def save_model_folder(directory: str | os.PathLike, model: Wav2Vec2ForCTC, vocab
     lang: the model has attention adapters for this language; the folder takes MMS's layout, with
     adapter.<lang>.safetensors (its adapter and head) and vocab.json keyed by language, this one beside those of
     the adapters already in the folder (whose files are kept), and this language as the tokenizer's target_lang.
-    A model with LoRA layers (add_lora) is saved merged, with the LoRA weights alone in LORA_FOLDER.
+    A model with LoRA layers (add_lora) is saved merged, with the LoRA weights (and head, and the feature encoder
+    when it trains) alone in LORA_FOLDER.
 
     The folder itself never moves, and files of other kinds in it (recipe, metrics, `last/`, ...) are left alone.
     The new model files are written into `MODEL_STAGING` inside it, which is renamed to `MODEL_READY` once complete

@@ -302,6 +302,45 @@ def test_a_lora_run_with_the_encoder_thawed_trains_the_encoder_lora_and_head_alo
     assert changed <= encoder | {f"{m}.weight" for m in wrapped} | {"lm_head.weight", "lm_head.bias"}
 
 
+def test_under_lora_the_thawed_encoder_waits_for_head_only_updates(base):
+    vocab = Vocabulary.from_texts(["ab c"])
+    model, _ = build_ctc_model(base, vocab, adapt=AdaptOptions(method="lora", lora=LoraOptions(**LORA["lora"])))
+    options = FreezeOptions(**THAWED_LATER)
+
+    def trainable() -> set[str]:
+        return {n for n, p in model.named_parameters() if p.requires_grad}
+
+    apply_freezing(model, options, update=0, method="lora")
+    assert trainable() == {"lm_head.weight", "lm_head.bias"}
+    assert apply_freezing(model, options, update=1, method="lora")
+    encoder = {n for n, _ in model.named_parameters() if n.startswith("wav2vec2.feature_extractor.")}
+    lora = {n for n, _ in model.named_parameters() if ".lora_" in n}
+    assert encoder and lora and trainable() == encoder | lora | {"lm_head.weight", "lm_head.bias"}
+    apply_freezing(model, FreezeOptions(), update=1, method="lora")  # the default: the encoder stays frozen
+    assert trainable() == lora | {"lm_head.weight", "lm_head.bias"}
+
+
+def test_lora_weights_whose_encoder_does_not_fit_are_one_line_naming_the_file(lora_encoder_run, base, tmp_path):
+    from safetensors.torch import save_file
+
+    recipe, _ = lora_encoder_run
+    vocab = Vocabulary.load(recipe.output_dir)
+    model, _ = build_ctc_model(base, vocab, adapt=recipe.adapt)
+    surgery.load_lora_weights(model, recipe.output_dir)  # fits: the trained encoder is loaded
+    trained = load_file(Path(recipe.output_dir) / "model.safetensors")
+    key = "wav2vec2.feature_extractor.conv_layers.0.conv.weight"
+    assert torch.equal(model.state_dict()[key], trained[key])
+    weights = load_file(Path(recipe.output_dir) / "lora" / "adapter_model.safetensors")
+    weights[f"base_model.model.{key}"] = weights[f"base_model.model.{key}"][:, :, :1].contiguous()
+    (tmp_path / "lora").mkdir()
+    save_file(weights, tmp_path / "lora" / "adapter_model.safetensors")
+    with pytest.raises(InputError, match="the LoRA weights do not fit this recipe's model: size mismatch for "
+                                         "conv_layers.0.conv.weight") as err:
+        surgery.load_lora_weights(model, tmp_path)
+    assert str(err.value).startswith(f"{tmp_path / 'lora' / 'adapter_model.safetensors'}: ")
+    assert "\n" not in str(err.value)
+
+
 def test_peft_loads_lora_with_the_trained_encoder_onto_the_base_and_gives_the_merged_models_logits(
         lora_encoder_run, base, corpus):
     from peft import PeftModel
