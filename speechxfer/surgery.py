@@ -625,10 +625,7 @@ def _source_vocabulary(name: str, config: Wav2Vec2Config, *, lang: str | None = 
         return None
     if path is None:
         return None
-    try:
-        table = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as err:
-        raise InputError(f"unreadable vocab.json: {err}", path=path) from err
+    table = read_json_object(path)
     if table and all(isinstance(v, dict) for v in table.values()):
         fitting = [code for code, t in table.items() if len(t) == config.vocab_size]
         table = (table.get(lang, {}) if lang is not None else

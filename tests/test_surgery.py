@@ -266,3 +266,13 @@ def test_a_bad_adapter_file_gets_one_message_from_training_and_from_transcribe(t
     missing = messages("fra")
     assert missing[0] == missing[1] == (f"{model / 'adapter.fra.safetensors'}: no adapter for language 'fra' in this "
                                         "model folder (it has: eng, spa)")
+
+
+@pytest.mark.parametrize("content, message", [("[1, 2]", "expected a JSON object, got list"),
+                                              ('{"a": 0,\n  "b": }', "not valid JSON")])
+def test_a_source_vocab_json_that_is_not_a_json_object_is_one_line_naming_it(tmp_path, content, message):
+    source = make_tiny_checkpoint(tmp_path / "src", ctc_vocab=["[PAD]", "|", "a", "b"])
+    (source / "vocab.json").write_text(content, encoding="utf-8")
+    with pytest.raises(InputError, match=message) as caught:
+        build_ctc_model(str(source), TARGET)
+    assert str(caught.value).startswith(str(source / "vocab.json"))
