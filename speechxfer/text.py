@@ -1,7 +1,7 @@
 """Text normalization for training targets and scoring alike, driven by options rather than by language.
 
 The steps, in order: Unicode normalization form; locale-aware lowercasing (a casing table keyed by locale, then
-``str.lower``); the replacement table; the digits policy; removal of punctuation and symbols (Unicode categories
+``str.lower``); numbers spelled out under ``digits: spell``; the replacement table; the digits policy; removal of punctuation and symbols (Unicode categories
 P* and S*), where characters in ``keep`` survive only between two word characters; the alphabet check;
 whitespace collapse.
 """
@@ -41,11 +41,16 @@ class TextOptions:
     # after form and casing, before punctuation removal
     replacements: dict[str, str] = checked(default_factory=dict,
                                            check=Check(lambda v: "" not in v, "a table without an empty key"))
-    digits: Literal["keep", "drop", "reject"] = "keep"  # numbers (Unicode N*): keep, delete, or reject the text
+    # numbers (Unicode N*): keep, delete, reject the text, or spell each run of decimal digits as the number it writes
+    # in the words of `locale`'s language (num2words: "marque 1" -> "marque uno"), rejecting other numerals (½, Ⅻ)
+    digits: Literal["keep", "drop", "reject", "spell"] = "keep"
     alphabet: str | None = None  # when set, characters outside it, `keep` and the space make the text rejected
     remove_punctuation: bool = True  # False keeps P* and S* characters as they are (the "none" preset)
 
-    __post_init__ = check_fields
+    def __post_init__(self):
+        check_fields(self)
+        if self.digits == "spell":
+            number_speller(self.locale)  # a locale num2words cannot spell is refused when the options are made
 
 
 # What scoring.normalize_hypothesis makes of the model's unknown token: one character, so that CER counts one
@@ -68,6 +73,7 @@ class TextNormalizer:
         language = (options.locale or "").replace("_", "-").split("-")[0].lower()
         casing = CASING_TABLES.get(language, {}) if options.lowercase else {}
         self._casing = _multi_replacer(casing)
+        self._spell = number_speller(options.locale, form) if options.digits == "spell" else None
         self._replace = _multi_replacer({unicodedata.normalize(form, k): unicodedata.normalize(form, v)
                                          for k, v in options.replacements.items()})
         self._keep = frozenset(unicodedata.normalize(form, options.keep))
@@ -85,10 +91,12 @@ class TextNormalizer:
         text = unicodedata.normalize(options.unicode_form, text)
         if options.lowercase:
             text = unicodedata.normalize(options.unicode_form, self._casing(text).lower())
+        if self._spell is not None:
+            text = self._spell(text)
         text = self._replace(text)
         if options.digits == "drop":
             text = "".join(c for c in text if unicodedata.category(c)[0] != "N")
-        elif options.digits == "reject" and reject:
+        elif options.digits in ("reject", "spell") and reject:
             numbers = [c for c in text if unicodedata.category(c)[0] == "N"]
             if numbers:
                 raise TextRejected(f"text holds digits {''.join(dict.fromkeys(numbers))!r}: {text!r}")
@@ -118,13 +126,15 @@ class TextNormalizer:
         del joined
         if options.lowercase:
             text = unicodedata.normalize(options.unicode_form, self._casing(text).lower())
+        if self._spell is not None:
+            text = self._spell(text)
         text = self._replace(text)
         chars = _distinct(text)  # from here on, characters only go (or become spaces)
         numbers = [c for c in chars if unicodedata.category(c)[0] == "N"]
         rejected: list[int] = []  # positions of the texts rejected
         if numbers and options.digits == "drop":
             text = _replaced(text, numbers, "")
-        elif numbers and options.digits == "reject":
+        elif numbers and options.digits in ("reject", "spell"):  # under spell: numerals other than digit runs
             pieces = text.split("\n")
             found = _any_of(numbers)
             rejected = [k for k, piece in enumerate(pieces) if found.search(piece)]
@@ -183,6 +193,39 @@ class TextNormalizer:
             else:
                 out.append(" ")
         return "".join(out)
+
+
+_DIGIT_RUN = re.compile(r"\d+")  # a run of Unicode decimal digits (Nd), any script's
+
+
+def number_speller(locale: str | None, unicode_form: str = "NFC") -> Callable[[str], str]:
+    """A function that writes each run of decimal digits in a text as words of `locale`'s language, through the
+    num2words library ("marque 1 o 21" -> "marque uno o veintiuno" for es), in `unicode_form`: the run is read as
+    one whole number, so separators stay punctuation ("3,5" -> "tres cinco" once punctuation goes) and leading zeros
+    go. A number too large for the language's converter stays digits (and is rejected). ValueError when `locale` is
+    None or num2words has no converter for it (it tries the locale, e.g. pt_BR, then its two-letter language)."""
+    if locale is None:
+        raise ValueError("digits: spell needs locale, the language whose number words to write (e.g. locale: es)")
+    from num2words import CONVERTER_CLASSES, num2words
+
+    lang = locale.replace("-", "_")
+    if lang not in CONVERTER_CLASSES and lang.split("_")[0].lower()[:2] not in CONVERTER_CLASSES:
+        raise ValueError(f"digits: spell: num2words cannot write numbers in the language of locale {locale!r}; it "
+                         f"knows {', '.join(sorted(CONVERTER_CLASSES))}")
+
+    def spell(match: re.Match) -> str:
+        try:
+            words = num2words(int(match.group()), lang=lang)
+        except (OverflowError, NotImplementedError, ValueError, IndexError, KeyError):
+            return match.group()  # too large for the language's converter: left as digits, so the text is rejected
+        return f" {words.lower()} "
+
+    def speller(text: str) -> str:
+        if not any(c.isdigit() for c in text):
+            return text
+        return unicodedata.normalize(unicode_form, _DIGIT_RUN.sub(spell, text))
+
+    return speller
 
 
 def _is_word_char(c: str) -> bool:

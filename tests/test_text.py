@@ -60,6 +60,30 @@ def test_digit_policies():
     with pytest.raises(TextRejected, match="2"):
         TextNormalizer(TextOptions(digits="reject"))(text)
     assert TextNormalizer(TextOptions(digits="reject"))("bez čísel") == "bez čísel"
+    spell = TextNormalizer(TextOptions(digits="spell", locale="cs"))
+    assert spell("Mám 2 kočky") == "mám dva kočky"  # num2words' cardinal, not the grammatical form
+    with pytest.raises(TextRejected, match="½"):  # a numeral that is no run of decimal digits is still refused
+        spell(text)
+
+
+def test_digits_spelled_in_the_locale_s_words_before_the_replacements():
+    spanish = TextNormalizer(TextOptions(digits="spell", locale="es", replacements={"é": "e", "ñ": "n"}))
+    # each run of digits one whole number; separators are punctuation; the table applies to the words (veintitrés)
+    assert spanish("Marque 1 para h-323, o 23.") == "marque uno para h trescientos veintitres o veintitres"
+    assert spanish("3,5 y 007") == "tres cinco y siete"
+    assert spanish("año 2000") == "ano dos mil"
+    assert TextNormalizer(TextOptions(digits="spell", locale="it"))("Premi 21") == "premi ventuno"
+    # a region subtag in either spelling, and num2words' two-letter fallback
+    assert TextNormalizer(TextOptions(digits="spell", locale="pt-BR"))("2") == "dois"
+    assert TextNormalizer(TextOptions(digits="spell", locale="de-AT"))("2") == "zwei"
+    # other scripts' decimal digits are numbers too
+    assert spanish("٣") == "tres"
+    # a number too large for the converter stays digits, and the text is rejected (model output keeps it)
+    huge = "x " + "9" * 40
+    with pytest.raises(TextRejected, match="9"):
+        spanish(huge)
+    assert spanish(huge, reject=False) == huge
+    assert spanish.normalize_all(["Marque 1", "sin", huge, "1"]) == ["marque uno", "sin", None, "uno"]
 
 
 def test_alphabet_rejects_foreign_characters():
@@ -93,7 +117,10 @@ def test_options_files_are_strict_and_errors_name_the_dotted_key_and_the_file(tm
     for content, message in [("text: {lower: true}", "unknown key 'text.lower'"),
                              ("lower: true", "unknown key 'lower'"),
                              ("text: {lowercase: 'yes'}", "text.lowercase: expected bool, got str 'yes'"),
-                             ("text: {digits: spell}", "text.digits must be one of keep, drop, reject"),
+                             ("text: {digits: many}", "text.digits must be one of keep, drop, reject, spell"),
+                             ("text: {digits: spell}", "text: digits: spell needs locale, the language whose number"),
+                             ("text: {digits: spell, locale: xx}",
+                              "text: digits: spell: num2words cannot write numbers in the language of locale 'xx'"),
                              ("text: {unicode_form: NFX}", "text.unicode_form must be one of"),
                              ("text: {replacements: {'': x}}", "text.replacements must be a table without an empty"),
                              ("text: {replacements: {a: 1}}", "text.replacements.a: expected str, got int 1")]:
@@ -104,7 +131,9 @@ def test_options_files_are_strict_and_errors_name_the_dotted_key_and_the_file(tm
 
 
 def test_options_built_in_python_are_held_to_the_same_checks():
-    with pytest.raises(ValueError, match="digits must be one of keep, drop, reject, got str 'spell'"):
+    with pytest.raises(ValueError, match="digits must be one of keep, drop, reject, spell, got str 'many'"):
+        TextOptions(digits="many")
+    with pytest.raises(ValueError, match="digits: spell needs locale"):
         TextOptions(digits="spell")
     with pytest.raises(ValueError, match="replacements must be a table without an empty key"):
         TextOptions(replacements={"": "x"})
@@ -159,7 +188,9 @@ def test_normalize_all_gives_what_each_text_normalized_alone_gives():
                TextOptions(unicode_form="NFKC", digits="drop", replacements={"ß": "ss", "’": "'"}),
                TextOptions(digits="reject", alphabet="abcdefghijklmnopqrstuvwxyzéσςοδ"),
                TextOptions(lowercase=False, remove_punctuation=False), PRESETS["whisper-basic"],
-               TextOptions(keep="'-$", replacements={"a": "", "ı": "I"})]
+               TextOptions(keep="'-$", replacements={"a": "", "ı": "I"}),
+               TextOptions(digits="spell", locale="es", replacements={"é": "e"}),
+               TextOptions(unicode_form="NFD", digits="spell", locale="fr", alphabet="abcdefghijklmnopqrstuvwxyz")]
     for option in options:
         normalizer = TextNormalizer(option)
 
