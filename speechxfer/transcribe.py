@@ -581,8 +581,11 @@ def _pieces(recognizer: Recognizer, segments: Sequence[AudioSegment], options: T
         for segment in long:
             try:
                 for event in _windowed(recognizer, segment, options):
-                    silent += isinstance(event, _Silent)
-                    yield event
+                    if isinstance(event, _Silent):
+                        silent += 1
+                        yield event
+                    else:
+                        yield segment, *event
             except AudioError as err:
                 yield Problem(segment.path, None, "unreadable_audio", err.message, segment.id)
             bar.update(round(segment.duration_s, 1))
@@ -622,7 +625,7 @@ class _Window:
 
 
 def _windowed(recognizer: Recognizer, segment: AudioSegment,
-              options: TranscribeOptions) -> Iterator[tuple[AudioSegment, torch.Tensor, bool] | _Silent]:
+              options: TranscribeOptions) -> Iterator[tuple[torch.Tensor, bool] | _Silent]:
     """The kept frames of each window of a long segment, in order, and whether it is the last; or the segment as
     silent, judged by the level of all its windows (a silent stretch inside speech is normalized by the speech's
     level, as a single pass would, so its noise stays as faint as a pause's)."""
@@ -658,19 +661,19 @@ def _windowed(recognizer: Recognizer, segment: AudioSegment,
     for window in windows():
         # Only windows of equal length share a pass: padding would change what a mask-less model sees.
         if batch and (len(window.wave) != len(batch[0].wave) or (len(batch) + 1) * len(window.wave) > budget):
-            yield from _run_windows(recognizer, segment, batch, stats, last=False)
+            yield from _run_windows(recognizer, batch, stats, last=False)
             batch = []
         batch.append(window)
-    yield from _run_windows(recognizer, segment, batch, stats, last=True)
+    yield from _run_windows(recognizer, batch, stats, last=True)
 
 
-def _run_windows(recognizer: Recognizer, segment: AudioSegment, batch: list[_Window],
-                 stats: tuple[float, float] | None, *, last: bool) -> Iterator[tuple[AudioSegment, torch.Tensor, bool]]:
+def _run_windows(recognizer: Recognizer, batch: list[_Window], stats: tuple[float, float] | None, *,
+                 last: bool) -> Iterator[tuple[torch.Tensor, bool]]:
     log_probs, frames = recognizer.log_probs([w.wave for w in batch],
                                              stats=None if stats is None else [stats] * len(batch))
     for k, (window, item, n) in enumerate(zip(batch, log_probs, frames.tolist())):
         keep_to = n if window.keep_to is None else min(window.keep_to, n)
-        yield segment, item[window.keep_from: max(window.keep_from, keep_to)], last and k == len(batch) - 1
+        yield item[window.keep_from: max(window.keep_from, keep_to)], last and k == len(batch) - 1
 
 
 def _segment_moments(recognizer: Recognizer, segment: AudioSegment, chunk: int, total: int) -> _Moments:
