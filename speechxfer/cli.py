@@ -292,6 +292,19 @@ def _add_model_arguments(p) -> None:
                    help=f"audio longer than this is read in windows of this length (default {defaults.chunk_s:g})")
     p.add_argument("--stride-s", type=float, default=defaults.stride_s, metavar="S",
                    help=f"context on each side of a window, dropped after the model (default {defaults.stride_s:g})")
+    p.add_argument("--silence-dbfs", type=_level_or_off, default=defaults.silence_dbfs, metavar="DB",
+                   help="a file or utterance whose level (RMS) is below this many dBFS is silent: an empty transcript, "
+                        f"not run through the model (default {defaults.silence_dbfs:g}; off: run all audio)")
+
+
+def _level_or_off(text: str) -> float | None:
+    """An argparse type: a level in dBFS, or None for `off`."""
+    if text.strip().lower() == "off":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a level in dBFS (such as -70) or off, got {text!r}") from None
 
 
 def _add_beam_arguments(p, *, tuning: bool = False) -> None:
@@ -336,7 +349,8 @@ def _load_recognizer(args, ranks=None):
 def _transcribe_options(args):
     from speechxfer.transcribe import TranscribeOptions
 
-    return TranscribeOptions(max_batch_s=args.max_batch_s, chunk_s=args.chunk_s, stride_s=args.stride_s)
+    return TranscribeOptions(max_batch_s=args.max_batch_s, chunk_s=args.chunk_s, stride_s=args.stride_s,
+                             silence_dbfs=args.silence_dbfs)
 
 
 def _beam_options(args, *, model: str | None = None):
@@ -623,8 +637,9 @@ def _add_pseudo_label(subparsers) -> None:
                               description="Transcribe audio with a teacher model and write a JSONL manifest whose rows "
                                           "carry `pseudo_label: true` and the teacher's confidence, for a recipe's "
                                           "data.pseudo_labelled. Texts are normalized as the model's recipe.yaml "
-                                          "says; rows below --min-confidence, empty ones and ones with characters "
-                                          "outside the model's vocabulary are left out and counted.")
+                                          "says; rows below --min-confidence, empty ones, silent ones (--silence-dbfs) "
+                                          "and ones with characters outside the model's vocabulary are left out and "
+                                          "counted.")
     p.declare_later(_pseudo_label_arguments)
     p.set_defaults(func=_cmd_pseudo_label)
 

@@ -43,7 +43,8 @@ class PseudoLabels:
     manifest: Path
     kept: int  # rows written
     # rows left out, by kind: low_confidence, empty_text (nothing decoded, or nothing left after normalization),
-    # rejected_text (the normalizer refuses it), unknown_characters (outside the model's vocabulary)
+    # silent (audio below TranscribeOptions.silence_dbfs, never decoded), rejected_text (the normalizer refuses it),
+    # unknown_characters (outside the model's vocabulary)
     dropped: dict[str, int]
     problems: list[Problem]  # audio that could not be transcribed, and each dropped row
 
@@ -57,9 +58,9 @@ def pseudo_label(recognizer: Recognizer, segments: Sequence[AudioSegment], *, ou
     Each row: id (ID_PREFIX + the segment's name), audio_path, duration_s, offset_s, the normalized text,
     `pseudo_label: true`, and `confidence` (decoding.Transcript.confidence: greedy, the mean top posterior of the
     non-blank frames in [0, 1]; with an LM, the beam's score per frame). Left out, counted and listed as Problems:
-    rows below `min_confidence`, empty transcripts, texts the normalizer rejects or empties, and texts with
-    characters outside the model's vocabulary (or its unknown token). The manifest is written atomically once all
-    is done.
+    rows below `min_confidence`, empty transcripts, silent audio (below `options.silence_dbfs`), texts the
+    normalizer rejects or empties, and texts with characters outside the model's vocabulary (or its unknown
+    token). The manifest is written atomically once all is done.
     """
     vocabulary = recognizer.vocabulary
     letters = set(vocabulary.tokens) - {vocabulary.blank, vocabulary.unk, vocabulary.delimiter}
@@ -71,6 +72,11 @@ def pseudo_label(recognizer: Recognizer, segments: Sequence[AudioSegment], *, ou
             problems.append(result)
             continue
         segment, transcript = result.segment, result.transcript
+        if result.silent_dbfs is not None:
+            dropped["silent"] += 1
+            problems.append(Problem(segment.path, None, "silent", f"{result.silent_dbfs:.1f} dBFS, below "
+                                    f"{options.silence_dbfs:g} dBFS: not transcribed", ID_PREFIX + segment.name))
+            continue
         kind, text = _pseudo_text(transcript.text, normalizer, letters, unk=vocabulary.unk)
         if kind is None and min_confidence is not None and transcript.confidence < min_confidence:
             kind = "low_confidence"

@@ -7,12 +7,18 @@ windows of `chunk_s` with `stride_s` of context on each side; after the forward 
 of its centre and drops those of the context (as the transformers pipeline's chunk_length_s/stride_length_s do),
 so the stitched frames are the ones a single pass would give wherever the model's receptive field fits in the
 context, and memory stays that of one batch of windows however long the file is.
+
+Audio (a file, or a manifest's segment) quieter than `silence_dbfs` as a whole gets an empty transcript without a
+forward pass: the feature extractor's normalization would raise its noise to unit variance, and the model hears
+words in it. A long file's windows are judged together, as they are normalized: a silent stretch between speech
+keeps its level below the speech's, as any pause does.
 """
 
 from __future__ import annotations
 
 import glob
 import json
+import logging
 import math
 import os
 import re
@@ -47,6 +53,8 @@ _MAX_CUE_S = 7.0
 # Added to the variance before the square root, as transformers' Wav2Vec2FeatureExtractor does.
 _NORM_EPSILON = 1e-7
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class AudioSegment:
@@ -69,6 +77,14 @@ class TranscribeOptions:
     max_batch_s: float = 20.0
     chunk_s: float = 30.0  # audio longer than this is read in windows of this length
     stride_s: float = 5.0  # context read on each side of a window, dropped after the forward pass
+    # Audio whose level is below this many dBFS gets an empty transcript and is not run through the model; None:
+    # all audio is. Level: the RMS about the mean (what the normalization divides by, so a DC offset hides no
+    # silence; 0 dBFS: a full-scale square wave). Digital silence with a little quantization noise (Asterisk's
+    # silence/N.wav: -96 dBFS, 16-bit zeros +-1 LSB) is raised ~3000x by the normalization and decoded as words;
+    # A-law's idle channel with noise is -72 dBFS. The quietest real recordings measured: -24 dBFS (Asterisk es_MX
+    # Allison speech; a beep -29), -26 (it_IT Carlo), -29 (esco), -33 (the demo's espeak audio); speech scaled down
+    # to -70 dBFS as 16-bit still decodes (es18-3000 test WER 52.3% against 50.9%; 61.7% at -80).
+    silence_dbfs: float | None = -70.0
 
     def __post_init__(self) -> None:
         for name, value, least in (("max_batch_s", self.max_batch_s, "more than 0"),
@@ -76,12 +92,22 @@ class TranscribeOptions:
                                    ("stride_s", self.stride_s, "at least 0")):
             if not (math.isfinite(value) and (value >= 0 if least == "at least 0" else value > 0)):
                 raise InputError(f"{name} (--{name.replace('_', '-')}) must be {least} seconds, got {value:g}")
+        if self.silence_dbfs is not None and not (math.isfinite(self.silence_dbfs) and self.silence_dbfs <= 0):
+            raise InputError(f"silence_dbfs (--silence-dbfs) must be a level of at most 0 dBFS, or off; got "
+                             f"{self.silence_dbfs:g}")
+
+    def silent(self, level_dbfs: float) -> bool:
+        """Whether audio of this level (see silence_dbfs) is left to an empty transcript."""
+        return self.silence_dbfs is not None and level_dbfs < self.silence_dbfs
 
 
 @dataclass(frozen=True)
 class Transcription:
     segment: AudioSegment
     transcript: Transcript
+    # The level (dBFS) of audio found silent (TranscribeOptions.silence_dbfs): its transcript is empty and the model
+    # never ran on it. None: the model transcribed it.
+    silent_dbfs: float | None = None
 
 
 class Recognizer:
@@ -269,9 +295,17 @@ class _Moments:
         self.total += float(x.sum())
         self.squares += float(np.dot(x, x))
 
-    def mean_std(self) -> tuple[float, float]:
+    def _variance(self) -> float:
         mean = self.total / self.count
-        return mean, math.sqrt(max(self.squares / self.count - mean * mean, 0.0) + _NORM_EPSILON)
+        return max(self.squares / self.count - mean * mean, 0.0)
+
+    def mean_std(self) -> tuple[float, float]:
+        return self.total / self.count, math.sqrt(self._variance() + _NORM_EPSILON)
+
+    def level_dbfs(self) -> float:
+        """The RMS about the mean in dBFS (-inf for a constant)."""
+        variance = self._variance()
+        return 10 * math.log10(variance) if variance > 0 else -math.inf
 
 
 
@@ -445,14 +479,18 @@ def transcribe(recognizer: Recognizer, segments: Sequence[AudioSegment], *, deco
     """Transcribe segments, yielding each result as soon as its batch (or its last window) is done.
 
     Order: short segments longest first, then long ones. Audio that fails to load is yielded as a Problem and
-    the run goes on. With several `ranks`, every process is given the same segments and transcribes its share of
-    the batches, which are the batches one process would run (so each result is the same).
+    the run goes on. Audio below `options.silence_dbfs` is yielded with an empty transcript and its level in
+    `silent_dbfs`, without a forward pass. With several `ranks`, every process is given the same segments and
+    transcribes its share of the batches, which are the batches one process would run (so each result is the same).
     """
     stream = None
     for event in _pieces(recognizer, segments, options, progress, ranks):
         if isinstance(event, Problem):
             stream = None  # a long file failed half-way: drop what it had decoded
             yield event
+            continue
+        if isinstance(event, _Silent):
+            yield Transcription(event.segment, Transcript("", ()), silent_dbfs=event.level_dbfs)
             continue
         segment, log_probs, last = event
         if stream is None:
@@ -467,12 +505,16 @@ def emissions(recognizer: Recognizer, segments: Sequence[AudioSegment], *,
               options: TranscribeOptions = TranscribeOptions(), progress: bool = False,
               ) -> Iterator[tuple[AudioSegment, torch.Tensor] | Problem]:
     """Each segment's (frames, vocab) log posteriors, long ones stitched from their windows; for decoding the
-    same audio many times (LM tuning)."""
+    same audio many times (LM tuning). A silent segment (`options.silence_dbfs`) has no frames: every decoder
+    makes an empty transcript of it, as `transcribe` gives it."""
     pieces: list[torch.Tensor] = []
     for event in _pieces(recognizer, segments, options, progress, Ranks()):
         if isinstance(event, Problem):
             pieces = []
             yield event
+            continue
+        if isinstance(event, _Silent):
+            yield event.segment, torch.zeros((0, len(recognizer.vocabulary)))
             continue
         segment, log_probs, last = event
         pieces.append(log_probs)
@@ -481,9 +523,18 @@ def emissions(recognizer: Recognizer, segments: Sequence[AudioSegment], *,
             pieces = []
 
 
+@dataclass(frozen=True)
+class _Silent:
+    """A segment below TranscribeOptions.silence_dbfs, not run through the model."""
+
+    segment: AudioSegment
+    level_dbfs: float
+
+
 def _pieces(recognizer: Recognizer, segments: Sequence[AudioSegment], options: TranscribeOptions,
-            progress: bool, ranks: Ranks) -> Iterator[tuple[AudioSegment, torch.Tensor, bool] | Problem]:
-    """(segment, (frames, vocab) log posteriors, whether it is the segment's last piece), or a Problem.
+            progress: bool, ranks: Ranks) -> Iterator[tuple[AudioSegment, torch.Tensor, bool] | _Silent | Problem]:
+    """(segment, (frames, vocab) log posteriors, whether it is the segment's last piece), a silent segment, or a
+    Problem; how many segments were silent is said once, at the end.
 
     A long segment's pieces come consecutively and in order, never interleaved with another segment's.
     """
@@ -502,6 +553,7 @@ def _pieces(recognizer: Recognizer, segments: Sequence[AudioSegment], options: T
         mine = ranks.share([sum(s.duration_s for s in unit) for unit in units])
         batches, long = [units[i] for i in mine if i < len(batches)], [units[i][0] for i in mine if i >= len(batches)]
     total_s = sum(s.duration_s for s in long) + sum(s.duration_s for batch in batches for s in batch)
+    silent = 0
     with progress_bar(show=progress, total=round(total_s, 1), unit="s", desc="audio", leave=False) as bar, \
             ThreadPoolExecutor(max_workers=1) as loader:
         # Read the next batch while the model runs on this one.
@@ -511,27 +563,41 @@ def _pieces(recognizer: Recognizer, segments: Sequence[AudioSegment], options: T
             if i + 1 < len(batches):
                 pending = loader.submit(_load_batch, recognizer, batches[i + 1])
             yield from problems
+            heard = []
+            for segment, wave, moments in loaded:
+                if options.silent(level := moments.level_dbfs()):
+                    silent += 1
+                    yield _Silent(segment, level)
+                else:
+                    heard.append((segment, wave, moments))
             # Audio shorter than its listed duration would be padded in its planned batch: split it off.
-            for rows in inference_batches([len(wave) for _, wave, _ in loaded], padding_free=padding_free):
-                passed = [loaded[row] for row in rows]
-                stats = [moments for _, _, moments in passed] if recognizer.normalize else None
+            for rows in inference_batches([len(wave) for _, wave, _ in heard], padding_free=padding_free):
+                passed = [heard[row] for row in rows]
+                stats = [moments.mean_std() for _, _, moments in passed] if recognizer.normalize else None
                 log_probs, frames = recognizer.log_probs([wave for _, wave, _ in passed], stats=stats)
                 for (segment, _, _), item, n in zip(passed, log_probs, frames.tolist()):
                     yield segment, item[:n], True
             bar.update(round(sum(s.duration_s for s in batches[i]), 1))
         for segment in long:
             try:
-                for piece, last in _windowed(recognizer, segment, options):
-                    yield segment, piece, last
+                for event in _windowed(recognizer, segment, options):
+                    if isinstance(event, _Silent):
+                        silent += 1
+                        yield event
+                    else:
+                        yield segment, *event
             except AudioError as err:
                 yield Problem(segment.path, None, "unreadable_audio", err.message, segment.id)
             bar.update(round(segment.duration_s, 1))
+    if silent:
+        logger.warning(f"{silent} of {len(long) + sum(len(batch) for batch in batches)} inputs are silent (below "
+                       f"{options.silence_dbfs:g} dBFS): empty transcripts, not run through the model")
 
 
 def _load_batch(recognizer: Recognizer, batch: Sequence[AudioSegment],
-                ) -> tuple[list[tuple[AudioSegment, np.ndarray, tuple[float, float] | None]], list[Problem]]:
-    """Read a batch's audio, with each waveform's (mean, std) when the model normalizes its input, off the thread
-    that runs the model."""
+                ) -> tuple[list[tuple[AudioSegment, np.ndarray, _Moments]], list[Problem]]:
+    """Read a batch's audio, with each waveform's moments (its level, and its normalization when the model
+    normalizes its input), off the thread that runs the model."""
     loaded, problems = [], []
     for segment in batch:
         try:
@@ -547,7 +613,7 @@ def _load_batch(recognizer: Recognizer, batch: Sequence[AudioSegment],
                                     f"field ({1000 * recognizer.min_samples / rate:.3g} ms): nothing to transcribe",
                                     segment.id))
             continue
-        loaded.append((segment, wave, _Moments.of(wave).mean_std() if recognizer.normalize else None))
+        loaded.append((segment, wave, _Moments.of(wave)))
     return loaded, problems
 
 
@@ -559,15 +625,22 @@ class _Window:
 
 
 def _windowed(recognizer: Recognizer, segment: AudioSegment,
-              options: TranscribeOptions) -> Iterator[tuple[torch.Tensor, bool]]:
-    """The kept frames of each window of a long segment, in order, and whether it is the last."""
+              options: TranscribeOptions) -> Iterator[tuple[torch.Tensor, bool] | _Silent]:
+    """The kept frames of each window of a long segment, in order, and whether it is the last; or the segment as
+    silent, judged by the level of all its windows (a silent stretch inside speech is normalized by the speech's
+    level, as a single pass would, so its noise stays as faint as a pause's)."""
     rate, per_frame = recognizer.sample_rate_hz, recognizer.samples_per_frame
     # Window starts on frame boundaries, so that window frames line up with the frames of a single pass.
     chunk = max(1, round(options.chunk_s * rate / per_frame)) * per_frame
     stride = round(options.stride_s * rate / per_frame) * per_frame
     total = round(segment.duration_s * rate)
     # The whole segment's statistics, as a single pass would normalize with.
-    stats = _segment_moments(recognizer, segment, chunk, total).mean_std() if recognizer.normalize else None
+    moments = (_segment_moments(recognizer, segment, chunk, total)
+               if recognizer.normalize or options.silence_dbfs is not None else None)
+    if moments is not None and options.silent(level := moments.level_dbfs()):
+        yield _Silent(segment, level)
+        return
+    stats = moments.mean_std() if recognizer.normalize else None
 
     def windows() -> Iterator[_Window]:
         start = 0

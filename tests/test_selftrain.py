@@ -129,6 +129,24 @@ def test_pseudo_label_command_writes_a_manifest_that_manifest_readers_take(tmp_p
     assert last_line == "speechxfer pseudo-label: error: no audio to pseudo-label"
 
 
+def test_pseudo_label_leaves_silent_audio_out(tmp_path, teacher, unlabelled, capsys):
+    # Digital silence: zeros with +-1 LSB of quantization noise, which the teacher would spell as words.
+    silence = tmp_path / "silence.wav"
+    sf.write(silence, np.random.default_rng(0).integers(-1, 2, 16000).astype(np.int16), 16000, subtype="PCM_16")
+    out = tmp_path / "pl.jsonl"
+    command = ["pseudo-label", str(teacher), str(unlabelled), str(silence), "--output", str(out), "--device", "cpu"]
+    assert main(command) == 0
+    captured = capsys.readouterr()
+    assert "pseudo/silence" not in {u.id for u in load_manifest(out)}
+    assert f"{silence}: [silent] " in captured.err and "below -70 dBFS: not transcribed" in captured.err
+    assert "left out 1 silent" in captured.out and "1 of 7 inputs are silent" in captured.err
+    assert main([*command, "--silence-dbfs", "off"]) == 0
+    captured = capsys.readouterr()
+    assert "silent" not in captured.out + captured.err
+    # run through the model, the silence is spelled as words, as the teacher spells any noise
+    assert "pseudo/silence" in {u.id for u in load_manifest(out)}
+
+
 def test_a_pseudo_labelled_manifest_trains_under_its_batch_share(tmp_path, teacher, unlabelled, corpus, monkeypatch,
                                                                 caplog):
     pseudo = tmp_path / "pl.jsonl"

@@ -1,4 +1,5 @@
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -302,6 +303,82 @@ def test_bad_inputs_are_reported_by_name_and_the_run_goes_on(tmp_path, model_dir
                                                                                                       Problem]
     (problem,) = [r for r in results if isinstance(r, Problem)]
     assert problem.path == str(vanished) and problem.kind == "unreadable_audio"
+
+
+def write_pcm16(path, samples) -> Path:
+    """16-bit samples (integers) as a 16 kHz PCM WAV file."""
+    sf.write(path, np.asarray(samples, dtype=np.int16), 16000, subtype="PCM_16")
+    return Path(path)
+
+
+def digital_silence(path, *, duration_s: float, seed: int = 0) -> Path:
+    """Zeros with +-1 LSB of quantization noise (about -92 dBFS), as Asterisk's silence/N.wav prompts hold."""
+    return write_pcm16(path, np.random.default_rng(seed).integers(-1, 2, round(duration_s * 16000)))
+
+
+@pytest.mark.parametrize("chunk_s", [30.0, 0.4])  # whole files, and files read in windows
+def test_digital_silence_gets_an_empty_transcript_without_the_model(tmp_path, model_dir, chunk_s, caplog):
+    silence = digital_silence(tmp_path / "silence.wav", duration_s=1.0)
+    t = np.arange(12800) / 16000
+    quiet = write_pcm16(tmp_path / "quiet.wav", np.round(32768 * 10 ** (-50 / 20) * np.sqrt(2)
+                                                         * np.sin(2 * np.pi * 440 * t)))  # a tone at -50 dBFS
+    loud = varying_noise(tmp_path / "loud.wav", duration_s=0.6)
+    segments, _ = find_audio([str(silence), str(quiet), str(loud)])
+    recognizer = Recognizer(model_dir, device="cpu")
+    decoder = GreedyDecoder(recognizer.vocabulary, frame_s=recognizer.frame_s)
+    heard: list[tuple[int, float]] = []  # (samples, peak in LSB) of each waveform the model was given
+    real_log_probs = recognizer.log_probs
+
+    def recorded(waveforms, **kwargs):
+        heard.extend((len(w), float(np.abs(w).max()) * 32768) for w in waveforms)
+        return real_log_probs(waveforms, **kwargs)
+
+    recognizer.log_probs = recorded
+    windows = chunk_s < 1  # then every file is read in windows of at most chunk_s + 2 x stride_s
+    options = TranscribeOptions(chunk_s=chunk_s, stride_s=0.1)
+    with caplog.at_level(logging.INFO, logger="speechxfer"):
+        results = {r.segment.path: r for r in transcribe(recognizer, segments, decoder=decoder, options=options)}
+    assert [m for m in caplog.messages if "silent" in m] == [
+        "1 of 3 inputs are silent (below -70 dBFS): empty transcripts, not run through the model"]
+    gated = results[str(silence)]
+    assert gated.transcript.text == "" and gated.transcript.words == () and -96 < gated.silent_dbfs < -90
+    assert results[str(quiet)].silent_dbfs is None and results[str(loud)].silent_dbfs is None
+    assert results[str(loud)].transcript.text  # the random model spells noise
+    assert min(peak for _, peak in heard) > 100  # never the silence (peak 1 LSB); the quiet tone's is ~200
+    lengths = [n for n, _ in heard]
+    assert max(lengths) <= 0.6 * 16000 and len(lengths) > 2 if windows else sorted(lengths) == [9600, 12800]
+    # emissions (LM tuning, source ranking) give the silent file no frames: any decoder makes it empty
+    found = {segment.path: lp for segment, lp in emissions(recognizer, segments, options=options)}
+    assert found[str(silence)].shape == (0, len(recognizer.vocabulary))
+    assert found[str(quiet)].shape[0] > 0
+
+    heard.clear()
+    caplog.clear()
+    results = {r.segment.path: r for r in transcribe(recognizer, segments, decoder=decoder,
+                                                     options=TranscribeOptions(chunk_s=chunk_s, stride_s=0.1,
+                                                                               silence_dbfs=None))}
+    assert all(r.silent_dbfs is None for r in results.values()) and "silent" not in caplog.text
+    assert min(peak for _, peak in heard) == 1  # the silence is run through the model too
+
+
+def test_silence_dbfs_on_the_command_line(tmp_path, model_dir, capsys):
+    silence = digital_silence(tmp_path / "silence.wav", duration_s=0.5)
+    assert main(["transcribe", str(model_dir), str(silence), "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"{silence}\t\n"
+    assert "warning: 1 of 1 inputs are silent (below -70 dBFS)" in captured.err
+    assert main(["transcribe", str(model_dir), str(silence), "--device", "cpu", "--silence-dbfs", "off"]) == 0
+    assert "silent" not in capsys.readouterr().err
+    assert main(["transcribe", str(model_dir), str(silence), "--device", "cpu", "--silence-dbfs", "-100"]) == 0
+    assert "silent" not in capsys.readouterr().err
+    assert main(["transcribe", str(model_dir), str(silence), "--silence-dbfs", "6"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "speechxfer transcribe: error: silence_dbfs (--silence-dbfs) must be a level of at most 0 dBFS, or off; "
+        "got 6")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["transcribe", str(model_dir), str(silence), "--silence-dbfs", "quiet"])
+    assert exit_info.value.code == 2 and "expected a level in dBFS (such as -70) or off, got 'quiet'" in (
+        capsys.readouterr().err)
 
 
 def test_output_names_do_not_collide(tmp_path):
