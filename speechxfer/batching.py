@@ -4,11 +4,9 @@ identically across processes, and the forward passes of evaluation and inference
 from __future__ import annotations
 
 import hashlib
-import heapq
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import numpy as np
@@ -335,12 +333,17 @@ class DurationBatchSampler(torch.utils.data.Sampler[list[int]]):
     and global batches with fewer items than processes are skipped by all, so every process takes the same number
     of steps. An utterance longer than `max_batch_s` forms a batch of its own.
 
-    With `groups` (one per index) and `max_share` ({group: share}), the utterances of each capped group hold at
-    most that share of every global batch's seconds (pseudo-labelled manifests, say). A capped utterance that
-    finds no room where it falls in the epoch's order waits for the next batch with room (the shortest waiting
-    first); those still waiting at the end are left out of that epoch (`num_over_share`): the longest, so mostly
-    the same ones every epoch. The cap lives in the global plan, so it holds whatever the number
-    of processes.
+    With `groups` (one per index) and `max_share` ({group: share}), the utterances of each capped group (share
+    below 1; a pseudo-labelled manifest, say) hold at most that share of each epoch's seconds. Group g's budget is
+    share_g of the seconds of the uncapped utterances plus its own in the epoch, i.e. share_g / (1 - share_g) x
+    the uncapped seconds: so it holds at most share_g of the whole epoch whatever the other capped groups hold,
+    and no group's budget depends on another's. When the whole group is over its budget, the epoch holds a subset
+    of it (in_epoch): its utterances in a random order drawn from (`seed`, epoch, g) alone, each taken when it
+    fits in what is left of the budget, so that a long utterance is as likely to be taken as a short one and a
+    different subset trains each epoch. The epoch's utterances are then planned as above, the capped ones among
+    the rest (with shuffle=False too: the plain plan of that epoch's subset). Without capped groups the plan is
+    the one without groups. The subset is part of the global plan, so it holds whatever the number of processes;
+    the number of batches may differ from epoch to epoch.
 
     Iterating to the end moves to the next epoch; set_epoch() jumps to one. state_dict() records the epoch and how
     many global batches have been handed out, so a resumed run yields exactly the remaining ones. It counts what the
@@ -364,25 +367,26 @@ class DurationBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.seed = seed
         self.num_replicas = num_replicas
         self.rank = rank
-        self.groups = list(groups) if max_share else []
+        self.groups = np.asarray(groups if max_share else (), dtype=np.int64)
         self.max_share = max_share
         self.epoch = 0
         self._position = 0  # global batches of this epoch already handed out (or skipped)
-        self._plans: dict[int, tuple[list[list[int]], int]] = {}  # epoch -> (global batches, num_over_share)
+        self._plans: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # epoch -> (indices served, bounds)
         # Length order, ties by index: the plain plan's order, and where each epoch's places start from.
         self._by_length = np.argsort(self.durations_s, kind="stable")
 
     def global_batches(self, epoch: int | None = None) -> list[list[int]]:
         """The global batches of `epoch` (default: the current one), in the order they are served, each before it
         is shared among the processes."""
-        order, bounds, _ = self._plan(self.epoch if epoch is None else epoch)
+        order, bounds = self._plan(self.epoch if epoch is None else epoch)
         return [batch.tolist() for batch in np.split(order, bounds[1:-1])] if len(order) else []
 
-    @property
-    def num_over_share(self) -> int:
-        """Capped utterances left out of the current epoch's batches: no batch had room for them under their
-        max_share."""
-        return self._plan(self.epoch)[2]
+    def in_epoch(self, epoch: int | None = None) -> np.ndarray:
+        """Which utterances the batches of `epoch` (default: the current one) hold, bool (utterances,): all of
+        them unless a capped group is over its max_share, which then has a subset drawn for the epoch."""
+        held = np.zeros(len(self.durations_s), dtype=bool)
+        held[self._plan(self.epoch if epoch is None else epoch)[0]] = True
+        return held
 
     @property
     def num_dropped(self) -> int:
@@ -415,7 +419,7 @@ class DurationBatchSampler(torch.utils.data.Sampler[list[int]]):
         asked for (a plan's lists of a million indices never all at once), without moving the sampler; None for a
         global batch with fewer items than processes (which every process skips). Iterating the sampler gives
         these, Nones left out."""
-        order, bounds, _ = self._plan(epoch)
+        order, bounds = self._plan(epoch)
         for first, end in zip(bounds[start:-1].tolist(), bounds[start + 1:].tolist()):
             yield order[first + self.rank:end:self.num_replicas].tolist() if end - first >= self.num_replicas else None
 
@@ -425,103 +429,94 @@ class DurationBatchSampler(torch.utils.data.Sampler[list[int]]):
     def load_state_dict(self, state: dict) -> None:
         if "data" in state:
             same = state["data"] == self._data_digest()
+        elif self.max_share:
+            # Its run capped each batch, not each epoch: there is no plan left to count its batches against.
+            raise ValueError("the sampler state is from before max_share held per epoch; start the run afresh")
         else:  # from before batches were re-formed each epoch: it counts the batches of the plain plan
-            same = state["num_batches"] == len(_plan_batches(self.durations_s, self._by_length,
-                                                             max_batch_s=self.max_batch_s, groups=self.groups,
-                                                             max_share=self.max_share)[1]) - 1
+            same = state["num_batches"] == len(_cut_batches(self.durations_s, self._by_length,
+                                                            max_batch_s=self.max_batch_s))
         if not same:
             raise ValueError("the sampler state is for other durations: the data or max_batch_s changed")
         self.epoch = state["epoch"]
         self._position = state["position"]
 
-    def _plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray, int]:
+    def _plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(indices in the order served, bounds: int64 (batches + 1,), global batch k is indices[bounds[k]:
-        bounds[k + 1]]; num_over_share) of `epoch`: arrays, not a list a batch (a million Python ints)."""
+        bounds[k + 1]]) of `epoch`: arrays, not a list a batch (a million Python ints)."""
         if epoch not in self._plans:
             self._plans = {epoch: self._form_batches(epoch)}  # one epoch at a time
         return self._plans[epoch]
 
-    def _form_batches(self, epoch: int) -> tuple[np.ndarray, np.ndarray, int]:
-        plan = partial(_plan_batches, self.durations_s, max_batch_s=self.max_batch_s, groups=self.groups,
-                       max_share=self.max_share)
+    def _form_batches(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        order = self._by_length
+        if self.max_share:
+            order = order[self._capped_subsets(epoch)[order]]
+        if self.shuffle:
+            # SeedSequence takes non-negative integers: a negative seed maps to its two's complement.
+            rng = np.random.default_rng([self.seed % 2 ** 64, epoch])
+            # Places in length order counted in batches' worth of audio, not in seconds: a move of REFORM_BATCHES
+            # mixes about as many neighbours wherever the durations lie (padding grows only where they are sparse).
+            # Utterances left out of the epoch are placed last (inf) and cut off; each utterance draws its move all
+            # the same, so the draws, and the plan without caps, are those of the whole data.
+            place = np.full(len(self.durations_s), np.inf)
+            place[order] = np.cumsum(self.durations_s[order]) / self.max_batch_s
+            place += rng.uniform(-REFORM_BATCHES, REFORM_BATCHES, len(place))
+            order = np.argsort(place, kind="stable")[:len(order)]
+        bounds = np.concatenate([np.zeros(1, dtype=np.int64),
+                                 _cut_batches(self.durations_s, order, max_batch_s=self.max_batch_s)])
         if not self.shuffle:
-            return plan(self._by_length)
-        # SeedSequence takes non-negative integers: a negative seed maps to its two's complement.
-        rng = np.random.default_rng([self.seed % 2 ** 64, epoch])
-        # Places in length order counted in batches' worth of audio, not in seconds: a move of REFORM_BATCHES mixes
-        # about as many neighbours wherever the durations lie (padding grows only where they are sparse).
-        place = np.empty(len(self.durations_s))
-        place[self._by_length] = np.cumsum(self.durations_s[self._by_length]) / self.max_batch_s
-        place += rng.uniform(-REFORM_BATCHES, REFORM_BATCHES, len(place))
-        order, bounds, num_over_share = plan(np.argsort(place, kind="stable"))
+            return order, bounds
         # the batches served in a random order: batch k of the plan at its place permutation.tolist().index(k)
         served = rng.permutation(len(bounds) - 1)
         sizes = np.diff(bounds)[served]
         new_bounds = np.zeros(len(bounds), dtype=np.int64)
         np.cumsum(sizes, out=new_bounds[1:])
         # each served batch's items: its first in the plan, then the next ones
-        return (order[np.repeat(bounds[:-1][served] - new_bounds[:-1], sizes) + np.arange(len(order))], new_bounds,
-                num_over_share)
+        return order[np.repeat(bounds[:-1][served] - new_bounds[:-1], sizes) + np.arange(len(order))], new_bounds
+
+    def _capped_subsets(self, epoch: int) -> np.ndarray:
+        """Which utterances `epoch` holds, bool (utterances,): every uncapped one, and of each capped group g
+        what fits in share_g / (1 - share_g) x the uncapped seconds, taken in a random order drawn from (seed,
+        epoch, g)."""
+        capped = np.isin(self.groups, list(self.max_share))
+        uncapped_s = float(self.durations_s[~capped].sum())
+        held = ~capped
+        for group, share in sorted(self.max_share.items()):
+            members = np.flatnonzero(self.groups == group)
+            budget_s = share / (1 - share) * uncapped_s
+            if self.durations_s[members].sum() > budget_s:
+                rng = np.random.default_rng([self.seed % 2 ** 64, epoch, group])
+                members = _fill_greedily(self.durations_s, rng.permutation(members), budget_s=budget_s)
+            held[members] = True
+        return held
 
     def _data_digest(self) -> str:
         """What fixes every epoch's plan but the seed: durations, caps, max_batch_s."""
         digest = hashlib.blake2b(self.durations_s.tobytes(), digest_size=16)
-        digest.update(np.asarray(self.groups, dtype=np.int64).tobytes())
+        digest.update(self.groups.tobytes())
         digest.update(repr((sorted(self.max_share.items()), self.max_batch_s)).encode())
         return digest.hexdigest()
 
 
-def _plan_batches(durations_s: np.ndarray, order: np.ndarray, *, max_batch_s: float, groups: Sequence[int],
-                  max_share: Mapping[int, float]) -> tuple[np.ndarray, np.ndarray, int]:
-    """`order` (indices) cut greedily into global batches of DurationBatchSampler: (the indices in their batches'
-    order, bounds: int64 (batches + 1,), batch k is indices[bounds[k]:bounds[k + 1]]), and how many capped
-    utterances found no room in any. It runs once per epoch, on a million utterances too: without caps in arrays
-    (_cut_batches), with them in one pass of plain Python over floats."""
-    if not max_share:
-        bounds = np.zeros(1, dtype=np.int64)
-        return order, np.concatenate([bounds, _cut_batches(durations_s, order, max_batch_s=max_batch_s)]), 0
-    durations = durations_s.tolist()
-    order = order.tolist()
-    batches: list[list[int]] = []
-    batch: list[int] = []
-    longest_s = total_s = 0.0
-    # Capped utterances without room yet, per group: heaps of (duration, arrival, index), shortest first.
-    waiting: dict[int, list[tuple[float, int, int]]] = {group: [] for group in sorted(max_share)}
-    group_s = dict.fromkeys(waiting, 0.0)  # seconds of each capped group in the batch
-    for arrival, index in enumerate(order):
-        if waiting and groups[index] in waiting:
-            heapq.heappush(waiting[groups[index]], (durations[index], arrival, index))
-        else:
-            longest = max(longest_s, durations[index])
-            if batch and (len(batch) + 1) * longest > max_batch_s:
-                batches.append(batch)
-                batch, longest, total_s, group_s = [], durations[index], 0.0, dict.fromkeys(waiting, 0.0)
-            batch.append(index)
-            longest_s, total_s = longest, total_s + durations[index]
-        if not (waiting and batch):
-            continue
-        # A batch only gains room for a capped utterance when it grows, and it only grows in this loop. Each group
-        # admits its shortest waiting utterances while they fit: where the shortest finds no room (length and
-        # share alike), a longer one finds none either.
-        for group, queue in waiting.items():
-            while queue:
-                duration_s = queue[0][0]
-                if ((len(batch) + 1) * max(longest_s, duration_s) > max_batch_s
-                        or group_s[group] + duration_s > max_share[group] * (total_s + duration_s)):
-                    break
-                batch.append(heapq.heappop(queue)[2])
-                longest_s, total_s = max(longest_s, duration_s), total_s + duration_s
-                group_s[group] += duration_s
-    if batch:
-        batches.append(batch)
-    bounds = np.zeros(len(batches) + 1, dtype=np.int64)
-    np.cumsum(list(map(len, batches)), out=bounds[1:])
-    return (np.array([index for batch in batches for index in batch], dtype=np.int64), bounds,
-            sum(map(len, waiting.values())))
+def _fill_greedily(durations_s: np.ndarray, order: np.ndarray, *, budget_s: float) -> np.ndarray:
+    """The indices of `order` that a greedy fill keeps, in that order: each is taken when the seconds taken so far
+    plus its own fit `budget_s`, else passed over for the next ones.
+
+    In arrays: a run of takes is where the running total (a cumsum, added up in the loop's order) stays within the
+    budget; the one after it is passed over, and of the rest only those that fit what is left can still be taken."""
+    taken: list[np.ndarray] = []
+    total_s = 0.0
+    while len(order := order[total_s + durations_s[order] <= budget_s]):  # those that still fit on their own
+        running_s = np.cumsum(np.concatenate([[total_s], durations_s[order]]))[1:]
+        size = int(np.searchsorted(running_s, budget_s, side="right"))  # >= 1: running_s never falls
+        taken.append(order[:size])
+        total_s = float(running_s[size - 1])
+        order = order[size + 1:]
+    return np.concatenate(taken) if taken else np.zeros(0, dtype=np.int64)
 
 
 def _cut_batches(durations_s: np.ndarray, order: np.ndarray, *, max_batch_s: float) -> np.ndarray:
-    """Where `order` is cut greedily, as _plan_batches cuts it without caps: the end of each batch in it (int64
+    """Where `order` is cut greedily into DurationBatchSampler's global batches: the end of each batch in it (int64
     (batches,)). A batch takes the next utterance while its items + 1 times the longest, that one included, fit
     max_batch_s; its first utterance whatever its length.
 

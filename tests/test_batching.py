@@ -11,8 +11,9 @@ import torch
 from transformers import Wav2Vec2Model
 
 from speechxfer.augment import AugmentOptions, NoiseOptions, SpeedOptions, TelephoneOptions, speed_factor
-from speechxfer.batching import (DurationBatchSampler, Examples, SpeechDataset, _cut_batches, collate,
-                                 filter_utterances, frame_geometry, inference_batches, output_frames)
+from speechxfer.batching import (REFORM_BATCHES, DurationBatchSampler, Examples, SpeechDataset, _cut_batches,
+                                 _fill_greedily, collate, filter_utterances, frame_geometry, inference_batches,
+                                 output_frames)
 from speechxfer.manifest import Utterance, read_manifest_table, write_manifest
 from speechxfer.surgery import build_ctc_model, needs_attention_mask
 from speechxfer.text import TextNormalizer, TextOptions
@@ -419,31 +420,129 @@ def test_batches_planned_for_speed_perturbation_never_exceed_max_batch_s(tmp_pat
     assert slowed > 0 and longest_s > 0.8 * max_batch_s  # the plan was tested where it matters
 
 
-def test_capped_groups_hold_at_most_their_share_of_every_batch_for_any_process_count():
-    durations = random_durations()
-    groups = [0] * 60 + [1] * 100 + [2] * 40  # labelled, then two pseudo-labelled manifests
-    caps = {1: 0.3, 2: 0.1}
+def capped_data() -> tuple[list[float], list[int], dict[int, float]]:
+    """Labelled utterances of 0.5-8 s, a pseudo-labelled manifest of long ones (over half of max_batch_s 20: under
+    a cap per batch, each would need a batch of its own) and one of short ones, both over their share."""
+    rng = random.Random(1)
+    durations = random_durations(60) + [round(rng.uniform(10.5, 19.5), 2) for _ in range(30)] + random_durations(
+        30, seed=2)
+    return durations, [0] * 60 + [1] * 30 + [2] * 30, {1: 0.5, 2: 0.25}
+
+
+def test_capped_groups_hold_at_most_their_share_of_each_epoch_and_every_utterance_trains_in_some():
+    durations, groups, caps = capped_data()
+    d, g = np.array(durations), np.array(groups)
+    uncapped_s = d[g == 0].sum()
     sampler = DurationBatchSampler(durations, max_batch_s=20.0, seed=3, groups=groups, max_share=caps)
     shards = [DurationBatchSampler(durations, max_batch_s=20.0, seed=3, groups=groups, max_share=caps,
                                    num_replicas=2, rank=r) for r in range(2)]
-    for _ in range(3):
-        num_over_share = sampler.num_over_share
+    held: dict[int, list[set[int]]] = {1: [], 2: []}
+    for epoch in range(10):
+        in_epoch = sampler.in_epoch()
         batches = list(sampler)
-        for batch in batches:
-            total_s = sum(durations[i] for i in batch)
-            for group, share in caps.items():
-                assert sum(durations[i] for i in batch if groups[i] == group) <= share * total_s + 1e-9
-            assert len(batch) * max(durations[i] for i in batch) <= 20.0
         served = sorted(i for b in batches for i in b)
-        assert [i for i in range(200) if groups[i] == 0] == [i for i in served if groups[i] == 0]  # labelled all in
-        assert 0 < num_over_share == 200 - len(served)  # more pseudo audio than the caps allow, counted
-        assert any(groups[i] == 1 for i in served) and any(groups[i] == 2 for i in served)
-        # The cap is in the global plan: each rank's shares make up the same global batches.
+        assert served == np.flatnonzero(in_epoch).tolist()  # each at most once; in_epoch says which
+        assert [i for i in served if groups[i] == 0] == list(range(60))  # every labelled one, every epoch
+        epoch_s = d[served].sum()
+        for group, share in caps.items():
+            mine = [i for i in served if groups[i] == group]
+            group_s = d[mine].sum()
+            assert group_s <= share * epoch_s + 1e-9
+            # filled up: what is left of its budget (share of the uncapped seconds plus its own) is too short for
+            # the group's longest utterance
+            assert share / (1 - share) * uncapped_s - group_s < d[g == group].max()
+            held[group].append(set(mine))
+        for batch in batches:
+            assert len(batch) * max(durations[i] for i in batch) <= 20.0
+        # The subset is in the global plan: each rank's shares make up the same global batches.
         assert [sorted(a + b) for a, b in zip(*map(list, shards))] == [sorted(b) for b in batches if len(b) >= 2]
-    # Without caps (or with a share of 1) the plan is the plain one.
-    plain = list(DurationBatchSampler(durations, max_batch_s=20.0, seed=3))
-    assert list(DurationBatchSampler(durations, max_batch_s=20.0, seed=3, groups=groups,
-                                     max_share={1: 1.0, 2: 1.0})) == plain
+    for group in caps:
+        assert len({frozenset(h) for h in held[group]}) == 10  # a new subset each epoch
+        assert set().union(*held[group]) == {i for i in range(120) if groups[i] == group}  # all of them in 10 epochs
+    # long ones as likely as short ones: the longer half of the long group is taken about as often as the rest
+    long_group = sorted(np.flatnonzero(g == 1), key=lambda i: d[i])
+    takes = [sum(i in h for h in held[1]) for i in long_group]
+    assert sum(takes[15:]) >= 0.6 * sum(takes[:15])
+
+
+def test_an_epoch_subset_is_drawn_from_seed_and_epoch_and_resumes_exactly():
+    durations, groups, caps = capped_data()
+    make = partial(DurationBatchSampler, durations, max_batch_s=20.0, groups=groups, max_share=caps)
+    uninterrupted = make(seed=7)
+    epochs = [list(uninterrupted) for _ in range(3)]
+    assert len({len(batches) for batches in epochs}) > 1  # the subset, and so the number of batches, varies
+    again = make(seed=7)
+    again.set_epoch(2)
+    assert list(again) == epochs[2] and again.global_batches(1) == epochs[1]
+    assert make(seed=8).global_batches(0) != epochs[0]
+    first = make(seed=7)
+    first.set_epoch(1)
+    iterator = iter(first)
+    head = [next(iterator) for _ in range(5)]
+    resumed = make(seed=7)
+    resumed.load_state_dict(first.state_dict())
+    resumed.set_epoch(1)
+    assert head + list(resumed) + list(resumed) == epochs[1] + epochs[2]
+    for other in (make(seed=7, max_share={1: 0.5, 2: 0.2}), make(seed=7, groups=[0] * 60 + [2] * 60)):
+        with pytest.raises(ValueError, match="the data or max_batch_s changed"):
+            other.load_state_dict(first.state_dict())
+    # a state from before batches were re-formed each epoch: its capped plan cannot be counted any more
+    with pytest.raises(ValueError, match="before max_share held per epoch"):
+        resumed.load_state_dict({"epoch": 1, "position": 5, "num_batches": 40})
+    # unshuffled (decoding order): the length-ordered plan of the epoch's subset
+    plain = make(shuffle=False, seed=7)
+    for epoch in range(2):
+        batches = plain.global_batches(epoch)
+        assert [durations[i] for b in batches for i in b] == sorted(d for d, h in zip(durations, plain.in_epoch(
+            epoch)) if h)
+
+
+def test_without_a_capped_group_the_plan_is_the_one_from_before_caps_per_epoch():
+    def plan_before(durations, seed, epoch, max_batch_s):  # the sampler's plan as it was made before caps held
+        rng = np.random.default_rng([seed % 2 ** 64, epoch])  # per epoch (every utterance in every epoch)
+        by_length = np.argsort(durations, kind="stable")
+        place = np.empty(len(durations))
+        place[by_length] = np.cumsum(durations[by_length]) / max_batch_s
+        place += rng.uniform(-REFORM_BATCHES, REFORM_BATCHES, len(place))
+        order = np.argsort(place, kind="stable")
+        ends = _cut_batches(durations, order, max_batch_s=max_batch_s).tolist()
+        batches = [order[start:end].tolist() for start, end in zip([0, *ends], ends)]
+        return [batches[k] for k in rng.permutation(len(batches))]
+
+    rng = np.random.default_rng(5)
+    for size, max_batch_s in ((1, 10.0), (300, 20.0), (3000, 60.0)):
+        durations = np.round(rng.lognormal(1.2, 0.6, size), 2) + 0.01
+        groups = [i % 3 for i in range(size)]
+        for seed in (0, -3):
+            samplers = [DurationBatchSampler(durations, max_batch_s=max_batch_s, seed=seed),
+                        DurationBatchSampler(durations, max_batch_s=max_batch_s, seed=seed, groups=groups,
+                                             max_share={1: 1.0, 2: 1.0})]  # a share of 1 caps nothing
+            for epoch in range(3):
+                expected = plan_before(durations, seed, epoch, max_batch_s)
+                assert all(sampler.global_batches(epoch) == expected for sampler in samplers), (size, seed, epoch)
+    # a capped group whose whole fits its share holds all of it, in that same plan
+    durations = np.array(random_durations())
+    fits = DurationBatchSampler(durations, max_batch_s=20.0, seed=3, groups=[0] * 150 + [1] * 50,
+                                max_share={1: 0.5})
+    assert all(fits.global_batches(epoch) == plan_before(durations, 3, epoch, 20.0) for epoch in range(3))
+
+
+def test_greedy_fill_in_arrays_takes_what_the_loop_takes():
+    def loop(durations, order, budget_s):
+        taken, total_s = [], 0.0
+        for index in order:
+            if total_s + durations[index] <= budget_s:
+                taken.append(index)
+                total_s += durations[index]
+        return taken
+
+    rng = np.random.default_rng(0)
+    for size in (0, 1, 50, 2000):
+        durations = np.round(rng.lognormal(1, 1, size), 2) + 0.01
+        for budget_s in (0.0, 3.0, 0.3 * durations.sum(), 0.99 * durations.sum(), durations.sum() + 1):
+            order = rng.permutation(size)
+            assert _fill_greedily(durations, order, budget_s=budget_s).tolist() == loop(
+                durations.tolist(), order.tolist(), budget_s), (size, budget_s)
 
 
 def test_inference_batches_pad_only_for_a_model_with_a_mask():
