@@ -216,8 +216,8 @@ def _train(recipe: Recipe, *, resume: bool, closing: contextlib.ExitStack) -> Tr
     # each utterance can come out of speed perturbation, so that they hold at most max_batch_s of audio in any epoch.
     train_audio = partial(SpeechDataset, augment_options=recipe.augment if recipe.augment.enabled else None,
                           seed=opts.seed)
-    # Pseudo-labelled manifest k is group k (labelled utterances: group 0), capped at its max_share of each global
-    # batch's seconds. The cap is part of the batch plan, which the data, seed and epoch alone fix, so resuming and the
+    # Pseudo-labelled manifest k is group k (labelled utterances: group 0), capped at its max_share of each epoch's
+    # seconds. The cap is part of the batch plan, which the data, seed and epoch alone fix, so resuming and the
     # global batches for any number of processes hold as before; a loss weight would too, but it needs per-utterance
     # CTC losses computed outside transformers' Wav2Vec2ForCTC.
     pseudo_labelled = dict(enumerate(recipe.data.pseudo_labelled, start=1))
@@ -227,9 +227,16 @@ def _train(recipe: Recipe, *, resume: bool, closing: contextlib.ExitStack) -> Tr
                      max_share={k: entry.max_share for k, entry in pseudo_labelled.items()})
     groups = _groups(examples, group_of)
     sampler = capped(train_audio(examples).durations_s, groups=groups.tolist())
-    if sampler.num_over_share:
-        say(f"pseudo-labelled: {sampler.num_over_share} utterances find no room under their max_share and are left "
-            "out of the first epoch's batches (about as many of each epoch's)")
+    first_epoch = sampler.in_epoch(0)
+    for k, entry in pseudo_labelled.items():
+        mine = groups == k
+        held = mine & first_epoch
+        count, seconds = np.count_nonzero(held), examples.durations_s[held].sum()
+        each_epoch = ("all of them each epoch" if count == np.count_nonzero(mine) else
+                      f"about {seconds:.0f} s ({count} utterances) of them each epoch, drawn anew each epoch")
+        say(f"pseudo-labelled {entry.manifest}: {np.count_nonzero(mine)} utterances, "
+            f"{examples.durations_s[mine].sum():.0f} s; at most {entry.max_share:.0%} of each epoch's seconds: "
+            f"{each_epoch}")
     if len(sampler) == 0:
         raise InputError(f"too little training data: {len(examples)} utterances after filtering, not one batch for "
                          f"each of {accelerator.num_processes} processes", path=recipe.data.train)

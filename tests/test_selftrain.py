@@ -147,7 +147,7 @@ def test_pseudo_label_leaves_silent_audio_out(tmp_path, teacher, unlabelled, cap
     assert "pseudo/silence" in {u.id for u in load_manifest(out)}
 
 
-def test_a_pseudo_labelled_manifest_trains_under_its_batch_share(tmp_path, teacher, unlabelled, corpus, monkeypatch,
+def test_a_pseudo_labelled_manifest_trains_under_its_epoch_share(tmp_path, teacher, unlabelled, corpus, monkeypatch,
                                                                 caplog):
     pseudo = tmp_path / "pl.jsonl"
     assert main(["pseudo-label", str(teacher), str(unlabelled), "--output", str(pseudo), "--device", "cpu"]) == 0
@@ -170,10 +170,16 @@ def test_a_pseudo_labelled_manifest_trains_under_its_batch_share(tmp_path, teach
     groups = kwargs["groups"]
     assert kwargs["max_share"] == {1: 0.4} and groups.count(1) == len(load_manifest(pseudo)) and groups.count(0) == 4
     sampler = Recording(durations, **kwargs)
-    planned = [batch for epoch in range(4) for batch in sampler.global_batches(epoch)]  # re-formed each epoch
-    assert any(groups[i] == 1 for batch in planned for i in batch)  # pseudo labels do train
-    for batch in planned:
-        assert sum(durations[i] for i in batch if groups[i] == 1) <= 0.4 * sum(durations[i] for i in batch) + 1e-9
+    for epoch in range(4):  # re-formed each epoch
+        served = [i for batch in sampler.global_batches(epoch) for i in batch]
+        assert sorted(i for i in served if groups[i] == 0) == [i for i in range(len(groups)) if groups[i] == 0]
+        pseudo_s = sum(durations[i] for i in served if groups[i] == 1)
+        assert 0 < pseudo_s <= 0.4 * sum(durations[i] for i in served) + 1e-9  # pseudo labels do train, capped
+    held = sampler.in_epoch(0)
+    assert (f"pseudo-labelled {pseudo}: {groups.count(1)} utterances, " in caplog.text
+            and "at most 40% of each epoch's seconds: about " in caplog.text
+            and f"({sum(held[i] for i in range(len(groups)) if groups[i] == 1)} utterances) of them each epoch"
+            in caplog.text)
     saved = yaml.safe_load((tmp_path / "out" / "recipe.yaml").read_text(encoding="utf-8"))
     assert saved["data"]["pseudo_labelled"] == [{"manifest": str(pseudo), "max_share": 0.4}]
 
