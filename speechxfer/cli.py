@@ -702,7 +702,7 @@ def _self_train_arguments(p) -> None:
     p.add_argument("--min-confidence", type=float, default=None, metavar="X",
                    help="leave out pseudo labels below this confidence (see pseudo-label; default: keep all)")
     p.add_argument("--max-share", type=float, default=0.5, metavar="X",
-                   help="most of each batch's seconds the pseudo-labelled audio may hold (default 0.5)")
+                   help="most of each epoch's seconds the pseudo-labelled audio may hold (default 0.5)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe key (value read as YAML); repeatable")
     _add_model_arguments(p)

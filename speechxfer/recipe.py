@@ -63,9 +63,9 @@ class PseudoLabelledOptions:
     """A manifest of pseudo-labelled training utterances (`speechxfer pseudo-label`) and its cap in each batch."""
 
     manifest: str  # JSONL manifest; its rows train whether or not they carry `pseudo_label: true`
-    # The most its utterances may hold of each global batch's seconds of audio (batching.DurationBatchSampler):
-    # at 0.5, at least half of every batch is audio with other transcripts. Utterances that find no room are left
-    # out of the run's batch plan (counted when training starts).
+    # The most its utterances may hold of each epoch's seconds of audio (batching.DurationBatchSampler): at 0.5,
+    # at least half of every epoch is audio with other transcripts. When the manifest holds more, each epoch
+    # trains on a random subset of it that fits, drawn anew each epoch (its size is reported when training starts).
     max_share: float = checked(0.5, Check(lambda v: 0 < v <= 1, "in (0, 1]"))
 
     __post_init__ = check_fields

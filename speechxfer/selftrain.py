@@ -141,7 +141,7 @@ def self_train(recipe: Recipe, *, unlabelled: Sequence[str], rounds: int, min_co
                dtype: str = "float32") -> SelfTrainResult:
     """Round 0 trains the teacher as `recipe` says; rounds 1..`rounds` each pseudo-label the audio of
     `unlabelled` (files, folders searched recursively, globs) with the best model so far and train a student on
-    recipe's data plus those labels (a data.pseudo_labelled entry capped at `max_share` of each batch).
+    recipe's data plus those labels (a data.pseudo_labelled entry capped at `max_share` of each epoch).
 
     Everything goes under recipe.output_dir (OUT): OUT/round-K/model (a train() output folder),
     OUT/round-K/pseudo_labels.jsonl, and OUT/self_train.json (every finished round, rewritten after each). A round
