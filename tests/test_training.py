@@ -267,6 +267,32 @@ def test_batches_are_re_formed_each_epoch_and_resume_exactly(tmp_path, corpus, s
     assert spy.batches == straight[2:]  # the rest of epoch 0, then the same re-formed epochs 1 and 2
 
 
+def test_pseudo_labelled_subsets_train_long_utterances_and_resume_exactly(tmp_path, corpus, stable_run, monkeypatch):
+    # 6 s of labelled audio; at max_share 0.3 an epoch holds up to 0.3 / 0.7 x 6 = 2.57 s of these 6.4 s, a subset
+    # drawn anew each epoch. Three are over half of max_batch_s 2.5 (each in a batch of its own): they train too.
+    durations_s = [0.4, 0.5, 0.6, 1.3, 1.6, 2.0]
+    pseudo = tmp_path / "pseudo.jsonl"
+    write_manifest(pseudo, [Utterance(id=f"p{k}", text=TEXTS[k].upper(), duration_s=duration_s, pseudo_label=True,
+                                      audio_path=str(write_tone(tmp_path / f"p{k}.wav", duration_s=duration_s, seed=k)))
+                            for k, duration_s in enumerate(durations_s)])
+    recipes = [load_recipe(write_recipe(tmp_path / f"{name}.yaml", base=Path(stable_run[0].base), manifests=corpus,
+                                        output_dir=tmp_path / name, train={"max_updates": 12},
+                                        data={"pseudo_labelled": [{"manifest": str(pseudo), "max_share": 0.3}]}))
+               for name in ("straight", "resumed")]
+    spy = BatchSpy(monkeypatch)
+    training.train(recipes[0])
+    straight = list(spy.batches)
+    assert {f"p{k}" for k in (3, 4, 5)} & {i for batch in straight for i in batch}  # a long one trains
+    # epoch 0 holds every labelled utterance once, in its first 5 batches here, and up to 2.57 s of pseudo labels
+    epoch_0 = [i for batch in straight[:5] for i in batch]
+    assert sorted(i for i in epoch_0 if i.startswith("u")) == [f"u{k}" for k in range(6)]
+    assert 0 < sum(durations_s[int(i[1:])] for i in epoch_0 if i.startswith("p")) <= 0.3 / 0.7 * 6.0 + 1e-9
+    train_until_second_evaluation(recipes[1], monkeypatch)  # update 4: last/ holds update 2
+    spy = BatchSpy(monkeypatch)
+    assert training.train(recipes[1], resume=True).updates == 12
+    assert spy.batches == straight[2:]
+
+
 def test_no_audio_file_is_opened_before_the_first_update_but_those_of_its_batch(tmp_path, corpus, stable_run,
                                                                                   monkeypatch):
     opened: list[str] = []  # audio files read, in order; None marks each batch handed to an update
