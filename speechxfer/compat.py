@@ -121,15 +121,22 @@ def write_failure(err: Exception) -> str | None:
     for safetensors' SafetensorError of a failed write; None for any other error (a bug, to be shown in full).
 
     Leans on the text of safetensors' errors, which carry no errno: a failed write reads "Error while serializing:
-    I/O error: <strerror> (os error <errno>) at path ..." (safetensors 0.8).
+    I/O error: <strerror> (os error <errno>) at path ..." (safetensors 0.8). Where the text holds no errno, the
+    OSError it was raised from (if any) says it, else its first line as it is: only a save calls this, so a
+    SafetensorError there is one of writing; one of reading ("Error while deserializing ...") is not.
     """
     from safetensors import SafetensorError
 
     if isinstance(err, OSError):
         return err.strerror or first_line(err)
-    if isinstance(err, SafetensorError) and (found := re.search(r"\(os error (\d+)\)", str(err))):
+    if not isinstance(err, SafetensorError) or "deserializ" in str(err).lower():
+        return None
+    if found := re.search(r"\(os error (\d+)\)", str(err)):
         return os.strerror(int(found.group(1)))
-    return None
+    cause = err.__cause__ or err.__context__
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    return first_line(err) if cause is None else cause.strerror or first_line(cause)
 
 
 def mark_feature_encoder_trainable(encoder: nn.Module) -> None:
