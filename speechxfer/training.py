@@ -45,7 +45,7 @@ from speechxfer.batching import (DurationBatchSampler, Examples, FrameGeometry, 
 from speechxfer.decoding import GreedyDecoder, decode_batch
 from speechxfer.compat import (enable_gradient_checkpointing, fused_optimizer_supported, progress_bar,
                                reset_accelerator_state, write_failure)
-from speechxfer.errors import InputError, Problem, first_line, output_folder
+from speechxfer.errors import InputError, Problem, WriteError, first_line, output_folder
 from speechxfer.freezing import apply_freezing, parameter_groups, parameter_table
 from speechxfer.manifest import Utterance, UtteranceTable, check_held_out, read_jsonl, read_manifest_table
 from speechxfer.recipe import Recipe, TrainOptions, resolved_yaml
@@ -422,7 +422,7 @@ def _train(recipe: Recipe, *, resume: bool, closing: contextlib.ExitStack) -> Tr
                 if state["best_wer"] is None or report.wer < state["best_wer"]:
                     state.update(best_wer=report.wer, best_update=update, evals_without_gain=0)
                     if accelerator.is_main_process:
-                        with _saving(out, f"the best model (update {update})", staging=out / MODEL_STAGING):
+                        with _saving(out, f"the best model (update {update})"):
                             save_model_folder(out, raw_model, vocab, lang=lang)
                 else:
                     state["evals_without_gain"] += 1
@@ -444,7 +444,7 @@ def _train(recipe: Recipe, *, resume: bool, closing: contextlib.ExitStack) -> Tr
 
     # --- outputs: the best model (or the last one without a dev set), its test score, the curves --------------
     if accelerator.is_main_process and not dev_refs:
-        with _saving(out, f"the model (update {state['update']})", staging=out / MODEL_STAGING):
+        with _saving(out, f"the model (update {state['update']})"):
             save_model_folder(out, raw_model, vocab, lang=lang)
     accelerator.wait_for_everyone()
     test_report = None
@@ -1104,18 +1104,19 @@ def _save_last(last: Path, model: Wav2Vec2ForCTC, optimizer, sampler: DurationBa
 
 
 @contextlib.contextmanager
-def _saving(folder: Path, what: str, *, staging: Path | None) -> Iterator[None]:
+def _saving(folder: Path, what: str, *, staging: Path | None = None) -> Iterator[None]:
     """Around a save of `what` into `folder` written first into `staging` (which takes the place of folder's files
-    only once complete, so folder keeps what it held): when the block fails, delete `staging` (a full disk gets
-    back the room the new files took; it would be deleted at the next start anyway), and make a write that the
-    file system refused (compat.write_failure: a full disk, no permission, also safetensors' SafetensorError)
-    an InputError naming `folder`, not a staging file nor a traceback."""
+    only once complete, so folder keeps what it held; save_model_folder deletes its own): when the block fails,
+    delete `staging` (a full disk gets back the room the new files took; it would be deleted at the next start
+    anyway), and make a write that the file system refused (compat.write_failure: a full disk, no permission, also
+    safetensors' SafetensorError; save_model_folder's WriteError) an InputError naming `folder`, not a staging
+    file nor a traceback."""
     try:
         yield
     except Exception as err:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
-        reason = write_failure(err)
+        reason = err.reason if isinstance(err, WriteError) else write_failure(err)
         if reason is None:
             raise
         raise InputError(f"cannot save {what}: {reason}; what was saved before is kept, and train --resume "
