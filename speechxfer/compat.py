@@ -139,6 +139,19 @@ def write_failure(err: Exception) -> str | None:
     return first_line(err) if cause is None else cause.strerror or first_line(cause)
 
 
+def end_loader_workers(batches: Iterator) -> None:
+    """End the worker processes of `batches`, a torch DataLoader's iterator, now (nothing for one without workers;
+    again is harmless): an error raised from a worker comes through the iterator, so the error's traceback holds it,
+    and with it the workers, for as long as a caller holds the error.
+
+    Leans on the private `_shutdown_workers()` of torch's `_MultiProcessingDataLoaderIter`, which its `__del__`
+    calls: torch has no public way to end them (pytorch/pytorch#64766).
+    """
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+
+
 def mark_feature_encoder_trainable(encoder: nn.Module) -> None:
     """Undo what `freeze_feature_encoder()` does to the conv feature encoder's own flag, after its parameters have
     been thawed: without the flag, gradient checkpointing would not make the encoder's input require a gradient.

@@ -43,8 +43,8 @@ from speechxfer.augment import check_sources
 from speechxfer.batching import (DurationBatchSampler, Examples, FrameGeometry, SpeechDataset, collate,
                                  filter_utterances, frame_geometry, inference_batches)
 from speechxfer.decoding import GreedyDecoder, decode_batch
-from speechxfer.compat import (enable_gradient_checkpointing, fused_optimizer_supported, progress_bar,
-                               reset_accelerator_state, write_failure)
+from speechxfer.compat import (enable_gradient_checkpointing, end_loader_workers, fused_optimizer_supported,
+                               progress_bar, reset_accelerator_state, write_failure)
 from speechxfer.errors import InputError, Problem, WriteError, first_line, output_folder
 from speechxfer.freezing import apply_freezing, parameter_groups, parameter_table
 from speechxfer.manifest import Utterance, UtteranceTable, check_held_out, read_jsonl, read_manifest_table
@@ -508,25 +508,26 @@ def evaluate(model: Wav2Vec2ForCTC, loader: Iterable[dict], vocab: Vocabulary, r
     decoder = GreedyDecoder(vocab, frame_s=geometry.stride / SAMPLE_RATE_HZ)
     hyps: dict[str, str] = {}
     left_out: list[str] = []
-    for batch in loader:
-        problems = batch.pop("problems")
-        left_out += [p.utterance_id for p in problems]
-        if report_problems is not None:
-            report_problems(problems)
-        ids = batch.pop("ids")
-        if not ids:
-            continue
-        num_samples = batch.pop("num_samples")
-        for rows in inference_batches(num_samples, padding_free=padding_free):
-            longest = num_samples[rows[0]]
-            inputs = {k: batch[k][rows, :longest].to(accelerator.device)
-                      for k in ("input_values", "attention_mask") if k in batch}
-            with accelerator.autocast():
-                logits = model(**inputs).logits  # (rows, frames, vocab)
-            # Frames past the end of a padded utterance are not part of it.
-            lengths = torch.tensor([geometry.frames(num_samples[row]) for row in rows])
-            transcripts = decode_batch(decoder, logits.float().log_softmax(dim=-1).cpu(), lengths)
-            hyps.update((ids[row], t.text) for row, t in zip(rows, transcripts))
+    with _batches(loader) as batches:
+        for batch in batches:
+            problems = batch.pop("problems")
+            left_out += [p.utterance_id for p in problems]
+            if report_problems is not None:
+                report_problems(problems)
+            ids = batch.pop("ids")
+            if not ids:
+                continue
+            num_samples = batch.pop("num_samples")
+            for rows in inference_batches(num_samples, padding_free=padding_free):
+                longest = num_samples[rows[0]]
+                inputs = {k: batch[k][rows, :longest].to(accelerator.device)
+                          for k in ("input_values", "attention_mask") if k in batch}
+                with accelerator.autocast():
+                    logits = model(**inputs).logits  # (rows, frames, vocab)
+                # Frames past the end of a padded utterance are not part of it.
+                lengths = torch.tensor([geometry.frames(num_samples[row]) for row in rows])
+                transcripts = decode_batch(decoder, logits.float().log_softmax(dim=-1).cpu(), lengths)
+                hyps.update((ids[row], t.text) for row, t in zip(rows, transcripts))
     model.train(was_training)
     hyps = {k: v for part in gather_object([hyps]) for k, v in part.items()}
     left_out = set(gather_object(left_out))
@@ -845,17 +846,29 @@ def _batch_stream(sampler: DurationBatchSampler, make_loader, make_dataset: Call
         whole_epoch, yielded = position == 0, False
         # this process's batches of the epoch after `position`, each made as the loader asks for it
         mine = itertools.islice(filter(None, sampler.batches(epoch)), position, None)
-        loader = make_loader(make_dataset(epoch=epoch), mine)
-        for position, batch in enumerate(loader, start=position + 1):
-            batch.pop("num_samples")
-            left_out.add(batch.pop("problems"))
-            if everywhere(bool(batch["ids"])):
-                yielded = True
-                yield epoch, position, batch
+        with _batches(make_loader(make_dataset(epoch=epoch), mine)) as batches:
+            for position, batch in enumerate(batches, start=position + 1):
+                batch.pop("num_samples")
+                left_out.add(batch.pop("problems"))
+                if everywhere(bool(batch["ids"])):
+                    yielded = True
+                    yield epoch, position, batch
         if whole_epoch and not yielded:  # else the loop would go on forever without an update
             raise InputError("no training batch has usable audio (each utterance left out is listed above)",
                              path=manifest)
         epoch, position = epoch + 1, 0
+
+
+@contextlib.contextmanager
+def _batches(loader: Iterable[dict]) -> Iterator[Iterator[dict]]:
+    """An iterator over the loader's batches whose data-loader workers end with the block, however it ends: an
+    error raised from a worker comes through the iterator, and a caller holding the error would hold the workers
+    (compat.end_loader_workers)."""
+    batches = iter(loader)
+    try:
+        yield batches
+    finally:
+        end_loader_workers(batches)
 
 
 def _everywhere(accelerator: Accelerator, flag: bool) -> bool:

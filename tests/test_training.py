@@ -248,6 +248,39 @@ def test_a_run_that_fails_mid_way_closes_its_logs_and_loader_workers(tmp_path, c
     assert [r["update"] for r in records if "dev_wer" in r] == [2]
 
 
+class Unreadable(Exception):
+    pass
+
+
+@pytest.mark.parametrize("split, audio", [("dev", "u7.wav"), ("train", "u3.wav")])
+def test_an_error_from_a_loader_worker_leaves_no_worker_alive(tmp_path, corpus, stable_run, monkeypatch, split,
+                                                              audio):
+    """A data-loader worker fails while reading one utterance's audio (an error that is no unusable audio, so it
+    stops the run), in the middle of the dev evaluation at update 2 or of a training epoch: the error comes through
+    the loader's iterator, which its traceback holds, yet no worker process is left alive while the caller holds
+    the error."""
+    recipe = load_recipe(write_recipe(tmp_path / "recipe.yaml", base=Path(stable_run[0].base), manifests=corpus,
+                                      output_dir=tmp_path / "out", train={"num_workers": 1}))
+    real_load_audio = batching.load_audio
+
+    def load_audio(path, **kwargs):
+        if Path(path).name == audio:
+            raise Unreadable(path)
+        return real_load_audio(path, **kwargs)
+
+    monkeypatch.setattr(batching, "load_audio", load_audio)  # the workers are forked with it
+    evaluations = []
+    real_evaluate = training.evaluate
+    monkeypatch.setattr(training, "evaluate", lambda *args, **kwargs: evaluations.append(1) or real_evaluate(
+        *args, **kwargs))
+    workers_before = set(multiprocessing.active_children())
+    with pytest.raises(Exception, match=audio) as caught:
+        training.train(recipe)
+    assert caught.traceback and "Unreadable" in str(caught.value)  # re-raised by torch, held by the caller
+    assert evaluations == [1] or split == "train"  # the dev case fails in the first evaluation
+    assert set(multiprocessing.active_children()) <= workers_before
+
+
 def test_batches_are_re_formed_each_epoch_and_resume_exactly(tmp_path, corpus, stable_run, monkeypatch):
     base = Path(stable_run[0].base)
     recipes = [load_recipe(write_recipe(tmp_path / f"{name}.yaml", base=base, manifests=corpus,
