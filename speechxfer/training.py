@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 from transformers import Wav2Vec2ForCTC
 
 from speechxfer.atomic import TEMP_SUFFIX, atomic_write, sync_folder
-from speechxfer.audio import SAMPLE_RATE_HZ
+from speechxfer.audio import SAMPLE_RATE_HZ, SILENCE_DBFS
 from speechxfer.augment import check_sources
 from speechxfer.batching import (DurationBatchSampler, Examples, FrameGeometry, SpeechDataset, collate,
                                  filter_utterances, frame_geometry, inference_batches)
@@ -408,7 +408,8 @@ def _train(recipe: Recipe, *, resume: bool, closing: contextlib.ExitStack) -> Tr
                 dev_loader = make_loader(*_eval_batches(splits["dev"], dev_refs, vocab, opts, accelerator,
                                                        padding_free=not attention_mask))
                 report, hyps = evaluate(raw_model, dev_loader, vocab, dev_refs, normalizer=normalizer,
-                                        accelerator=accelerator, report_problems=left_out["dev"].add)
+                                        accelerator=accelerator, report_problems=left_out["dev"].add,
+                                        report_silent=left_out["dev"].add_silent)
                 empty_share = sum(not h for h in hyps.values()) / len(hyps)
                 log.write({"update": update, "dev_wer": report.wer, "dev_cer": report.cer,
                            "dev_empty_share": empty_share, "minutes": state["elapsed_s"] / 60})
@@ -453,7 +454,8 @@ def _train(recipe: Recipe, *, resume: bool, closing: contextlib.ExitStack) -> Tr
         test_loader = make_loader(*_eval_batches(splits["test"], test_refs, vocab, opts, accelerator,
                                                     padding_free=not attention_mask))
         test_report, _ = evaluate(best, test_loader, vocab, test_refs, normalizer=normalizer, accelerator=accelerator,
-                                  bootstrap=1000, report_problems=left_out["test"].add)
+                                  bootstrap=1000, report_problems=left_out["test"].add,
+                                  report_silent=left_out["test"].add_silent)
         if accelerator.is_main_process:
             _write_json(run / "test_report.json", {"model_update": state["best_update"], **test_report.to_dict()})
         say(f"test: WER {test_report.wer:.2%}, CER {test_report.cer:.2%} ({test_report.sentences} utterances)")
@@ -493,14 +495,18 @@ def get_lr(update: int, options: TrainOptions) -> float:
 @torch.no_grad()
 def evaluate(model: Wav2Vec2ForCTC, loader: Iterable[dict], vocab: Vocabulary, refs: dict[str, str], *,
              normalizer: TextNormalizer, accelerator: Accelerator, bootstrap: int = 0,
-             report_problems: Callable[[list[Problem]], object] | None = None) -> tuple[ScoreReport, dict[str, str]]:
+             report_problems: Callable[[list[Problem]], object] | None = None,
+             silence_dbfs: float | None = SILENCE_DBFS,
+             report_silent: Callable[[list[str]], object] | None = None) -> tuple[ScoreReport, dict[str, str]]:
     """Greedy CTC decoding of this process's batches, gathered from every process and scored against `refs`
     ({utterance id: text normalized by `normalizer`}), the hypotheses normalized as `speechxfer evaluate`
     normalizes them (scoring.normalize_hypothesis). Utterances the loader left out (unusable audio) are not scored;
     their Problems go to `report_problems`. Returns the score and {utterance id: hypothesis as decoded}.
 
-    A model that takes no attention mask sees no padding (batching.inference_batches): a batch planned from
-    listed durations that holds audio of different lengths runs as one forward pass per length."""
+    Audio below `silence_dbfs` (None: none) gets an empty hypothesis without a forward pass, as `speechxfer
+    evaluate` gives it (transcribe.TranscribeOptions.silence_dbfs, the same default); the ids of such utterances go
+    to `report_silent`. A model that takes no attention mask sees no padding (batching.inference_batches): a batch
+    planned from listed durations that holds audio of different lengths runs as one forward pass per length."""
     was_training = model.training
     model.eval()
     geometry = frame_geometry(model.config)
@@ -518,7 +524,15 @@ def evaluate(model: Wav2Vec2ForCTC, loader: Iterable[dict], vocab: Vocabulary, r
             if not ids:
                 continue
             num_samples = batch.pop("num_samples")
-            for rows in inference_batches(num_samples, padding_free=padding_free):
+            levels_dbfs = batch.pop("levels_dbfs")
+            silent = [row for row, level in enumerate(levels_dbfs) if silence_dbfs is not None and level < silence_dbfs]
+            if silent:
+                hyps.update((ids[row], "") for row in silent)
+                if report_silent is not None:
+                    report_silent([ids[row] for row in silent])
+            heard = [row for row in range(len(ids)) if row not in silent]
+            for part in inference_batches([num_samples[row] for row in heard], padding_free=padding_free):
+                rows = [heard[k] for k in part]
                 longest = num_samples[rows[0]]
                 inputs = {k: batch[k][rows, :longest].to(accelerator.device)
                           for k in ("input_values", "attention_mask") if k in batch}
@@ -816,12 +830,13 @@ def _loader(dataset: SpeechDataset, batches: Iterable[list[int]], *, attention_m
 
 def _collate_with_lengths(items: list[dict], *, attention_mask: bool) -> dict:
     """batching.collate of the items whose audio could be used, plus each one's length in samples (to trim padded
-    frames when decoding), their seconds as listed ("audio_s") and the Problems of those left out ("problems").
-    "ids" is empty when all were."""
+    frames when decoding) and level ("levels_dbfs", to leave silence undecoded), their seconds as listed
+    ("audio_s") and the Problems of those left out ("problems"). "ids" is empty when all were."""
     usable = [item for item in items if "problem" not in item]
     problems = [item["problem"] for item in items if "problem" in item]
     batch = collate(usable, attention_mask=attention_mask) if usable else {"ids": []}
     batch["num_samples"] = [len(item["input_values"]) for item in usable]
+    batch["levels_dbfs"] = [item["level_dbfs"] for item in usable]
     batch["audio_s"] = sum(item["duration_s"] for item in usable)
     batch["problems"] = problems
     return batch
@@ -849,6 +864,7 @@ def _batch_stream(sampler: DurationBatchSampler, make_loader, make_dataset: Call
         with _batches(make_loader(make_dataset(epoch=epoch), mine)) as batches:
             for position, batch in enumerate(batches, start=position + 1):
                 batch.pop("num_samples")
+                batch.pop("levels_dbfs")
                 left_out.add(batch.pop("problems"))
                 if everywhere(bool(batch["ids"])):
                     yielded = True
@@ -881,11 +897,20 @@ def _everywhere(accelerator: Accelerator, flag: bool) -> bool:
 
 class _LeftOut:
     """Utterances of one split that the data loader left out (audio unreadable, or shorter than listed): each
-    reported once, with its manifest and line, by the process that met it (each loads only its own share)."""
+    reported once, with its manifest and line, by the process that met it (each loads only its own share). And
+    those decoding found silent (evaluate's report_silent), counted once."""
 
     def __init__(self, split: str):
         self.split = split
         self.problems: dict[tuple[str, int | None, str | None], Problem] = {}
+        self.silent: set[str] = set()
+
+    def add_silent(self, ids: Iterable[str]) -> None:
+        new = set(ids) - self.silent
+        if new:
+            self.silent |= new
+            logger.warning(f"{self.split}: {len(new)} utterances silent (below {SILENCE_DBFS:g} dBFS): empty "
+                           "hypotheses, not run through the model")
 
     def add(self, problems: Iterable[Problem]) -> None:
         for problem in problems:

@@ -24,7 +24,7 @@ from speechxfer.manifest import Utterance, load_manifest, read_manifest, write_m
 from speechxfer.recipe import load_recipe
 from speechxfer.selftrain import pseudo_label, self_train
 from speechxfer.transcribe import Recognizer, find_audio
-from tiny import make_tiny_checkpoint, write_tone
+from tiny import digital_silence, make_tiny_checkpoint, write_tone
 
 CTC_VOCAB = ["[PAD]", "[UNK]", "|", "a", "b", "c"]
 TEXTS = ["ab ba", "abc", "ca ab", "bac a", "cab", "a bc", "ba ca", "cc ab"]
@@ -130,9 +130,8 @@ def test_pseudo_label_command_writes_a_manifest_that_manifest_readers_take(tmp_p
 
 
 def test_pseudo_label_leaves_silent_audio_out(tmp_path, teacher, unlabelled, capsys):
-    # Digital silence: zeros with +-1 LSB of quantization noise, which the teacher would spell as words.
-    silence = tmp_path / "silence.wav"
-    sf.write(silence, np.random.default_rng(0).integers(-1, 2, 16000).astype(np.int16), 16000, subtype="PCM_16")
+    # Digital silence, which the teacher would spell as words.
+    silence = digital_silence(tmp_path / "silence.wav", duration_s=1.0)
     out = tmp_path / "pl.jsonl"
     command = ["pseudo-label", str(teacher), str(unlabelled), str(silence), "--output", str(out), "--device", "cpu"]
     assert main(command) == 0
