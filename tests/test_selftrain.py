@@ -249,3 +249,21 @@ def test_self_train_command_refuses_what_cannot_work_before_training(tmp_path, c
         assert main(["self-train", str(recipe), "--unlabelled", str(unlabelled), *extra]) == 2
         assert capsys.readouterr().err.strip().splitlines()[-1] == f"speechxfer self-train: error: {message}"
     assert not (tmp_path / "out").exists()
+
+
+def test_self_train_names_a_missing_unlabelled_path_and_a_folder_without_audio(tmp_path, corpus, unlabelled, capsys):
+    """--unlabelled naming nothing that exists says so in one line naming it (a file or folder, or a pattern that
+    matches nothing), even beside a folder without audio; a folder without audio alone keeps its message."""
+    recipe = write_recipe(tmp_path / "r.yaml", base=tmp_path / "none", manifests=corpus, output_dir=tmp_path / "out")
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text("no audio here\n")
+    missing, pattern = tmp_path / "unlabeled", str(tmp_path / "audio" / "*.flac")
+    for paths, message in (([missing], f"{missing}: no such file or folder (--unlabelled)"),
+                           ([tmp_path / "texts", missing], f"{missing}: no such file or folder (--unlabelled)"),
+                           ([pattern], f"{pattern}: no file matches this pattern (--unlabelled)"),
+                           ([tmp_path / "texts"], f"no audio to pseudo-label in {tmp_path / 'texts'}")):
+        assert main(["self-train", str(recipe), "--unlabelled", *map(str, paths)]) == 2
+        err = capsys.readouterr().err
+        assert err.strip().splitlines()[-1] == f"speechxfer self-train: error: {message}"
+        assert "Traceback" not in err and (len(err.strip().splitlines()) == 1 or paths == [tmp_path / "texts"])
+    assert not (tmp_path / "out").exists()
