@@ -433,7 +433,9 @@ def save_model_folder(directory: str | os.PathLike, model: Wav2Vec2ForCTC, vocab
     The new model files are written into `MODEL_STAGING` inside it, which is renamed to `MODEL_READY` once complete
     (the commit point); then they are moved into place one by one and model files of the previous save that the new
     one lacks (a stale added_tokens.json or weight shard) are deleted. A crash before the commit point leaves the
-    previous model; one after it leaves a save that `finish_model_folder` completes.
+    previous model; one after it leaves a save that `finish_model_folder` completes. A failure before it deletes
+    the staging folder; a write the file system refused there (compat.write_failure: a full disk, no permission)
+    raises errors.WriteError naming `directory`.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
