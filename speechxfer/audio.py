@@ -1,8 +1,9 @@
 """Audio loading: any file soundfile reads (WAV, FLAC, OGG/Opus, MP3, ...), others through audioread
-(ffmpeg); always returned as 16 kHz mono float32."""
+(ffmpeg); always returned as 16 kHz mono float32. And the level of audio, which tells silence from sound."""
 
 from __future__ import annotations
 
+import math
 import os
 import stat
 
@@ -16,6 +17,18 @@ SAMPLE_RATE_HZ = 16000
 # Files a folder is searched for; files named one by one may have any suffix the audio layer reads.
 AUDIO_SUFFIXES = frozenset({".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac", ".wma", ".aif", ".aiff",
                             ".au", ".sph", ".webm", ".mp4"})
+
+# Audio whose level (Moments.level_dbfs) is below this gets an empty transcript without running the model, in
+# `transcribe` and its users (TranscribeOptions.silence_dbfs) and in training's dev/test decoding. Level: the RMS
+# about the mean (what the normalization divides by, so a DC offset hides no silence; 0 dBFS: a full-scale square
+# wave). Digital silence with a little quantization noise (Asterisk's silence/N.wav: -96 dBFS, 16-bit zeros +-1 LSB)
+# is raised ~3000x by the normalization and decoded as words; A-law's idle channel with noise is -72 dBFS. The
+# quietest real recordings measured: -24 dBFS (Asterisk es_MX Allison speech; a beep -29), -26 (it_IT Carlo), -29
+# (esco), -33 (the demo's espeak audio); speech scaled down to -70 dBFS as 16-bit still decodes (es18-3000 test WER
+# 52.3% against 50.9%; 61.7% at -80).
+SILENCE_DBFS = -70.0
+# Added to the variance before the square root, as transformers' Wav2Vec2FeatureExtractor does.
+NORM_EPSILON = 1e-7
 
 # sample formats (soundfile subtypes) that can hold NaN or infinite values; integer PCM and compressed formats cannot
 _FLOAT_SUBTYPES = ("FLOAT", "DOUBLE")
@@ -140,3 +153,37 @@ def _read_fallback(path: str, offset_s: float, duration_s: float | None,
 def _unreadable(sf_err: sf.LibsndfileError, fallback_err: Exception) -> str:
     fallback = str(fallback_err) or type(fallback_err).__name__
     return f"unreadable audio (soundfile: {sf_err.error_string}; audioread: {fallback})"
+
+
+class Moments:
+    """Running mean and variance of samples, in float64 so that windows add up to the whole file's: the level of
+    audio, and the statistics the feature extractor's normalization takes."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.total = 0.0
+        self.squares = 0.0
+
+    @classmethod
+    def of(cls, samples: np.ndarray) -> Moments:
+        moments = cls()
+        moments.add(samples)
+        return moments
+
+    def add(self, samples: np.ndarray) -> None:
+        x = samples.astype(np.float64)
+        self.count += x.size
+        self.total += float(x.sum())
+        self.squares += float(np.dot(x, x))
+
+    def _variance(self) -> float:
+        mean = self.total / self.count
+        return max(self.squares / self.count - mean * mean, 0.0)
+
+    def mean_std(self) -> tuple[float, float]:
+        return self.total / self.count, math.sqrt(self._variance() + NORM_EPSILON)
+
+    def level_dbfs(self) -> float:
+        """The RMS about the mean in dBFS (-inf for a constant)."""
+        variance = self._variance()
+        return 10 * math.log10(variance) if variance > 0 else -math.inf

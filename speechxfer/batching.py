@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from transformers import Wav2Vec2Config
 
-from speechxfer.audio import SAMPLE_RATE_HZ, load_audio
+from speechxfer.audio import NORM_EPSILON, SAMPLE_RATE_HZ, Moments, load_audio
 from speechxfer.augment import AugmentOptions, augment, duration_bounds_s
 from speechxfer.compat import gc_paused
 from speechxfer.errors import AudioError
@@ -216,7 +216,8 @@ def _equal_neighbours(labels: np.ndarray) -> np.ndarray:
 class SpeechDataset(torch.utils.data.Dataset):
     """Audio and labels of filtered utterances. Item i: {"id": str, "input_values": float32 tensor (samples,)
     normalized to zero mean and unit variance (as Wav2Vec2FeatureExtractor does), "labels": list[int],
-    "duration_s": float, the utterance's duration as listed (before any augmentation)}; or, for an
+    "duration_s": float, the utterance's duration as listed, "level_dbfs": float, the level of its audio as read
+    (audio.Moments.level_dbfs: what dev/test decoding tells silence by), both before any augmentation}; or, for an
     utterance whose audio cannot be used, {"id": str, "problem": Problem} naming its manifest and line: unreadable
     audio (kind unreadable_audio: not audio, corrupt, NaN or infinite samples) or audio shorter than its listed
     duration (duration_mismatch: labels and batches were planned from that duration). The same file gives the same
@@ -256,13 +257,14 @@ class SpeechDataset(torch.utils.data.Dataset):
             return {"id": utt.id, "problem": utt.problem("unreadable_audio", err.message + f": {utt.audio_path}")}
         if (mismatch := duration_mismatch(utt, len(audio) / self.sample_rate_hz)) is not None:
             return {"id": utt.id, "problem": utt.problem("duration_mismatch", f"{mismatch}: {utt.audio_path}")}
+        level_dbfs = Moments.of(audio).level_dbfs()
         if self.augment_options is not None:
             audio = augment(audio, sample_rate_hz=self.sample_rate_hz, options=self.augment_options, seed=self.seed,
                             epoch=self.epoch, utterance_id=utt.id)
         # Same formula and epsilon as transformers' Wav2Vec2FeatureExtractor.zero_mean_unit_var_norm.
-        normalized = (audio - audio.mean()) / np.sqrt(audio.var() + 1e-7)
+        normalized = (audio - audio.mean()) / np.sqrt(audio.var() + NORM_EPSILON)
         return {"id": utt.id, "input_values": torch.from_numpy(normalized.astype(np.float32)), "labels": labels,
-                "duration_s": utt.duration_s}
+                "duration_s": utt.duration_s, "level_dbfs": level_dbfs}
 
 
 def collate(items: list[dict[str, Any]], *, attention_mask: bool) -> dict[str, Any]:

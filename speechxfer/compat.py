@@ -121,15 +121,35 @@ def write_failure(err: Exception) -> str | None:
     for safetensors' SafetensorError of a failed write; None for any other error (a bug, to be shown in full).
 
     Leans on the text of safetensors' errors, which carry no errno: a failed write reads "Error while serializing:
-    I/O error: <strerror> (os error <errno>) at path ..." (safetensors 0.8).
+    I/O error: <strerror> (os error <errno>) at path ..." (safetensors 0.8). Where the text holds no errno, the
+    OSError it was raised from (if any) says it, else its first line as it is: only a save calls this, so a
+    SafetensorError there is one of writing; one of reading ("Error while deserializing ...") is not.
     """
     from safetensors import SafetensorError
 
     if isinstance(err, OSError):
         return err.strerror or first_line(err)
-    if isinstance(err, SafetensorError) and (found := re.search(r"\(os error (\d+)\)", str(err))):
+    if not isinstance(err, SafetensorError) or "deserializ" in str(err).lower():
+        return None
+    if found := re.search(r"\(os error (\d+)\)", str(err)):
         return os.strerror(int(found.group(1)))
-    return None
+    cause = err.__cause__ or err.__context__
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    return first_line(err) if cause is None else cause.strerror or first_line(cause)
+
+
+def end_loader_workers(batches: Iterator) -> None:
+    """End the worker processes of `batches`, a torch DataLoader's iterator, now (nothing for one without workers;
+    again is harmless): an error raised from a worker comes through the iterator, so the error's traceback holds it,
+    and with it the workers, for as long as a caller holds the error.
+
+    Leans on the private `_shutdown_workers()` of torch's `_MultiProcessingDataLoaderIter`, which its `__del__`
+    calls: torch has no public way to end them (pytorch/pytorch#64766).
+    """
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
 
 
 def mark_feature_encoder_trainable(encoder: nn.Module) -> None:

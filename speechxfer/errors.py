@@ -61,6 +61,15 @@ def output_folder(directory: str | os.PathLike, *, create: bool = True) -> Path:
     return path
 
 
+class WriteError(InputError):
+    """A save the file system refused (a full disk, no permission), naming what was being saved; `reason` is what
+    the system said, for a caller that reports the failure in its own words."""
+
+    def __init__(self, message: str, *, path: str | os.PathLike, reason: str):
+        self.reason = reason
+        super().__init__(message, path=path)
+
+
 class AudioError(InputError):
     """Audio that cannot be read, is empty, or holds non-finite samples."""
 

@@ -160,6 +160,11 @@ def self_train(recipe: Recipe, *, unlabelled: Sequence[str], rounds: int, min_co
     summary_path = out / SUMMARY_NAME
     done = _read_summary(summary_path)
     segments, problems = find_audio(unlabelled, recursive=True)
+    if not segments:
+        # A mistyped path, one line naming it: not that the audio it does not hold is missing.
+        for problem in problems:
+            if problem.path in unlabelled and not os.path.exists(problem.path):
+                raise InputError(f"{problem.message} (--unlabelled)", path=problem.path)
     for problem in problems:
         logger.warning(f"unlabelled: {problem}")
     if not segments:

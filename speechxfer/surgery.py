@@ -30,9 +30,9 @@ from transformers import AutoConfig, PretrainedConfig, Wav2Vec2Config, Wav2Vec2F
 
 from speechxfer.atomic import atomic_write, follow_umask, sync_folder
 from speechxfer.audio import SAMPLE_RATE_HZ
-from speechxfer.compat import adapter_weights, optional_model_file, quiet_load_report
+from speechxfer.compat import adapter_weights, optional_model_file, quiet_load_report, write_failure
 from speechxfer.config import AT_LEAST_ONE, SHARE, Check, check_fields, checked
-from speechxfer.errors import InputError, first_line
+from speechxfer.errors import InputError, WriteError, first_line
 from speechxfer.vocabulary import Vocabulary, language_vocabularies, read_json_object
 
 # Source tokens that play the blank / unknown / word-delimiter role in the conventions of HF, fairseq and MMS
@@ -433,33 +433,45 @@ def save_model_folder(directory: str | os.PathLike, model: Wav2Vec2ForCTC, vocab
     The new model files are written into `MODEL_STAGING` inside it, which is renamed to `MODEL_READY` once complete
     (the commit point); then they are moved into place one by one and model files of the previous save that the new
     one lacks (a stale added_tokens.json or weight shard) are deleted. A crash before the commit point leaves the
-    previous model; one after it leaves a save that `finish_model_folder` completes.
+    previous model; one after it leaves a save that `finish_model_folder` completes. A failure before it deletes
+    the staging folder; a write the file system refused there (compat.write_failure: a full disk, no permission)
+    raises errors.WriteError naming `directory`.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     finish_model_folder(directory)
     staging = directory / MODEL_STAGING
-    staging.mkdir()
-    if is_lora_model(model):
-        merge_lora(model).save_pretrained(staging)
-        _save_lora_weights(staging / LORA_FOLDER, model)
-    else:
-        model.save_pretrained(staging)
-    if lang is not None:
-        save_file({k: v.detach().contiguous().cpu() for k, v in adapter_weights(model).items()},
-                  staging / ADAPTER_FILE.format(lang))
-        others = {code: ids for code, ids in language_vocabularies(directory).items() if code != lang}
-        vocab.save(staging, lang=lang, other_languages=others)
-    else:
-        vocab.save(staging)
-    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SAMPLE_RATE_HZ, padding_value=0.0, do_normalize=True,
-                             return_attention_mask=needs_attention_mask(model.config)).save_pretrained(staging)
-    names = sorted(entry.name for entry in staging.iterdir())
-    with atomic_write(staging / _READY_LIST) as f:
-        json.dump(names, f)
-    follow_umask(staging)
-    sync_folder(staging, files=True)
-    os.replace(staging, directory / MODEL_READY)
+    try:
+        staging.mkdir()
+        if is_lora_model(model):
+            merge_lora(model).save_pretrained(staging)
+            _save_lora_weights(staging / LORA_FOLDER, model)
+        else:
+            model.save_pretrained(staging)
+        if lang is not None:
+            save_file({k: v.detach().contiguous().cpu() for k, v in adapter_weights(model).items()},
+                      staging / ADAPTER_FILE.format(lang))
+            others = {code: ids for code, ids in language_vocabularies(directory).items() if code != lang}
+            vocab.save(staging, lang=lang, other_languages=others)
+        else:
+            vocab.save(staging)
+        Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SAMPLE_RATE_HZ, padding_value=0.0, do_normalize=True,
+                                 return_attention_mask=needs_attention_mask(model.config)).save_pretrained(staging)
+        names = sorted(entry.name for entry in staging.iterdir())
+        with atomic_write(staging / _READY_LIST) as f:
+            json.dump(names, f)
+        follow_umask(staging)
+        sync_folder(staging, files=True)
+        os.replace(staging, directory / MODEL_READY)
+    except Exception as err:
+        # Before the commit point: the folder still holds the previous model; a full disk gets back the room the
+        # new files took.
+        shutil.rmtree(staging, ignore_errors=True)
+        reason = write_failure(err)
+        if reason is None:
+            raise
+        raise WriteError(f"cannot save the model: {reason}; the folder keeps what it held", path=directory,
+                         reason=reason) from None
     finish_model_folder(directory)
 
 

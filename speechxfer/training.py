@@ -38,14 +38,14 @@ from torch.utils.data import DataLoader
 from transformers import Wav2Vec2ForCTC
 
 from speechxfer.atomic import TEMP_SUFFIX, atomic_write, sync_folder
-from speechxfer.audio import SAMPLE_RATE_HZ
+from speechxfer.audio import SAMPLE_RATE_HZ, SILENCE_DBFS
 from speechxfer.augment import check_sources
 from speechxfer.batching import (DurationBatchSampler, Examples, FrameGeometry, SpeechDataset, collate,
                                  filter_utterances, frame_geometry, inference_batches)
 from speechxfer.decoding import GreedyDecoder, decode_batch
-from speechxfer.compat import (enable_gradient_checkpointing, fused_optimizer_supported, progress_bar,
-                               reset_accelerator_state, write_failure)
-from speechxfer.errors import InputError, Problem, first_line, output_folder
+from speechxfer.compat import (enable_gradient_checkpointing, end_loader_workers, fused_optimizer_supported,
+                               progress_bar, reset_accelerator_state, write_failure)
+from speechxfer.errors import InputError, Problem, WriteError, first_line, output_folder
 from speechxfer.freezing import apply_freezing, parameter_groups, parameter_table
 from speechxfer.manifest import Utterance, UtteranceTable, check_held_out, read_jsonl, read_manifest_table
 from speechxfer.recipe import Recipe, TrainOptions, resolved_yaml
@@ -415,7 +415,8 @@ def _train(recipe: Recipe, *, resume: bool, closing: contextlib.ExitStack) -> Tr
                 dev_loader = make_loader(*_eval_batches(splits["dev"], dev_refs, vocab, opts, accelerator,
                                                        padding_free=not attention_mask))
                 report, hyps = evaluate(raw_model, dev_loader, vocab, dev_refs, normalizer=normalizer,
-                                        accelerator=accelerator, report_problems=left_out["dev"].add)
+                                        accelerator=accelerator, report_problems=left_out["dev"].add,
+                                        report_silent=left_out["dev"].add_silent)
                 empty_share = sum(not h for h in hyps.values()) / len(hyps)
                 log.write({"update": update, "dev_wer": report.wer, "dev_cer": report.cer,
                            "dev_empty_share": empty_share, "minutes": state["elapsed_s"] / 60})
@@ -429,7 +430,7 @@ def _train(recipe: Recipe, *, resume: bool, closing: contextlib.ExitStack) -> Tr
                 if state["best_wer"] is None or report.wer < state["best_wer"]:
                     state.update(best_wer=report.wer, best_update=update, evals_without_gain=0)
                     if accelerator.is_main_process:
-                        with _saving(out, f"the best model (update {update})", staging=out / MODEL_STAGING):
+                        with _saving(out, f"the best model (update {update})"):
                             save_model_folder(out, raw_model, vocab, lang=lang)
                 else:
                     state["evals_without_gain"] += 1
@@ -451,7 +452,7 @@ def _train(recipe: Recipe, *, resume: bool, closing: contextlib.ExitStack) -> Tr
 
     # --- outputs: the best model (or the last one without a dev set), its test score, the curves --------------
     if accelerator.is_main_process and not dev_refs:
-        with _saving(out, f"the model (update {state['update']})", staging=out / MODEL_STAGING):
+        with _saving(out, f"the model (update {state['update']})"):
             save_model_folder(out, raw_model, vocab, lang=lang)
     accelerator.wait_for_everyone()
     test_report = None
@@ -460,7 +461,8 @@ def _train(recipe: Recipe, *, resume: bool, closing: contextlib.ExitStack) -> Tr
         test_loader = make_loader(*_eval_batches(splits["test"], test_refs, vocab, opts, accelerator,
                                                     padding_free=not attention_mask))
         test_report, _ = evaluate(best, test_loader, vocab, test_refs, normalizer=normalizer, accelerator=accelerator,
-                                  bootstrap=1000, report_problems=left_out["test"].add)
+                                  bootstrap=1000, report_problems=left_out["test"].add,
+                                  report_silent=left_out["test"].add_silent)
         if accelerator.is_main_process:
             _write_json(run / "test_report.json", {"model_update": state["best_update"], **test_report.to_dict()})
         say(f"test: WER {test_report.wer:.2%}, CER {test_report.cer:.2%} ({test_report.sentences} utterances)")
@@ -500,14 +502,18 @@ def get_lr(update: int, options: TrainOptions) -> float:
 @torch.no_grad()
 def evaluate(model: Wav2Vec2ForCTC, loader: Iterable[dict], vocab: Vocabulary, refs: dict[str, str], *,
              normalizer: TextNormalizer, accelerator: Accelerator, bootstrap: int = 0,
-             report_problems: Callable[[list[Problem]], object] | None = None) -> tuple[ScoreReport, dict[str, str]]:
+             report_problems: Callable[[list[Problem]], object] | None = None,
+             silence_dbfs: float | None = SILENCE_DBFS,
+             report_silent: Callable[[list[str]], object] | None = None) -> tuple[ScoreReport, dict[str, str]]:
     """Greedy CTC decoding of this process's batches, gathered from every process and scored against `refs`
     ({utterance id: text normalized by `normalizer`}), the hypotheses normalized as `speechxfer evaluate`
     normalizes them (scoring.normalize_hypothesis). Utterances the loader left out (unusable audio) are not scored;
     their Problems go to `report_problems`. Returns the score and {utterance id: hypothesis as decoded}.
 
-    A model that takes no attention mask sees no padding (batching.inference_batches): a batch planned from
-    listed durations that holds audio of different lengths runs as one forward pass per length."""
+    Audio below `silence_dbfs` (None: none) gets an empty hypothesis without a forward pass, as `speechxfer
+    evaluate` gives it (transcribe.TranscribeOptions.silence_dbfs, the same default); the ids of such utterances go
+    to `report_silent`. A model that takes no attention mask sees no padding (batching.inference_batches): a batch
+    planned from listed durations that holds audio of different lengths runs as one forward pass per length."""
     was_training = model.training
     model.eval()
     geometry = frame_geometry(model.config)
@@ -515,25 +521,34 @@ def evaluate(model: Wav2Vec2ForCTC, loader: Iterable[dict], vocab: Vocabulary, r
     decoder = GreedyDecoder(vocab, frame_s=geometry.stride / SAMPLE_RATE_HZ)
     hyps: dict[str, str] = {}
     left_out: list[str] = []
-    for batch in loader:
-        problems = batch.pop("problems")
-        left_out += [p.utterance_id for p in problems]
-        if report_problems is not None:
-            report_problems(problems)
-        ids = batch.pop("ids")
-        if not ids:
-            continue
-        num_samples = batch.pop("num_samples")
-        for rows in inference_batches(num_samples, padding_free=padding_free):
-            longest = num_samples[rows[0]]
-            inputs = {k: batch[k][rows, :longest].to(accelerator.device)
-                      for k in ("input_values", "attention_mask") if k in batch}
-            with accelerator.autocast():
-                logits = model(**inputs).logits  # (rows, frames, vocab)
-            # Frames past the end of a padded utterance are not part of it.
-            lengths = torch.tensor([geometry.frames(num_samples[row]) for row in rows])
-            transcripts = decode_batch(decoder, logits.float().log_softmax(dim=-1).cpu(), lengths)
-            hyps.update((ids[row], t.text) for row, t in zip(rows, transcripts))
+    with _batches(loader) as batches:
+        for batch in batches:
+            problems = batch.pop("problems")
+            left_out += [p.utterance_id for p in problems]
+            if report_problems is not None:
+                report_problems(problems)
+            ids = batch.pop("ids")
+            if not ids:
+                continue
+            num_samples = batch.pop("num_samples")
+            levels_dbfs = batch.pop("levels_dbfs")
+            silent = [row for row, level in enumerate(levels_dbfs) if silence_dbfs is not None and level < silence_dbfs]
+            if silent:
+                hyps.update((ids[row], "") for row in silent)
+                if report_silent is not None:
+                    report_silent([ids[row] for row in silent])
+            heard = [row for row in range(len(ids)) if row not in silent]
+            for part in inference_batches([num_samples[row] for row in heard], padding_free=padding_free):
+                rows = [heard[k] for k in part]
+                longest = num_samples[rows[0]]
+                inputs = {k: batch[k][rows, :longest].to(accelerator.device)
+                          for k in ("input_values", "attention_mask") if k in batch}
+                with accelerator.autocast():
+                    logits = model(**inputs).logits  # (rows, frames, vocab)
+                # Frames past the end of a padded utterance are not part of it.
+                lengths = torch.tensor([geometry.frames(num_samples[row]) for row in rows])
+                transcripts = decode_batch(decoder, logits.float().log_softmax(dim=-1).cpu(), lengths)
+                hyps.update((ids[row], t.text) for row, t in zip(rows, transcripts))
     model.train(was_training)
     hyps = {k: v for part in gather_object([hyps]) for k, v in part.items()}
     left_out = set(gather_object(left_out))
@@ -822,12 +837,13 @@ def _loader(dataset: SpeechDataset, batches: Iterable[list[int]], *, attention_m
 
 def _collate_with_lengths(items: list[dict], *, attention_mask: bool) -> dict:
     """batching.collate of the items whose audio could be used, plus each one's length in samples (to trim padded
-    frames when decoding), their seconds as listed ("audio_s") and the Problems of those left out ("problems").
-    "ids" is empty when all were."""
+    frames when decoding) and level ("levels_dbfs", to leave silence undecoded), their seconds as listed
+    ("audio_s") and the Problems of those left out ("problems"). "ids" is empty when all were."""
     usable = [item for item in items if "problem" not in item]
     problems = [item["problem"] for item in items if "problem" in item]
     batch = collate(usable, attention_mask=attention_mask) if usable else {"ids": []}
     batch["num_samples"] = [len(item["input_values"]) for item in usable]
+    batch["levels_dbfs"] = [item["level_dbfs"] for item in usable]
     batch["audio_s"] = sum(item["duration_s"] for item in usable)
     batch["problems"] = problems
     return batch
@@ -852,17 +868,30 @@ def _batch_stream(sampler: DurationBatchSampler, make_loader, make_dataset: Call
         whole_epoch, yielded = position == 0, False
         # this process's batches of the epoch after `position`, each made as the loader asks for it
         mine = itertools.islice(filter(None, sampler.batches(epoch)), position, None)
-        loader = make_loader(make_dataset(epoch=epoch), mine)
-        for position, batch in enumerate(loader, start=position + 1):
-            batch.pop("num_samples")
-            left_out.add(batch.pop("problems"))
-            if everywhere(bool(batch["ids"])):
-                yielded = True
-                yield epoch, position, batch
+        with _batches(make_loader(make_dataset(epoch=epoch), mine)) as batches:
+            for position, batch in enumerate(batches, start=position + 1):
+                batch.pop("num_samples")
+                batch.pop("levels_dbfs")
+                left_out.add(batch.pop("problems"))
+                if everywhere(bool(batch["ids"])):
+                    yielded = True
+                    yield epoch, position, batch
         if whole_epoch and not yielded:  # else the loop would go on forever without an update
             raise InputError("no training batch has usable audio (each utterance left out is listed above)",
                              path=manifest)
         epoch, position = epoch + 1, 0
+
+
+@contextlib.contextmanager
+def _batches(loader: Iterable[dict]) -> Iterator[Iterator[dict]]:
+    """An iterator over the loader's batches whose data-loader workers end with the block, however it ends: an
+    error raised from a worker comes through the iterator, and a caller holding the error would hold the workers
+    (compat.end_loader_workers)."""
+    batches = iter(loader)
+    try:
+        yield batches
+    finally:
+        end_loader_workers(batches)
 
 
 def _everywhere(accelerator: Accelerator, flag: bool) -> bool:
@@ -875,11 +904,20 @@ def _everywhere(accelerator: Accelerator, flag: bool) -> bool:
 
 class _LeftOut:
     """Utterances of one split that the data loader left out (audio unreadable, or shorter than listed): each
-    reported once, with its manifest and line, by the process that met it (each loads only its own share)."""
+    reported once, with its manifest and line, by the process that met it (each loads only its own share). And
+    those decoding found silent (evaluate's report_silent), counted once."""
 
     def __init__(self, split: str):
         self.split = split
         self.problems: dict[tuple[str, int | None, str | None], Problem] = {}
+        self.silent: set[str] = set()
+
+    def add_silent(self, ids: Iterable[str]) -> None:
+        new = set(ids) - self.silent
+        if new:
+            self.silent |= new
+            logger.warning(f"{self.split}: {len(new)} utterances silent (below {SILENCE_DBFS:g} dBFS): empty "
+                           "hypotheses, not run through the model")
 
     def add(self, problems: Iterable[Problem]) -> None:
         for problem in problems:
@@ -1111,18 +1149,19 @@ def _save_last(last: Path, model: Wav2Vec2ForCTC, optimizer, sampler: DurationBa
 
 
 @contextlib.contextmanager
-def _saving(folder: Path, what: str, *, staging: Path | None) -> Iterator[None]:
+def _saving(folder: Path, what: str, *, staging: Path | None = None) -> Iterator[None]:
     """Around a save of `what` into `folder` written first into `staging` (which takes the place of folder's files
-    only once complete, so folder keeps what it held): when the block fails, delete `staging` (a full disk gets
-    back the room the new files took; it would be deleted at the next start anyway), and make a write that the
-    file system refused (compat.write_failure: a full disk, no permission, also safetensors' SafetensorError)
-    an InputError naming `folder`, not a staging file nor a traceback."""
+    only once complete, so folder keeps what it held; save_model_folder deletes its own): when the block fails,
+    delete `staging` (a full disk gets back the room the new files took; it would be deleted at the next start
+    anyway), and make a write that the file system refused (compat.write_failure: a full disk, no permission, also
+    safetensors' SafetensorError; save_model_folder's WriteError) an InputError naming `folder`, not a staging
+    file nor a traceback."""
     try:
         yield
     except Exception as err:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
-        reason = write_failure(err)
+        reason = err.reason if isinstance(err, WriteError) else write_failure(err)
         if reason is None:
             raise
         raise InputError(f"cannot save {what}: {reason}; what was saved before is kept, and train --resume "

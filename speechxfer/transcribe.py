@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from speechxfer.atomic import atomic_write
-from speechxfer.audio import AUDIO_SUFFIXES, audio_duration_s, load_audio
+from speechxfer.audio import AUDIO_SUFFIXES, SILENCE_DBFS, Moments, audio_duration_s, load_audio
 from speechxfer.batching import frame_geometry, inference_batches
 from speechxfer.compat import progress_bar
 from speechxfer.decoding import Decoder, Transcript, WordTiming
@@ -50,8 +50,6 @@ EXPORTED_MODEL_FILE = "model.onnx"
 # Subtitle cues: at most this many characters or seconds, so a cue fits on two short lines.
 _MAX_CUE_CHARS = 42
 _MAX_CUE_S = 7.0
-# Added to the variance before the square root, as transformers' Wav2Vec2FeatureExtractor does.
-_NORM_EPSILON = 1e-7
 
 logger = logging.getLogger(__name__)
 
@@ -77,14 +75,9 @@ class TranscribeOptions:
     max_batch_s: float = 20.0
     chunk_s: float = 30.0  # audio longer than this is read in windows of this length
     stride_s: float = 5.0  # context read on each side of a window, dropped after the forward pass
-    # Audio whose level is below this many dBFS gets an empty transcript and is not run through the model; None:
-    # all audio is. Level: the RMS about the mean (what the normalization divides by, so a DC offset hides no
-    # silence; 0 dBFS: a full-scale square wave). Digital silence with a little quantization noise (Asterisk's
-    # silence/N.wav: -96 dBFS, 16-bit zeros +-1 LSB) is raised ~3000x by the normalization and decoded as words;
-    # A-law's idle channel with noise is -72 dBFS. The quietest real recordings measured: -24 dBFS (Asterisk es_MX
-    # Allison speech; a beep -29), -26 (it_IT Carlo), -29 (esco), -33 (the demo's espeak audio); speech scaled down
-    # to -70 dBFS as 16-bit still decodes (es18-3000 test WER 52.3% against 50.9%; 61.7% at -80).
-    silence_dbfs: float | None = -70.0
+    # Audio whose level (audio.Moments.level_dbfs) is below this many dBFS gets an empty transcript and is not run
+    # through the model; None: all audio is. The default and why: audio.SILENCE_DBFS.
+    silence_dbfs: float | None = SILENCE_DBFS
 
     def __post_init__(self) -> None:
         for name, value, least in (("max_batch_s", self.max_batch_s, "more than 0"),
@@ -217,7 +210,7 @@ class Recognizer:
         batch = np.zeros((len(waveforms), int(lengths.max())), dtype=np.float32)
         for i, wave in enumerate(waveforms):
             if self.normalize:
-                mean, std = stats[i] if stats is not None else _Moments.of(wave).mean_std()
+                mean, std = stats[i] if stats is not None else Moments.of(wave).mean_std()
                 np.divide(wave - np.float32(mean), np.float32(std), out=batch[i, : len(wave)])
             else:
                 batch[i, : len(wave)] = wave
@@ -273,40 +266,6 @@ class ExportedModel:
             feed["attention_mask"] = (attention_mask if attention_mask is not None
                                       else torch.ones_like(input_values, dtype=torch.long)).numpy()
         return torch.from_numpy(self.session.run(["logits"], feed)[0])
-
-
-class _Moments:
-    """Running mean and variance of samples, in float64 so that windows add up to the whole file's."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.total = 0.0
-        self.squares = 0.0
-
-    @classmethod
-    def of(cls, samples: np.ndarray) -> _Moments:
-        moments = cls()
-        moments.add(samples)
-        return moments
-
-    def add(self, samples: np.ndarray) -> None:
-        x = samples.astype(np.float64)
-        self.count += x.size
-        self.total += float(x.sum())
-        self.squares += float(np.dot(x, x))
-
-    def _variance(self) -> float:
-        mean = self.total / self.count
-        return max(self.squares / self.count - mean * mean, 0.0)
-
-    def mean_std(self) -> tuple[float, float]:
-        return self.total / self.count, math.sqrt(self._variance() + _NORM_EPSILON)
-
-    def level_dbfs(self) -> float:
-        """The RMS about the mean in dBFS (-inf for a constant)."""
-        variance = self._variance()
-        return 10 * math.log10(variance) if variance > 0 else -math.inf
-
 
 
 def model_directory(model: str | os.PathLike) -> str:
@@ -595,7 +554,7 @@ def _pieces(recognizer: Recognizer, segments: Sequence[AudioSegment], options: T
 
 
 def _load_batch(recognizer: Recognizer, batch: Sequence[AudioSegment],
-                ) -> tuple[list[tuple[AudioSegment, np.ndarray, _Moments]], list[Problem]]:
+                ) -> tuple[list[tuple[AudioSegment, np.ndarray, Moments]], list[Problem]]:
     """Read a batch's audio, with each waveform's moments (its level, and its normalization when the model
     normalizes its input), off the thread that runs the model."""
     loaded, problems = [], []
@@ -613,7 +572,7 @@ def _load_batch(recognizer: Recognizer, batch: Sequence[AudioSegment],
                                     f"field ({1000 * recognizer.min_samples / rate:.3g} ms): nothing to transcribe",
                                     segment.id))
             continue
-        loaded.append((segment, wave, _Moments.of(wave)))
+        loaded.append((segment, wave, Moments.of(wave)))
     return loaded, problems
 
 
@@ -676,8 +635,8 @@ def _run_windows(recognizer: Recognizer, batch: list[_Window], stats: tuple[floa
         yield item[window.keep_from: max(window.keep_from, keep_to)], last and k == len(batch) - 1
 
 
-def _segment_moments(recognizer: Recognizer, segment: AudioSegment, chunk: int, total: int) -> _Moments:
-    moments = _Moments()
+def _segment_moments(recognizer: Recognizer, segment: AudioSegment, chunk: int, total: int) -> Moments:
+    moments = Moments()
     for start in range(0, total, chunk):
         wave = _read(recognizer, segment, start, min(total, start + chunk))
         moments.add(wave)

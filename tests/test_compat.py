@@ -168,3 +168,23 @@ def test_write_failure_reads_what_the_system_said_from_safetensors_and_os_errors
         load_file(tmp_path / "bad.safetensors")
     assert compat.write_failure(caught.value) is None
     assert compat.write_failure(ValueError("no")) is None
+
+
+def test_write_failure_of_a_safetensors_error_in_other_words_falls_back_to_its_cause_or_its_text():
+    """A SafetensorError whose text names no errno (another safetensors release, a write error without one) is still
+    a refused write: the OSError it came from says why, else its own first line does; one of reading stays None."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    unworded = SafetensorError("Error while serializing: I/O error: failed to write whole buffer\nmore detail")
+    assert compat.write_failure(unworded) == "Error while serializing: I/O error: failed to write whole buffer"
+    try:
+        try:
+            raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+        except OSError as cause:
+            raise SafetensorError("could not write the file") from cause
+    except SafetensorError as err:
+        chained = err
+    assert compat.write_failure(chained) == os.strerror(errno.EDQUOT)
+    assert compat.write_failure(SafetensorError("Error while deserializing header: invalid JSON")) is None

@@ -24,7 +24,7 @@ from speechxfer.manifest import Utterance, load_manifest, read_manifest, write_m
 from speechxfer.recipe import load_recipe
 from speechxfer.selftrain import pseudo_label, self_train
 from speechxfer.transcribe import Recognizer, find_audio
-from tiny import make_tiny_checkpoint, write_tone
+from tiny import digital_silence, make_tiny_checkpoint, write_tone
 
 CTC_VOCAB = ["[PAD]", "[UNK]", "|", "a", "b", "c"]
 TEXTS = ["ab ba", "abc", "ca ab", "bac a", "cab", "a bc", "ba ca", "cc ab"]
@@ -130,9 +130,8 @@ def test_pseudo_label_command_writes_a_manifest_that_manifest_readers_take(tmp_p
 
 
 def test_pseudo_label_leaves_silent_audio_out(tmp_path, teacher, unlabelled, capsys):
-    # Digital silence: zeros with +-1 LSB of quantization noise, which the teacher would spell as words.
-    silence = tmp_path / "silence.wav"
-    sf.write(silence, np.random.default_rng(0).integers(-1, 2, 16000).astype(np.int16), 16000, subtype="PCM_16")
+    # Digital silence, which the teacher would spell as words.
+    silence = digital_silence(tmp_path / "silence.wav", duration_s=1.0)
     out = tmp_path / "pl.jsonl"
     command = ["pseudo-label", str(teacher), str(unlabelled), str(silence), "--output", str(out), "--device", "cpu"]
     assert main(command) == 0
@@ -255,4 +254,22 @@ def test_self_train_command_refuses_what_cannot_work_before_training(tmp_path, c
                                                          "recipe needs data.dev")):
         assert main(["self-train", str(recipe), "--unlabelled", str(unlabelled), *extra]) == 2
         assert capsys.readouterr().err.strip().splitlines()[-1] == f"speechxfer self-train: error: {message}"
+    assert not (tmp_path / "out").exists()
+
+
+def test_self_train_names_a_missing_unlabelled_path_and_a_folder_without_audio(tmp_path, corpus, unlabelled, capsys):
+    """--unlabelled naming nothing that exists says so in one line naming it (a file or folder, or a pattern that
+    matches nothing), even beside a folder without audio; a folder without audio alone keeps its message."""
+    recipe = write_recipe(tmp_path / "r.yaml", base=tmp_path / "none", manifests=corpus, output_dir=tmp_path / "out")
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text("no audio here\n")
+    missing, pattern = tmp_path / "unlabeled", str(tmp_path / "audio" / "*.flac")
+    for paths, message in (([missing], f"{missing}: no such file or folder (--unlabelled)"),
+                           ([tmp_path / "texts", missing], f"{missing}: no such file or folder (--unlabelled)"),
+                           ([pattern], f"{pattern}: no file matches this pattern (--unlabelled)"),
+                           ([tmp_path / "texts"], f"no audio to pseudo-label in {tmp_path / 'texts'}")):
+        assert main(["self-train", str(recipe), "--unlabelled", *map(str, paths)]) == 2
+        err = capsys.readouterr().err
+        assert err.strip().splitlines()[-1] == f"speechxfer self-train: error: {message}"
+        assert "Traceback" not in err and (len(err.strip().splitlines()) == 1 or paths == [tmp_path / "texts"])
     assert not (tmp_path / "out").exists()

@@ -178,6 +178,47 @@ def test_saving_over_a_folder_replaces_the_model_and_keeps_other_files(checkpoin
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no staging or retired folders left behind
 
 
+@pytest.mark.parametrize("error", ["safetensors", "oserror", "bug"])
+def test_a_save_the_file_system_refuses_is_one_line_naming_the_folder_which_keeps_its_model(checkpoints, tmp_path,
+                                                                                            monkeypatch, error):
+    """The weights of a second save into a model folder cannot be written (a full disk, as safetensors and as the OS
+    report it): a WriteError naming the folder, the first model's files as they were, nothing half written beside
+    them. An error that is no refused write (a bug) stays itself, and leaves nothing half written either."""
+    import errno
+    import os
+
+    import transformers.modeling_utils
+    from safetensors import SafetensorError
+
+    from speechxfer.errors import WriteError
+
+    out = tmp_path / "model"
+    first, _ = build_ctc_model(checkpoints["stable", "ssl"], TARGET, seed=1)
+    save_model_folder(out, first, TARGET)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    second, _ = build_ctc_model(checkpoints["stable", "ssl"], TARGET, seed=2)
+
+    def disk_full(tensors, filename, *args, **kwargs):
+        if error == "safetensors":
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28) at "
+                                  f'path "{Path(filename).parent}/.tmp5XQz1a"')
+        if error == "oserror":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", disk_full)
+    if error == "bug":
+        with pytest.raises(ValueError, match="a bug"):
+            save_model_folder(out, second, TARGET)
+    else:
+        with pytest.raises(WriteError) as caught:
+            save_model_folder(out, second, TARGET)
+        assert str(caught.value) == (f"{out}: cannot save the model: No space left on device; the folder keeps what "
+                                     "it held")
+        assert caught.value.reason == "No space left on device"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 def test_bad_sources_raise_input_errors(tmp_path, checkpoints):
     with pytest.raises(InputError, match="no such model folder"):
         build_ctc_model(tmp_path / "missing", TARGET)

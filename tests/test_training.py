@@ -35,7 +35,7 @@ from speechxfer.manifest import Utterance, load_manifest, write_manifest
 from speechxfer.recipe import TrainOptions, load_recipe
 from speechxfer.surgery import build_ctc_model
 from speechxfer.vocabulary import Vocabulary
-from tiny import make_tiny_checkpoint, write_tone
+from tiny import digital_silence, make_tiny_checkpoint, write_tone
 
 REPO = Path(__file__).resolve().parents[1]
 TEXTS = ["ab ba", "abc", "ca ab", "bac a", "cab", "a bc", "ba ca", "cc ab", "abba", "b a c"]
@@ -167,6 +167,56 @@ def check_test_report_is_what_evaluate_gives(recipe, result, corpus, tmp_path) -
         assert any("[UNK]" in h for h in hyps), f"no unknown token to score: {hyps}"
 
 
+def test_a_silent_dev_utterance_gets_an_empty_hypothesis_and_the_dev_wer_evaluate_gives(tmp_path, corpus, stable_run,
+                                                                                        monkeypatch, caplog):
+    """Dev (and test) hold one utterance of digital silence (+-1 LSB), which the normalization would raise to words:
+    training's decoding leaves it empty without the model, as `speechxfer evaluate` does, so the best dev WER and the
+    test report are those evaluate gives the model on the same manifest, and the run says so once a split."""
+    from speechxfer.decoding import GreedyDecoder
+    from speechxfer.evaluate import evaluate
+    from speechxfer.text import TextNormalizer
+    from speechxfer.transcribe import Recognizer, TranscribeOptions
+
+    dev = load_manifest(corpus["dev"])
+    silence = digital_silence(tmp_path / "silence.wav", duration_s=1.0)
+    held_out = tmp_path / "dev.jsonl"
+    write_manifest(held_out, [dev[0], Utterance(id="silence", audio_path=str(silence), text="AB", duration_s=1.0)])
+    manifests = {**corpus, "dev": held_out, "test": held_out}
+    recipe = load_recipe(write_recipe(tmp_path / "recipe.yaml", base=Path(stable_run[0].base), manifests=manifests,
+                                      output_dir=tmp_path / "out"))
+    reports = []
+    real_evaluate = training.evaluate
+
+    def recorded(*args, **kwargs):
+        report, hyps = real_evaluate(*args, **kwargs)
+        reports.append(report)
+        return report, hyps
+
+    monkeypatch.setattr(training, "evaluate", recorded)
+    with caplog.at_level(logging.WARNING, logger="speechxfer"):
+        result = training.train(recipe)
+    assert len(reports) == 3  # dev at updates 2 and 4, then test
+    for report in reports:
+        scored = {u.id: u for u in report.per_utterance}
+        assert scored["silence"].hypothesis == "" and scored["silence"].words.errors == 1  # "ab": one deletion
+    assert [m for m in caplog.messages if "silent" in m] == [
+        "dev: 1 utterances silent (below -70 dBFS): empty hypotheses, not run through the model",
+        "test: 1 utterances silent (below -70 dBFS): empty hypotheses, not run through the model"]
+
+    recognizer = Recognizer(result.output_dir, device="cpu")
+    evaluation = evaluate(recognizer, held_out, output_dir=tmp_path / "evaluation",
+                          decoder=GreedyDecoder(recognizer.vocabulary, frame_s=recognizer.frame_s),
+                          normalizer=TextNormalizer(recipe.text))
+    assert result.best_dev_wer == evaluation.report.wer
+    report = json.loads((Path(result.output_dir) / "test_report.json").read_text())
+    assert {"model_update": report["model_update"], **evaluation.report.to_dict()} == report
+    # run through the model, the silence is spelled as words: the gate is what keeps it empty
+    ungated = evaluate(recognizer, held_out, output_dir=tmp_path / "ungated", bootstrap=0,
+                       decoder=GreedyDecoder(recognizer.vocabulary, frame_s=recognizer.frame_s),
+                       normalizer=TextNormalizer(recipe.text), options=TranscribeOptions(silence_dbfs=None))
+    assert {u.id: u.hypothesis for u in ungated.report.per_utterance}["silence"] != ""
+
+
 class Interrupted(Exception):
     pass
 
@@ -246,6 +296,39 @@ def test_a_run_that_fails_mid_way_closes_its_logs_and_loader_workers(tmp_path, c
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [r["update"] for r in records if "loss" in r] == [1, 2]
     assert [r["update"] for r in records if "dev_wer" in r] == [2]
+
+
+class Unreadable(Exception):
+    pass
+
+
+@pytest.mark.parametrize("split, audio", [("dev", "u7.wav"), ("train", "u3.wav")])
+def test_an_error_from_a_loader_worker_leaves_no_worker_alive(tmp_path, corpus, stable_run, monkeypatch, split,
+                                                              audio):
+    """A data-loader worker fails while reading one utterance's audio (an error that is no unusable audio, so it
+    stops the run), in the middle of the dev evaluation at update 2 or of a training epoch: the error comes through
+    the loader's iterator, which its traceback holds, yet no worker process is left alive while the caller holds
+    the error."""
+    recipe = load_recipe(write_recipe(tmp_path / "recipe.yaml", base=Path(stable_run[0].base), manifests=corpus,
+                                      output_dir=tmp_path / "out", train={"num_workers": 1}))
+    real_load_audio = batching.load_audio
+
+    def load_audio(path, **kwargs):
+        if Path(path).name == audio:
+            raise Unreadable(path)
+        return real_load_audio(path, **kwargs)
+
+    monkeypatch.setattr(batching, "load_audio", load_audio)  # the workers are forked with it
+    evaluations = []
+    real_evaluate = training.evaluate
+    monkeypatch.setattr(training, "evaluate", lambda *args, **kwargs: evaluations.append(1) or real_evaluate(
+        *args, **kwargs))
+    workers_before = set(multiprocessing.active_children())
+    with pytest.raises(Exception, match=audio) as caught:
+        training.train(recipe)
+    assert caught.traceback and "Unreadable" in str(caught.value)  # re-raised by torch, held by the caller
+    assert evaluations == [1] or split == "train"  # the dev case fails in the first evaluation
+    assert set(multiprocessing.active_children()) <= workers_before
 
 
 def test_batches_are_re_formed_each_epoch_and_resume_exactly(tmp_path, corpus, stable_run, monkeypatch):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from tiny import make_tiny_adapter_checkpoint, make_tiny_checkpoint, write_tone
+from tiny import digital_silence, make_tiny_adapter_checkpoint, make_tiny_checkpoint, write_tone
 
 import speechxfer.surgery as surgery
 import speechxfer.transcribe as transcribe_module
@@ -309,11 +309,6 @@ def write_pcm16(path, samples) -> Path:
     """16-bit samples (integers) as a 16 kHz PCM WAV file."""
     sf.write(path, np.asarray(samples, dtype=np.int16), 16000, subtype="PCM_16")
     return Path(path)
-
-
-def digital_silence(path, *, duration_s: float, seed: int = 0) -> Path:
-    """Zeros with +-1 LSB of quantization noise (about -92 dBFS), as Asterisk's silence/N.wav prompts hold."""
-    return write_pcm16(path, np.random.default_rng(seed).integers(-1, 2, round(duration_s * 16000)))
 
 
 @pytest.mark.parametrize("chunk_s", [30.0, 0.4])  # whole files, and files read in windows

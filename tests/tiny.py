@@ -22,6 +22,16 @@ def write_tone(path, *, duration_s: float = 1.0, sample_rate_hz: int = 16000, fr
     return path
 
 
+def digital_silence(path, *, duration_s: float, seed: int = 0) -> Path:
+    """Zeros with +-1 LSB of quantization noise (about -92 dBFS) as 16 kHz 16-bit PCM, as Asterisk's silence/N.wav
+    prompts hold."""
+    samples = np.random.default_rng(seed).integers(-1, 2, round(duration_s * 16000)).astype(np.int16)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, samples, 16000, subtype="PCM_16")
+    return path
+
+
 def tiny_config(*, arch: str = "stable", vocab_size: int = 32, pad_token_id: int = 0):
     """A random wav2vec2 config of ~0.1 M parameters.
 
