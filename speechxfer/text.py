@@ -1,9 +1,9 @@
 """Text normalization for training targets and scoring alike, driven by options rather than by language.
 
 The steps, in order: Unicode normalization form; locale-aware lowercasing (a casing table keyed by locale, then
-``str.lower``); numbers spelled out under ``digits: spell``; the replacement table; the digits policy; removal of punctuation and symbols (Unicode categories
-P* and S*), where characters in ``keep`` survive only between two word characters; the alphabet check;
-whitespace collapse.
+``str.lower``); numbers spelled out under ``digits: spell``; the replacement table; the digits policy; removal of
+punctuation and symbols (Unicode categories P* and S*), where characters in ``keep`` survive only between two word
+characters; the alphabet check; whitespace collapse.
 """
 
 from __future__ import annotations
