@@ -31,8 +31,8 @@ import numpy as np
 import torch
 
 from speechxfer.atomic import atomic_write, error_naming, follow_umask, sync_folder
-from speechxfer.compat import quiet_quantization_advice
-from speechxfer.errors import InputError, SpeechxferError, output_folder
+from speechxfer.compat import quiet_quantization_advice, write_failure
+from speechxfer.errors import InputError, SpeechxferError, WriteError, output_folder
 from speechxfer.evaluate import model_normalization
 from speechxfer.lm import LM_FOLDER
 from speechxfer.transcribe import EXPORTED_MODEL_FILE, ExportedModel, Recognizer
@@ -120,9 +120,17 @@ def export_model(model: str | os.PathLike, output_dir: str | os.PathLike, *, qua
         if target.exists():
             target.rmdir()  # empty, checked above
         staging.rename(target)
+    except Exception as err:
+        reason = write_failure(err)
+        if reason is None or isinstance(err, FileNotFoundError):  # not a refused write: a bug, shown in full
+            raise
+        # A full disk or a refused write mid-export (the graph, the quantized copy, the settings): one line naming
+        # the folder asked for, not the hidden staging folder, nor the exporter's traceback.
+        raise WriteError(f"cannot write the export: {reason}; nothing was left behind", path=target,
+                         reason=reason) from None
     finally:
         if staging.exists():
-            shutil.rmtree(staging)
+            shutil.rmtree(staging, ignore_errors=True)
     logger.info("exported %s to %s (%s, %.1f MiB): log posteriors within %.3g of the source's, best token the same "
                 "in %.1f%% of the check frames", model, target, quantize or "float32", result.model_bytes / 2**20,
                 difference, 100 * agreeing)

@@ -112,3 +112,26 @@ def test_a_read_only_output_folder_is_one_line_naming_the_target(tmp_path, model
     assert capsys.readouterr().err.splitlines() == [
         f"speechxfer export: error: {tmp_path / 'out'}: Read-only file system"]
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("where", ["graph", "settings"])
+def test_a_full_disk_mid_export_is_one_line_naming_the_target_and_leaves_nothing(tmp_path, models, monkeypatch,
+                                                                                  capsys, where):
+    import torch
+
+    import speechxfer.export as export
+
+    def full(*args, **kwargs):  # as a full disk answers a write, after part of the file is written
+        graph = next((a for a in args if isinstance(a, str) and a.endswith(".onnx")), None)
+        if graph is not None:
+            with open(graph, "wb") as f:
+                f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch.onnx if where == "graph" else export, "export" if where == "graph" else "_copy_settings",
+                        full)
+    assert main(["export", str(models[0]), str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"speechxfer export: error: {tmp_path / 'out'}: cannot write the export: No space left on device; nothing "
+        "was left behind"]
+    assert not list(tmp_path.iterdir())
