@@ -417,7 +417,9 @@ def _train(recipe: Recipe, *, resume: bool, closing: contextlib.ExitStack) -> Tr
                 report, hyps = evaluate(raw_model, dev_loader, vocab, dev_refs, normalizer=normalizer,
                                         accelerator=accelerator, report_problems=left_out["dev"].add,
                                         report_silent=left_out["dev"].add_silent)
-                empty_share = sum(not h for h in hyps.values()) / len(hyps)
+                # of what the model heard: a silent utterance's empty hypothesis says nothing of blank collapse
+                heard = [h for utterance_id, h in hyps.items() if utterance_id not in left_out["dev"].silent]
+                empty_share = sum(not h for h in heard) / len(heard) if heard else 0.0
                 log.write({"update": update, "dev_wer": report.wer, "dev_cer": report.cer,
                            "dev_empty_share": empty_share, "minutes": state["elapsed_s"] / 60})
                 say(f"update {update}: dev WER {report.wer:.2%}, CER {report.cer:.2%}")
