@@ -16,7 +16,7 @@ from transformers import Wav2Vec2Config
 from speechxfer.audio import NORM_EPSILON, SAMPLE_RATE_HZ, Moments, load_audio
 from speechxfer.augment import AugmentOptions, augment, duration_bounds_s
 from speechxfer.compat import gc_paused
-from speechxfer.errors import AudioError
+from speechxfer.errors import AudioError, counted
 from speechxfer.manifest import Utterance, UtteranceTable, duration_mismatch
 from speechxfer.text import TextNormalizer
 from speechxfer.vocabulary import EncodedTexts, Vocabulary, encode_texts
@@ -85,7 +85,7 @@ class DropReport:
     def __str__(self) -> str:
         if self.total == 0:
             return "dropped no utterances"
-        return (f"dropped {self.total} utterances: {self.too_short} too short, {self.too_long} too long, "
+        return (f"dropped {counted(self.total, 'utterance')}: {self.too_short} too short, {self.too_long} too long, "
                 f"{self.label_too_long} with a label longer than the output frames, "
                 f"{self.rejected_text} with rejected text; e.g. {', '.join(self.examples)}")
 

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Iterator
 
 from speechxfer.compat import check_transformers_version
-from speechxfer.errors import SpeechxferError
+from speechxfer.errors import SpeechxferError, counted
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,7 +90,8 @@ def _cmd_synth(args) -> int:
         print(problem, file=sys.stderr)
     for name, utterances in corpus.splits.items():
         hours = sum(u.duration_s for u in utterances) / 3600
-        print(f"{name}: {len(utterances)} utterances, {hours:.2f} h -> {os.path.join(args.out_dir, name + '.jsonl')}")
+        print(f"{name}: {counted(len(utterances), 'utterance')}, {hours:.2f} h -> "
+              f"{os.path.join(args.out_dir, name + '.jsonl')}")
     return 0
 
 
@@ -137,14 +138,14 @@ def _cmd_prepare(args) -> int:
     if hidden > 0 and args.show_problems > 0:
         print(f"... and {hidden} more problems", file=sys.stderr)
     if result.problems:
-        print(f"{len(result.problems)} problems; all listed in {os.path.join(args.out_dir, 'problems.txt')}",
+        print(f"{counted(len(result.problems), 'problem')}; all listed in {os.path.join(args.out_dir, 'problems.txt')}",
               file=sys.stderr)
     for name, summary in result.summaries.items():
         print(f"{name}: {summary} -> {result.manifests[name]}")
     if result.utterances == 0:
-        raise InputError(f"no usable utterances ({len(result.problems)} problems)", path=args.source)
+        raise InputError(f"no usable utterances ({counted(len(result.problems), 'problem')})", path=args.source)
     if args.strict and result.problems:
-        raise InputError(f"{len(result.problems)} rows had problems and --strict is set", path=args.source)
+        raise InputError(f"{counted(len(result.problems), 'row')} had problems and --strict is set", path=args.source)
     return 0
 
 
@@ -237,7 +238,7 @@ def _cmd_wer(args) -> int:
     print(f"{len(refs)} references ({ref_format}), {len(hyps)} hypotheses ({hyp_format})")
     print(format_report(report))
     for u in worst:
-        print(f"\n{u.id}: WER {u.wer:.2%} ({u.words.errors} errors / {u.ref_words} words)")
+        print(f"\n{u.id}: WER {u.wer:.2%} ({counted(u.words.errors, 'error')} / {counted(u.ref_words, 'word')})")
         print(render_alignment(u.words, u.reference, u.hypothesis))
     return 0
 
@@ -382,7 +383,7 @@ def _decoder(beam, recognizer):
 
     decoder = make_decoder(recognizer.vocabulary, frame_s=recognizer.frame_s, beam=beam)
     if getattr(decoder, "skipped_words", 0):
-        print(f"lexicon: {decoder.lexicon_size} words; {decoder.skipped_words} LM words skipped (characters "
+        print(f"lexicon: {counted(decoder.lexicon_size, 'word')}; {decoder.skipped_words} LM words skipped (characters "
               "outside the model's vocabulary)", file=sys.stderr)
     return decoder
 
@@ -436,7 +437,7 @@ def _cmd_transcribe(args) -> int:
     todo = segments if writer is None else writer.unfinished(segments)
     skipped = len(segments) - len(todo)
     if skipped:
-        print(f"{skipped} of {len(segments)} files already transcribed in {args.output_dir}, skipped "
+        print(f"{skipped} of {counted(len(segments), 'file')} already transcribed in {args.output_dir}, skipped "
               "(--overwrite transcribes them again)", file=sys.stderr)
     done = attempted = 0
     try:
@@ -458,7 +459,7 @@ def _cmd_transcribe(args) -> int:
             writer.close(segments)
     if ranks.world_size > 1:
         print(f"process {ranks.rank} of {ranks.world_size}: transcribed {done} of the {attempted} inputs of its "
-              f"share", file=sys.stderr)
+              "share", file=sys.stderr)
         return 0 if done or not attempted else 1  # a share may be empty
     print(f"transcribed {done} of {len(todo) + len(problems)} inputs"
           + (f" ({skipped} done before)" if skipped else ""), file=sys.stderr)
@@ -595,7 +596,8 @@ def _cmd_lm_build(args) -> int:
                      normalizer=TextNormalizer(load_text_options(args.normalize)))
     for problem in built.skipped:
         print(problem, file=sys.stderr)
-    print(f"{built.order}-gram ARPA model from {built.lines} lines, {built.words} words -> {built.path}")
+    print(f"{built.order}-gram ARPA model from {counted(built.lines, 'line')}, {counted(built.words, 'word')} -> "
+          f"{built.path}")
     return 0
 
 
@@ -621,7 +623,7 @@ def _cmd_lm_tune(args) -> int:
                      options=options, progress=sys.stderr.isatty())
     for problem in result.problems + result.left_out:
         print(problem, file=sys.stderr)
-    print(f"{result.utterances} utterances, normalization: {spec or 'none'}")
+    print(f"{counted(result.utterances, 'utterance')}, normalization: {spec or 'none'}")
     if result.left_out:
         print(describe_left_out(result.left_out))
     print("lm_weight\tword_score\tWER")
@@ -677,7 +679,7 @@ def _cmd_pseudo_label(args) -> int:
     for problem in labels.problems:
         print(problem, file=sys.stderr)
     dropped = ", ".join(f"{n} {kind}" for kind, n in sorted(labels.dropped.items()))
-    print(f"{labels.kept} of {len(segments)} files pseudo-labelled -> {labels.manifest}"
+    print(f"{labels.kept} of {counted(len(segments), 'file')} pseudo-labelled -> {labels.manifest}"
           + (f"; left out {dropped}" if dropped else ""))
     return 0
 

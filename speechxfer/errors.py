@@ -18,6 +18,11 @@ def first_line(err: BaseException) -> str:
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
+def counted(count: int, noun: str) -> str:
+    """`count` and `noun`, plural (an added s) unless the count is one: "1 utterance", "0 utterances"."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 class SpeechxferError(Exception):
     """Base of every error the CLI reports as one line (exit code 2) instead of a traceback."""
 

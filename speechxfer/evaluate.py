@@ -13,7 +13,7 @@ from pathlib import Path
 
 from speechxfer.decoding import BeamSearchDecoder, Decoder
 from speechxfer.atomic import atomic_write
-from speechxfer.errors import InputError, Problem, output_folder
+from speechxfer.errors import InputError, Problem, counted, output_folder
 from speechxfer.manifest import read_jsonl, read_manifest
 from speechxfer.scoring import (ScoreReport, format_report, render_alignment, score, worst_utterances,
                                 write_per_utterance_tsv)
@@ -118,7 +118,7 @@ def describe_left_out(left_out: Sequence[Problem]) -> str:
     """One line: how many references were left out of scoring, and why."""
     kinds = Counter(p.kind for p in left_out)
     why = {"rejected_text": "rejected by the normalizer", "empty_text": "empty after normalization"}
-    return (f"{len(left_out)} utterances left out of scoring ("
+    return (f"{counted(len(left_out), 'utterance')} left out of scoring ("
             + ", ".join(f"{n} {why.get(kind, kind)}" for kind, n in kinds.most_common()) + ")")
 
 
@@ -159,7 +159,7 @@ def format_markdown(evaluation: Evaluation, *, model: str, manifest: str, decode
     """report.md: settings, the score summary, frequent substitutions, the worst utterances, the problems."""
     report = evaluation.report
     lines = [f"# Evaluation of `{model}`", "", f"- manifest: `{manifest}`", f"- decoder: {decoder}",
-             f"- scored: {report.sentences} utterances, {report.ref_words} reference words"]
+             f"- scored: {counted(report.sentences, 'utterance')}, {report.ref_words} reference words"]
     if evaluation.left_out:
         lines.append(f"- left out: {describe_left_out(evaluation.left_out)}, listed under Problems")
     lines += [f"- hypotheses: `{evaluation.hypotheses_path.name}` (`speechxfer wer` on the manifest and this file, "
@@ -173,7 +173,8 @@ def format_markdown(evaluation: Evaluation, *, model: str, manifest: str, decode
     if bad:
         lines += ["## Worst utterances", ""]
         for u in bad:
-            lines += [f"`{u.id}`: WER {u.wer:.2%} ({u.words.errors} errors / {u.ref_words} words)", "", "```",
+            lines += [f"`{u.id}`: WER {u.wer:.2%} ({counted(u.words.errors, 'error')} / "
+                      f"{counted(u.ref_words, 'word')})", "", "```",
                       render_alignment(u.words, u.reference, u.hypothesis), "```", ""]
     if evaluation.problems or evaluation.left_out:
         lines += ["## Problems", ""] + [f"- {p}" for p in evaluation.problems + evaluation.left_out] + [""]

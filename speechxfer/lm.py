@@ -21,7 +21,7 @@ from accelerate import PartialState
 from speechxfer.atomic import TEMP_SUFFIX, atomic_write
 from speechxfer.decoding import (DEFAULT_LM_WEIGHTS, DEFAULT_WORD_SCORES, BeamSearchDecoder, BeamSearchOptions,
                                  Decoder, GreedyDecoder, decode_batch, import_ctc_decoder)
-from speechxfer.errors import InputError, Problem, SpeechxferError, output_folder
+from speechxfer.errors import InputError, Problem, SpeechxferError, counted, output_folder
 from speechxfer.manifest import read_manifest
 from speechxfer.recipe import Recipe
 from speechxfer.scoring import ScoreReport, score
@@ -382,17 +382,19 @@ def _lm_stage(recipe: Recipe, *, device: str, progress: bool) -> LMStage:
 
     text = recipe_lm_text(recipe, normalizer=normalizer)
     if text.skipped:
-        logger.info(f"lm: {len(text.skipped)} lines of lm.texts rejected by the normalizer, e.g. {text.skipped[0]}")
+        logger.info(f"lm: {counted(len(text.skipped), 'line')} of lm.texts rejected by the normalizer, e.g. "
+                    f"{text.skipped[0]}")
     if not text.lines:
         raise InputError("no text for the language model: lm.texts and the train transcripts are empty after "
                          "normalization and leaving out the dev and test transcripts", path=recipe.data.train)
-    logger.info(f"lm: {text.held_out_text + text.held_out_train} lines equal to a dev or test transcript left out "
-                f"({text.held_out_text} of lm.texts, {text.held_out_train} train transcripts)")
+    logger.info(f"lm: {counted(text.held_out_text + text.held_out_train, 'line')} equal to a dev or test transcript "
+                f"left out ({text.held_out_text} of lm.texts, {text.held_out_train} train transcripts)")
     with atomic_write(folder / LM_TEXT) as f:
         f.write("".join(line + "\n" for line in text.lines))
     write_arpa(text.lines, folder / LM_FILE, order=options.order)
-    logger.info(f"lm: {options.order}-gram model from {len(text.lines)} lines ({text.text_lines - text.held_out_text} "
-                f"of lm.texts, {text.train_lines - text.held_out_train} train transcripts) -> {folder / LM_FILE}")
+    logger.info(f"lm: {options.order}-gram model from {counted(len(text.lines), 'line')} "
+                f"({text.text_lines - text.held_out_text} of lm.texts, {text.train_lines - text.held_out_train} train "
+                f"transcripts) -> {folder / LM_FILE}")
 
     recognizer = Recognizer(out, device=device)
     beam = BeamSearchOptions(str(folder / LM_FILE), None, options.beam_size)
@@ -428,8 +430,9 @@ def _lm_stage(recipe: Recipe, *, device: str, progress: bool) -> LMStage:
         report["lm"] = {**with_lm.to_dict(), "decoder": settings, "greedy": {"wer": greedy.wer, "cer": greedy.cer}}
         with atomic_write(report_path) as f:
             f.write(json.dumps(report, ensure_ascii=False, indent=2) + "\n")
-        logger.info(f"test with the LM: WER {with_lm.wer:.2%}, CER {with_lm.cer:.2%} ({with_lm.sentences} utterances; "
-                    f"greedy on the same pass {greedy.wer:.2%} / {greedy.cer:.2%})")
+        logger.info(f"test with the LM: WER {with_lm.wer:.2%}, CER {with_lm.cer:.2%} "
+                    f"({counted(with_lm.sentences, 'utterance')}; greedy on the same pass {greedy.wer:.2%} / "
+                    f"{greedy.cer:.2%})")
     with atomic_write(folder / DECODER_SETTINGS) as f:  # last: the stage is complete
         f.write(json.dumps(settings, indent=2) + "\n")
     return LMStage(folder, text, beam, tune, with_lm, greedy)

@@ -19,7 +19,7 @@ import numpy as np
 from speechxfer.atomic import atomic_write
 from speechxfer.audio import audio_duration_s, file_problem
 from speechxfer.compat import gc_paused
-from speechxfer.errors import AudioError, ManifestError, Problem, output_folder
+from speechxfer.errors import AudioError, ManifestError, Problem, counted, output_folder
 
 # A listed duration may exceed the audio by this much (seconds, or this share of it, whichever is larger) before
 # they count as different: headers and decoders round, MP3 and AAC pad.
@@ -65,7 +65,7 @@ class ManifestSummary:
         return self.duration_s / 3600
 
     def __str__(self) -> str:
-        return (f"{self.hours:.2f} h, {self.utterances} utterances, {self.speakers} speakers, "
+        return (f"{self.hours:.2f} h, {counted(self.utterances, 'utterance')}, {counted(self.speakers, 'speaker')}, "
                 f"{len(self.characters)} characters: {self.characters}")
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from speechxfer.errors import InputError
+from speechxfer.errors import InputError, counted
 from speechxfer.manifest import read_jsonl
 from speechxfer.text import UNKNOWN_MARK, TextNormalizer, TextRejected, normalized_reference
 from speechxfer.vocabulary import UNK
@@ -419,8 +419,9 @@ def format_report(report: ScoreReport) -> str:
         return "" if interval is None else f"  95% CI [{interval[0]:.2%}, {interval[1]:.2%}]"
 
     lines = [
-        f"WER {report.wer:.2%} [{report.word_errors} / {report.ref_words} words: {report.substitutions} sub, "
-        f"{report.deletions} del, {report.insertions} ins, {report.hits} hits]{ci(report.wer_ci95)}",
+        f"WER {report.wer:.2%} [{report.word_errors} / {counted(report.ref_words, 'word')}: "
+        f"{report.substitutions} sub, {report.deletions} del, {report.insertions} ins, "
+        f"{report.hits} hits]{ci(report.wer_ci95)}",
         f"CER {report.cer:.2%} [{report.char_errors} / {report.ref_chars} characters: {report.char_substitutions} "
         f"sub, {report.char_deletions} del, {report.char_insertions} ins]{ci(report.cer_ci95)}",
         f"SER {report.sentence_error_rate:.2%} [{report.sentence_errors} / {report.sentences} sentences]",
@@ -556,7 +557,7 @@ def read_pair(ref_path: str | os.PathLike, hyp_path: str | os.PathLike, *, ref_f
                          "give --format to read both the same way", path=plain_path)
     if isinstance(refs, list):
         if len(refs) != len(hyps):
-            raise InputError(f"plain files pair by line, but the references have {len(refs)} lines and the "
+            raise InputError(f"plain files pair by line, but the references have {counted(len(refs), 'line')} and the "
                              f"hypotheses {len(hyps)}", path=hyp_path)
         refs, hyps = _by_line(refs, ref_path), _by_line(hyps, hyp_path)
     return refs, hyps, ref_fmt, hyp_fmt

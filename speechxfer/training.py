@@ -45,7 +45,7 @@ from speechxfer.batching import (DurationBatchSampler, Examples, FrameGeometry, 
 from speechxfer.decoding import GreedyDecoder, decode_batch
 from speechxfer.compat import (enable_gradient_checkpointing, end_loader_workers, fused_optimizer_supported,
                                progress_bar, reset_accelerator_state, write_failure)
-from speechxfer.errors import InputError, Problem, WriteError, first_line, output_folder
+from speechxfer.errors import InputError, Problem, WriteError, counted, first_line, output_folder
 from speechxfer.freezing import apply_freezing, parameter_groups, parameter_table
 from speechxfer.manifest import Utterance, UtteranceTable, check_held_out, read_jsonl, read_manifest_table
 from speechxfer.recipe import Recipe, TrainOptions, resolved_yaml
@@ -196,10 +196,10 @@ def _train(recipe: Recipe, *, resume: bool, closing: contextlib.ExitStack) -> Tr
                    augment_options=recipe.augment)
     examples, dropped = keep(splits["train"], encoded=train_texts)
     del train_texts  # its characters are the examples' labels now
-    say(f"train: {len(examples)} utterances kept; {dropped}")
+    say(f"train: {counted(len(examples), 'utterance')} kept; {dropped}")
     if recipe.data.pseudo_labelled:
         pseudo_examples, dropped = keep(splits["pseudo_labelled"])
-        say(f"pseudo-labelled: {len(pseudo_examples)} utterances kept; {dropped}")
+        say(f"pseudo-labelled: {counted(len(pseudo_examples), 'utterance')} kept; {dropped}")
         examples = Examples.concat([examples, pseudo_examples])
     if recipe.augment.enabled:
         check_sources(recipe.augment)  # a bad noise or impulse-response folder stops the run here, not in a worker
@@ -210,8 +210,8 @@ def _train(recipe: Recipe, *, resume: bool, closing: contextlib.ExitStack) -> Tr
     test_refs = normalized_references(splits["test"], normalizer)[0]
     for name, refs in (("dev", dev_refs), ("test", test_refs)):
         if len(refs) < len(splits[name]):
-            say(f"{name}: {len(refs)} utterances scored; {len(splits[name]) - len(refs)} left out (text rejected or "
-                "empty after normalization)")
+            say(f"{name}: {counted(len(refs), 'utterance')} scored; {len(splits[name]) - len(refs)} left out (text "
+                "rejected or empty after normalization)")
     # Batches are re-formed each epoch from the seed and the epoch (DurationBatchSampler), planned from the longest
     # each utterance can come out of speed perturbation, so that they hold at most max_batch_s of audio in any epoch.
     train_audio = partial(SpeechDataset, augment_options=recipe.augment if recipe.augment.enabled else None,
@@ -233,13 +233,14 @@ def _train(recipe: Recipe, *, resume: bool, closing: contextlib.ExitStack) -> Tr
         held = mine & first_epoch
         count, seconds = np.count_nonzero(held), examples.durations_s[held].sum()
         each_epoch = ("all of them each epoch" if count == np.count_nonzero(mine) else
-                      f"about {seconds:.0f} s ({count} utterances) of them each epoch, drawn anew each epoch")
-        say(f"pseudo-labelled {entry.manifest}: {np.count_nonzero(mine)} utterances, "
+                      f"about {seconds:.0f} s ({counted(count, 'utterance')}) of them each epoch, drawn anew each "
+                      "epoch")
+        say(f"pseudo-labelled {entry.manifest}: {counted(np.count_nonzero(mine), 'utterance')}, "
             f"{examples.durations_s[mine].sum():.0f} s; at most {entry.max_share:.0%} of each epoch's seconds: "
             f"{each_epoch}")
     if len(sampler) == 0:
-        raise InputError(f"too little training data: {len(examples)} utterances after filtering, not one batch for "
-                         f"each of {accelerator.num_processes} processes", path=recipe.data.train)
+        raise InputError(f"too little training data: {counted(len(examples), 'utterance')} after filtering, not one "
+                         f"batch for each of {accelerator.num_processes} processes", path=recipe.data.train)
     short_sampler = None
     if opts.short_first_s is not None and opts.short_first_share > 0:
         short = examples.durations_s <= opts.short_first_s
@@ -249,8 +250,8 @@ def _train(recipe: Recipe, *, resume: bool, closing: contextlib.ExitStack) -> Tr
             raise InputError(f"train.short_first_s: {len(short_examples)} training utterances up to "
                              f"{opts.short_first_s:g} s, not one batch for each of {accelerator.num_processes} "
                              "processes", path=recipe.data.train)
-        say(f"first {opts.short_first_share:.0%} of the run: only the {len(short_examples)} utterances up to "
-            f"{opts.short_first_s:g} s")
+        say(f"first {opts.short_first_share:.0%} of the run: only the {counted(len(short_examples), 'utterance')} up "
+            f"to {opts.short_first_s:g} s")
     attention_mask = needs_attention_mask(model.config)
     # Batches are moved to the device by hand and never passed to accelerator.prepare: the sampler already gives
     # each process its share, and accelerate would shard them a second time. Training batches always carry the
@@ -448,7 +449,8 @@ def _train(recipe: Recipe, *, resume: bool, closing: contextlib.ExitStack) -> Tr
     left_out_count = int(accelerator.reduce(torch.tensor(len(left_out["train"].problems), device=accelerator.device),
                                             reduction="sum"))
     if left_out_count:
-        say(f"train: {left_out_count} utterances left out of their batches when their audio was read (listed above)")
+        say(f"train: {counted(left_out_count, 'utterance')} left out of their batches when their audio was read "
+            "(listed above)")
     stop_reason = ("patience" if stopped_early else
                    "max_updates" if state["update"] >= opts.max_updates else "max_minutes")
 
@@ -467,7 +469,8 @@ def _train(recipe: Recipe, *, resume: bool, closing: contextlib.ExitStack) -> Tr
                                   report_silent=left_out["test"].add_silent)
         if accelerator.is_main_process:
             _write_json(run / "test_report.json", {"model_update": state["best_update"], **test_report.to_dict()})
-        say(f"test: WER {test_report.wer:.2%}, CER {test_report.cer:.2%} ({test_report.sentences} utterances)")
+        say(f"test: WER {test_report.wer:.2%}, CER {test_report.cer:.2%} "
+            f"({counted(test_report.sentences, 'utterance')})")
     if accelerator.is_main_process:
         log.close()
         plot_curves(run / "metrics.jsonl", run / "curves.png")
@@ -562,10 +565,10 @@ def blank_collapse_warning(empty_share: float, *, update: int) -> str | None:
     """A plain warning when nearly all dev hypotheses are empty after the warm-up, else None."""
     if empty_share < BLANK_COLLAPSE_SHARE:
         return None
-    return (f"warning: {empty_share:.0%} of the dev hypotheses are empty after {update} updates: the model predicts "
-            "only the CTC blank (blank collapse). Likely causes: a learning rate too high (the model fell back to "
-            "blanks) or too low (it has not left the blank plateau yet) - try another train.lr or a longer "
-            "train.warmup_ratio; too few updates for this data (raise train.max_updates); or a vocabulary that does "
+    return (f"warning: {empty_share:.0%} of the dev hypotheses are empty after {counted(update, 'update')}: the "
+            "model predicts only the CTC blank (blank collapse). Likely causes: a learning rate too high (the model "
+            "fell back to blanks) or too low (it has not left the blank plateau yet) - try another train.lr or a "
+            "longer train.warmup_ratio; too few updates for this data (raise train.max_updates); or a vocabulary that does "
             "not match the transcripts (see charset_audit.json and the recipe's text section).")
 
 
@@ -776,7 +779,7 @@ def _prepare_manifests(recipe: Recipe, say) -> None:
     for name, summary in result.summaries.items():
         say(f"  {name}: {summary}")
     if result.problems:
-        say(f"  {len(result.problems)} rows skipped (listed in {folder / 'problems.txt'})")
+        say(f"  {counted(len(result.problems), 'row')} skipped (listed in {folder / 'problems.txt'})")
 
 
 def _read_splits(recipe: Recipe, say) -> dict[str, Sequence[Utterance]]:
@@ -918,8 +921,8 @@ class _LeftOut:
         new = set(ids) - self.silent
         if new:
             self.silent |= new
-            logger.warning(f"{self.split}: {len(new)} utterances silent (below {SILENCE_DBFS:g} dBFS): empty "
-                           "hypotheses, not run through the model")
+            logger.warning(f"{self.split}: {counted(len(new), 'utterance')} silent (below {SILENCE_DBFS:g} dBFS): "
+                           "empty hypotheses, not run through the model")
 
     def add(self, problems: Iterable[Problem]) -> None:
         for problem in problems:
@@ -991,8 +994,8 @@ class _EncoderFeed:
         return self
 
     def summary(self) -> str:
-        return (f"{len(self.features)} utterances, {self.bytes / 2**20:.0f} MiB; {self.hits} of {self.lookups} "
-                "lookups reused")
+        return (f"{counted(len(self.features), 'utterance')}, {self.bytes / 2**20:.0f} MiB; {self.hits} of "
+                f"{self.lookups} lookups reused")
 
     @contextlib.contextmanager
     def feeding(self, ids: list[str], batch: dict[str, torch.Tensor]) -> Iterator[None]:

@@ -298,8 +298,8 @@ def test_cli_prints_problems_and_summary_and_exits_0(tmp_path, capsys):
     assert main(["prepare", "csv", str(tmp_path / "train.csv"), str(tmp_path / "out")]) == 0
     out, err = capsys.readouterr()
     assert f"{tmp_path / 'train.csv'}:3: [missing_file]" in err
-    assert "1 problems; all listed in" in err
-    assert out.startswith("train: 0.00 h, 1 utterances, 0 speakers, 4 characters: ehlo")
+    assert "1 problem; all listed in" in err
+    assert out.startswith("train: 0.00 h, 1 utterance, 0 speakers, 4 characters: ehlo")
     assert (tmp_path / "out" / "problems.txt").read_text().count("\n") == 1
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["train"]["utterances"] == 1
 
@@ -312,7 +312,7 @@ def test_cli_fails_cleanly_when_nothing_is_usable_or_the_layout_is_wrong(tmp_pat
     assert main(["prepare", "csv", str(tmp_path / "train.csv"), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.endswith(f"speechxfer prepare: error: {tmp_path / 'train.csv'}: no usable utterances "
-                        "(1 problems)\n")
+                        "(1 problem)\n")
     assert main(["prepare", "csv", str(tmp_path / "train.csv"), str(tmp_path / "out"), "--text-column", "words"]) == 2
     assert "train.csv:1: no text column 'words'" in capsys.readouterr().err
     assert main(["prepare", "kaldi", str(tmp_path / "nowhere"), str(tmp_path / "out")]) == 2

@@ -201,8 +201,8 @@ def test_a_silent_dev_utterance_gets_an_empty_hypothesis_and_the_dev_wer_evaluat
         scored = {u.id: u for u in report.per_utterance}
         assert scored["silence"].hypothesis == "" and scored["silence"].words.errors == 1  # "ab": one deletion
     assert [m for m in caplog.messages if "silent" in m] == [
-        "dev: 1 utterances silent (below -70 dBFS): empty hypotheses, not run through the model",
-        "test: 1 utterances silent (below -70 dBFS): empty hypotheses, not run through the model"]
+        "dev: 1 utterance silent (below -70 dBFS): empty hypotheses, not run through the model",
+        "test: 1 utterance silent (below -70 dBFS): empty hypotheses, not run through the model"]
     # the share of empty dev hypotheses (the blank-collapse warning's measure) counts only what the model heard:
     # none of it here, where the one utterance heard has words
     records = [json.loads(line) for line in (Path(result.output_dir) / "metrics.jsonl").read_text().splitlines()]
@@ -893,7 +893,7 @@ def test_bad_audio_in_train_is_skipped_and_reported_with_manifest_and_line(tmp_p
     assert f"{train}:8: [unreadable_audio] zero: empty file (0 bytes): " in out
     assert f"{train}:9: [unreadable_audio] folder: a folder, not an audio file: " in out
     # too short for the model: counted by the filter
-    assert "train: 10 utterances kept; dropped 1 utterances: 1 too short" in out
+    assert "train: 10 utterances kept; dropped 1 utterance: 1 too short" in out
     # found when read: left out of their batches, each once
     for line, kind, message in ((10, "unreadable_audio", "text: unreadable audio"),
                                 (11, "unreadable_audio", "nan: audio holds NaN or infinite samples"),
