@@ -27,6 +27,7 @@ AUDIO_SUFFIXES = frozenset({".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".
 # (esco), -33 (the demo's espeak audio); speech scaled down to -70 dBFS as 16-bit still decodes (es18-3000 test WER
 # 52.3% against 50.9%; 61.7% at -80).
 SILENCE_DBFS = -70.0
+
 # Added to the variance before the square root, as transformers' Wav2Vec2FeatureExtractor does.
 NORM_EPSILON = 1e-7
 
@@ -187,3 +188,9 @@ class Moments:
         """The RMS about the mean in dBFS (-inf for a constant)."""
         variance = self._variance()
         return 10 * math.log10(variance) if variance > 0 else -math.inf
+
+
+def is_silent(level_dbfs: float, silence_dbfs: float | None) -> bool:
+    """Whether audio of this level (Moments.level_dbfs) is silence under the threshold `silence_dbfs` (None: no
+    audio is): what transcription and training's dev/test decoding leave to an empty transcript."""
+    return silence_dbfs is not None and level_dbfs < silence_dbfs

@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 from transformers import Wav2Vec2ForCTC
 
 from speechxfer.atomic import TEMP_SUFFIX, atomic_write, sync_folder
-from speechxfer.audio import SAMPLE_RATE_HZ, SILENCE_DBFS
+from speechxfer.audio import SAMPLE_RATE_HZ, SILENCE_DBFS, is_silent
 from speechxfer.augment import check_sources
 from speechxfer.batching import (DurationBatchSampler, Examples, FrameGeometry, SpeechDataset, collate,
                                  filter_utterances, frame_geometry, inference_batches)
@@ -537,7 +537,7 @@ def evaluate(model: Wav2Vec2ForCTC, loader: Iterable[dict], vocab: Vocabulary, r
                 continue
             num_samples = batch.pop("num_samples")
             levels_dbfs = batch.pop("levels_dbfs")
-            silent = [row for row, level in enumerate(levels_dbfs) if silence_dbfs is not None and level < silence_dbfs]
+            silent = [row for row, level in enumerate(levels_dbfs) if is_silent(level, silence_dbfs)]
             if silent:
                 hyps.update((ids[row], "") for row in silent)
                 if report_silent is not None:
@@ -568,8 +568,8 @@ def blank_collapse_warning(empty_share: float, *, update: int) -> str | None:
     return (f"warning: {empty_share:.0%} of the dev hypotheses are empty after {counted(update, 'update')}: the "
             "model predicts only the CTC blank (blank collapse). Likely causes: a learning rate too high (the model "
             "fell back to blanks) or too low (it has not left the blank plateau yet) - try another train.lr or a "
-            "longer train.warmup_ratio; too few updates for this data (raise train.max_updates); or a vocabulary that does "
-            "not match the transcripts (see charset_audit.json and the recipe's text section).")
+            "longer train.warmup_ratio; too few updates for this data (raise train.max_updates); or a vocabulary "
+            "that does not match the transcripts (see charset_audit.json and the recipe's text section).")
 
 
 def plot_curves(metrics_path: str | os.PathLike, png_path: str | os.PathLike) -> None:

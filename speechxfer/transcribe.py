@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from speechxfer.atomic import atomic_write
-from speechxfer.audio import AUDIO_SUFFIXES, SILENCE_DBFS, Moments, audio_duration_s, load_audio
+from speechxfer.audio import AUDIO_SUFFIXES, SILENCE_DBFS, Moments, audio_duration_s, is_silent, load_audio
 from speechxfer.batching import frame_geometry, inference_batches
 from speechxfer.compat import progress_bar
 from speechxfer.decoding import Decoder, Transcript, WordTiming
@@ -91,7 +91,7 @@ class TranscribeOptions:
 
     def silent(self, level_dbfs: float) -> bool:
         """Whether audio of this level (see silence_dbfs) is left to an empty transcript."""
-        return self.silence_dbfs is not None and level_dbfs < self.silence_dbfs
+        return is_silent(level_dbfs, self.silence_dbfs)
 
 
 @dataclass(frozen=True)
