@@ -17,7 +17,9 @@ from safetensors.torch import load_file
 
 from speechxfer.errors import InputError
 from speechxfer.manifest import Utterance, load_manifest, write_manifest
+from speechxfer.prepare import prepare
 from speechxfer.recipe import Recipe, load_recipe
+from speechxfer.text import TextNormalizer
 from tiny import make_tiny_checkpoint, write_tone
 
 REPO = Path(__file__).resolve().parents[1]
@@ -178,3 +180,32 @@ def test_learning_curve_checks_report_both_acceptance_criteria():
     assert second.startswith("- Is (a) no worse than (b) at every point? no, worse at 10 min (30.0% vs 25.0%)")
     wers[("scratch", 40.0)] = 0.1
     assert "? no (best of (a) up to 10 minutes: 30.0%)" in learning_curve.checks(cells(wers), minutes)[0]
+
+
+ASTERISK_RECIPES = [path for path in DEMO_RECIPES
+                    if (spec := load_recipe(path).data.prepare) is not None and spec.format == "asterisk"]
+
+
+@pytest.mark.parametrize("path", ASTERISK_RECIPES, ids=lambda p: p.stem)
+def test_asterisk_recipe_text_section_takes_every_prompt_of_its_corpus(path, tmp_path):
+    """The real-speech recipes' text sections against the Debian corpora they read (installed by .ci/run): every
+    transcript of every split normalizes to letters, the recipe's kept characters and spaces (digits spelled,
+    punctuation gone), and only a transcript with digits is left out, where the recipe rejects digits."""
+    recipe = load_recipe(path)
+    if not Path(recipe.data.prepare.source).is_dir():
+        pytest.skip(f"{recipe.data.prepare.source} is not installed (apt-get install asterisk-core-sounds-*-wav)")
+    result = prepare(recipe.data.prepare.format, recipe.data.prepare.source, tmp_path)
+    normalizer = TextNormalizer(recipe.text)
+    assert result.utterances > 400
+    for split, manifest in result.manifests.items():
+        texts = [utterance.text for utterance in load_manifest(manifest)]
+        normalized = normalizer.normalize_all(texts)
+        rejected = [text for text, out in zip(texts, normalized) if not out]
+        if recipe.text.digits == "reject":
+            assert rejected and all(any(c.isdigit() for c in text) for text in rejected), (split, rejected)
+        else:
+            assert rejected == [], (split, rejected)
+        odd = {c for out in normalized if out for c in out if not (c.isalpha() or c == " " or c in recipe.text.keep)}
+        assert odd == set(), (split, odd)
+        if recipe.text.digits == "spell":
+            assert not any(c.isdigit() for out in normalized if out for c in out)
