@@ -313,6 +313,8 @@ def _train(recipe: Recipe, *, resume: bool, closing: contextlib.ExitStack) -> Tr
         audit = charset_audit(train_chars,
                               {name: sorted(refs.items()) for name, refs in (("dev", dev_refs), ("test", test_refs))})
         audit.save(run / "charset_audit.json")
+        for line in audit.warnings():
+            logger.warning(f"{line} (see {run / 'charset_audit.json'} and the recipe's text section)")
     if resume:
         _restore_rng(last, accelerator.process_index)  # last of all, so nothing above draws from the restored RNG
 
@@ -827,8 +829,9 @@ def _report_problems(split: str, problems: Sequence[Problem], say) -> None:
     if not problems:
         return
     kinds = Counter(p.kind for p in problems)
-    say(f"{split}: {len(problems)} bad rows skipped ({', '.join(f'{n} {k}' for k, n in kinds.most_common())}), "
-        "e.g.:\n" + "\n".join(f"  {p}" for p in problems[:5]))
+    listed = ", ".join(f"{n} {k}" for k, n in kinds.most_common())
+    say(f"{split}: {counted(len(problems), 'bad row')} skipped ({listed}), e.g.:\n"
+        + "\n".join(f"  {p}" for p in problems[:5]))
 
 
 def _loader(dataset: SpeechDataset, batches: Iterable[list[int]], *, attention_mask: bool,

@@ -18,13 +18,15 @@ from pathlib import Path
 
 import numpy as np
 
-from speechxfer.errors import InputError, Problem, decoded_text, output_folder
+from speechxfer.errors import InputError, Problem, counted, decoded_text, output_folder
 from speechxfer.manifest import read_manifest
 from speechxfer.text import TextNormalizer, TextRejected, code_points
 
 BLANK = "[PAD]"
 UNK = "[UNK]"
 WORD_DELIMITER = "|"
+# Characters listed by name in CharsetAudit.warnings (all are in charset_audit.json)
+_WARNED_CHARS = 8
 
 
 @dataclass(frozen=True)
@@ -232,6 +234,21 @@ class CharsetAudit:
 
     def save(self, path: str | os.PathLike) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+
+    def warnings(self) -> list[str]:
+        """One line a split whose references hold characters the train transcripts never do: the model cannot
+        write them, so each costs a word error however well it trains."""
+        lines = []
+        for split, share in self.coverage.items():
+            chars = [u for u in self.unseen if u.split == split]
+            if chars:
+                listed = ", ".join(f"{u.char!r} ({u.count})" for u in chars[:_WARNED_CHARS])
+                more = f" and {len(chars) - _WARNED_CHARS} more" if len(chars) > _WARNED_CHARS else ""
+                utterances = max(u.utterances for u in chars)
+                lines.append(f"{split}: {counted(len(chars), 'character')} that no train transcript holds, so the "
+                             f"model cannot write them: {listed}{more} ({1 - share:.1%} of {split}'s characters, "
+                             f"in {counted(utterances, 'utterance')} or more)")
+        return lines
 
     def format_table(self) -> str:
         """A plain-text table of unseen characters, one row each, with the splits' coverage."""

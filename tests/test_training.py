@@ -180,7 +180,8 @@ def test_a_silent_dev_utterance_gets_an_empty_hypothesis_and_the_dev_wer_evaluat
     dev = load_manifest(corpus["dev"])
     silence = digital_silence(tmp_path / "silence.wav", duration_s=1.0)
     held_out = tmp_path / "dev.jsonl"
-    write_manifest(held_out, [dev[0], Utterance(id="silence", audio_path=str(silence), text="AB", duration_s=1.0)])
+    # "abz": a letter no train text has, which the run warns of
+    write_manifest(held_out, [dev[0], Utterance(id="silence", audio_path=str(silence), text="ABZ", duration_s=1.0)])
     manifests = {**corpus, "dev": held_out, "test": held_out}
     recipe = load_recipe(write_recipe(tmp_path / "recipe.yaml", base=Path(stable_run[0].base), manifests=manifests,
                                       output_dir=tmp_path / "out"))
@@ -199,10 +200,14 @@ def test_a_silent_dev_utterance_gets_an_empty_hypothesis_and_the_dev_wer_evaluat
     assert len(reports) == 3  # dev at updates 2 and 4, then test
     for report in reports:
         scored = {u.id: u for u in report.per_utterance}
-        assert scored["silence"].hypothesis == "" and scored["silence"].words.errors == 1  # "ab": one deletion
-    assert [m for m in caplog.messages if "silent" in m] == [
+        assert scored["silence"].hypothesis == "" and scored["silence"].words.errors == 1  # "abz": one deletion
+    assert [m for m in caplog.messages if "utterance silent" in m] == [
         "dev: 1 utterance silent (below -70 dBFS): empty hypotheses, not run through the model",
         "test: 1 utterance silent (below -70 dBFS): empty hypotheses, not run through the model"]
+    assert [m for m in caplog.messages if "cannot write" in m] == [
+        f"{split}: 1 character that no train transcript holds, so the model cannot write them: 'z' (1) (14.3% of "
+        f"{split}'s characters, in 1 utterance or more) (see {result.output_dir}/charset_audit.json and the recipe's "
+        "text section)" for split in ("dev", "test")]
     # the share of empty dev hypotheses (the blank-collapse warning's measure) counts only what the model heard:
     # none of it here, where the one utterance heard has words
     records = [json.loads(line) for line in (Path(result.output_dir) / "metrics.jsonl").read_text().splitlines()]

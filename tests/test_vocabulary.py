@@ -125,6 +125,13 @@ def test_charset_audit_lists_unseen_characters_with_counts_and_examples():
     table = audit.format_table()
     assert "LATIN SMALL LETTER N WITH TILDE" in table and "d1, d2" in table
     assert json.loads(json.dumps(audit.to_dict()))["unseen"][0]["example_ids"] == ["d1", "d2"]
+    # what training says of it (the model can never write these)
+    assert audit.warnings() == [
+        "dev: 2 characters that no train transcript holds, so the model cannot write them: 'x' (3), 'é' (1) (44.4% of "
+        "dev's characters, in 2 utterances or more)",
+        "test: 1 character that no train transcript holds, so the model cannot write them: 'ñ' (1) (33.3% of test's "
+        "characters, in 1 utterance or more)"]
+    assert charset_audit(character_counts(["ab"]), {"dev": [("d1", "ba")]}).warnings() == []
 
 
 def _manifest(path, rows):
