@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 
 from speechxfer.atomic import atomic_write
-from speechxfer.errors import InputError, Problem, SpeechxferError
+from speechxfer.errors import InputError, Problem, SpeechxferError, counted
 from speechxfer.manifest import read_manifest
 from speechxfer.recipe import Recipe
 from speechxfer.scoring import score
@@ -304,8 +304,8 @@ def resolve_init_from(recipe: Recipe, *, resume: bool = False, device: str = "au
         why = " (data.prepare found no dev split in the corpus)" if recipe.data.prepare is not None else ""
         raise InputError(f"adapt.init_from auto ranks the candidates on data.dev, which does not exist{why}", path=dev)
     candidates = adapt.candidates or (recipe.base,)
-    logger.info("adapt.init_from auto: ranking %d candidate(s) on the first %d utterances of %s", len(candidates),
-                adapt.rank_utterances, dev)
+    logger.info("adapt.init_from auto: ranking %s on the first %s of %s", counted(len(candidates), "candidate"),
+                counted(adapt.rank_utterances, "utterance"), dev)
     scores = rank_sources(candidates, dev, n=adapt.rank_utterances, text_options=recipe.text, device=device,
                           progress=progress)
     logger.info("%s", format_ranking(scores))

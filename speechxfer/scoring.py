@@ -164,9 +164,9 @@ def score(refs: Mapping[str, str], hyps: Mapping[str, str], *, normalizer: TextN
     if (missing or extra) and not allow_missing:
         parts = []
         if missing:
-            parts.append(f"{len(missing)} reference id(s) without a hypothesis: {_some(missing)}")
+            parts.append(f"{counted(len(missing), 'reference id')} without a hypothesis: {_some(missing)}")
         if extra:
-            parts.append(f"{len(extra)} hypothesis id(s) without a reference: {_some(extra)}")
+            parts.append(f"{counted(len(extra), 'hypothesis id')} without a reference: {_some(extra)}")
         raise InputError("; ".join(parts) + f"{_files(refs, hyps)} (--allow-missing scores the ids both sides have, "
                          "as sclite does)")
     ids = [i for i in refs if i in hyps]
@@ -427,10 +427,10 @@ def format_report(report: ScoreReport) -> str:
         f"SER {report.sentence_error_rate:.2%} [{report.sentence_errors} / {report.sentences} sentences]",
     ]
     if report.missing_hypotheses:
-        lines.append(f"not scored: {len(report.missing_hypotheses)} reference(s) without a hypothesis: "
+        lines.append(f"not scored: {counted(len(report.missing_hypotheses), 'reference')} without a hypothesis: "
                      f"{_some(report.missing_hypotheses)}")
     if report.extra_hypotheses:
-        lines.append(f"not scored: {len(report.extra_hypotheses)} hypothesis id(s) without a reference: "
+        lines.append(f"not scored: {counted(len(report.extra_hypotheses), 'hypothesis id')} without a reference: "
                      f"{_some(report.extra_hypotheses)}")
     return "\n".join(lines)
 

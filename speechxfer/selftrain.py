@@ -62,6 +62,10 @@ def pseudo_label(recognizer: Recognizer, segments: Sequence[AudioSegment], *, ou
     normalizer rejects or empties, and texts with characters outside the model's vocabulary (or its unknown
     token). The manifest is written atomically once all is done.
     """
+    # Before any audio is decoded, so that hours of it are not transcribed for a manifest that cannot be written
+    if Path(output).is_dir():
+        raise InputError("is a folder: the pseudo-labelled manifest to write is a file (OUT.jsonl)", path=output)
+    output_folder(Path(output).parent)
     vocabulary = recognizer.vocabulary
     letters = set(vocabulary.tokens) - {vocabulary.blank, vocabulary.unk, vocabulary.delimiter}
     rows: list[Utterance] = []

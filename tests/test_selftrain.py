@@ -129,6 +129,20 @@ def test_pseudo_label_command_writes_a_manifest_that_manifest_readers_take(tmp_p
     assert last_line == "speechxfer pseudo-label: error: no audio to pseudo-label"
 
 
+def test_pseudo_label_refuses_an_output_it_cannot_write_before_decoding_anything(tmp_path, teacher, unlabelled,
+                                                                                monkeypatch, capsys):
+    decoded = []
+    real_transcribe = selftrain.transcribe
+    monkeypatch.setattr(selftrain, "transcribe", lambda *a, **k: decoded.append(1) or real_transcribe(*a, **k))
+    (tmp_path / "file").write_text("")
+    for output, why in [(tmp_path, "is a folder: the pseudo-labelled manifest to write is a file (OUT.jsonl)"),
+                        (tmp_path / "file" / "pl.jsonl", "the output folder is a file")]:
+        assert main(["pseudo-label", str(teacher), str(unlabelled), "--output", str(output), "--device", "cpu"]) == 2
+        bad = output if output == tmp_path else output.parent
+        assert capsys.readouterr().err.strip().splitlines()[-1] == f"speechxfer pseudo-label: error: {bad}: {why}"
+    assert decoded == []
+
+
 def test_pseudo_label_leaves_silent_audio_out(tmp_path, teacher, unlabelled, capsys):
     # Digital silence, which the teacher would spell as words.
     silence = digital_silence(tmp_path / "silence.wav", duration_s=1.0)
