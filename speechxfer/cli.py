@@ -687,9 +687,11 @@ def _cmd_pseudo_label(args) -> int:
 def _add_self_train(subparsers) -> None:
     p = subparsers.add_parser("self-train", help="self-training rounds: teacher -> pseudo labels -> student",
                               description="Train the recipe's model (round 0, the teacher), then for each round "
-                                          "pseudo-label the untranscribed audio with the best model so far and train "
-                                          "a student on the recipe's data plus those labels; a round is kept only if "
-                                          "its dev WER improves. Writes OUTPUT_DIR/round-K/ and "
+                                          "pseudo-label the untranscribed audio with the best model so far (with its "
+                                          "own LM, from the recipe's lm: section, unless --lm or --no-lm says "
+                                          "otherwise) and train a student on the recipe's data plus those labels; a "
+                                          "round is kept only if its dev WER improves. Each round's model gets the "
+                                          "recipe's LM stage, as `train` gives it. Writes OUTPUT_DIR/round-K/ and "
                                           "OUTPUT_DIR/self_train.json; a rerun continues after the last finished "
                                           "round.")
     p.declare_later(_self_train_arguments)
@@ -717,11 +719,12 @@ def _cmd_self_train(args) -> int:
 
     result = self_train(load_recipe(args.recipe, overrides=args.overrides), unlabelled=args.unlabelled,
                         rounds=args.rounds, min_confidence=args.min_confidence, max_share=args.max_share,
-                        beam=_beam_options(args), options=_transcribe_options(args), device=args.device,
-                        dtype=args.dtype)
+                        beam=_beam_options(args), teacher_lm=not args.no_lm, options=_transcribe_options(args),
+                        device=args.device, dtype=args.dtype)
     for r in result.rounds:
         print(f"round {r.round}: dev WER {r.dev_wer:.2%}"
               + ("" if r.test_wer is None else f", test WER {r.test_wer:.2%}")
+              + ("" if r.test_wer_lm is None else f" ({r.test_wer_lm:.2%} with its LM)")
               + ("" if r.round == 0 else f", {r.pseudo_labels} pseudo labels, {'kept' if r.kept else 'discarded'}"))
     if result.stopped:
         print(f"stopped: {result.stopped}")

@@ -21,6 +21,7 @@ from pathlib import Path
 from speechxfer.atomic import atomic_write
 from speechxfer.decoding import BeamSearchOptions, Decoder, make_decoder
 from speechxfer.errors import InputError, Problem, output_folder
+from speechxfer.lm import check_lm_stage, lm_stage, load_decoder_settings
 from speechxfer.manifest import Utterance, check_held_out, read_manifest, write_manifest
 from speechxfer.recipe import PseudoLabelledOptions, Recipe
 from speechxfer.text import TextNormalizer, TextRejected
@@ -121,11 +122,16 @@ class Round:
     round: int  # 0: the teacher, trained on the labelled data alone
     model: str  # the round's model folder (OUT/round-K/model)
     dev_wer: float  # of its best checkpoint (training's greedy dev decoding)
-    test_wer: float | None
+    test_wer: float | None  # greedy, as training's test report has it
     kept: bool  # round 0 always; a student only when its dev WER is below that of its teacher
     teacher: str | None = None  # the model that pseudo-labelled this round's audio
     pseudo_labels: int = 0  # rows of the round's pseudo-labelled manifest
     dropped: dict[str, int] = dataclasses.field(default_factory=dict)  # pseudo labels left out, by kind
+    # test WER with the round's own LM (the recipe's lm: section, built and tuned on dev after its training);
+    # None without an lm: section, a test set or the LM tools
+    test_wer_lm: float | None = None
+    # how this round's pseudo labels were decoded: "greedy", or the LM file (the teacher's own, or --lm)
+    labelled_with: str | None = None
 
 
 @dataclass(frozen=True)
@@ -140,7 +146,7 @@ class SelfTrainResult:
 
 
 def self_train(recipe: Recipe, *, unlabelled: Sequence[str], rounds: int, min_confidence: float | None = None,
-               max_share: float = 0.5, beam: BeamSearchOptions | None = None,
+               max_share: float = 0.5, beam: BeamSearchOptions | None = None, teacher_lm: bool = True,
                options: TranscribeOptions = TranscribeOptions(), device: str = "auto",
                dtype: str = "float32") -> SelfTrainResult:
     """Round 0 trains the teacher as `recipe` says; rounds 1..`rounds` each pseudo-label the audio of
@@ -152,7 +158,12 @@ def self_train(recipe: Recipe, *, unlabelled: Sequence[str], rounds: int, min_co
     is kept only if its dev WER is below its teacher's; a discarded round ends the run, since the next one would
     have the same teacher, labels and seed and so repeat it. A rerun continues after the last finished round (and
     resumes an interrupted training). InputError without a dev set, or when unlabelled audio is also dev or test
-    audio. `beam`, `options`, `device` and `dtype`: how the teacher transcribes (as in `speechxfer transcribe`).
+    audio. With an `lm:` section, every round's model gets its LM stage after training (lm.lm_stage: the LM built,
+    its weights tuned on dev, the test set scored with it), as `speechxfer train` does.
+
+    How the teacher transcribes: `beam` (an LM of the caller's), else with teacher_lm the teacher's own LM and tuned
+    weights when its folder has them (an LM's labels are far better than greedy ones where greedy WER is high),
+    else greedily; `options`, `device` and `dtype` as in `speechxfer transcribe`.
     """
     if rounds < 1:
         raise InputError(f"rounds (--rounds) must be at least 1, got {rounds}")
@@ -160,6 +171,7 @@ def self_train(recipe: Recipe, *, unlabelled: Sequence[str], rounds: int, min_co
         raise InputError(f"max_share (--max-share) must be in (0, 1], got {max_share:g}")
     if recipe.data.dev is None:
         raise InputError("self-training keeps a round only when dev WER improves: the recipe needs data.dev")
+    check_lm_stage(recipe)  # unreadable lm.texts stop the run before the first training
     out = Path(recipe.output_dir)
     summary_path = out / SUMMARY_NAME
     done = _read_summary(summary_path)
@@ -180,7 +192,7 @@ def self_train(recipe: Recipe, *, unlabelled: Sequence[str], rounds: int, min_co
                               manifest=s.path) for s in segments], held_out)
     normalizer = TextNormalizer(recipe.text)
     if not done:
-        done.append(_train_round(recipe, out, 0))
+        done.append(_train_round(recipe, out, 0, device=device))
         logger.info(f"round 0 (teacher): dev WER {done[0].dev_wer:.2%}")
         _write_summary(summary_path, done, None)
     for k in range(len(done), rounds + 1):
@@ -193,13 +205,17 @@ def self_train(recipe: Recipe, *, unlabelled: Sequence[str], rounds: int, min_co
         folder = out / f"round-{k}"
         labels_path = folder / PSEUDO_LABELS_NAME
         dropped: dict[str, int] = {}
+        round_beam = beam if beam is not None or not teacher_lm else load_decoder_settings(teacher.model)
+        labelled_with = "greedy" if round_beam is None else round_beam.lm_path
         if not labels_path.exists():  # written atomically, so a file there is a finished labelling
             recognizer = Recognizer(teacher.model, device=device, dtype=dtype)
-            decoder = make_decoder(recognizer.vocabulary, frame_s=recognizer.frame_s, beam=beam)
+            decoder = make_decoder(recognizer.vocabulary, frame_s=recognizer.frame_s, beam=round_beam)
             labels = pseudo_label(recognizer, segments, output=labels_path, decoder=decoder, normalizer=normalizer,
                                   min_confidence=min_confidence, options=options)
             dropped = labels.dropped
             logger.info(f"round {k}: {labels.kept} pseudo labels from {teacher.model}"
+                        + ("" if round_beam is None else f" with the LM {round_beam.lm_path} (LM weight "
+                           f"{round_beam.lm_weight:g}, word score {round_beam.word_score:g})")
                         + (f"; left out {', '.join(f'{n} {kind}' for kind, n in sorted(dropped.items()))}"
                            if dropped else "") + f" -> {labels_path}")
         student = dataclasses.replace(recipe, data=dataclasses.replace(
@@ -208,23 +224,26 @@ def self_train(recipe: Recipe, *, unlabelled: Sequence[str], rounds: int, min_co
         if recipe.vocabulary.path is None:  # the teacher's letters are the pseudo labels' letters
             student = dataclasses.replace(student, vocabulary=dataclasses.replace(recipe.vocabulary,
                                                                                   path=done[0].model))
-        result = _train_round(student, out, k)
+        result = _train_round(student, out, k, device=device)
         done.append(dataclasses.replace(result, kept=result.dev_wer < teacher.dev_wer, teacher=teacher.model,
-                                        pseudo_labels=len(read_manifest(labels_path)[0]), dropped=dropped))
+                                        pseudo_labels=len(read_manifest(labels_path)[0]), dropped=dropped,
+                                        labelled_with=labelled_with))
         logger.info(f"round {k}: dev WER {result.dev_wer:.2%} against {teacher.dev_wer:.2%} of round {teacher.round}: "
                     + ("kept" if done[-1].kept else "discarded"))
         _write_summary(summary_path, done, None)
     return SelfTrainResult(done, None)
 
 
-def _train_round(recipe: Recipe, out: Path, k: int) -> Round:
-    """Train (or resume) round k into OUT/round-k/model."""
+def _train_round(recipe: Recipe, out: Path, k: int, *, device: str) -> Round:
+    """Train (or resume) round k into OUT/round-k/model, then its LM stage (none without an lm: section)."""
     model = out / f"round-{k}" / "model"
     recipe = dataclasses.replace(recipe, output_dir=str(model))
     result = train(recipe, resume=(model / "last").exists())
     if result.best_dev_wer is None:
         raise InputError("no dev utterance could be scored, so no round can be judged", path=recipe.data.dev)
-    return Round(round=k, model=str(model), dev_wer=result.best_dev_wer, test_wer=result.test_wer, kept=True)
+    stage = lm_stage(recipe, device=device)
+    return Round(round=k, model=str(model), dev_wer=result.best_dev_wer, test_wer=result.test_wer, kept=True,
+                 test_wer_lm=None if stage is None or stage.test is None else stage.test.wer)
 
 
 def _read_summary(path: Path) -> list[Round]:

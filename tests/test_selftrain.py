@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -259,6 +260,37 @@ def test_self_train_keeps_a_better_student_discards_a_worse_one_and_continues_a_
     summary = json.loads((out / "self_train.json").read_text(encoding="utf-8"))
     assert summary["best_round"] == 1 and summary["stopped"] == second.stopped
     assert "round 2: dev WER 70.00% against 60.00% of round 1: discarded" in caplog.text
+
+
+@pytest.mark.skipif(shutil.which("lmplz") is None, reason="KenLM's lmplz is not on PATH")
+@pytest.mark.parametrize("teacher_lm", [True, False])
+def test_self_train_gives_each_round_its_lm_stage_and_labels_with_the_teachers_lm(tmp_path, corpus, unlabelled,
+                                                                                 monkeypatch, teacher_lm):
+    """With an lm: section every round's model gets the LM stage `train` would give it (built, tuned on dev, test
+    scored with it), and the next round's pseudo labels are decoded with the teacher's own LM and tuned weights,
+    unless teacher_lm=False (--no-lm) asks for greedy labels."""
+    beams = []
+    real_make_decoder = selftrain.make_decoder
+    monkeypatch.setattr(selftrain, "make_decoder", lambda *a, beam, **k: beams.append(beam) or real_make_decoder(
+        *a, beam=beam, **k))
+    (tmp_path / "lm.txt").write_text("ab ba\nabc\nca ab\nbac a\n", encoding="utf-8")
+    out = tmp_path / "out"
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", base=make_teacher(tmp_path / "base"), manifests=corpus,
+                                      output_dir=out),
+                         overrides=["train.lr=1e-7", f"lm.texts=[{tmp_path / 'lm.txt'}]", "lm.weights=[0, 1]",
+                                    "lm.word_scores=[0]"])
+    result = self_train(recipe, unlabelled=[str(unlabelled)], rounds=1, device="cpu", teacher_lm=teacher_lm)
+    teacher_lm_file = str(out / "round-0" / "model" / "lm" / "lm.arpa")
+    for r in result.rounds:
+        report = json.loads((Path(r.model) / "test_report.json").read_text(encoding="utf-8"))
+        assert (Path(r.model) / "lm" / "decoder.json").is_file() and r.test_wer_lm == report["lm"]["wer"]
+    assert len(beams) == 1  # the one labelling pass
+    if teacher_lm:
+        assert beams[0].lm_path == teacher_lm_file and result.rounds[1].labelled_with == teacher_lm_file
+    else:
+        assert beams[0] is None and result.rounds[1].labelled_with == "greedy"
+    summary = json.loads((out / "self_train.json").read_text(encoding="utf-8"))
+    assert summary["rounds"][1]["test_wer_lm"] == result.rounds[1].test_wer_lm
 
 
 def test_self_train_command_refuses_what_cannot_work_before_training(tmp_path, corpus, unlabelled, capsys):
