@@ -33,6 +33,8 @@ SUMMARY_NAME = "self_train.json"
 # Asterisk prompt packages of two dialects, say, share their prompt names).
 ID_PREFIX = "pseudo/"
 PSEUDO_LABELS_NAME = "pseudo_labels.jsonl"
+# Beside it: how the labels were decoded and what was left out, for the summary of a rerun that finds them made
+LABELLING_NAME = "labelling.json"
 
 logger = logging.getLogger(__name__)
 
@@ -204,10 +206,12 @@ def self_train(recipe: Recipe, *, unlabelled: Sequence[str], rounds: int, min_co
         teacher = [r for r in done if r.kept][-1]
         folder = out / f"round-{k}"
         labels_path = folder / PSEUDO_LABELS_NAME
-        dropped: dict[str, int] = {}
-        round_beam = beam if beam is not None or not teacher_lm else load_decoder_settings(teacher.model)
-        labelled_with = "greedy" if round_beam is None else round_beam.lm_path
-        if not labels_path.exists():  # written atomically, so a file there is a finished labelling
+        labelling_path = folder / LABELLING_NAME
+        if labels_path.exists():  # written atomically, so a file there is a finished labelling
+            labelled_with, dropped = _read_labelling(labelling_path)
+        else:
+            round_beam = beam if beam is not None or not teacher_lm else load_decoder_settings(teacher.model)
+            labelled_with = "greedy" if round_beam is None else round_beam.lm_path
             recognizer = Recognizer(teacher.model, device=device, dtype=dtype)
             decoder = make_decoder(recognizer.vocabulary, frame_s=recognizer.frame_s, beam=round_beam)
             labels = pseudo_label(recognizer, segments, output=labels_path, decoder=decoder, normalizer=normalizer,
@@ -218,6 +222,8 @@ def self_train(recipe: Recipe, *, unlabelled: Sequence[str], rounds: int, min_co
                            f"{round_beam.lm_weight:g}, word score {round_beam.word_score:g})")
                         + (f"; left out {', '.join(f'{n} {kind}' for kind, n in sorted(dropped.items()))}"
                            if dropped else "") + f" -> {labels_path}")
+            with atomic_write(labelling_path) as f:
+                json.dump({"labelled_with": labelled_with, "dropped": dropped}, f, indent=1)
         student = dataclasses.replace(recipe, data=dataclasses.replace(
             recipe.data, pseudo_labelled=recipe.data.pseudo_labelled + (
                 PseudoLabelledOptions(manifest=str(labels_path), max_share=max_share),)))
@@ -244,6 +250,16 @@ def _train_round(recipe: Recipe, out: Path, k: int, *, device: str) -> Round:
     stage = lm_stage(recipe, device=device)
     return Round(round=k, model=str(model), dev_wer=result.best_dev_wer, test_wer=result.test_wer, kept=True,
                  test_wer_lm=None if stage is None or stage.test is None else stage.test.wer)
+
+
+def _read_labelling(path: Path) -> tuple[str | None, dict[str, int]]:
+    """(labelled_with, dropped) of a round's labelling.json, as an earlier run wrote it beside its pseudo labels;
+    (None, {}) where there is none to read (a kill between the two writes, or a file made by hand)."""
+    try:
+        labelling = json.loads(path.read_text(encoding="utf-8"))
+        return labelling["labelled_with"], dict(labelling["dropped"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, {}
 
 
 def _read_summary(path: Path) -> list[Round]:

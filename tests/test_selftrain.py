@@ -292,6 +292,15 @@ def test_self_train_gives_each_round_its_lm_stage_and_labels_with_the_teachers_l
     summary = json.loads((out / "self_train.json").read_text(encoding="utf-8"))
     assert summary["rounds"][1]["test_wer_lm"] == result.rounds[1].test_wer_lm
 
+    # Killed after the labelling (the summary has round 0 alone), rerun with the other setting: the labels on disk
+    # are used as they are, and the summary says how they were made, not how the rerun would have made them.
+    summary["rounds"] = summary["rounds"][:1]
+    (out / "self_train.json").write_text(json.dumps(summary), encoding="utf-8")
+    rerun = self_train(recipe, unlabelled=[str(unlabelled)], rounds=1, device="cpu", teacher_lm=not teacher_lm)
+    assert len(beams) == 1  # nothing labelled again
+    assert (rerun.rounds[1].labelled_with, rerun.rounds[1].dropped) == (result.rounds[1].labelled_with,
+                                                                         result.rounds[1].dropped)
+
 
 def test_self_train_command_refuses_what_cannot_work_before_training(tmp_path, corpus, unlabelled, capsys):
     recipe = write_recipe(tmp_path / "r.yaml", base=tmp_path / "none", manifests=corpus, output_dir=tmp_path / "out")
