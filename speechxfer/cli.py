@@ -714,9 +714,17 @@ def _self_train_arguments(p) -> None:
 
 
 def _cmd_self_train(args) -> int:
+    from speechxfer.errors import InputError
     from speechxfer.recipe import load_recipe
     from speechxfer.selftrain import self_train
 
+    given = [flag for flag, value in (("--lexicon", args.lexicon), ("--beam-size", args.beam_size),
+                                      ("--lm-weight", args.lm_weight), ("--word-score", args.word_score))
+             if value is not None]
+    if given and args.lm is None:
+        # each round's teacher is trained in the run, so its own LM's settings are its tuned ones
+        raise InputError(f"{', '.join(given)} set how --lm FILE decodes; without --lm each teacher decodes with its "
+                         "own LM and the weights tuned for it (or greedily with --no-lm)")
     result = self_train(load_recipe(args.recipe, overrides=args.overrides), unlabelled=args.unlabelled,
                         rounds=args.rounds, min_confidence=args.min_confidence, max_share=args.max_share,
                         beam=_beam_options(args), teacher_lm=not args.no_lm, options=_transcribe_options(args),

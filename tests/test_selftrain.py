@@ -305,6 +305,9 @@ def test_self_train_gives_each_round_its_lm_stage_and_labels_with_the_teachers_l
 def test_self_train_command_refuses_what_cannot_work_before_training(tmp_path, corpus, unlabelled, capsys):
     recipe = write_recipe(tmp_path / "r.yaml", base=tmp_path / "none", manifests=corpus, output_dir=tmp_path / "out")
     for extra, message in ((["--max-share", "1.5"], "max_share (--max-share) must be in (0, 1], got 1.5"),
+                           (["--lm-weight", "2", "--no-lm"], "--lm-weight set how --lm FILE decodes; without --lm "
+                            "each teacher decodes with its own LM and the weights tuned for it (or greedily with "
+                            "--no-lm)"),
                            (["--set", "data.dev=null"], "self-training keeps a round only when dev WER improves: the "
                                                          "recipe needs data.dev")):
         assert main(["self-train", str(recipe), "--unlabelled", str(unlabelled), *extra]) == 2
