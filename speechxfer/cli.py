@@ -354,6 +354,18 @@ def _transcribe_options(args):
                              silence_dbfs=args.silence_dbfs)
 
 
+# The flags that set how an LM decodes (_add_beam_arguments), as (flag, BeamSearchOptions field); each flag's
+# argparse attribute is its field's name without "_path".
+_BEAM_FLAGS = (("--lexicon", "lexicon_path"), ("--beam-size", "beam_size"), ("--lm-weight", "lm_weight"),
+               ("--word-score", "word_score"))
+
+
+def _given_beam_flags(args) -> dict[str, tuple[str, object]]:
+    """The _BEAM_FLAGS given on the command line: BeamSearchOptions field -> (flag, value)."""
+    given = {field: (flag, getattr(args, field.removesuffix("_path"))) for flag, field in _BEAM_FLAGS}
+    return {field: pair for field, pair in given.items() if pair[1] is not None}
+
+
 def _beam_options(args, *, model: str | None = None):
     """Beam search options, or None for greedy decoding; built before the model loads, so that bad values stop
     the command at once. Without --lm (and --no-lm): the LM of the `model` folder with its tuned settings, if it
@@ -363,9 +375,7 @@ def _beam_options(args, *, model: str | None = None):
     from speechxfer.decoding import BeamSearchOptions
     from speechxfer.lm import LM_FOLDER, load_decoder_settings
 
-    given = {name: value for name, value in (("lexicon_path", args.lexicon), ("beam_size", args.beam_size),
-                                             ("lm_weight", args.lm_weight), ("word_score", args.word_score))
-             if value is not None}
+    given = {field: value for field, (_, value) in _given_beam_flags(args).items()}
     if args.lm is not None:
         return BeamSearchOptions(args.lm, **given)
     own = None if args.no_lm or model is None else load_decoder_settings(model)
@@ -718,9 +728,7 @@ def _cmd_self_train(args) -> int:
     from speechxfer.recipe import load_recipe
     from speechxfer.selftrain import self_train
 
-    given = [flag for flag, value in (("--lexicon", args.lexicon), ("--beam-size", args.beam_size),
-                                      ("--lm-weight", args.lm_weight), ("--word-score", args.word_score))
-             if value is not None]
+    given = [flag for flag, _ in _given_beam_flags(args).values()]
     if given and args.lm is None:
         # each round's teacher is trained in the run, so its own LM's settings are its tuned ones
         raise InputError(f"{', '.join(given)} set how --lm FILE decodes; without --lm each teacher decodes with its "
